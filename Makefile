@@ -1,0 +1,51 @@
+# The single entry point. `make demo` and `make test` set everything up on a machine with
+# only Python >= 3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-fast lint fmt protos protos-check up clean
+
+help: ## Show the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt examples/tools/pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' -e examples/tools
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the project (pinned by constraints.txt)
+
+demo: $(STAMP) ## Start every service on SQLite under ./.cuga, run a sample orchestration, stop
+	$(BIN)/cuga demo
+
+test: $(STAMP) ## Run the whole suite
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+lint: $(STAMP) ## ruff, mypy (strict, our code), buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd protos && ../$(BIN)/buf lint
+
+fmt: $(STAMP) ## Format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+protos: $(STAMP) ## Regenerate the Python stubs from protos/
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: $(STAMP) ## Fail when the committed stubs drift from protos/
+	$(BIN)/python scripts/gen_protos.py --check
+
+up: $(STAMP) ## Run all six services in the foreground (Ctrl-C stops them)
+	$(BIN)/cuga up
+
+clean: ## Remove the venv and local data
+	rm -rf $(VENV) .cuga .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,105 @@
+"""The machinery every typed client shares: channel, deadlines, error translation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar
+
+import grpc
+
+from cuga.shared.config import GRPC_SERVICE_NAMES, CallConfig
+from cuga.shared.errors import from_rpc_error
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class BaseClient:
+    """Owns one channel to one service.
+
+    The channel carries the service's gRPC service config (transport ``retryPolicy``), the
+    given interceptors (OpenTelemetry's, so W3C trace context travels in metadata) and the
+    message size limit. Every call has a deadline: the keyword-only ``timeout`` or the
+    per-RPC default. ``grpc.RpcError`` never escapes: it becomes the typed
+    :class:`~cuga.shared.errors.CugaError` subclass the server raised.
+    """
+
+    SERVICE: ClassVar[str]
+    #: The generated stub class of the service.
+    STUB: ClassVar[type]
+    #: Per-RPC default deadlines (seconds) that differ from the service's ``timeout_s``.
+    DEFAULT_TIMEOUTS: ClassVar[dict[str, float]] = {}
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        call: CallConfig | None = None,
+        interceptors: Sequence[Any] = (),
+        metadata: Metadata = (),
+        max_message_bytes: int = 4 * 1024 * 1024,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.address = address
+        self._call = call or CallConfig()
+        self._metadata = tuple(metadata)
+        options = [
+            ("grpc.service_config", self._call.service_config(GRPC_SERVICE_NAMES[self.SERVICE])),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(
+                address, options=options, interceptors=list(interceptors) or None
+            )
+        else:
+            self._channel = grpc.aio.secure_channel(
+                address, credentials, options=options, interceptors=list(interceptors) or None
+            )
+
+        self._stub: Any = self.STUB(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying channel (for health checks and reflection)."""
+        return self._channel
+
+    def _deadline(self, rpc: str, timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        return self.DEFAULT_TIMEOUTS.get(rpc, self._call.timeout_s)
+
+    def _md(self, metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
+        return self._metadata + tuple(metadata or ())
+
+    async def _unary(
+        self, rpc: str, method: Any, request: Any, timeout: float | None, metadata: Metadata | None
+    ) -> Any:
+        try:
+            return await method(
+                request, timeout=self._deadline(rpc, timeout), metadata=self._md(metadata)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata()) from None
+
+    async def _stream(
+        self, rpc: str, method: Any, request: Any, timeout: float | None, metadata: Metadata | None
+    ) -> AsyncIterator[Any]:
+        call = method(request, timeout=self._deadline(rpc, timeout), metadata=self._md(metadata))
+        try:
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> BaseClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,283 @@
+"""The one server bootstrap every service uses.
+
+It builds a ``grpc.aio`` server with the standard interceptors (telemetry, error mapping,
+then any the service adds), registers the service's servicers, the library's aio health
+servicer (per-service status, NOT_SERVING while starting or draining) and reflection,
+binds the address and returns the bound port (so ``:0`` works in tests). :func:`serve`
+runs one service until SIGTERM/SIGINT: health turns NOT_SERVING at once, the server stops
+accepting and in-flight calls get the grace period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from cuga.shared.config import CommonConfig, Settings
+from cuga.shared.errors import CugaError, from_exception, to_status
+from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
+
+log = logging.getLogger("cuga.bootstrap")
+
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ServiceDefinition:
+    """What a service contributes to the bootstrap.
+
+    Attributes:
+        name: short name (``planning``); the error domain is ``cuga.<name>``.
+        registrations: ``(add_XServicer_to_server, servicer, full service name)`` triples.
+        telemetry: the service's telemetry (its interceptors are attached).
+        interceptors: extra server interceptors, run after telemetry and error mapping.
+        on_started: called with the bound address once the server accepts calls and
+            before health turns SERVING (e.g. a worker registering itself).
+        on_stopping: called when draining starts, before the grace period (deregister).
+        on_stopped: called after the server stopped (close stores and channels).
+    """
+
+    name: str
+    registrations: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]]
+    telemetry: Telemetry
+    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    on_started: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
+    on_stopping: list[Hook] = field(default_factory=list)
+    on_stopped: list[Hook] = field(default_factory=list)
+
+    @property
+    def service_names(self) -> list[str]:
+        """Full gRPC names of the business services."""
+        return [name for _, _, name in self.registrations]
+
+
+Builder = Callable[[Settings, Telemetry], Awaitable[ServiceDefinition]]
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns exceptions raised by handlers into statuses with ``google.rpc.ErrorInfo``.
+
+    A :class:`CugaError` keeps its code and reason; anything else is logged with its
+    traceback here and answered INTERNAL with a generic message (nothing leaks).
+    """
+
+    def __init__(self, domain: str) -> None:
+        self._domain = domain
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        error = from_exception(exc, self._domain)
+        if not isinstance(exc, CugaError):
+            log.exception("unhandled error in %s handler", self._domain, exc_info=exc)
+        if error.domain == "cuga":
+            error.domain = self._domain
+        code, message, trailing = to_status(error)
+        await context.abort(code, message, trailing_metadata=trailing)
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._abort(context, exc)
+
+        return call
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._abort(context, exc)
+
+        return call
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary), **kwargs
+            )
+        if handler.unary_stream:
+            # Streams are async generators, or coroutines that call context.write().
+            behavior = handler.unary_stream
+            wrapped = (
+                self._wrap_stream(behavior)
+                if inspect.isasyncgenfunction(behavior)
+                else self._wrap_unary(behavior)
+            )
+            return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
+        return handler  # client-streaming RPCs are not part of the contract
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, health, and a graceful stop."""
+
+    definition: ServiceDefinition
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    host: str
+    grace_period_s: float
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients dial."""
+        return f"{self.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        """Set the overall and per-service health status."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.definition.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, stop accepting, give in-flight calls ``grace`` s."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.set_serving(False)
+        for hook in self.definition.on_stopping:
+            await _run_hook(hook, "on_stopping", self.definition.name)
+        await self.server.stop(self.grace_period_s if grace is None else grace)
+        for hook in self.definition.on_stopped:
+            await _run_hook(hook, "on_stopped", self.definition.name)
+        self.definition.telemetry.shutdown()
+
+    async def wait_for_termination(self) -> None:
+        """Until the server stops."""
+        await self.server.wait_for_termination()
+
+
+async def _run_hook(hook: Hook, what: str, name: str) -> None:
+    try:
+        await hook()
+    except Exception:  # a failing hook must not stop the rest of the shutdown
+        log.exception("%s hook of %s failed", what, name)
+
+
+async def start_server(
+    definition: ServiceDefinition,
+    common: CommonConfig,
+    *,
+    port: int | None = None,
+    host: str | None = None,
+) -> RunningServer:
+    """Build, bind and start a service's server; return it SERVING.
+
+    Args:
+        definition: what the service registers.
+        common: common settings (limits, grace period, host, addresses).
+        port: port to bind; ``0`` picks a free one. Default: the service's configured port.
+        host: interface to bind; default ``common.host``.
+    """
+    host = host or common.host
+    if port is None:
+        port = int(common.addresses.of(definition.name).rpartition(":")[2])
+    options = [
+        ("grpc.max_receive_message_length", common.limits.max_message_bytes),
+        ("grpc.max_send_message_length", common.limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = [
+        *definition.telemetry.server_interceptors(),
+        ErrorMappingInterceptor(f"cuga.{definition.name}"),
+        *definition.interceptors,
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    for add, servicer, _ in definition.registrations:
+        add(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            *definition.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {definition.name} to {host}:{port}")
+    running = RunningServer(definition, server, health, bound, host, common.grace_period_s)
+    await running.set_serving(False)
+    await server.start()
+    try:
+        for hook in definition.on_started:
+            await hook(running.address)
+    except BaseException:
+        await running.stop(0)
+        raise
+    await running.set_serving(True)
+    log.info("%s serving on %s", definition.name, running.address)
+    return running
+
+
+async def serve(
+    name: str,
+    builder: Builder,
+    settings: Settings,
+    *,
+    port: int | None = None,
+    ready: Callable[[RunningServer], None] | None = None,
+) -> None:
+    """Run one service until SIGTERM or SIGINT, then drain gracefully."""
+    configure_logging(settings.common.log_format, settings.common.log_level)
+    telemetry = setup_telemetry(f"cuga-{name}")
+    definition = await builder(settings, telemetry)
+    running = await start_server(definition, settings.common, port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(running)
+    terminated = asyncio.ensure_future(running.wait_for_termination())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({terminated, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("%s draining (grace %.1fs)", name, settings.common.grace_period_s)
+    await running.stop()
+    for task in (terminated, stopping):
+        task.cancel()
+    log.info("%s stopped", name)
+
+
+__all__ = [
+    "Builder",
+    "ErrorMappingInterceptor",
+    "RunningServer",
+    "ServiceDefinition",
+    "serve",
+    "start_server",
+]
