@@ -80,9 +80,14 @@ def decode_page_token(field: str, token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        # validate=True: characters outside the alphabet are an error, not skipped.
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        position = raw.decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgumentError(field, "is not a token this service issued") from None
+    if encode_page_token(position) != token:
+        raise InvalidArgumentError(field, "is not a token this service issued")
+    return position
 
 
 __all__ = [

@@ -1,0 +1,63 @@
+"""RoutingService over gRPC: proto in, domain call, proto out."""
+
+from __future__ import annotations
+
+import grpc
+
+from cuga.routing.v1 import routing_pb2, routing_pb2_grpc
+from cuga.services.routing.domain import PolicyBasedRoutingAuthority
+
+
+class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
+    """Thin mapping onto :class:`PolicyBasedRoutingAuthority`."""
+
+    def __init__(self, authority: PolicyBasedRoutingAuthority) -> None:
+        self._authority = authority
+
+    async def Route(
+        self, request: routing_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.RouteResponse:
+        """Choose a worker for one step."""
+        return routing_pb2.RouteResponse(decision=await self._authority.route(request))
+
+    async def RouteBatch(
+        self, request: routing_pb2.RouteBatchRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.RouteBatchResponse:
+        """Choose workers for several steps."""
+        decisions = await self._authority.route_batch(request)
+        return routing_pb2.RouteBatchResponse(decisions=decisions)
+
+    async def RegisterWorker(
+        self, request: routing_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.RegisterWorkerResponse:
+        """Register or re-register a worker."""
+        status = await self._authority.register_worker(request)
+        return routing_pb2.RegisterWorkerResponse(
+            worker=status, heartbeat_interval=self._authority.heartbeat_interval()
+        )
+
+    async def DeregisterWorker(
+        self, request: routing_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.DeregisterWorkerResponse:
+        """Remove a worker."""
+        removed = await self._authority.deregister_worker(request)
+        return routing_pb2.DeregisterWorkerResponse(removed=removed)
+
+    async def Heartbeat(
+        self, request: routing_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.HeartbeatResponse:
+        """Record a worker's load."""
+        status = await self._authority.heartbeat(request)
+        return routing_pb2.HeartbeatResponse(
+            worker=status, heartbeat_interval=self._authority.heartbeat_interval()
+        )
+
+    async def ListWorkers(
+        self, request: routing_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.ListWorkersResponse:
+        """One page of workers."""
+        workers, token = await self._authority.list_workers(request)
+        return routing_pb2.ListWorkersResponse(workers=workers, next_page_token=token)
+
+
+__all__ = ["RoutingServicer"]
