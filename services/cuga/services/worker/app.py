@@ -1,0 +1,138 @@
+"""Builds the worker service: tools, idempotency store, servicer, routing registration."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from cuga.client import RoutingClient
+from cuga.services.worker.config import WorkerConfig
+from cuga.services.worker.domain import ToolPolicy, WorkerAgent, WorkerLimits
+from cuga.services.worker.registration import Registrar
+from cuga.services.worker.servicer import WorkerServicer
+from cuga.services.worker.store import IdempotencyStore
+from cuga.shared.bootstrap import ServiceDefinition
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.telemetry import Telemetry
+from cuga.tools import ToolRegistry, ToolSpec
+from cuga.worker.v1 import worker_pb2_grpc
+
+log = logging.getLogger("cuga.worker")
+
+
+def build_registry(config: WorkerConfig, tools: Sequence[ToolSpec] = ()) -> ToolRegistry:
+    """The tools of a worker: the installed entry points plus ``tools``, all allowlisted.
+
+    Raises:
+        ToolLoadError: a tool was refused (outside the allowlist, malformed, duplicate).
+    """
+    registry = ToolRegistry(config.tool_allowlist)
+    registry.load_entry_points()
+    registry.register_all(tools, source="build_worker(tools=...)")
+    return registry
+
+
+def build_agent(
+    settings: Settings,
+    config: WorkerConfig,
+    registry: ToolRegistry,
+    *,
+    clock: Clock | None = None,
+) -> WorkerAgent:
+    """A :class:`WorkerAgent` with its store under ``settings.common.data_dir``.
+
+    Also what embedded mode uses (wrapped in a ``LocalWorkerPool``).
+    """
+    data_dir = settings.common.data_dir
+    limits = settings.common.limits
+    return WorkerAgent(
+        registry,
+        IdempotencyStore(data_dir / f"worker-{config.worker_id}.db"),
+        worker_id=config.worker_id,
+        sandbox_dir=config.sandbox(data_dir),
+        policy=ToolPolicy(config.profile_tools),
+        limits=WorkerLimits(
+            max_input_bytes=limits.max_input_bytes,
+            max_output_bytes=limits.max_output_bytes,
+            max_page_size=limits.max_page_size,
+            max_in_flight=config.max_in_flight,
+        ),
+        clock=clock,
+        executor=concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.max_threads, thread_name_prefix="cuga-tool"
+        ),
+    )
+
+
+async def build_worker(
+    settings: Settings,
+    telemetry: Telemetry,
+    *,
+    tools: Sequence[ToolSpec] = (),
+    clock: Clock | None = None,
+) -> ServiceDefinition:
+    """The worker service, with ``tools`` added to the installed ones (tests add theirs)."""
+    config = settings.section(WorkerConfig, "worker")
+    clock = clock or SystemClock()
+    registry = build_registry(config, tools)
+    agent = build_agent(settings, config, registry, clock=clock)
+    log.info("worker %s runs tools: %s", config.worker_id, ", ".join(registry.names()))
+
+    definition = ServiceDefinition(
+        name="worker",
+        registrations=[
+            (
+                worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+                WorkerServicer(agent),
+                GRPC_SERVICE_NAMES["worker"],
+            )
+        ],
+        telemetry=telemetry,
+    )
+
+    if config.register_with_routing:
+        routing = RoutingClient(
+            settings.common.addresses.routing,
+            call=settings.common.calls.routing,
+            interceptors=telemetry.client_interceptors(),
+        )
+        registrar = Registrar(
+            routing,
+            worker_id=config.worker_id,
+            tools=registry.names(),
+            capabilities=sorted({*registry.capabilities(), *config.capabilities}),
+            load=lambda: (agent.in_flight, agent.recent_latency),
+            clock=clock,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            backoff_initial_s=config.registration_backoff_initial_s,
+            backoff_max_s=config.registration_backoff_max_s,
+            call_timeout_s=settings.common.calls.routing.timeout_s,
+        )
+
+        async def on_started(address: str) -> None:
+            registrar.start(config.advertise_address or address)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(registrar.registered.wait(), config.registration_wait_s)
+
+        async def on_stopping() -> None:
+            await registrar.stop()
+
+        async def close_routing() -> None:
+            await routing.close()
+
+        definition.on_started.append(on_started)
+        definition.on_stopping.append(on_stopping)
+        definition.on_stopped.append(close_routing)
+
+    # After the server drained: running executions finish and write their records first.
+    definition.on_stopped.append(agent.close)
+    return definition
+
+
+async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
+    """The worker service with the installed tools (``cuga serve worker``)."""
+    return await build_worker(settings, telemetry)

@@ -1,0 +1,529 @@
+"""The worker's domain: validate a step, run its tool once per key, classify failures.
+
+:class:`WorkerAgent` is used by the gRPC servicer and, through :class:`LocalWorkerPool`,
+by the coordinator engine in embedded mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fnmatch
+import functools
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from cuga.common.v1 import common_pb2
+from cuga.services.worker.config import ProfileTools
+from cuga.services.worker.store import IdempotencyStore, StoredExecution
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.errors import (
+    AlreadyExistsError,
+    CugaError,
+    FailureMode,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    ToolExecutionError,
+    classify_failure,
+    from_rpc_error,
+)
+from cuga.shared.messages import seconds, struct_to_dict, to_value
+from cuga.shared.validation import (
+    ID_PATTERN,
+    STEP_ID_PATTERN,
+    TOOL_NAME_PATTERN,
+    check_id,
+    check_length,
+    check_size,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
+from cuga.tools import ToolContext, ToolRegistry, ToolSpec, to_proto, validate_input
+from cuga.worker.v1 import worker_pb2
+
+log = logging.getLogger("cuga.worker")
+
+DOMAIN = "cuga.worker"
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+#: Longest error message a tool's exception contributes (they are shown to people).
+MAX_ERROR_MESSAGE_CHARS = 1000
+#: Weight of the newest sample in the latency EWMA reported in heartbeats.
+LATENCY_EWMA_ALPHA = 0.2
+
+
+class ToolPolicy:
+    """Per-profile tool allow/deny lists: deny wins; an allow list denies everything else.
+
+    Args:
+        profiles: lists by profile name; ``*`` applies to profiles without an entry.
+    """
+
+    def __init__(self, profiles: Mapping[str, ProfileTools] | None = None) -> None:
+        self._profiles = dict(profiles or {})
+
+    def allowed(self, profile: str, tool: str) -> bool:
+        """Whether ``profile`` may call ``tool``."""
+        rules = self._profiles.get(profile) or self._profiles.get("*")
+        if rules is None:
+            return True
+        if any(fnmatch.fnmatchcase(tool, pattern) for pattern in rules.deny):
+            return False
+        if rules.allow is None:
+            return True
+        return any(fnmatch.fnmatchcase(tool, pattern) for pattern in rules.allow)
+
+    def check(self, profile: str, tool: str) -> None:
+        """Raise PERMISSION_DENIED (POLICY) when ``profile`` may not call ``tool``."""
+        if not self.allowed(profile, tool):
+            raise PermissionDeniedError(
+                f"profile {profile!r} may not call tool {tool!r}",
+                reason="TOOL_NOT_ALLOWED",
+                failure_mode=FailureMode.POLICY,
+                domain=DOMAIN,
+                metadata={"profile": profile, "tool": tool},
+            )
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Size limits the worker enforces (from ``settings.common.limits``)."""
+
+    max_input_bytes: int = 64 * 1024
+    """Largest step input, serialised bytes."""
+    max_output_bytes: int = 1024 * 1024
+    """Largest tool output, serialised bytes."""
+    max_page_size: int = 1000
+    """Largest ListTools page."""
+    max_in_flight: int = 256
+    """Executions running at once."""
+
+
+@dataclass
+class _InFlight:
+    fingerprint: str
+    task: asyncio.Task[common_pb2.StepResult]
+    joined: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def fingerprint(step: common_pb2.PlanStep) -> str:
+    """What makes two executions "the same step": tool, step id and canonical input."""
+    canonical = json.dumps(struct_to_dict(step.input), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{step.tool}\0{step.step_id}\0{canonical}".encode()).hexdigest()
+
+
+def _normalise(value: Any) -> Any:
+    """JSON from a Struct has only floats; give handlers ints where the number is integral."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _duration(secs: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(max(0.0, secs) * 1e9))
+    return d
+
+
+class WorkerAgent:
+    """Executes steps with the tools of a :class:`ToolRegistry`, exactly once per key.
+
+    Args:
+        registry: the tools.
+        store: finished executions by idempotency key.
+        worker_id: reported in results.
+        sandbox_dir: the directory file tools may use (created if missing).
+        policy: per-profile allow/deny lists.
+        limits: size and concurrency limits.
+        clock: time source (deadlines, durations).
+        executor: threads for synchronous handlers (the agent owns it and shuts it down).
+    """
+
+    def __init__(
+        self,
+        registry: ToolRegistry,
+        store: IdempotencyStore,
+        *,
+        worker_id: str = "worker-1",
+        sandbox_dir: Path = Path("sandbox"),
+        policy: ToolPolicy | None = None,
+        limits: WorkerLimits | None = None,
+        clock: Clock | None = None,
+        executor: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self.worker_id = worker_id
+        self._sandbox = sandbox_dir
+        self._sandbox.mkdir(parents=True, exist_ok=True)
+        self._policy = policy or ToolPolicy()
+        self._limits = limits or WorkerLimits()
+        self._clock: Clock = clock or SystemClock()
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="cuga-tool"
+        )
+        self._inflight: dict[str, _InFlight] = {}
+        self._latency: float | None = None
+
+    @property
+    def registry(self) -> ToolRegistry:
+        """The tools this agent runs."""
+        return self._registry
+
+    @property
+    def in_flight(self) -> int:
+        """Executions running now."""
+        return len(self._inflight)
+
+    @property
+    def recent_latency(self) -> float:
+        """EWMA of execution durations, seconds (0 before the first execution)."""
+        return self._latency or 0.0
+
+    async def wait_joined(self, key: str) -> None:
+        """Until a second call joins the running execution of ``key`` (returns at once
+        when nothing runs under ``key``). Lets tests and probes observe deduplication."""
+        running = self._inflight.get(key)
+        if running is not None:
+            await running.joined.wait()
+
+    # -- ListTools -------------------------------------------------------------------
+
+    def list_tools(self) -> list[common_pb2.ToolSpec]:
+        """Every tool as the contract's ToolSpec, ordered by name."""
+        return [to_proto(spec) for spec in self._registry.specs()]
+
+    def list_tools_page(self, request: worker_pb2.ListToolsRequest) -> worker_pb2.ListToolsResponse:
+        """One page of tools ordered by name."""
+        size = page_size("page_size", request.page_size, self._limits.max_page_size)
+        after = decode_page_token("page_token", request.page_token)
+        names = [n for n in self._registry.names() if n > after]
+        page, rest = names[:size], names[size:]
+        return worker_pb2.ListToolsResponse(
+            tools=[to_proto(self._registry.get(n)) for n in page],
+            next_page_token=encode_page_token(page[-1]) if rest else "",
+        )
+
+    # -- ExecuteStep -----------------------------------------------------------------
+
+    def _validate(self, request: worker_pb2.ExecuteStepRequest) -> ToolSpec:
+        check_length("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY_CHARS)
+        if not request.idempotency_key.strip():
+            raise InvalidArgumentError("idempotency_key", "is required")
+        if not request.HasField("step"):
+            raise InvalidArgumentError("step", "is required")
+        step = request.step
+        check_id("step.step_id", step.step_id, pattern=STEP_ID_PATTERN)
+        check_id("step.tool", step.tool, pattern=TOOL_NAME_PATTERN)
+        check_id("context.run_id", request.context.run_id, required=False, pattern=ID_PATTERN)
+        check_id("context.profile", request.context.profile, required=False, pattern=ID_PATTERN)
+        check_size("step.input", step.input, self._limits.max_input_bytes)
+        # Permission before existence: a profile learns nothing about tools it may not call.
+        self._policy.check(request.context.profile or "default", step.tool)
+        return self._registry.get(step.tool)
+
+    async def execute(
+        self, request: worker_pb2.ExecuteStepRequest, *, timeout: float | None = None
+    ) -> common_pb2.StepResult:
+        """Run the step's tool, or answer from the idempotency store.
+
+        Args:
+            request: the step, its context, the idempotency key and the attempt.
+            timeout: seconds left of the caller's deadline (``None``: none); the tool runs
+                under the shortest of this, the tool's timeout and the run's deadline.
+
+        Raises:
+            InvalidArgumentError: a malformed request or an input failing the tool's schema
+                (the message names the JSON path).
+            NotFoundError: the tool is not registered here.
+            PermissionDeniedError: the profile may not call the tool.
+            AlreadyExistsError: the key was used for a different step.
+            ResourceExhaustedError: too many executions in flight, or the output is too big.
+            ToolExecutionError: the tool failed (``failure_mode`` per DESIGN.md; a timeout
+                is RESOURCE and crosses the wire as DEADLINE_EXCEEDED).
+        """
+        spec = self._validate(request)
+        key = request.idempotency_key
+        fp = fingerprint(request.step)
+        running = self._inflight.get(key)
+        if running is not None:
+            self._check_fingerprint(key, running.fingerprint, fp)
+            running.joined.set()
+            result = await asyncio.shield(running.task)
+            joined = common_pb2.StepResult()
+            joined.CopyFrom(result)
+            joined.replayed = True  # this caller did not run the tool
+            return joined
+        stored = self._store.get(key)
+        if stored is not None:
+            self._check_fingerprint(key, stored.fingerprint, fp)
+            return self._replay(stored)
+        inputs = _normalise(struct_to_dict(request.step.input))
+        validate_input(spec.parameters, inputs, field="step.input")
+        if len(self._inflight) >= self._limits.max_in_flight:
+            raise ResourceExhaustedError(
+                f"worker {self.worker_id} is running {len(self._inflight)} steps, "
+                f"the limit is {self._limits.max_in_flight}",
+                reason="WORKER_BUSY",
+                domain=DOMAIN,
+            )
+        # The execution is a task of its own: a caller that goes away (deadline, dropped
+        # connection) does not cancel it half-way, and its record is still written.
+        task = asyncio.create_task(self._run(spec, request, inputs, fp, timeout))
+        self._inflight[key] = _InFlight(fp, task)
+        task.add_done_callback(functools.partial(self._finished, key))
+        return await asyncio.shield(task)
+
+    def _finished(self, key: str, task: asyncio.Task[common_pb2.StepResult]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here so an abandoned failure is not logged as lost
+
+    @staticmethod
+    def _check_fingerprint(key: str, stored: str, current: str) -> None:
+        if stored != current:
+            raise AlreadyExistsError(
+                f"idempotency_key: {key!r} was already used for a different tool, step or input",
+                reason="IDEMPOTENCY_KEY_REUSED",
+                failure_mode=FailureMode.USER,
+                domain=DOMAIN,
+                metadata={"field": "idempotency_key"},
+            )
+
+    def _replay(self, stored: StoredExecution) -> common_pb2.StepResult:
+        if stored.result is not None:
+            result = common_pb2.StepResult.FromString(stored.result)
+            result.replayed = True
+            return result
+        meta = {**stored.error_metadata, "replayed": "true"}
+        mode = FailureMode(stored.failure_mode)
+        if stored.tool_error:
+            raise ToolExecutionError(
+                stored.error_message,
+                failure_mode=mode,
+                reason=stored.error_reason or None,
+                domain=DOMAIN,
+                metadata=meta,
+            )
+        error = from_rpc_error(grpc.StatusCode[stored.error_code], stored.error_message, None)
+        error.reason, error.failure_mode, error.metadata = stored.error_reason, mode, meta
+        error.domain = DOMAIN
+        raise error
+
+    def _budget(
+        self, spec: ToolSpec, request: worker_pb2.ExecuteStepRequest, timeout: float | None
+    ) -> float:
+        budget = spec.timeout
+        if timeout is not None:
+            budget = min(budget, timeout)
+        if request.context.HasField("deadline"):
+            budget = min(budget, seconds(request.context.deadline) - self._clock.now())
+        return budget
+
+    async def _run(
+        self,
+        spec: ToolSpec,
+        request: worker_pb2.ExecuteStepRequest,
+        inputs: dict[str, Any],
+        fp: str,
+        timeout: float | None,
+    ) -> common_pb2.StepResult:
+        step = request.step
+        attempt = request.attempt or 1
+        budget = self._budget(spec, request, timeout)
+        meta = {"tool": spec.name, "step_id": step.step_id}
+        started = self._clock.monotonic()
+        try:
+            if budget <= 0:
+                raise TimeoutError("no time left before the deadline")
+            context = ToolContext(
+                run_id=request.context.run_id,
+                step_id=step.step_id,
+                profile=request.context.profile or "default",
+                user_id=request.context.user_id,
+                attempt=attempt,
+                deadline=self._clock.now() + budget,
+                sandbox_dir=self._sandbox,
+                metadata=dict(request.context.metadata),
+            )
+            output = await asyncio.wait_for(self._call(spec, inputs, context), budget)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError as exc:
+            self._observe(started)
+            # Not stored: RESOURCE is retryable, and a retry with the same key must run.
+            raise ToolExecutionError(
+                f"tool {spec.name!r} did not finish within {max(budget, 0.0):.3f}s ({exc or 'timeout'})",
+                failure_mode=FailureMode.RESOURCE,
+                domain=DOMAIN,
+                metadata={**meta, "exception": "TimeoutError"},
+            ) from None
+        except CugaError as exc:
+            self._observe(started)
+            self._remember_failure(request, fp, exc, tool_error=False)
+            raise
+        except Exception as exc:
+            self._observe(started)
+            mode = classify_failure(exc)
+            text = f"tool {spec.name!r} failed: {type(exc).__name__}: {exc}"
+            error = ToolExecutionError(
+                text[:MAX_ERROR_MESSAGE_CHARS],
+                failure_mode=mode,
+                domain=DOMAIN,
+                metadata={**meta, "exception": type(exc).__name__},
+            )
+            self._remember_failure(request, fp, error, tool_error=True)
+            raise error from None
+        duration = self._observe(started)
+        value = self._output(spec, output)
+        result = common_pb2.StepResult(
+            step_id=step.step_id,
+            output=value,
+            worker_id=self.worker_id,
+            attempt=attempt,
+            duration=_duration(duration),
+            replayed=False,
+            cost=spec.cost,
+        )
+        self._remember(
+            StoredExecution(
+                key=request.idempotency_key,
+                fingerprint=fp,
+                tool=spec.name,
+                step_id=step.step_id,
+                result=result.SerializeToString(),
+                created_at=self._clock.now(),
+            )
+        )
+        return result
+
+    async def _call(self, spec: ToolSpec, inputs: dict[str, Any], context: ToolContext) -> Any:
+        if spec.is_async:
+            return await spec.handler(inputs, context)
+        loop = asyncio.get_running_loop()
+        # A thread cannot be killed: past its deadline a sync handler's answer is dropped.
+        return await loop.run_in_executor(
+            self._executor, functools.partial(spec.handler, inputs, context)
+        )
+
+    def _output(self, spec: ToolSpec, output: Any) -> Any:
+        try:
+            value = to_value(output)
+        except Exception as exc:  # not JSON: a bug in the tool
+            raise ToolExecutionError(
+                f"tool {spec.name!r} returned a value that is not JSON ({type(exc).__name__})",
+                failure_mode=FailureMode.AGENT,
+                reason="OUTPUT_NOT_JSON",
+                domain=DOMAIN,
+                metadata={"tool": spec.name},
+            ) from None
+        size = value.ByteSize()
+        if size > self._limits.max_output_bytes:
+            raise ResourceExhaustedError(
+                f"tool {spec.name!r} output is {size} bytes serialised, "
+                f"the limit is {self._limits.max_output_bytes}",
+                reason="OUTPUT_TOO_LARGE",
+                domain=DOMAIN,
+                metadata={"tool": spec.name, "size": str(size)},
+            )
+        return value
+
+    def _observe(self, started: float) -> float:
+        duration = max(0.0, self._clock.monotonic() - started)
+        self._latency = (
+            duration
+            if self._latency is None
+            else LATENCY_EWMA_ALPHA * duration + (1 - LATENCY_EWMA_ALPHA) * self._latency
+        )
+        return duration
+
+    def _remember_failure(
+        self, request: worker_pb2.ExecuteStepRequest, fp: str, error: CugaError, *, tool_error: bool
+    ) -> None:
+        # Retryable failures are not stored: the coordinator's RETRY strategy re-sends the
+        # same key and expects the tool to run again. USER and POLICY failures would fail
+        # the same way, so they are answered from the store.
+        if error.failure_mode.retryable or error.failure_mode is FailureMode.UNSPECIFIED:
+            return
+        self._remember(
+            StoredExecution(
+                key=request.idempotency_key,
+                fingerprint=fp,
+                tool=request.step.tool,
+                step_id=request.step.step_id,
+                error_code=(
+                    error.wire_code if isinstance(error, ToolExecutionError) else error.code
+                ).name,
+                error_message=error.message,
+                error_reason=error.reason,
+                failure_mode=int(error.failure_mode),
+                error_metadata=dict(error.metadata),
+                tool_error=tool_error,
+                created_at=self._clock.now(),
+            )
+        )
+
+    def _remember(self, record: StoredExecution) -> None:
+        try:
+            self._store.put(record)
+        except Exception:
+            # The step did finish; failing the call now would make the caller retry a step
+            # whose side effect happened. Log loudly instead.
+            log.exception("could not store the outcome of %s", record.key)
+
+    async def close(self) -> None:
+        """Wait for running executions (so their records are written), then close the store."""
+        tasks = [entry.task for entry in self._inflight.values()]
+        if tasks:
+            await asyncio.wait(tasks)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._store.close()
+
+
+class LocalWorkerPool:
+    """The ``WorkerPool`` of embedded mode: every step runs on one in-process agent."""
+
+    def __init__(self, agent: WorkerAgent) -> None:
+        self._agent = agent
+
+    @property
+    def agent(self) -> WorkerAgent:
+        """The agent steps run on."""
+        return self._agent
+
+    async def execute_step(
+        self,
+        target: common_pb2.WorkerTarget,
+        request: worker_pb2.ExecuteStepRequest,
+        *,
+        timeout: float | None = None,
+    ) -> common_pb2.StepResult:
+        """Run one step (``target`` is ignored: there is one worker)."""
+        return await self._agent.execute(request, timeout=timeout)
+
+    async def list_tools(
+        self, target: common_pb2.WorkerTarget, *, timeout: float | None = None
+    ) -> list[common_pb2.ToolSpec]:
+        """The tools of the in-process worker."""
+        return self._agent.list_tools()
+
+
+def remaining(timeout: float | None) -> float | None:
+    """A caller's remaining time as a number or ``None`` (gRPC gives ``None`` or a float)."""
+    if timeout is None or math.isinf(timeout):
+        return None
+    return max(0.0, timeout)
