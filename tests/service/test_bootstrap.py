@@ -13,7 +13,7 @@ from cuga.client import WorkerClient
 from cuga.common.v1 import common_pb2
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.config import Settings
-from cuga.shared.errors import FailureMode, InvalidArgumentError, InternalError
+from cuga.shared.errors import FailureMode, InternalError, InvalidArgumentError
 from cuga.shared.telemetry import Telemetry
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.support.servers import running_service
@@ -26,7 +26,7 @@ class _ProbeServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def ExecuteStep(self, request, context):  # noqa: N802
+    async def ExecuteStep(self, request, context):
         if request.idempotency_key == "bad":
             raise InvalidArgumentError("idempotency_key", "is bad")
         if request.idempotency_key == "crash":
@@ -35,7 +35,7 @@ class _ProbeServicer(worker_pb2_grpc.WorkerServiceServicer):
         await self.release.wait()
         return worker_pb2.ExecuteStepResponse(result=common_pb2.StepResult(step_id="s1"))
 
-    async def ListTools(self, request, context):  # noqa: N802
+    async def ListTools(self, request, context):
         return worker_pb2.ListToolsResponse()
 
 
@@ -44,8 +44,11 @@ def _builder(servicer: _ProbeServicer):
         return ServiceDefinition(
             name="worker",
             registrations=[
-                (worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer,
-                 "cuga.worker.v1.WorkerService")
+                (
+                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+                    servicer,
+                    "cuga.worker.v1.WorkerService",
+                )
             ],
             telemetry=telemetry,
         )

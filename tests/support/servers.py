@@ -14,7 +14,7 @@ from cuga.shared.config import Settings, load_settings
 from cuga.shared.telemetry import setup_telemetry
 
 
-def test_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings:
+def make_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings:
     """Defaults (plus ``env`` overrides) with data under ``data_dir``; no file, no $CUGA_*."""
     settings = load_settings(env=env or {})
     return settings.with_overrides(data_dir=data_dir, grace_period_s=5.0)
@@ -42,3 +42,57 @@ async def running_service(
         yield server
     finally:
         await server.stop(grace=1.0)
+
+
+#: Start order and the services each one must know the address of.
+CLUSTER_ORDER = ("routing", "audit", "approval", "worker", "planning", "coordinator")
+
+
+def builders() -> dict[str, Builder]:
+    """Every service's production builder, by name."""
+    from cuga.services.approval.app import build as approval
+    from cuga.services.audit.app import build as audit
+    from cuga.services.coordinator.app import build as coordinator
+    from cuga.services.planning.app import build as planning
+    from cuga.services.routing.app import build as routing
+    from cuga.services.worker.app import build as worker
+
+    return {
+        "routing": routing,
+        "audit": audit,
+        "approval": approval,
+        "worker": worker,
+        "planning": planning,
+        "coordinator": coordinator,
+    }
+
+
+@dataclasses.dataclass
+class Cluster:
+    """Six running services and the settings that point at them."""
+
+    servers: dict[str, RunningServer]
+    settings: Settings
+
+    def address(self, name: str) -> str:
+        """Where ``name`` listens."""
+        return self.servers[name].address
+
+
+@asynccontextmanager
+async def running_cluster(
+    settings: Settings, *, span_processors: Sequence[SpanProcessor] = ()
+) -> AsyncIterator[Cluster]:
+    """All six services in this process, each through the production bootstrap on :0."""
+    from contextlib import AsyncExitStack
+
+    build = builders()
+    servers: dict[str, RunningServer] = {}
+    async with AsyncExitStack() as stack:
+        for name in CLUSTER_ORDER:
+            server = await stack.enter_async_context(
+                running_service(name, build[name], settings, span_processors=span_processors)
+            )
+            servers[name] = server
+            settings = with_address(settings, name, server.address)
+        yield Cluster(servers, settings)

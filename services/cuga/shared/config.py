@@ -27,6 +27,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from cuga.shared.auth import AuthConfig
+
 ENV_PREFIX = "CUGA_"
 SERVICE_NAMES = ("coordinator", "planning", "routing", "audit", "approval", "worker")
 ServiceName = Literal["coordinator", "planning", "routing", "audit", "approval", "worker"]
@@ -212,6 +214,8 @@ class CommonConfig:
     """Log line format."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """Bearer-token authentication (see :mod:`cuga.shared.auth`); off by default."""
 
 
 @dataclass(frozen=True)

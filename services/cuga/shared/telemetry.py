@@ -67,12 +67,17 @@ class Telemetry:
 
     def server_interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor, health checks excluded."""
-        return [aio_server_interceptor(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH)]
+        interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH
+        )
+        return [interceptor]
 
     def client_interceptors(self) -> list[Any]:
         """The OpenTelemetry aio client interceptors (inject W3C context)."""
         return list(
-            aio_client_interceptors(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH)
+            aio_client_interceptors(  # type: ignore[no-untyped-call]
+                tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH
+            )
         )
 
     def shutdown(self) -> None:

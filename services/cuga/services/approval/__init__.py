@@ -1,0 +1,1 @@
+"""The approval authority: human sign-off on the steps its policy marks."""

@@ -1,0 +1,80 @@
+"""Builds the approval service: config, policy, store, domain, servicer, hooks."""
+
+from __future__ import annotations
+
+from opentelemetry.metrics import Observation
+
+from cuga.approval.v1 import approval_pb2_grpc
+from cuga.services.approval.config import ApprovalConfig
+from cuga.services.approval.domain import ApprovalManager
+from cuga.services.approval.policy import ApprovalPolicy, load_policy
+from cuga.services.approval.servicer import ApprovalServicer
+from cuga.services.approval.store import ApprovalStore
+from cuga.shared.auth import AuthInterceptor
+from cuga.shared.bootstrap import ServiceDefinition
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.telemetry import Telemetry
+
+DB_FILE = "approval.db"
+
+
+async def build(
+    settings: Settings, telemetry: Telemetry, *, clock: Clock | None = None
+) -> ServiceDefinition:
+    """Everything the bootstrap needs to run the approval service.
+
+    Args:
+        settings: loaded configuration (``approval:`` section and ``auth:``).
+        telemetry: the service's telemetry.
+        clock: time source (tests inject a FakeClock); the system clock by default.
+
+    Raises:
+        ConfigError: bad ``approval:`` keys, an invalid policy file (file, line, reason)
+            or an unreadable tokens file.
+    """
+    config = settings.section(ApprovalConfig, "approval")
+    if config.policy_file is not None:
+        policy = load_policy(config.policy_file, default_timeout_s=config.default_timeout_s)
+    else:
+        policy = ApprovalPolicy.default(config.default_timeout_s)
+    auth = settings.common.auth
+    interceptor = AuthInterceptor.from_config(auth)
+    store = ApprovalStore(settings.common.data_dir / DB_FILE)
+    manager = ApprovalManager(
+        store,
+        policy,
+        clock=clock or SystemClock(),
+        limits=settings.common.limits,
+        max_pending_per_profile=config.max_pending_per_profile,
+    )
+    servicer = ApprovalServicer(manager, auth_enabled=auth.enabled)
+    telemetry.meter.create_observable_gauge(
+        "cuga.approval.waiters",
+        callbacks=[lambda _options: [Observation(manager.waiting)]],
+        description="AwaitDecision calls currently waiting",
+    )
+
+    async def started(address: str) -> None:
+        await manager.start()
+
+    async def stopped() -> None:
+        store.close()
+
+    return ServiceDefinition(
+        name="approval",
+        registrations=[
+            (
+                approval_pb2_grpc.add_ApprovalServiceServicer_to_server,
+                servicer,
+                GRPC_SERVICE_NAMES["approval"],
+            )
+        ],
+        telemetry=telemetry,
+        interceptors=[interceptor],
+        on_started=[started],
+        # Release AwaitDecision callers at once (they get PENDING and call again) so
+        # they do not hold the drain for the whole grace period.
+        on_stopping=[manager.close],
+        on_stopped=[stopped],
+    )

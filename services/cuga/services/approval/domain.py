@@ -1,0 +1,602 @@
+"""The approval authority's domain: policy decisions, the pending store and the waiters.
+
+:class:`ApprovalManager` is the local implementation of
+:class:`cuga.shared.authorities.ApprovalManager` (the coordinator engine uses it embedded;
+the servicer exposes it over gRPC). It speaks the contract's messages:
+``ApprovalRequest`` is ``cuga.approval.v1.ApprovalRequest`` and ``ApprovalResponse`` (a
+reviewer's answer) is ``cuga.approval.v1.ReviewerDecision``.
+
+Waiting costs nothing: each pending request has one :class:`asyncio.Event`; every
+``await_decision`` on it awaits that event, and a decision or expiry sets it once, releasing
+all of them. Expiry is driven by the injected :class:`~cuga.shared.clock.Clock`: one
+background task sleeps until the earliest ``expires_at`` (re-armed when a request arrives)
+and every read checks expiry lazily too, so a request is never seen PENDING past its time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from cuga.approval.v1 import approval_pb2
+from cuga.common.v1 import common_pb2
+from cuga.services.approval.policy import ApprovalPolicy
+from cuga.services.approval.store import ApprovalStore, StoredRequest
+from cuga.shared.auth import Identity
+from cuga.shared.clock import Clock
+from cuga.shared.config import Limits
+from cuga.shared.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from cuga.shared.messages import seconds, struct_to_dict, timestamp
+from cuga.shared.validation import (
+    STEP_ID_PATTERN,
+    TOOL_NAME_PATTERN,
+    TRACE_ID_PATTERN,
+    check_count,
+    check_id,
+    check_length,
+    check_size,
+    decode_page_token,
+    encode_page_token,
+)
+from cuga.shared.validation import (
+    page_size as effective_page_size,
+)
+
+log = logging.getLogger("cuga.approval")
+
+ApprovalRequest = approval_pb2.ApprovalRequest
+"""A request and where it stands (the contract's message)."""
+ApprovalResponse = approval_pb2.ReviewerDecision
+"""One reviewer's answer to a request (the contract's ``ReviewerDecision``)."""
+
+Status = common_pb2.ApprovalStatus
+NOT_REQUIRED = common_pb2.APPROVAL_STATUS_NOT_REQUIRED
+PENDING = common_pb2.APPROVAL_STATUS_PENDING
+APPROVED = common_pb2.APPROVAL_STATUS_APPROVED
+DENIED = common_pb2.APPROVAL_STATUS_DENIED
+EXPIRED = common_pb2.APPROVAL_STATUS_EXPIRED
+DEFAULT_PROFILE = "default"
+MAX_REASON_CHARS = 1024
+MAX_USER_ID_CHARS = 256
+
+
+def status_name(status: int) -> str:
+    """``PENDING``, ``APPROVED`` ... for a status value."""
+    return common_pb2.ApprovalStatus.Name(status).removeprefix("APPROVAL_STATUS_")
+
+
+class ApprovalManager:
+    """Decides whether steps need sign-off, keeps pending requests, collects decisions."""
+
+    def __init__(
+        self,
+        store: ApprovalStore,
+        policy: ApprovalPolicy,
+        *,
+        clock: Clock,
+        limits: Limits | None = None,
+        max_pending_per_profile: int = 1000,
+    ) -> None:
+        """Args:
+        store: durable storage of requests.
+        policy: the rules.
+        clock: time source for creation, expiry and the expiry task.
+        limits: input limits (step input size, batch size, page size).
+        max_pending_per_profile: PENDING requests one profile may hold.
+        """
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+        self._limits = limits or Limits()
+        self._max_pending = max_pending_per_profile
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._rearm = asyncio.Event()
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._waiting = 0
+        self._waiting_changed = asyncio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """AwaitDecision calls blocked right now (a gauge; costs nothing while they wait)."""
+        return self._waiting
+
+    async def until_waiting(self, count: int) -> None:
+        """Return once at least ``count`` AwaitDecision calls are blocked (tests, drains)."""
+        while self._waiting < count:
+            self._waiting_changed.clear()
+            await self._waiting_changed.wait()
+
+    @property
+    def policy(self) -> ApprovalPolicy:
+        """The rules in force."""
+        return self._policy
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the expiry task (expires what fell due while the service was down)."""
+        if self._expiry_task is None:
+            self._expiry_task = asyncio.create_task(self._expiry_loop(), name="approval-expiry")
+
+    async def close(self) -> None:
+        """Stop the expiry task and release every waiter (they return the request as is)."""
+        self._closed = True
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+            self._expiry_task = None
+        for event in self._waiters.values():
+            event.set()
+        self._waiters.clear()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            self._rearm.clear()
+            try:
+                self._expire_due()
+                earliest = self._store.earliest_expiry()
+            except Exception:  # a storage hiccup must not end expiry for good
+                log.exception("expiring approval requests failed")
+                await self._clock.sleep(1.0)
+                continue
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._rearm.wait())]
+            if earliest is not None:
+                # Strictly in the future: everything due at `now` was expired above.
+                delay = earliest - self._clock.now()
+                waits.append(asyncio.ensure_future(self._clock.sleep(delay)))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+
+    def _expire_due(self) -> None:
+        now = self._clock.now()
+        for approval_id in self._store.due(now):
+            stored = self._store.get(approval_id)
+            if stored is not None:
+                self._expire(stored.request)
+
+    def _expire(self, request: ApprovalRequest) -> ApprovalRequest:
+        expired = ApprovalRequest()
+        expired.CopyFrom(request)
+        expired.status = EXPIRED
+        expired.decided_at.CopyFrom(request.expires_at)
+        if self._store.update(expired):
+            log.info(
+                "approval expired: %s (run %s step %s, rule %s)",
+                expired.approval_id,
+                expired.run_id,
+                expired.step_id,
+                expired.rule,
+            )
+            self._notify(expired.approval_id)
+            return expired
+        # Someone decided it first; the stored state wins.
+        current = self._store.get(request.approval_id)
+        return current.request if current is not None else expired
+
+    def _notify(self, approval_id: str) -> None:
+        event = self._waiters.pop(approval_id, None)
+        if event is not None:
+            event.set()
+
+    def _load(self, approval_id: str) -> StoredRequest | None:
+        """A stored request, expired first if its time has come (lazy expiry)."""
+        stored = self._store.get(approval_id)
+        if stored is None:
+            return None
+        request = stored.request
+        if request.status == PENDING and self._clock.now() >= seconds(request.expires_at):
+            return StoredRequest(self._expire(request), stored.user_id, stored.request_id)
+        return stored
+
+    # ------------------------------------------------------------------ requests
+
+    async def request_approval(
+        self,
+        request: approval_pb2.RequestApprovalRequest,
+        *,
+        requester: str = "",
+        timeout: float | None = None,
+    ) -> ApprovalRequest:
+        """Ask whether one step needs approval; create a PENDING request if it does.
+
+        Idempotent by ``request_id`` and by ``(run_id, step_id)``: a repeat returns the
+        stored request (whatever its state). A NOT_REQUIRED answer is not stored.
+
+        Args:
+            request: the RequestApproval message.
+            requester: the caller's identity (``context.user_id`` when unauthenticated).
+            timeout: unused (local calls do not block).
+        """
+        check_id("request_id", request.request_id, required=False)
+        self._check_context(request.context, request.HasField("context"))
+        self._check_step("step", request.step, request.HasField("step"))
+        ctx = request.context
+        if request.request_id:
+            existing = self._store.by_request_id(request.request_id)
+            if existing is not None:
+                if (existing.request.run_id, existing.request.step_id) != (
+                    ctx.run_id,
+                    request.step.step_id,
+                ):
+                    raise AlreadyExistsError(
+                        f"request_id {request.request_id!r} was used for another step",
+                        reason="REQUEST_ID_REUSED",
+                    )
+                return self._reload(existing)
+        results = self._decide_steps(
+            ctx,
+            [request.step],
+            {request.step.tool} if request.sensitive else set(),
+            requester,
+            request.request_id,
+        )
+        return results[0]
+
+    async def request_approval_batch(
+        self,
+        request: approval_pb2.RequestApprovalBatchRequest,
+        *,
+        requester: str = "",
+        timeout: float | None = None,
+    ) -> list[ApprovalRequest]:
+        """The same as :meth:`request_approval` for several steps of one run, in order.
+
+        All new PENDING requests are stored in one transaction: on any error nothing is.
+        """
+        check_id("request_id", request.request_id, required=False)
+        self._check_context(request.context, request.HasField("context"))
+        check_count("steps", request.steps, self._limits.max_steps, minimum=1)
+        seen: set[str] = set()
+        for i, step in enumerate(request.steps):
+            self._check_step(f"steps[{i}]", step, True)
+            if step.step_id in seen:
+                raise InvalidArgumentError(f"steps[{i}].step_id", f"{step.step_id!r} repeats")
+            seen.add(step.step_id)
+        check_count("sensitive_tools", request.sensitive_tools, self._limits.max_steps)
+        for i, tool in enumerate(request.sensitive_tools):
+            check_id(f"sensitive_tools[{i}]", tool, pattern=TOOL_NAME_PATTERN)
+        return self._decide_steps(
+            request.context, list(request.steps), set(request.sensitive_tools), requester, ""
+        )
+
+    def _check_context(self, ctx: common_pb2.ExecutionContext, present: bool) -> None:
+        if not present:
+            raise InvalidArgumentError("context", "is required (context.run_id at least)")
+        check_id("context.run_id", ctx.run_id)
+        check_id("context.profile", ctx.profile, required=False)
+        check_length("context.user_id", ctx.user_id, MAX_USER_ID_CHARS)
+        check_id("context.trace_id", ctx.trace_id, required=False, pattern=TRACE_ID_PATTERN)
+
+    def _check_step(self, field: str, step: common_pb2.PlanStep, present: bool) -> None:
+        if not present:
+            raise InvalidArgumentError(field, "is required")
+        check_id(f"{field}.step_id", step.step_id, pattern=STEP_ID_PATTERN)
+        check_id(f"{field}.tool", step.tool, pattern=TOOL_NAME_PATTERN)
+        check_size(f"{field}.input", step.input, self._limits.max_input_bytes)
+
+    def _reload(self, stored: StoredRequest) -> ApprovalRequest:
+        current = self._load(stored.request.approval_id)
+        return (current or stored).request
+
+    def _decide_steps(
+        self,
+        ctx: common_pb2.ExecutionContext,
+        steps: Sequence[common_pb2.PlanStep],
+        sensitive_tools: set[str],
+        requester: str,
+        request_id: str,
+    ) -> list[ApprovalRequest]:
+        profile = ctx.profile or DEFAULT_PROFILE
+        context = {
+            "run_id": ctx.run_id,
+            "profile": profile,
+            "user_id": ctx.user_id,
+            "trace_id": ctx.trace_id,
+            "metadata": dict(ctx.metadata),
+        }
+        now = self._clock.now()
+        results: list[ApprovalRequest] = []
+        new: list[tuple[ApprovalRequest, str, str]] = []
+        for step in steps:
+            existing = self._store.by_step(ctx.run_id, step.step_id)
+            if existing is not None:
+                if existing.request.tool != step.tool:
+                    raise AlreadyExistsError(
+                        f"step {step.step_id!r} of run {ctx.run_id!r} was asked about tool "
+                        f"{existing.request.tool!r}, not {step.tool!r}",
+                        reason="STEP_REUSED",
+                    )
+                results.append(self._reload(existing))
+                continue
+            decision = self._policy.decide(
+                tool=step.tool,
+                profile=profile,
+                sensitive=step.tool in sensitive_tools,
+                input=struct_to_dict(step.input),
+                context=context,
+            )
+            rule = decision.rule
+            out = ApprovalRequest(
+                run_id=ctx.run_id,
+                step_id=step.step_id,
+                tool=step.tool,
+                profile=profile,
+                requester=requester or ctx.user_id,
+                rule=rule.name if rule is not None else "",
+                trace_id=ctx.trace_id,
+            )
+            out.input.CopyFrom(step.input)
+            out.created_at.CopyFrom(timestamp(now))
+            if not decision.required or rule is None:
+                out.status = NOT_REQUIRED
+                results.append(out)
+                continue
+            out.approval_id = f"apr_{uuid.uuid4().hex}"
+            out.status = PENDING
+            out.reviewer_group = rule.reviewer_group
+            out.required_approvals = rule.approvers
+            out.expires_at.CopyFrom(timestamp(now + rule.timeout_s))
+            new.append((out, ctx.user_id, request_id))
+            results.append(out)
+        if new:
+            pending = self._store.count_pending(profile)
+            if pending + len(new) > self._max_pending:
+                raise ResourceExhaustedError(
+                    f"profile {profile!r} has {pending} pending approvals; the limit is "
+                    f"{self._max_pending}",
+                    reason="TOO_MANY_PENDING_APPROVALS",
+                )
+            self._store.insert(new)
+            self._rearm.set()
+            for req, _, _ in new:
+                log.info(
+                    "approval requested: %s (run %s step %s tool %s, rule %s, %d approver(s)"
+                    " until %s)",
+                    req.approval_id,
+                    req.run_id,
+                    req.step_id,
+                    req.tool,
+                    req.rule,
+                    req.required_approvals,
+                    req.expires_at.ToJsonString(),
+                )
+        return results
+
+    # ------------------------------------------------------------------ waiting
+
+    async def await_decision(
+        self, approval_id: str, *, timeout: float | None = None
+    ) -> ApprovalRequest:
+        """Wait until the request is decided or expires, or ``timeout`` seconds pass.
+
+        Returns:
+            The request: decided, EXPIRED, or still PENDING when the timeout came first.
+        """
+        check_id("approval_id", approval_id)
+        stored = self._load(approval_id)
+        if stored is None:
+            raise NotFoundError(f"approval {approval_id!r} not found")
+        if stored.request.status != PENDING or self._closed:
+            return stored.request
+        if timeout is not None and timeout <= 0:
+            return stored.request
+        event = self._waiters.get(approval_id)
+        if event is None:
+            event = self._waiters[approval_id] = asyncio.Event()
+        self._waiting += 1
+        self._waiting_changed.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            self._waiting -= 1
+        current = self._load(approval_id)
+        return (current or stored).request
+
+    # ------------------------------------------------------------------ decisions
+
+    async def submit_decision(
+        self,
+        approval_id: str,
+        verdict: int,
+        reason: str,
+        reviewer: Identity | None,
+        *,
+        request_id: str = "",
+    ) -> ApprovalRequest:
+        """Record one reviewer's verdict.
+
+        Approved once ``required_approvals`` distinct reviewers approved; denied at the first
+        denial. A refused decision changes nothing.
+
+        Args:
+            approval_id: the request.
+            verdict: ``VERDICT_APPROVE`` or ``VERDICT_DENY``.
+            reason: why (required to deny; at most 1024 characters).
+            reviewer: the caller's authenticated identity (never a message field).
+            request_id: idempotency key: the same reviewer repeating it gets the current
+                request back instead of a refusal.
+
+        Raises:
+            UnauthenticatedError: no identity.
+            PermissionDeniedError: no deciding role, wrong group or profile, own request.
+            NotFoundError: unknown request.
+            FailedPreconditionError: already decided or expired, or already approved by
+                this reviewer.
+        """
+        if reviewer is None:
+            raise UnauthenticatedError(
+                "deciding an approval needs credentials (a bearer token)",
+                reason="CREDENTIALS_REQUIRED",
+            )
+        check_id("request_id", request_id, required=False)
+        check_id("approval_id", approval_id)
+        if verdict not in (approval_pb2.VERDICT_APPROVE, approval_pb2.VERDICT_DENY):
+            raise InvalidArgumentError("verdict", "must be VERDICT_APPROVE or VERDICT_DENY")
+        check_length(
+            "reason", reason, MAX_REASON_CHARS, required=verdict == approval_pb2.VERDICT_DENY
+        )
+        # Permission before existence: a caller who may decide nothing learns nothing.
+        if not any(reviewer.has_role(role) for role in self._policy.deciding_roles):
+            raise PermissionDeniedError(
+                f"{reviewer.name!r} holds no reviewer role", reason="NOT_A_REVIEWER"
+            )
+        if request_id:
+            decided = self._store.decision_key(request_id, reviewer.name)
+            if decided is not None:
+                if decided != approval_id:
+                    raise AlreadyExistsError(
+                        f"request_id {request_id!r} was used for another approval",
+                        reason="REQUEST_ID_REUSED",
+                    )
+                repeat = self._load(approval_id)
+                if repeat is not None:
+                    return repeat.request
+        stored = self._load(approval_id)
+        if stored is None:
+            raise NotFoundError(f"approval {approval_id!r} not found")
+        request = stored.request
+        if not reviewer.may_access_profile(request.profile):
+            raise PermissionDeniedError(
+                f"{reviewer.name!r} may not act on profile {request.profile!r}",
+                reason="PROFILE_NOT_ALLOWED",
+            )
+        role = request.reviewer_group or "reviewer"
+        if not reviewer.has_role(role):
+            raise PermissionDeniedError(
+                f"deciding approval {approval_id!r} needs role {role!r}", reason="WRONG_GROUP"
+            )
+        if reviewer.name in {request.requester, stored.user_id} - {""}:
+            raise PermissionDeniedError(
+                f"{reviewer.name!r} asked for this approval and cannot decide it",
+                reason="SELF_APPROVAL",
+            )
+        if request.status != PENDING:
+            raise FailedPreconditionError(
+                f"approval {approval_id!r} is already {status_name(request.status)}",
+                reason=f"ALREADY_{status_name(request.status)}",
+            )
+        if any(
+            d.reviewer == reviewer.name and d.verdict == approval_pb2.VERDICT_APPROVE
+            for d in request.decisions
+        ):
+            raise FailedPreconditionError(
+                f"{reviewer.name!r} already approved {approval_id!r}; another reviewer must",
+                reason="ALREADY_APPROVED_BY_REVIEWER",
+            )
+        now = self._clock.now()
+        updated = ApprovalRequest()
+        updated.CopyFrom(request)
+        decision = updated.decisions.add(reviewer=reviewer.name, verdict=verdict, reason=reason)
+        decision.decided_at.CopyFrom(timestamp(now))
+        approvals = sum(1 for d in updated.decisions if d.verdict == approval_pb2.VERDICT_APPROVE)
+        if verdict == approval_pb2.VERDICT_DENY:
+            updated.status = DENIED
+        elif approvals >= max(1, updated.required_approvals):
+            updated.status = APPROVED
+        if updated.status != PENDING:
+            updated.decided_at.CopyFrom(timestamp(now))
+        key = (request_id, reviewer.name) if request_id else None
+        if not self._store.update(updated, decision_key=key):
+            # Unreachable on one event loop; kept so a second writer cannot double-decide.
+            raise FailedPreconditionError(f"approval {approval_id!r} was decided meanwhile")
+        log.info(
+            "approval decided: %s %s by %s (%d/%d approvals) reason=%r",
+            approval_id,
+            approval_pb2.Verdict.Name(verdict).removeprefix("VERDICT_").lower(),
+            reviewer.name,
+            approvals,
+            updated.required_approvals,
+            reason,
+        )
+        if updated.status != PENDING:
+            self._notify(approval_id)
+        return updated
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_request(
+        self, approval_id: str, *, viewer: Identity | None = None
+    ) -> ApprovalRequest:
+        """One request; a viewer restricted to other profiles gets NOT_FOUND."""
+        check_id("approval_id", approval_id)
+        stored = self._load(approval_id)
+        if stored is None or (
+            viewer is not None and not viewer.may_access_profile(stored.request.profile)
+        ):
+            raise NotFoundError(f"approval {approval_id!r} not found")
+        return stored.request
+
+    async def list_pending(
+        self,
+        *,
+        profile: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        viewer: Identity | None = None,
+    ) -> tuple[list[ApprovalRequest], str]:
+        """PENDING requests, oldest first, one page at a time.
+
+        Returns:
+            The page and the token of the next one (empty on the last page).
+        """
+        check_id("profile", profile, required=False)
+        size = effective_page_size("page_size", page_size, self._limits.max_page_size)
+        after = _decode_position(page_token)
+        profiles: tuple[str, ...] | None = None
+        if viewer is not None and viewer.profiles:
+            if profile and not viewer.may_access_profile(profile):
+                raise PermissionDeniedError(
+                    f"{viewer.name!r} may not see profile {profile!r}",
+                    reason="PROFILE_NOT_ALLOWED",
+                )
+            profiles = (profile,) if profile else viewer.profiles
+        elif profile:
+            profiles = (profile,)
+        self._expire_due()
+        page = self._store.list_pending(profiles=profiles, after=after, limit=size + 1)
+        token = ""
+        if len(page) > size:
+            page = page[:size]
+            last = page[-1]
+            token = encode_page_token(f"{seconds(last.created_at)!r}|{last.approval_id}")
+        return page, token
+
+
+def _decode_position(token: str) -> tuple[float, str] | None:
+    position = decode_page_token("page_token", token)
+    if not position:
+        return None
+    created, sep, approval_id = position.partition("|")
+    try:
+        value = float(created)
+    except ValueError:
+        value = float("nan")
+    if not sep or not approval_id or value != value:
+        raise InvalidArgumentError("page_token", "is not a token this service issued")
+    return value, approval_id
+
+
+__all__ = [
+    "ApprovalManager",
+    "ApprovalRequest",
+    "ApprovalResponse",
+    "status_name",
+]
