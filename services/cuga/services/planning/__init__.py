@@ -1,0 +1,1 @@
+"""The planning authority: turns a goal into a validated plan DAG and owns its state."""

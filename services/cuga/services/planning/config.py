@@ -1,0 +1,59 @@
+"""Configuration of the planning service (the ``planning:`` section)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from cuga.shared.config import ConfigError
+
+PlanningModeName = Literal["explicit", "default", "budget_aware", "memory_augmented"]
+BudgetPolicyName = Literal["warn", "block"]
+
+
+@dataclass(frozen=True)
+class PlanningConfig:
+    """Settings of the planning authority; limits on goals and steps are in ``limits``."""
+
+    default_mode: PlanningModeName = "default"
+    """Mode used when a request says UNSPECIFIED and gives no steps."""
+    default_budget_policy: BudgetPolicyName = "warn"
+    """Policy applied at plan time when a budget says BUDGET_POLICY_UNSPECIFIED."""
+    catalog_ttl_s: float = 5.0
+    """How long the tool catalogue fetched from routing and workers is reused, seconds,
+    0 to 3600 (0: fetched for every plan)."""
+    static_tools_file: str = ""
+    """A YAML or JSON file of ToolSpecs used instead of asking routing and workers (tests,
+    single-node set-ups). Empty: the remote catalogue."""
+    rank_threshold: float = 2.0
+    """Smallest ranking score a tool needs to be planned in default mode, > 0. A keyword
+    match scores 3, a name word 2, a description word 1."""
+    max_ranked_steps: int = 8
+    """Most steps default/budget-aware planning builds, 1 to 256."""
+    memory_similarity_threshold: float = 0.6
+    """Cosine similarity (0 < s <= 1) a past goal needs to be reused in memory-augmented
+    mode."""
+    memory_max_records_per_profile: int = 5000
+    """Most memory records kept per profile, 1 to 100000; the oldest are evicted. A search
+    scans at most this many vectors (5000 x 512 float32 = 10 MiB)."""
+    embedding_dims: int = 512
+    """Dimensions of the default feature-hashing embedder, 16 to 8192."""
+    request_retention_s: float = 7 * 24 * 3600.0
+    """How long request ids are remembered for idempotency, seconds, >= 60."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.catalog_ttl_s <= 3600:
+            raise ConfigError("catalog_ttl_s", "must be between 0 and 3600")
+        if not (math.isfinite(self.rank_threshold) and self.rank_threshold > 0):
+            raise ConfigError("rank_threshold", "must be > 0")
+        if not 1 <= self.max_ranked_steps <= 256:
+            raise ConfigError("max_ranked_steps", "must be between 1 and 256")
+        if not 0 < self.memory_similarity_threshold <= 1:
+            raise ConfigError("memory_similarity_threshold", "must be in (0, 1]")
+        if not 1 <= self.memory_max_records_per_profile <= 100_000:
+            raise ConfigError("memory_max_records_per_profile", "must be between 1 and 100000")
+        if not 16 <= self.embedding_dims <= 8192:
+            raise ConfigError("embedding_dims", "must be between 16 and 8192")
+        if self.request_retention_s < 60:
+            raise ConfigError("request_retention_s", "must be >= 60")

@@ -1,0 +1,263 @@
+"""Plan validation: step syntax, the dependency DAG, tools and input schemas, ordering.
+
+Every failure is INVALID_ARGUMENT naming the step (``steps[2].depends_on[0]``) and the
+problem, so a client can fix its plan without guessing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jsonschema
+from jsonschema import exceptions as jsonschema_exceptions
+
+from cuga.common.v1 import common_pb2
+from cuga.shared.config import Limits
+from cuga.shared.errors import FailedPreconditionError, InvalidArgumentError
+from cuga.shared.messages import struct_to_dict
+from cuga.shared.validation import STEP_ID_PATTERN, TOOL_NAME_PATTERN, check_id, check_size
+
+#: ``{{steps.<step_id>.output[.<key>...]}}`` inside a string input value.
+TEMPLATE = re.compile(r"\{\{\s*steps\.([A-Za-z0-9_.\-]{1,64}?)\.output(?:[.\[][^}]*)?\s*\}\}")
+MAX_CAPABILITY_CHARS = 128
+MAX_REASON_CHARS = 1024
+
+
+def _label(index: int, step: common_pb2.PlanStep) -> str:
+    return f"steps[{index}]" + (f" ({step.step_id!r})" if step.step_id else "")
+
+
+def check_step_syntax(steps: Sequence[common_pb2.PlanStep], limits: Limits) -> None:
+    """Checks that need no catalogue: ids, costs, sizes and dependency references."""
+    if len(steps) > limits.max_steps:
+        raise InvalidArgumentError(
+            "steps", f"has {len(steps)} steps, the limit is {limits.max_steps}"
+        )
+    index_of: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        check_id(f"steps[{i}].step_id", step.step_id, pattern=STEP_ID_PATTERN)
+        if step.step_id in index_of:
+            raise InvalidArgumentError(
+                f"steps[{i}].step_id",
+                f"{step.step_id!r} is already the id of steps[{index_of[step.step_id]}]",
+            )
+        index_of[step.step_id] = i
+        check_id(f"steps[{i}].tool", step.tool, pattern=TOOL_NAME_PATTERN)
+        if not math.isfinite(step.estimated_cost) or step.estimated_cost < 0:
+            raise InvalidArgumentError(
+                f"steps[{i}].estimated_cost",
+                f"step {step.step_id!r}: must be a finite number >= 0, got {step.estimated_cost}",
+            )
+        if len(step.capability) > MAX_CAPABILITY_CHARS:
+            raise InvalidArgumentError(
+                f"steps[{i}].capability", f"is longer than {MAX_CAPABILITY_CHARS} characters"
+            )
+        if len(step.reason) > MAX_REASON_CHARS:
+            raise InvalidArgumentError(
+                f"steps[{i}].reason", f"is longer than {MAX_REASON_CHARS} characters"
+            )
+        check_size(f"steps[{i}].input", step.input, limits.max_input_bytes)
+    for i, step in enumerate(steps):
+        seen: set[str] = set()
+        for j, dep in enumerate(step.depends_on):
+            field = f"steps[{i}].depends_on[{j}]"
+            if dep == step.step_id:
+                raise InvalidArgumentError(field, f"step {step.step_id!r} depends on itself")
+            if dep not in index_of:
+                raise InvalidArgumentError(
+                    field, f"step {step.step_id!r} depends on {dep!r}, which is not in the plan"
+                )
+            if dep in seen:
+                raise InvalidArgumentError(field, f"step {step.step_id!r} lists {dep!r} twice")
+            seen.add(dep)
+
+
+def find_cycle(steps: Sequence[common_pb2.PlanStep]) -> list[str] | None:
+    """A dependency cycle as ``[a, b, ..., a]`` (each depends on the next), or None."""
+    deps = {s.step_id: list(s.depends_on) for s in steps}
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(deps, white)
+    for root in deps:
+        if colour[root] != white:
+            continue
+        # Iterative DFS so a long chain cannot overflow the recursion limit.
+        path: list[str] = [root]
+        iters: list[Iterator[str]] = [iter(deps[root])]
+        colour[root] = grey
+        while iters:
+            nxt = next(iters[-1], None)
+            if nxt is None:
+                colour[path.pop()] = black
+                iters.pop()
+                continue
+            if nxt not in colour:
+                continue  # a missing dependency is reported by check_step_syntax
+            if colour[nxt] == grey:
+                return [*path[path.index(nxt) :], nxt]
+            if colour[nxt] == white:
+                colour[nxt] = grey
+                path.append(nxt)
+                iters.append(iter(deps[nxt]))
+    return None
+
+
+def topological_order(steps: Sequence[common_pb2.PlanStep]) -> list[int]:
+    """Indexes of ``steps`` in dependency order, keeping the client's order where possible.
+
+    Kahn's algorithm with the original index as priority: among the ready steps the one
+    given first goes first, so an already-ordered plan comes back unchanged.
+
+    Raises:
+        InvalidArgumentError: on a cycle, naming the steps on it.
+    """
+    cycle = find_cycle(steps)
+    if cycle is not None:
+        raise InvalidArgumentError("steps", f"the dependencies form a cycle: {' -> '.join(cycle)}")
+    index_of = {s.step_id: i for i, s in enumerate(steps)}
+    pending = [len(set(s.depends_on)) for s in steps]
+    dependants: dict[int, list[int]] = {i: [] for i in range(len(steps))}
+    for i, s in enumerate(steps):
+        for dep in set(s.depends_on):
+            dependants[index_of[dep]].append(i)
+    ready = [i for i, n in enumerate(pending) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in dependants[i]:
+            pending[j] -= 1
+            if pending[j] == 0:
+                heapq.heappush(ready, j)
+    return order
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _ancestors(steps: Sequence[common_pb2.PlanStep]) -> dict[str, set[str]]:
+    deps = {s.step_id: list(s.depends_on) for s in steps}
+    result: dict[str, set[str]] = {}
+    for s in steps:
+        seen: set[str] = set()
+        stack = list(deps[s.step_id])
+        while stack:
+            d = stack.pop()
+            if d not in seen:
+                seen.add(d)
+                stack.extend(deps.get(d, ()))
+        result[s.step_id] = seen
+    return result
+
+
+def input_schema_errors(schema: dict[str, Any], instance: Any) -> list[str]:
+    """``"<json path>: <problem>"`` for each way ``instance`` fails ``schema``.
+
+    A string holding a ``{{steps...}}`` reference is only known at run time, so errors
+    about such a value are not counted.
+
+    Raises:
+        jsonschema.SchemaError: when the schema itself is invalid.
+    """
+    if not schema:
+        return []
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    validator = cls(schema)
+    problems: list[str] = []
+    for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
+        if isinstance(error.instance, str) and TEMPLATE.search(error.instance):
+            continue
+        problems.append(f"{error.json_path}: {error.message}")
+    return problems
+
+
+def check_against_catalog(
+    steps: Sequence[common_pb2.PlanStep], tools: Mapping[str, common_pb2.ToolSpec]
+) -> None:
+    """Unknown tools, inputs failing the tool's JSON schema, references to non-ancestors."""
+    ancestors = _ancestors(steps)
+    for i, step in enumerate(steps):
+        spec = tools.get(step.tool)
+        if spec is None:
+            raise InvalidArgumentError(
+                f"steps[{i}].tool",
+                f"step {step.step_id!r} uses unknown tool {step.tool!r} (no registered worker"
+                " offers it)",
+            )
+        data = struct_to_dict(step.input)
+        for text in _strings(data):
+            for match in TEMPLATE.finditer(text):
+                ref = match.group(1)
+                if ref not in ancestors[step.step_id]:
+                    raise InvalidArgumentError(
+                        f"steps[{i}].input",
+                        f"step {step.step_id!r} references the output of {ref!r}, which is"
+                        " not one of its dependencies",
+                    )
+        schema = struct_to_dict(spec.parameters)
+        try:
+            problems = input_schema_errors(schema, data)
+        except jsonschema_exceptions.SchemaError as exc:
+            raise FailedPreconditionError(
+                f"tool {step.tool!r} declares an invalid input schema: {exc.message}",
+                reason="INVALID_TOOL_SCHEMA",
+            ) from None
+        if problems:
+            raise InvalidArgumentError(
+                f"steps[{i}].input",
+                f"step {step.step_id!r}: input does not match the schema of tool"
+                f" {step.tool!r}: {problems[0]}",
+            )
+
+
+def tool_cost(spec: common_pb2.ToolSpec) -> float:
+    """A tool's declared cost per call; a nonsensical one (negative, NaN) counts as 0."""
+    return spec.cost if math.isfinite(spec.cost) and spec.cost > 0 else 0.0
+
+
+def validate_steps(
+    steps: Sequence[common_pb2.PlanStep],
+    tools: Mapping[str, common_pb2.ToolSpec],
+    limits: Limits,
+) -> list[common_pb2.PlanStep]:
+    """Validate a plan's steps and return copies in topological order.
+
+    Each copy's ``estimated_cost`` is the tool's declared cost when the step gave 0;
+    everything else (capability, reason, optional) stays as given.
+    """
+    check_step_syntax(steps, limits)
+    order = topological_order(steps)
+    check_against_catalog(steps, tools)
+    out: list[common_pb2.PlanStep] = []
+    for i in order:
+        copy = common_pb2.PlanStep()
+        copy.CopyFrom(steps[i])
+        if copy.estimated_cost == 0:
+            copy.estimated_cost = tool_cost(tools[copy.tool])
+        out.append(copy)
+    return out
+
+
+__all__ = [
+    "TEMPLATE",
+    "check_against_catalog",
+    "check_step_syntax",
+    "find_cycle",
+    "input_schema_errors",
+    "tool_cost",
+    "topological_order",
+    "validate_steps",
+]

@@ -1,0 +1,497 @@
+"""The planning authority's domain: build, validate, store and advance plans.
+
+:class:`Planner` is the local :class:`~cuga.shared.authorities.PlanningAuthority`: the
+servicer maps the gRPC contract onto it, and the embedded coordinator calls it directly.
+It owns no network code; the tool catalogue, storage, memory and clock are injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import math
+import sqlite3
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from jsonschema import exceptions as jsonschema_exceptions
+
+from cuga.common.v1 import common_pb2
+from cuga.planning.v1 import planning_pb2
+from cuga.services.planning.catalog import ToolCatalog
+from cuga.services.planning.config import PlanningConfig
+from cuga.services.planning.dag import input_schema_errors, tool_cost, validate_steps
+from cuga.services.planning.memory import VectorMemory, normalise_profile
+from cuga.services.planning.ranking import derive_input, rank_tools
+from cuga.services.planning.store import CREATE, PlanStore
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.config import Limits
+from cuga.shared.errors import (
+    AlreadyExistsError,
+    CugaError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
+from cuga.shared.messages import struct_to_dict, timestamp, to_struct
+from cuga.shared.validation import check_id, check_length
+
+log = logging.getLogger("cuga.planning")
+
+S = common_pb2
+#: Allowed moves of the plan state machine (a repeat of the current state is a no-op).
+#: CREATED -> EXECUTING is allowed because the coordinator routes steps lazily, as they
+#: become ready, so a plan may start executing before every step is routed.
+TRANSITIONS: Mapping[int, frozenset[int]] = {
+    S.PLAN_STATE_CREATED: frozenset(
+        {S.PLAN_STATE_ROUTED, S.PLAN_STATE_EXECUTING, S.PLAN_STATE_CANCELLED}
+    ),
+    S.PLAN_STATE_ROUTED: frozenset({S.PLAN_STATE_EXECUTING, S.PLAN_STATE_CANCELLED}),
+    S.PLAN_STATE_EXECUTING: frozenset(
+        {S.PLAN_STATE_COMPLETED, S.PLAN_STATE_FAILED, S.PLAN_STATE_CANCELLED}
+    ),
+    S.PLAN_STATE_COMPLETED: frozenset(),
+    S.PLAN_STATE_FAILED: frozenset(),
+    S.PLAN_STATE_CANCELLED: frozenset(),
+}
+TERMINAL = frozenset({S.PLAN_STATE_COMPLETED, S.PLAN_STATE_FAILED, S.PLAN_STATE_CANCELLED})
+
+_MODE_NAMES: Mapping[str, int] = {
+    "explicit": S.PLANNING_MODE_EXPLICIT,
+    "default": S.PLANNING_MODE_DEFAULT,
+    "budget_aware": S.PLANNING_MODE_BUDGET_AWARE,
+    "memory_augmented": S.PLANNING_MODE_MEMORY_AUGMENTED,
+}
+_POLICY_NAMES: Mapping[str, int] = {"warn": S.BUDGET_POLICY_WARN, "block": S.BUDGET_POLICY_BLOCK}
+MAX_REASON_CHARS = 1024
+MEMORY_CANDIDATES = 3
+
+
+def state_name(state: int) -> str:
+    """``CREATED`` for PLAN_STATE_CREATED (or the number if unknown)."""
+    try:
+        return common_pb2.PlanState.Name(state).removeprefix("PLAN_STATE_")
+    except ValueError:
+        return str(state)
+
+
+def _new_plan_id() -> str:
+    return f"plan-{uuid.uuid4().hex}"
+
+
+def _fingerprint(message: object) -> str:
+    data = message.SerializeToString(deterministic=True)  # type: ignore[attr-defined]
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class _Draft:
+    steps: list[common_pb2.PlanStep]
+    notes: list[str] = field(default_factory=list)
+    source_run_id: str = ""
+
+
+class Planner:
+    """Builds plans in four modes, checks them against tools and budget, owns their state.
+
+    Args:
+        store: durable plan storage.
+        catalog: the tools plans may use.
+        memory: vector memory of completed plans (memory-augmented mode).
+        config: the ``planning`` configuration section.
+        limits: goal, step and input limits.
+        clock: time source for ``created_at``/``updated_at`` and transition stamps.
+        new_id: plan id factory (tests pin it).
+    """
+
+    def __init__(
+        self,
+        store: PlanStore,
+        catalog: ToolCatalog,
+        memory: VectorMemory,
+        *,
+        config: PlanningConfig | None = None,
+        limits: Limits | None = None,
+        clock: Clock | None = None,
+        new_id: Callable[[], str] = _new_plan_id,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._memory = memory
+        self._config = config or PlanningConfig()
+        self._limits = limits or Limits()
+        self._clock = clock or SystemClock()
+        self._new_id = new_id
+
+    # ----------------------------------------------------------------- CreatePlan
+
+    async def create_plan(
+        self, request: planning_pb2.CreatePlanRequest, *, timeout: float | None = None
+    ) -> common_pb2.Plan:
+        """Build, validate and store a plan (state CREATED).
+
+        Raises:
+            InvalidArgumentError: a malformed request or plan, naming the field and step.
+            FailedPreconditionError: over budget under BLOCK, or no tool matches the goal.
+            AlreadyExistsError: the request id was used for a different request.
+            UnavailableError: the tool catalogue cannot be read.
+        """
+        profile, mode, budget = self._check_create(request)
+        fingerprint = self._create_fingerprint(request, profile)
+        if request.request_id:
+            stored = self._store.lookup_request(CREATE, request.request_id)
+            if stored is not None:
+                if stored.fingerprint != fingerprint:
+                    raise AlreadyExistsError(
+                        f"request_id {request.request_id!r} was already used for a different"
+                        " create request",
+                        reason="REQUEST_ID_REUSED",
+                    )
+                return self._store.get(stored.plan_id)
+        tools = await self._tools(timeout)
+        if mode == S.PLANNING_MODE_EXPLICIT:
+            draft = _Draft(validate_steps(request.steps, tools, self._limits))
+        elif mode == S.PLANNING_MODE_DEFAULT:
+            draft = self._default(request.goal, tools)
+        elif mode == S.PLANNING_MODE_BUDGET_AWARE:
+            draft = self._budget_aware(request.goal, tools, budget)
+        else:
+            draft = self._memory_augmented(profile, request.goal, tools)
+        total = math.fsum(s.estimated_cost for s in draft.steps)
+        self._check_budget(budget, total, draft.notes)
+        now = self._clock.now()
+        plan = common_pb2.Plan(
+            plan_id=self._new_id(),
+            goal=request.goal,
+            steps=draft.steps,
+            budget=budget,
+            state=S.PLAN_STATE_CREATED,
+            mode=mode,  # type: ignore[arg-type]
+            created_at=timestamp(now),
+            updated_at=timestamp(now),
+            profile=profile,
+            source_run_id=draft.source_run_id,
+            notes=draft.notes,
+            estimated_cost=total,
+        )
+        stored_plan = self._store.insert(
+            plan, request_id=request.request_id, fingerprint=fingerprint
+        )
+        log.info(
+            "plan %s created (%s, %d steps, cost %g)",
+            stored_plan.plan_id,
+            common_pb2.PlanningMode.Name(stored_plan.mode),
+            len(stored_plan.steps),
+            stored_plan.estimated_cost,
+        )
+        return stored_plan
+
+    def _check_create(
+        self, request: planning_pb2.CreatePlanRequest
+    ) -> tuple[str, int, common_pb2.ToolBudget]:
+        check_id("request_id", request.request_id, required=False)
+        check_length("goal", request.goal, self._limits.max_goal_chars, required=True)
+        check_id("context.profile", request.context.profile, required=False)
+        check_id("context.run_id", request.context.run_id, required=False)
+        if request.mode not in common_pb2.PlanningMode.values():
+            raise InvalidArgumentError("mode", f"{request.mode} is not a PlanningMode")
+        budget = self._check_budget_fields(request.budget)
+        if len(request.steps) > self._limits.max_steps:
+            raise InvalidArgumentError(
+                "steps", f"has {len(request.steps)} steps, the limit is {self._limits.max_steps}"
+            )
+        mode = request.mode
+        if mode == S.PLANNING_MODE_UNSPECIFIED:
+            mode = (
+                S.PLANNING_MODE_EXPLICIT
+                if request.steps
+                else _MODE_NAMES[self._config.default_mode]  # type: ignore[assignment]
+            )
+        if mode == S.PLANNING_MODE_EXPLICIT and not request.steps:
+            raise InvalidArgumentError("steps", "explicit mode needs at least one step")
+        if mode != S.PLANNING_MODE_EXPLICIT and request.steps:
+            raise InvalidArgumentError(
+                "steps",
+                f"steps may only be given in explicit mode, not"
+                f" {common_pb2.PlanningMode.Name(mode)}",
+            )
+        return normalise_profile(request.context.profile), mode, budget
+
+    def _check_budget_fields(self, budget: common_pb2.ToolBudget) -> common_pb2.ToolBudget:
+        if not math.isfinite(budget.ceiling) or budget.ceiling < 0:
+            raise InvalidArgumentError(
+                "budget.ceiling",
+                f"must be a finite number >= 0 (0 = unlimited), got {budget.ceiling}",
+            )
+        if budget.warn_fraction != 0 and not 0 < budget.warn_fraction <= 1:
+            raise InvalidArgumentError(
+                "budget.warn_fraction",
+                f"must be in (0, 1] (0 = default), got {budget.warn_fraction}",
+            )
+        if budget.policy not in common_pb2.BudgetPolicy.values():
+            raise InvalidArgumentError("budget.policy", f"{budget.policy} is not a BudgetPolicy")
+        out = common_pb2.ToolBudget()
+        out.CopyFrom(budget)
+        out.spent = 0.0  # output only: a new plan has spent nothing
+        return out
+
+    @staticmethod
+    def _create_fingerprint(request: planning_pb2.CreatePlanRequest, profile: str) -> str:
+        # Retries may carry a fresh trace or run id; what defines "the same request" is
+        # what shapes the plan.
+        key = planning_pb2.CreatePlanRequest()
+        key.CopyFrom(request)
+        key.request_id = ""
+        key.context.Clear()
+        key.context.profile = profile
+        return _fingerprint(key)
+
+    async def _tools(self, timeout: float | None) -> Mapping[str, common_pb2.ToolSpec]:
+        if timeout is None:
+            return await self._catalog.tools()
+        try:
+            return await asyncio.wait_for(self._catalog.tools(), timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "the tool catalogue did not answer within the call's deadline"
+            ) from None
+
+    def _check_budget(self, budget: common_pb2.ToolBudget, total: float, notes: list[str]) -> None:
+        if budget.ceiling <= 0:
+            return
+        policy = budget.policy or _POLICY_NAMES[self._config.default_budget_policy]
+        if total > budget.ceiling:
+            if policy == S.BUDGET_POLICY_BLOCK:
+                raise FailedPreconditionError(
+                    f"plan needs {total:g} cost units, budget allows {budget.ceiling:g}",
+                    reason="BUDGET_EXCEEDED",
+                    metadata={"required": f"{total:g}", "available": f"{budget.ceiling:g}"},
+                )
+            notes.append(
+                f"budget warning: plan needs {total:g} cost units, budget allows"
+                f" {budget.ceiling:g} (policy WARN: accepted)"
+            )
+
+    # ------------------------------------------------------------------- modes
+
+    def _ranked(
+        self, goal: str, tools: Mapping[str, common_pb2.ToolSpec], notes: list[str]
+    ) -> list[common_pb2.PlanStep]:
+        """Steps for the tools that match the goal, best first (default mode)."""
+        steps: list[common_pb2.PlanStep] = []
+        for scored in rank_tools(goal, tools.values()):
+            name = scored.tool.name
+            if scored.score < self._config.rank_threshold:
+                break
+            if len(steps) >= self._config.max_ranked_steps:
+                notes.append(
+                    f"more tools matched; kept the best {self._config.max_ranked_steps}"
+                    " (planning.max_ranked_steps)"
+                )
+                break
+            derived = derive_input(goal, scored.tool)
+            if derived.value is None:
+                notes.append(f"skipped tool {name!r}: it {derived.problem}")
+                continue
+            try:
+                problems = input_schema_errors(
+                    struct_to_dict(scored.tool.parameters), derived.value
+                )
+            except jsonschema_exceptions.SchemaError:
+                notes.append(f"skipped tool {name!r}: its input schema is invalid")
+                continue
+            if problems:
+                notes.append(
+                    f"skipped tool {name!r}: the goal does not fit its input ({problems[0]})"
+                )
+                continue
+            reason = scored.reason
+            if derived.filled:
+                reason += f"; input {', '.join(derived.filled)} = the goal"
+            steps.append(
+                common_pb2.PlanStep(
+                    step_id=f"s{len(steps) + 1}-{name}"[:64],
+                    tool=name,
+                    input=to_struct(derived.value),
+                    estimated_cost=tool_cost(scored.tool),
+                    reason=reason[:MAX_REASON_CHARS],
+                    # The best match is the core of the plan; the others may be dropped.
+                    optional=bool(steps),
+                )
+            )
+        return steps
+
+    def _default(self, goal: str, tools: Mapping[str, common_pb2.ToolSpec]) -> _Draft:
+        notes: list[str] = []
+        steps = self._ranked(goal, tools, notes)
+        if not steps:
+            detail = f" ({'; '.join(notes)})" if notes else ""
+            raise FailedPreconditionError(
+                f"no registered tool matches the goal{detail}", reason="NO_MATCHING_TOOL"
+            )
+        return _Draft(steps, notes)
+
+    def _budget_aware(
+        self,
+        goal: str,
+        tools: Mapping[str, common_pb2.ToolSpec],
+        budget: common_pb2.ToolBudget,
+    ) -> _Draft:
+        draft = self._default(goal, tools)
+        if budget.ceiling <= 0:
+            return draft
+        # Greedy by rank: keep a step while the plan still fits, so a cheaper, lower-ranked
+        # tool can stand in when the best one alone would cross the ceiling.
+        kept: list[common_pb2.PlanStep] = []
+        dropped: list[str] = []
+        spent = 0.0
+        for step in draft.steps:
+            if spent + step.estimated_cost <= budget.ceiling:
+                kept.append(step)
+                spent += step.estimated_cost
+            else:
+                dropped.append(f"{step.step_id} ({step.tool}, cost {step.estimated_cost:g})")
+        if not kept:
+            # Nothing fits: keep the best step and let the budget policy decide.
+            kept, dropped = draft.steps[:1], dropped[1:]
+        if kept and kept[0].optional:
+            kept[0].optional = False
+        if dropped:
+            draft.notes.append(
+                f"dropped to fit the budget of {budget.ceiling:g}: {', '.join(dropped)}"
+            )
+        draft.steps = kept
+        return draft
+
+    def _memory_augmented(
+        self, profile: str, goal: str, tools: Mapping[str, common_pb2.ToolSpec]
+    ) -> _Draft:
+        notes: list[str] = []
+        hits = self._memory.search(
+            profile,
+            goal,
+            limit=MEMORY_CANDIDATES,
+            min_score=self._config.memory_similarity_threshold,
+        )
+        for hit in hits:
+            run_id = str(hit.payload.get("run_id", ""))
+            try:
+                past = common_pb2.Plan.FromString(base64.b64decode(str(hit.payload["plan"])))
+                steps = validate_steps(past.steps, tools, self._limits)
+            except CugaError as exc:
+                notes.append(f"past run {run_id} no longer validates: {exc.message}")
+                continue
+            except (KeyError, ValueError):
+                notes.append(f"memory record {hit.record_id} is unreadable")
+                continue
+            for step in steps:
+                reused = f"reused from run {run_id} (similarity {hit.score:.2f})"
+                step.reason = (f"{reused}; {step.reason}" if step.reason else reused)[
+                    :MAX_REASON_CHARS
+                ]
+            notes.append(
+                f"reused the plan of run {run_id} for the similar goal {hit.text[:200]!r}"
+                f" (similarity {hit.score:.2f})"
+            )
+            return _Draft(steps, notes, source_run_id=run_id)
+        notes.append(
+            "no similar completed goal in memory"
+            f" (threshold {self._config.memory_similarity_threshold:g}); planned in default mode"
+        )
+        draft = self._default(goal, tools)
+        draft.notes[:0] = notes
+        return draft
+
+    # ------------------------------------------------------------------ GetPlan
+
+    async def get_plan(self, plan_id: str, *, timeout: float | None = None) -> common_pb2.Plan:
+        """A stored plan.
+
+        Raises:
+            InvalidArgumentError: empty or malformed id.
+            NotFoundError: no such plan.
+        """
+        check_id("plan_id", plan_id)
+        return self._store.get(plan_id)
+
+    # ------------------------------------------------------------ TransitionPlan
+
+    async def transition_plan(
+        self, request: planning_pb2.TransitionPlanRequest, *, timeout: float | None = None
+    ) -> common_pb2.Plan:
+        """Move a plan to another state.
+
+        Moving to the state it is already in is a no-op. With ``to_state`` COMPLETED and a
+        ``run_id``, the goal and plan are remembered (same transaction) for
+        memory-augmented planning.
+
+        Raises:
+            InvalidArgumentError: malformed request.
+            NotFoundError: no such plan.
+            FailedPreconditionError: the move is not allowed, naming both states.
+            AlreadyExistsError: the request id was used for a different transition.
+        """
+        check_id("request_id", request.request_id, required=False)
+        check_id("plan_id", request.plan_id)
+        target = request.to_state
+        if target == S.PLAN_STATE_UNSPECIFIED:
+            raise InvalidArgumentError("to_state", "is required")
+        if target not in common_pb2.PlanState.values():
+            raise InvalidArgumentError("to_state", f"{target} is not a PlanState")
+        check_length("reason", request.reason, 1024)
+        check_id("run_id", request.run_id, required=False)
+        now = self._clock.now()
+
+        def decide(plan: common_pb2.Plan) -> common_pb2.Plan | None:
+            if plan.state == target:
+                return None
+            if target not in TRANSITIONS.get(plan.state, frozenset()):
+                raise FailedPreconditionError(
+                    f"plan {plan.plan_id} cannot move from {state_name(plan.state)} to"
+                    f" {state_name(target)}",
+                    reason="INVALID_TRANSITION",
+                    metadata={"from": state_name(plan.state), "to": state_name(target)},
+                )
+            updated = common_pb2.Plan()
+            updated.CopyFrom(plan)
+            updated.state = target
+            updated.updated_at.CopyFrom(timestamp(now))
+            return updated
+
+        also: Callable[[sqlite3.Connection, common_pb2.Plan], None] | None = None
+        if target == S.PLAN_STATE_COMPLETED and request.run_id:
+            run_id = request.run_id
+
+            def also(conn: sqlite3.Connection, plan: common_pb2.Plan) -> None:
+                self._memory.add_in(
+                    conn,
+                    plan.profile,
+                    plan.goal,
+                    {
+                        "plan_id": plan.plan_id,
+                        "run_id": run_id,
+                        "plan": base64.b64encode(plan.SerializeToString()).decode(),
+                    },
+                    key=f"run:{run_id}",
+                )
+
+        key = planning_pb2.TransitionPlanRequest()
+        key.CopyFrom(request)
+        key.request_id = ""
+        plan = self._store.transition(
+            request.plan_id,
+            decide,
+            at=now,
+            reason=request.reason,
+            run_id=request.run_id,
+            request_id=request.request_id,
+            fingerprint=_fingerprint(key),
+            also=also,
+        )
+        return plan
+
+
+__all__ = ["TERMINAL", "TRANSITIONS", "Planner", "state_name"]

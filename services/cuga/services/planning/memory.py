@@ -1,0 +1,279 @@
+"""Profile-isolated vector memory of past goals, with a download-free default embedder.
+
+Records are ``(profile, text, embedding, payload)``. Every read and write names exactly one
+profile, and the profile is a bound SQL parameter compared byte for byte (stored as a BLOB
+of its UTF-8 bytes), so no profile name — quotes, ``%``, NUL bytes — can match another
+profile's rows. Search is a cosine over a profile-scoped scan, computed with numpy; the
+scan is bounded because each profile keeps at most ``max_records_per_profile`` records
+(the oldest are evicted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import sqlite3
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.sqlite import Transaction
+
+DEFAULT_PROFILE = "default"
+
+Vector = npt.NDArray[np.float32]
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS memory (
+    record_id TEXT PRIMARY KEY,
+    profile BLOB NOT NULL,
+    record_key TEXT NOT NULL,
+    embedder TEXT NOT NULL,
+    text TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (profile, record_key)
+);
+CREATE INDEX IF NOT EXISTS memory_profile_created ON memory (profile, created_at);
+"""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into unit-length vectors; plug a real model in by implementing this."""
+
+    @property
+    def name(self) -> str:
+        """Identifies the embedding space; vectors of different names are never compared."""
+        ...
+
+    @property
+    def dims(self) -> int:
+        """Length of every vector."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """A ``(len(texts), dims)`` float32 array of L2-normalised rows (zero rows allowed)."""
+        ...
+
+
+class HashingEmbedder:
+    """Feature hashing of word unigrams, word bigrams and character trigrams.
+
+    Deterministic across processes (blake2b, not Python's salted ``hash``), needs no model
+    download, and makes texts that share words or word fragments similar. Each feature
+    adds ``±weight`` to one of ``dims`` buckets (the sign from another hash bit keeps
+    collisions from only ever adding up); rows are L2-normalised.
+    """
+
+    def __init__(self, dims: int = 512) -> None:
+        if dims < 1:
+            raise ValueError("dims must be >= 1")
+        self._dims = dims
+
+    @property
+    def name(self) -> str:
+        return f"hashing-v1-{self._dims}"
+
+    @property
+    def dims(self) -> int:
+        return self._dims
+
+    @staticmethod
+    def features(text: str) -> list[tuple[str, float]]:
+        """The weighted features of a text (words weigh more than character trigrams)."""
+        words = _WORD.findall(text.casefold())
+        feats: list[tuple[str, float]] = [(f"w:{w}", 1.0) for w in words]
+        feats += [(f"b:{a} {b}", 0.7) for a, b in itertools.pairwise(words)]
+        for w in words:
+            padded = f"#{w}#"
+            feats += [(f"c:{padded[i : i + 3]}", 0.3) for i in range(max(1, len(padded) - 2))]
+        return feats
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        out = np.zeros((len(texts), self._dims), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for feature, weight in self.features(text):
+                digest = hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest()
+                value = int.from_bytes(digest, "little")
+                sign = 1.0 if value & 1 else -1.0
+                out[row, (value >> 1) % self._dims] += sign * weight
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryHit:
+    """One search result."""
+
+    record_id: str
+    key: str
+    text: str
+    payload: Mapping[str, Any]
+    score: float
+    """Cosine similarity to the query, -1 to 1."""
+    created_at: float
+
+
+def normalise_profile(profile: str) -> str:
+    """The profile a record belongs to: empty means ``default``."""
+    return profile or DEFAULT_PROFILE
+
+
+def _profile_key(profile: str) -> bytes:
+    # surrogatepass: any Python str (even lone surrogates) maps to distinct bytes.
+    return normalise_profile(profile).encode("utf-8", "surrogatepass")
+
+
+class VectorMemory:
+    """Per-profile memory of texts with JSON payloads, searched by cosine similarity.
+
+    Args:
+        conn: an open SQLite connection (see :func:`cuga.shared.sqlite.open_sqlite`); the
+            table is created if missing. The connection may be shared with other stores
+            so a write can join their transaction (:meth:`add_in`).
+        embedder: turns texts into vectors.
+        max_records_per_profile: cap per profile; adding past it evicts the oldest.
+        clock: timestamps records.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        embedder: Embedder,
+        *,
+        max_records_per_profile: int = 5000,
+        clock: Clock | None = None,
+    ) -> None:
+        if max_records_per_profile < 1:
+            raise ValueError("max_records_per_profile must be >= 1")
+        self._conn = conn
+        self._embedder = embedder
+        self._max = max_records_per_profile
+        self._clock = clock or SystemClock()
+        conn.executescript(_SCHEMA)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder in use."""
+        return self._embedder
+
+    def add(
+        self, profile: str, text: str, payload: Mapping[str, Any], *, key: str | None = None
+    ) -> str:
+        """Remember ``text`` with ``payload`` for ``profile``; return the record id.
+
+        ``key`` makes the write idempotent: a second record with the same key in the same
+        profile replaces the first.
+        """
+        with Transaction(self._conn) as conn:
+            return self.add_in(conn, profile, text, payload, key=key)
+
+    def add_in(
+        self,
+        conn: sqlite3.Connection,
+        profile: str,
+        text: str,
+        payload: Mapping[str, Any],
+        *,
+        key: str | None = None,
+    ) -> str:
+        """Like :meth:`add`, inside a transaction the caller holds on ``conn``."""
+        vector = self._embedder.embed([text])[0].astype(np.float32)
+        record_id = uuid.uuid4().hex
+        pkey = _profile_key(profile)
+        conn.execute(
+            "INSERT INTO memory (record_id, profile, record_key, embedder, text, embedding,"
+            " payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (profile, record_key) DO UPDATE SET record_id = excluded.record_id,"
+            " embedder = excluded.embedder, text = excluded.text,"
+            " embedding = excluded.embedding, payload = excluded.payload,"
+            " created_at = excluded.created_at",
+            (
+                record_id,
+                pkey,
+                key or record_id,
+                self._embedder.name,
+                text,
+                vector.tobytes(),
+                json.dumps(dict(payload), sort_keys=True),
+                self._clock.now(),
+            ),
+        )
+        # Evict the oldest beyond the cap so a search never scans more than the cap.
+        conn.execute(
+            "DELETE FROM memory WHERE profile = ? AND record_id NOT IN ("
+            " SELECT record_id FROM memory WHERE profile = ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+            (pkey, pkey, self._max),
+        )
+        return record_id
+
+    def search(
+        self, profile: str, text: str, *, limit: int = 5, min_score: float = -1.0
+    ) -> list[MemoryHit]:
+        """The records of ``profile`` most similar to ``text``, best first.
+
+        Only rows of this profile and of the current embedder are read; ties are broken by
+        recency.
+        """
+        if limit < 1:
+            return []
+        rows = self._conn.execute(
+            "SELECT record_id, record_key, text, embedding, payload, created_at FROM memory"
+            " WHERE profile = ? AND embedder = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (_profile_key(profile), self._embedder.name, self._max),
+        ).fetchall()
+        if not rows:
+            return []
+        matrix = np.frombuffer(b"".join(r["embedding"] for r in rows), dtype=np.float32)
+        matrix = matrix.reshape(len(rows), self._embedder.dims)
+        query = self._embedder.embed([text])[0]
+        scores = matrix @ query
+        # Stable sort on -score keeps the recency order (rows are newest first) for ties.
+        order = np.argsort(-scores, kind="stable")
+        hits: list[MemoryHit] = []
+        for idx in order[:limit]:
+            score = float(scores[idx])
+            if score < min_score:
+                break
+            row = rows[int(idx)]
+            hits.append(
+                MemoryHit(
+                    record_id=row["record_id"],
+                    key=row["record_key"],
+                    text=row["text"],
+                    payload=json.loads(row["payload"]),
+                    score=score,
+                    created_at=row["created_at"],
+                )
+            )
+        return hits
+
+    def count(self, profile: str) -> int:
+        """Records kept for ``profile``."""
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM memory WHERE profile = ?", (_profile_key(profile),)
+        ).fetchone()
+        return int(row[0])
+
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "Embedder",
+    "HashingEmbedder",
+    "MemoryHit",
+    "VectorMemory",
+    "normalise_profile",
+]

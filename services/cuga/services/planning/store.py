@@ -1,0 +1,266 @@
+"""Durable plan storage in SQLite: plans, their state transitions, and request ids.
+
+A plan is kept as its serialised ``Plan`` message plus the columns queries need (profile,
+state, times). Every state change appends a row to ``transitions`` stamped with the time;
+``requests`` remembers each request id with a fingerprint of the request and the plan it
+produced, so a retried call returns the original answer. Every write is one transaction:
+a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cuga.common.v1 import common_pb2
+from cuga.shared.errors import AlreadyExistsError, NotFoundError
+from cuga.shared.sqlite import Transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    plan BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS plans_profile_created ON plans (profile, created_at);
+CREATE TABLE IF NOT EXISTS transitions (
+    plan_id TEXT NOT NULL REFERENCES plans (plan_id),
+    seq INTEGER NOT NULL,
+    from_state INTEGER NOT NULL,
+    to_state INTEGER NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (plan_id, seq)
+);
+CREATE TABLE IF NOT EXISTS requests (
+    kind TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    plan_id TEXT NOT NULL,
+    response BLOB NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (kind, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+"""
+
+CREATE = "create"
+TRANSITION = "transition"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One recorded state change."""
+
+    seq: int
+    from_state: int
+    to_state: int
+    at: float
+    reason: str
+    run_id: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """What a request id produced."""
+
+    fingerprint: str
+    plan_id: str
+    response: common_pb2.Plan
+
+
+class PlanStore:
+    """Plans in one SQLite database (``planning.db`` under the data directory).
+
+    The connection may be shared with :class:`~.memory.VectorMemory` so that completing a
+    plan and remembering it commit together.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        conn.executescript(_SCHEMA)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The SQLite connection (shared with stores that join its transactions)."""
+        return self._conn
+
+    def lookup_request(self, kind: str, request_id: str) -> StoredRequest | None:
+        """The stored outcome of a request id, if any."""
+        row = self._conn.execute(
+            "SELECT fingerprint, plan_id, response FROM requests WHERE kind = ? AND request_id = ?",
+            (kind, request_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredRequest(
+            row["fingerprint"], row["plan_id"], common_pb2.Plan.FromString(row["response"])
+        )
+
+    def _claim_request(
+        self,
+        conn: sqlite3.Connection,
+        kind: str,
+        request_id: str,
+        fingerprint: str,
+        plan: common_pb2.Plan,
+        at: float,
+    ) -> common_pb2.Plan | None:
+        """Record a request id; if it is already there, its stored answer instead."""
+        row = conn.execute(
+            "SELECT fingerprint, response FROM requests WHERE kind = ? AND request_id = ?",
+            (kind, request_id),
+        ).fetchone()
+        if row is not None:
+            if row["fingerprint"] != fingerprint:
+                raise AlreadyExistsError(
+                    f"request_id {request_id!r} was already used for a different {kind} request",
+                    reason="REQUEST_ID_REUSED",
+                )
+            return common_pb2.Plan.FromString(row["response"])
+        conn.execute(
+            "INSERT INTO requests (kind, request_id, fingerprint, plan_id, response, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, request_id, fingerprint, plan.plan_id, plan.SerializeToString(), at),
+        )
+        return None
+
+    def insert(
+        self, plan: common_pb2.Plan, *, request_id: str = "", fingerprint: str = ""
+    ) -> common_pb2.Plan:
+        """Store a new plan (state CREATED); with a request id seen before, the earlier plan.
+
+        The creation is recorded as transition 0 (UNSPECIFIED -> CREATED).
+        """
+        at = plan.created_at.ToNanoseconds() / 1e9
+        with Transaction(self._conn) as conn:
+            if request_id:
+                earlier = self._claim_request(conn, CREATE, request_id, fingerprint, plan, at)
+                if earlier is not None:
+                    return self.get(earlier.plan_id)
+            conn.execute(
+                "INSERT INTO plans (plan_id, profile, state, mode, created_at, updated_at, plan)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    plan.plan_id,
+                    plan.profile,
+                    plan.state,
+                    plan.mode,
+                    at,
+                    at,
+                    plan.SerializeToString(),
+                ),
+            )
+            conn.execute(
+                "INSERT INTO transitions (plan_id, seq, from_state, to_state, at, reason,"
+                " run_id, request_id) VALUES (?, 0, ?, ?, ?, 'created', '', ?)",
+                (plan.plan_id, common_pb2.PLAN_STATE_UNSPECIFIED, plan.state, at, request_id),
+            )
+        return plan
+
+    def get(self, plan_id: str) -> common_pb2.Plan:
+        """A stored plan.
+
+        Raises:
+            NotFoundError: no plan has this id.
+        """
+        row = self._conn.execute("SELECT plan FROM plans WHERE plan_id = ?", (plan_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"plan {plan_id!r} does not exist", reason="PLAN_NOT_FOUND")
+        return common_pb2.Plan.FromString(row["plan"])
+
+    def transition(
+        self,
+        plan_id: str,
+        decide: Callable[[common_pb2.Plan], common_pb2.Plan | None],
+        *,
+        at: float,
+        reason: str = "",
+        run_id: str = "",
+        request_id: str = "",
+        fingerprint: str = "",
+        also: Callable[[sqlite3.Connection, common_pb2.Plan], None] | None = None,
+    ) -> common_pb2.Plan:
+        """Change a plan's state in one transaction.
+
+        ``decide`` gets the stored plan and returns the updated plan to write, or None for
+        a no-op (it raises to refuse). ``also`` runs inside the same transaction after the
+        write (e.g. remembering a completed plan). A request id seen before returns the
+        plan as that request left it, without calling ``decide``.
+        """
+        with Transaction(self._conn) as conn:
+            if request_id:
+                row = conn.execute(
+                    "SELECT fingerprint, response FROM requests WHERE kind = ? AND request_id = ?",
+                    (TRANSITION, request_id),
+                ).fetchone()
+                if row is not None:
+                    if row["fingerprint"] != fingerprint:
+                        raise AlreadyExistsError(
+                            f"request_id {request_id!r} was already used for a different"
+                            " transition request",
+                            reason="REQUEST_ID_REUSED",
+                        )
+                    return common_pb2.Plan.FromString(row["response"])
+            current = self.get(plan_id)
+            updated = decide(current)
+            result = current
+            if updated is not None:
+                seq_row = conn.execute(
+                    "SELECT COALESCE(MAX(seq), -1) + 1 FROM transitions WHERE plan_id = ?",
+                    (plan_id,),
+                ).fetchone()
+                conn.execute(
+                    "UPDATE plans SET state = ?, updated_at = ?, plan = ? WHERE plan_id = ?",
+                    (updated.state, at, updated.SerializeToString(), plan_id),
+                )
+                conn.execute(
+                    "INSERT INTO transitions (plan_id, seq, from_state, to_state, at, reason,"
+                    " run_id, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        plan_id,
+                        int(seq_row[0]),
+                        current.state,
+                        updated.state,
+                        at,
+                        reason,
+                        run_id,
+                        request_id,
+                    ),
+                )
+                if also is not None:
+                    also(conn, updated)
+                result = updated
+            if request_id:
+                self._claim_request(conn, TRANSITION, request_id, fingerprint, result, at)
+            return result
+
+    def history(self, plan_id: str) -> list[Transition]:
+        """Every state change of a plan, oldest first (creation is seq 0)."""
+        rows = self._conn.execute(
+            "SELECT seq, from_state, to_state, at, reason, run_id, request_id FROM transitions"
+            " WHERE plan_id = ? ORDER BY seq",
+            (plan_id,),
+        ).fetchall()
+        return [Transition(*tuple(r)) for r in rows]
+
+    def prune_requests(self, older_than: float) -> int:
+        """Forget request ids recorded before ``older_than`` (epoch seconds)."""
+        with Transaction(self._conn) as conn:
+            cur = conn.execute("DELETE FROM requests WHERE at < ?", (older_than,))
+            return int(cur.rowcount)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+
+__all__ = ["CREATE", "TRANSITION", "PlanStore", "StoredRequest", "Transition"]

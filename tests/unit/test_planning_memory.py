@@ -1,0 +1,126 @@
+"""VectorMemory: profile isolation (adversarial names), similarity, eviction, embedder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuga.services.planning.memory import Embedder, HashingEmbedder, VectorMemory
+from cuga.shared.clock import FakeClock
+from cuga.shared.sqlite import open_sqlite
+
+ADVERSARIAL = [
+    "a' OR '1'='1",
+    "%",
+    "_",
+    "a\x00b",
+    "a",
+    "A",
+    "default ",
+    "*",
+    "a'--",
+    "é",
+    "e\u0301",
+]
+
+
+def _memory(tmp_path: Path, **kw: object) -> VectorMemory:
+    return VectorMemory(
+        open_sqlite(tmp_path / "m.db"),
+        HashingEmbedder(128),
+        clock=FakeClock(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_each_profile_sees_only_its_own_records(tmp_path: Path) -> None:
+    memory = _memory(tmp_path)
+    for profile in ADVERSARIAL:
+        memory.add(profile, "book a flight to Rome", {"owner": profile})
+    for profile in ADVERSARIAL:
+        hits = memory.search(profile, "book a flight to Rome", limit=100)
+        assert [h.payload["owner"] for h in hits] == [profile]
+        assert memory.count(profile) == 1
+    assert memory.search("a\x00", "book a flight to Rome") == []
+    assert memory.search("nobody", "book a flight to Rome") == []
+
+
+def test_empty_profile_is_the_default_profile(tmp_path: Path) -> None:
+    memory = _memory(tmp_path)
+    memory.add("", "plan the offsite", {"n": 1})
+    assert [h.payload["n"] for h in memory.search("default", "plan the offsite")] == [1]
+    assert memory.search("Default", "plan the offsite") == []
+
+
+def test_search_ranks_by_similarity_with_threshold(tmp_path: Path) -> None:
+    memory = _memory(tmp_path)
+    memory.add("p", "summarise the quarterly sales report", {"i": 1})
+    memory.add("p", "water the plants in the garden", {"i": 2})
+    hits = memory.search("p", "summarise the sales report for the quarter", limit=5)
+    assert [h.payload["i"] for h in hits] == [1, 2]
+    assert hits[0].score > 0.5 > hits[1].score
+    assert [h.payload["i"] for h in memory.search("p", "quarterly sales", min_score=0.3)] == [1]
+    assert memory.search("p", "anything", limit=0) == []
+
+
+def test_key_replaces_and_cap_evicts_oldest(tmp_path: Path) -> None:
+    clock = FakeClock()
+    memory = VectorMemory(
+        open_sqlite(tmp_path / "m.db"), HashingEmbedder(64), clock=clock, max_records_per_profile=3
+    )
+    memory.add("p", "first", {"v": 1}, key="k")
+    memory.add("p", "first again", {"v": 2}, key="k")
+    assert memory.count("p") == 1
+    for i in range(5):
+        clock.advance(1)
+        memory.add("p", f"note {i}", {"v": i})
+    memory.add("q", "other profile", {})
+    assert memory.count("p") == 3
+    assert sorted(h.text for h in memory.search("p", "note", limit=10)) == [
+        "note 2",
+        "note 3",
+        "note 4",
+    ]
+    assert memory.count("q") == 1
+
+
+def test_records_of_another_embedder_are_not_compared(tmp_path: Path) -> None:
+    conn = open_sqlite(tmp_path / "m.db")
+    VectorMemory(conn, HashingEmbedder(64)).add("p", "hello world", {})
+    assert VectorMemory(conn, HashingEmbedder(128)).search("p", "hello world") == []
+
+
+def test_hashing_embedder_is_deterministic_and_normalised() -> None:
+    emb = HashingEmbedder(256)
+    assert isinstance(emb, Embedder)
+    a, b, empty = emb.embed(["Weather in Paris", "weather in paris", ""])
+    assert a.dtype == np.float32 and a.shape == (256,)
+    assert np.allclose(a, b)
+    assert np.isclose(np.linalg.norm(a), 1.0)
+    assert not empty.any()
+    # A fresh instance (as after a restart) gives the same vector: no salted hash().
+    assert np.allclose(HashingEmbedder(256).embed(["Weather in Paris"])[0], a)
+
+
+def test_custom_embedder_can_be_plugged(tmp_path: Path) -> None:
+    class Fixed:
+        name = "fixed"
+        dims = 2
+
+        def embed(self, texts: object) -> np.ndarray:
+            return np.array(
+                [[1.0, 0.0] if "x" in t else [0.0, 1.0] for t in texts],  # type: ignore[attr-defined]
+                dtype=np.float32,
+            )
+
+    memory = VectorMemory(open_sqlite(tmp_path / "m.db"), Fixed())
+    memory.add("p", "x marks", {"i": 1})
+    memory.add("p", "nothing", {"i": 2})
+    assert memory.search("p", "xyz", limit=1)[0].payload == {"i": 1}
+
+
+def test_invalid_cap_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        _memory(tmp_path, max_records_per_profile=0)
