@@ -1,0 +1,1 @@
+"""The audit authority: a durable, tamper-evident trail of every orchestration decision."""

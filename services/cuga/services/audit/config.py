@@ -1,0 +1,54 @@
+"""Configuration of the audit service (the ``audit:`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cuga.shared.config import ConfigError
+
+Backend = Literal["sqlite", "jsonl", "postgres", "none"]
+FsyncPolicy = Literal["always", "batch", "never"]
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Where and how the audit trail is stored."""
+
+    backend: Backend = "sqlite"
+    """Storage: ``sqlite`` (embedded default, ``audit.db`` under data_dir), ``jsonl``
+    (append-only JSON-lines files), ``postgres`` (by ``dsn``, for several replicas) or
+    ``none`` (records nothing)."""
+    dsn: str = ""
+    """PostgreSQL connection string (libpq DSN or URI). Required when backend is postgres."""
+    jsonl_dir: Path | None = None
+    """Directory of the JSON-lines files; default ``<data_dir>/audit``."""
+    jsonl_rotate_bytes: int = 64 * 1024 * 1024
+    """A JSON-lines file is closed and a new one started past this size, bytes (>= 1024).
+    Files also rotate when the (UTC) day changes."""
+    fsync: FsyncPolicy = "batch"
+    """JSON-lines durability: ``always`` fsyncs after every record, ``batch`` once per
+    Record/RecordBatch call, ``never`` leaves flushing to the OS."""
+    retention_days: int = 0
+    """Traces whose newest record is older than this many days are pruned (whole traces,
+    so every remaining chain still verifies). 0 keeps everything forever."""
+    prune_interval_s: float = 3600.0
+    """How often the service prunes expired traces when retention_days > 0, seconds (> 0)."""
+    max_batch: int = 1000
+    """Most records in one RecordBatch, 1 to 1000."""
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgres" and not self.dsn.strip():
+            raise ConfigError("dsn", "is required when backend is postgres")
+        if self.jsonl_rotate_bytes < 1024:
+            raise ConfigError("jsonl_rotate_bytes", "must be at least 1024")
+        if self.retention_days < 0:
+            raise ConfigError("retention_days", "must be >= 0 (0 keeps records forever)")
+        if self.prune_interval_s <= 0:
+            raise ConfigError("prune_interval_s", "must be > 0")
+        if not 1 <= self.max_batch <= 1000:
+            raise ConfigError("max_batch", "must be between 1 and 1000")
+
+
+__all__ = ["AuditConfig", "Backend", "FsyncPolicy"]

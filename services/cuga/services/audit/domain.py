@@ -1,0 +1,302 @@
+"""The audit authority's domain: validation, hashing, and the backend it stores into.
+
+:class:`AuditLog` is both what the gRPC servicer calls and the local implementation of
+:class:`cuga.shared.authorities.AuditTrail` the embedded coordinator uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from cuga.audit.v1 import audit_pb2
+from cuga.common.v1 import common_pb2
+from cuga.services.audit.backend import AuditBackend, NoOpAuditTrail, PruneResult
+from cuga.services.audit.config import AuditConfig
+from cuga.services.audit.records import (
+    DEFAULT_PROFILE,
+    KNOWN_KINDS,
+    RECORD_ID_PATTERN,
+    PendingRecord,
+    QueryPage,
+    RecordFilter,
+    VerifyResult,
+    canonical_json,
+    content_of,
+    to_json_line,
+    ts_to_ns,
+)
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.config import Limits
+from cuga.shared.errors import InvalidArgumentError, NotFoundError
+from cuga.shared.validation import (
+    ID_PATTERN,
+    TRACE_ID_PATTERN,
+    check_count,
+    check_id,
+    check_length,
+    check_size,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
+
+log = logging.getLogger("cuga.audit")
+
+MAX_ACTOR_CHARS = 256
+#: Timestamps must fit the nanosecond columns (int64 ns ends in 2262).
+MAX_TIMESTAMP_S = 7_258_118_400  # 2200-01-01T00:00:00Z
+EXPORT_PAGE = 500
+
+
+def open_backend(config: AuditConfig, data_dir: Path, clock: Clock | None = None) -> AuditBackend:
+    """The backend ``config`` names, opened (schema created, files indexed)."""
+    if config.backend == "sqlite":
+        from cuga.services.audit.sqlite_backend import SQLiteAuditTrail
+
+        return SQLiteAuditTrail(data_dir / "audit.db")
+    if config.backend == "jsonl":
+        from cuga.services.audit.jsonl_backend import JSONAuditTrail
+
+        return JSONAuditTrail(
+            config.jsonl_dir or data_dir / "audit",
+            rotate_bytes=config.jsonl_rotate_bytes,
+            fsync=config.fsync,
+            clock=clock,
+        )
+    if config.backend == "postgres":
+        from cuga.services.audit.postgres_backend import PostgresAuditTrail
+
+        return PostgresAuditTrail(config.dsn)
+    return NoOpAuditTrail()
+
+
+def _kinds_problem(kind: str) -> str:
+    return f"unknown kind {kind!r} (known: {', '.join(KNOWN_KINDS)})"
+
+
+class AuditLog:
+    """Validates, stamps and hashes records and stores them in a backend.
+
+    Args:
+        backend: where records go; closed by :meth:`close`.
+        clock: stamps records sent without a timestamp, and decides retention.
+        limits: ``max_input_bytes`` bounds a payload, ``max_page_size`` a Query page.
+        max_batch: most records in one batch.
+    """
+
+    def __init__(
+        self,
+        backend: AuditBackend,
+        *,
+        clock: Clock | None = None,
+        limits: Limits | None = None,
+        max_batch: int = 1000,
+    ) -> None:
+        self.backend = backend
+        self._clock = clock or SystemClock()
+        self._limits = limits or Limits()
+        self._max_batch = max_batch
+
+    # -- validation ----------------------------------------------------------------------
+
+    def prepare(self, record: audit_pb2.AuditRecord, field: str = "record") -> PendingRecord:
+        """Validate and normalise one record (output-only fields are ignored)."""
+        check_id(f"{field}.record_id", record.record_id, pattern=RECORD_ID_PATTERN)
+        check_id(f"{field}.trace_id", record.trace_id, pattern=TRACE_ID_PATTERN)
+        check_id(f"{field}.run_id", record.run_id, required=False, pattern=ID_PATTERN)
+        check_id(f"{field}.profile", record.profile, required=False, pattern=ID_PATTERN)
+        if not record.kind:
+            raise InvalidArgumentError(f"{field}.kind", "is required")
+        if record.kind not in KNOWN_KINDS:
+            raise InvalidArgumentError(f"{field}.kind", _kinds_problem(record.kind))
+        check_length(f"{field}.actor", record.actor, MAX_ACTOR_CHARS)
+        check_size(f"{field}.payload", record.payload, self._limits.max_input_bytes)
+        given = record.HasField("timestamp")
+        if given and not 0 < record.timestamp.seconds < MAX_TIMESTAMP_S:
+            raise InvalidArgumentError(f"{field}.timestamp", "must be after 1970 and before 2200")
+        clean = audit_pb2.AuditRecord(
+            record_id=record.record_id,
+            trace_id=record.trace_id,
+            run_id=record.run_id,
+            profile=record.profile or DEFAULT_PROFILE,
+            kind=record.kind,
+            actor=record.actor,
+        )
+        clean.payload.CopyFrom(record.payload)
+        if given:
+            clean.timestamp.CopyFrom(record.timestamp)
+        else:
+            clean.timestamp.FromNanoseconds(int(self._clock.now() * 1e9))
+        try:
+            canonical = canonical_json(content_of(clean))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{field}.payload", "holds NaN or Infinity, which JSON cannot carry"
+            ) from None
+        return PendingRecord(clean, canonical, given)
+
+    def _filter(self, flt: audit_pb2.RecordFilter, field: str = "filter") -> RecordFilter:
+        check_id(f"{field}.trace_id", flt.trace_id, required=False, pattern=TRACE_ID_PATTERN)
+        check_id(f"{field}.run_id", flt.run_id, required=False)
+        check_id(f"{field}.profile", flt.profile, required=False)
+        for i, kind in enumerate(flt.kinds):
+            if kind not in KNOWN_KINDS:
+                raise InvalidArgumentError(f"{field}.kinds[{i}]", _kinds_problem(kind))
+        start = ts_to_ns(flt.start_time) if flt.HasField("start_time") else 0
+        end = ts_to_ns(flt.end_time) if flt.HasField("end_time") else 0
+        if start < 0 or end < 0:
+            raise InvalidArgumentError(f"{field}.start_time", "must not be before 1970")
+        if start and end and end <= start:
+            raise InvalidArgumentError(f"{field}.end_time", "must be after start_time")
+        return RecordFilter(
+            trace_id=flt.trace_id,
+            run_id=flt.run_id,
+            kinds=tuple(dict.fromkeys(flt.kinds)),
+            start_ns=start,
+            end_ns=end,
+            profile=flt.profile,
+        )
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def record(self, record: audit_pb2.AuditRecord) -> tuple[audit_pb2.AuditRecord, bool]:
+        """Store one record; returns (stored record, duplicate)."""
+        result = (await asyncio.to_thread(self.backend.append, [self.prepare(record)]))[0]
+        return result.record, result.duplicate
+
+    async def append(
+        self, records: Sequence[audit_pb2.AuditRecord]
+    ) -> tuple[list[audit_pb2.AuditRecord], int]:
+        """Store records in order, atomically; returns (stored records, duplicates)."""
+        check_count("records", records, self._max_batch, minimum=1)
+        pending = [self.prepare(r, f"records[{i}]") for i, r in enumerate(records)]
+        results = await asyncio.to_thread(self.backend.append, pending)
+        return [r.record for r in results], sum(1 for r in results if r.duplicate)
+
+    async def record_batch(
+        self, records: Sequence[audit_pb2.AuditRecord], *, timeout: float | None = None
+    ) -> None:
+        """:class:`~cuga.shared.authorities.AuditTrail`: store records in order."""
+        if records:
+            await self.append(records)
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """:class:`~cuga.shared.authorities.AuditTrail`: records are stored on receipt."""
+        return True
+
+    async def query(
+        self, flt: audit_pb2.RecordFilter, size: int = 0, token: str = ""
+    ) -> tuple[list[audit_pb2.AuditRecord], str]:
+        """A page of matching records in (trace_id, chain_index) order, and the next token."""
+        rf = self._filter(flt)
+        n = page_size("page_size", size, self._limits.max_page_size)
+        after = _decode_position(token)
+        page: QueryPage = await asyncio.to_thread(self.backend.query, rf, n, after)
+        nxt = page.next_position
+        return page.records, encode_page_token(f"{nxt[0]}:{nxt[1]}") if nxt else ""
+
+    async def export(self, flt: audit_pb2.RecordFilter) -> AsyncIterator[str]:
+        """Every matching record as a JSON line, in query order, a page at a time."""
+        rf = self._filter(flt)
+        after = None
+        while True:
+            page = await asyncio.to_thread(self.backend.query, rf, EXPORT_PAGE, after)
+            for record in page.records:
+                yield to_json_line(record)
+            if page.next_position is None:
+                return
+            after = page.next_position
+
+    async def verify(self, trace_id: str) -> VerifyResult:
+        """Recompute a trace's chain (NOT_FOUND when nothing was ever stored for it)."""
+        check_id("trace_id", trace_id, pattern=TRACE_ID_PATTERN)
+        result = await asyncio.to_thread(self.backend.verify, trace_id)
+        if result is None:
+            raise NotFoundError(f"no audit records for trace {trace_id}", domain="cuga.audit")
+        if not result.ok:
+            log.warning("audit chain of trace %s is broken: %s", trace_id, result.problem)
+        return result
+
+    async def prune(self, older_than: float) -> PruneResult:
+        """Delete whole traces whose newest record is older than ``older_than`` (epoch s)."""
+        return await asyncio.to_thread(self.backend.prune, int(older_than * 1e9))
+
+    async def prune_expired(self, retention_days: int) -> PruneResult:
+        """Apply a retention period (0 keeps everything)."""
+        if retention_days <= 0:
+            return PruneResult(0, 0)
+        result = await self.prune(self._clock.now() - retention_days * 86400)
+        if result.traces:
+            log.info("pruned %d trace(s), %d record(s)", result.traces, result.records)
+        return result
+
+    # -- the seed's convenience API --------------------------------------------------------
+
+    async def record_plan(
+        self, plan: common_pb2.Plan, context: common_pb2.ExecutionContext, *, actor: str = ""
+    ) -> audit_pb2.AuditRecord:
+        """Record a plan (record id ``<run_id>/plan/<plan_id>``)."""
+        record = _context_record(context, "plan", f"{context.run_id}/plan/{plan.plan_id}", actor)
+        record.payload.update({"plan": json_format.MessageToDict(plan)})
+        return (await self.record(record))[0]
+
+    async def record_decision(
+        self,
+        decision: common_pb2.RoutingDecision,
+        context: common_pb2.ExecutionContext,
+        *,
+        actor: str = "",
+    ) -> audit_pb2.AuditRecord:
+        """Record a routing decision (record id ``<run_id>/route/<decision_id>``)."""
+        record = _context_record(
+            context, "routing_decision", f"{context.run_id}/route/{decision.decision_id}", actor
+        )
+        record.payload.update({"decision": json_format.MessageToDict(decision)})
+        return (await self.record(record))[0]
+
+    async def get_decisions(self, trace_id: str) -> list[audit_pb2.AuditRecord]:
+        """Every routing decision of a trace, in chain order."""
+        check_id("trace_id", trace_id, pattern=TRACE_ID_PATTERN)
+        flt = audit_pb2.RecordFilter(trace_id=trace_id, kinds=["routing_decision"])
+        out: list[audit_pb2.AuditRecord] = []
+        token = ""
+        while True:
+            page, token = await self.query(flt, self._limits.max_page_size, token)
+            out.extend(page)
+            if not token:
+                return out
+
+    def close(self) -> None:
+        """Close the backend."""
+        self.backend.close()
+
+
+def _context_record(
+    context: common_pb2.ExecutionContext, kind: str, record_id: str, actor: str
+) -> audit_pb2.AuditRecord:
+    return audit_pb2.AuditRecord(
+        record_id=record_id,
+        trace_id=context.trace_id,
+        run_id=context.run_id,
+        profile=context.profile,
+        kind=kind,
+        actor=actor or context.user_id,
+    )
+
+
+def _decode_position(token: str) -> tuple[str, int] | None:
+    text = decode_page_token("page_token", token)
+    if not text:
+        return None
+    trace, sep, index = text.rpartition(":")
+    if not sep or not TRACE_ID_PATTERN.fullmatch(trace) or not index.isdigit():
+        raise InvalidArgumentError("page_token", "is not a token this service issued")
+    return trace, int(index)
+
+
+__all__ = ["AuditLog", "open_backend"]

@@ -1,0 +1,61 @@
+"""``cuga audit query|export|verify`` handlers against a real audit server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from cuga.audit.v1 import audit_pb2
+from cuga.cli import audit as audit_cli
+from cuga.client import AuditClient
+from cuga.services.audit.app import build
+from tests.support.servers import make_settings, running_service, with_address
+
+TRACE = "f" * 32
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cuga")
+    audit_cli.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+async def test_query_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings(tmp_path / "data")
+    async with running_service("audit", build, settings) as server:
+        settings = with_address(settings, "audit", server.address)
+        client = AuditClient(server.address)
+        await client.record_batch(
+            audit_pb2.RecordBatchRequest(
+                records=[
+                    audit_pb2.AuditRecord(record_id=f"r{i}", trace_id=TRACE, kind="plan")
+                    for i in range(3)
+                ]
+            )
+        )
+        await client.close()
+
+        args = parse(["audit", "query", "--trace-id", TRACE, "--json"])
+        assert await args.handler(args, settings) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [json.loads(line)["record_id"] for line in lines] == ["r0", "r1", "r2"]
+
+        out = tmp_path / "export.jsonl"
+        args = parse(["audit", "export", "--kind", "plan", "-o", str(out)])
+        assert await args.handler(args, settings) == 0
+        assert len(out.read_text().splitlines()) == 3
+
+        args = parse(["audit", "verify", TRACE, "--json"])
+        assert await args.handler(args, settings) == 0
+        assert json.loads(capsys.readouterr().out)["ok"] is True
+
+        args = parse(["audit", "verify", "0" * 32])
+        assert await args.handler(args, settings) == 1
+        assert "no audit records" in capsys.readouterr().err
+
+        args = parse(["audit", "query", "--since", "yesterday"])
+        assert await args.handler(args, settings) == 1
+        assert "--since" in capsys.readouterr().err
