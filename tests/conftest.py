@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from cuga.shared.config import Settings
-from tests.support.servers import test_settings
+from tests.support.servers import make_settings
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Default settings with a private data directory."""
-    return test_settings(tmp_path / "data")
+    return make_settings(tmp_path / "data")

@@ -79,23 +79,25 @@ async def test_domain_error_maps_to_status_with_error_info(settings: Settings) -
 
 
 async def test_health_and_reflection(settings: Settings) -> None:
-    async with running_service("worker", _builder(_ProbeServicer()), settings) as server:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
-            assert (
-                await _health(channel, "cuga.worker.v1.WorkerService")
-                == health_pb2.HealthCheckResponse.SERVING
-            )
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            call = stub.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-            )
-            names = set()
-            async for resp in call:
-                names = {s.name for s in resp.list_services_response.service}
-                break
-            assert "cuga.worker.v1.WorkerService" in names
-            assert "grpc.health.v1.Health" in names
+    async with (
+        running_service("worker", _builder(_ProbeServicer()), settings) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            await _health(channel, "cuga.worker.v1.WorkerService")
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = set()
+        async for resp in call:
+            names = {s.name for s in resp.list_services_response.service}
+            break
+        assert "cuga.worker.v1.WorkerService" in names
+        assert "grpc.health.v1.Health" in names
 
 
 async def test_drain_turns_not_serving_and_finishes_in_flight_calls(settings: Settings) -> None:

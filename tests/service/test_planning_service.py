@@ -21,8 +21,8 @@ from cuga.shared.errors import (
     UnavailableError,
 )
 from cuga.shared.messages import to_struct
-from tests.support.servers import running_service, with_address
 from tests.support.servers import make_settings as make_settings
+from tests.support.servers import running_service, with_address
 
 TOOLS = [
     c.ToolSpec(

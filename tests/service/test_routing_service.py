@@ -25,8 +25,8 @@ from cuga.shared.errors import (
 )
 from cuga.shared.telemetry import setup_telemetry
 from cuga.shared.validation import encode_page_token
+from tests.support.servers import make_settings as make_settings
 from tests.support.servers import running_service
-from tests.support.servers import test_settings as make_settings
 
 LB = common_pb2.ROUTING_POLICY_LOAD_BALANCED
 CAP = common_pb2.ROUTING_POLICY_CAPABILITY

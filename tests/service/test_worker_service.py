@@ -36,8 +36,8 @@ from cuga.shared.messages import to_struct, value_to_python
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolContext, ToolLoadError, ToolSpec
 from cuga.worker.v1 import worker_pb2
+from tests.support.servers import make_settings as make_settings
 from tests.support.servers import running_service, with_address
-from tests.support.servers import test_settings as make_settings
 
 #: Test tools live in this module: its top-level package must be allowlisted.
 HERE = __name__.split(".")[0]

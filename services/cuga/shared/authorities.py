@@ -80,6 +80,10 @@ class AuditTrail(Protocol):
         """Store records in order; idempotent by record id."""
         ...
 
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record given so far is stored; False if ``timeout`` passed first."""
+        ...
+
 
 @runtime_checkable
 class WorkerPool(Protocol):

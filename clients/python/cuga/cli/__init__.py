@@ -1,0 +1,1 @@
+"""The ``cuga`` command line."""

@@ -1,0 +1,45 @@
+"""The ``cuga`` command: serve services, run them all, start and follow runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from cuga.cli import approvals, audit, runs, up
+from cuga.shared.config import ConfigError, load_settings
+
+err = Console(stderr=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="cuga", description="Orchestrate tool-using agents over gRPC services."
+    )
+    parser.add_argument("--config", help="configuration file (default: $CUGA_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (up, runs, audit, approvals):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cuga`` script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    try:
+        return int(asyncio.run(args.handler(args, settings)))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``cuga serve``, ``cuga up`` and ``cuga demo``: run the services as processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from cuga.shared.bootstrap import Builder, serve
+from cuga.shared.config import SERVICE_NAMES, Settings
+
+console = Console()
+err = Console(stderr=True)
+
+#: Start order: the registry first, so workers can register as soon as they are up.
+START_ORDER = ("routing", "audit", "approval", "worker", "planning", "coordinator")
+
+
+def _builder(name: str) -> Builder:
+    # Static imports per name: no module path ever comes from input.
+    if name == "coordinator":
+        from cuga.services.coordinator.app import build
+    elif name == "planning":
+        from cuga.services.planning.app import build
+    elif name == "routing":
+        from cuga.services.routing.app import build
+    elif name == "audit":
+        from cuga.services.audit.app import build
+    elif name == "approval":
+        from cuga.services.approval.app import build
+    elif name == "worker":
+        from cuga.services.worker.app import build
+    else:
+        raise ValueError(f"unknown service {name!r} (valid: {', '.join(SERVICE_NAMES)})")
+    return build
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    await serve(args.service, _builder(args.service), settings, port=args.port)
+    return 0
+
+
+async def wait_serving(address: str, deadline_s: float) -> bool:
+    """Wait until a server's health says SERVING (watching, not polling)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while loop.time() < end:
+            try:
+                call = stub.Watch(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=max(0.1, end - loop.time()),
+                    wait_for_ready=True,
+                )
+                async for status in call:
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        call.cancel()
+                        return True
+            except grpc.aio.AioRpcError:
+                return False  # wait_for_ready already waited for the server to listen
+    return False
+
+
+class Cluster:
+    """The six services as child processes, the way ``cuga up`` runs them."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = dict(os.environ if env is None else env)
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, services: tuple[str, ...] = START_ORDER, timeout_s: float = 60.0) -> None:
+        """Start each service and wait until it reports SERVING."""
+        for name in services:
+            self.procs[name] = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                f"cuga.services.{name}",
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        for name in services:
+            address = self.settings.common.addresses.of(name)
+            if not await wait_serving(address, timeout_s):
+                raise RuntimeError(f"{name} did not become SERVING on {address}")
+
+    def died(self) -> str | None:
+        """Name of a child that exited, if any."""
+        for name, proc in self.procs.items():
+            if proc.returncode is not None:
+                return name
+        return None
+
+    async def stop(self) -> None:
+        """SIGTERM every child (coordinator first), wait for the grace period, then kill."""
+        grace = self.settings.common.grace_period_s + 5.0
+        for name in reversed(START_ORDER):
+            proc = self.procs.get(name)
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@asynccontextmanager
+async def cluster(
+    settings: Settings, env: Mapping[str, str] | None = None
+) -> AsyncIterator[Cluster]:
+    """All services running for the duration of the block."""
+    c = Cluster(settings, env)
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.stop()
+
+
+def _table(settings: Settings) -> Table:
+    table = Table(title="cuga services")
+    table.add_column("service")
+    table.add_column("address")
+    for name in START_ORDER:
+        table.add_row(name, settings.common.addresses.of(name))
+    return table
+
+
+async def _up(args: argparse.Namespace, settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    c = Cluster(settings)
+    try:
+        await c.start()
+        console.print(_table(settings))
+        console.print("all services SERVING; Ctrl-C stops them")
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(p.wait()) for p in c.procs.values()]
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([*waiters, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for w in [*waiters, stopper]:
+                w.cancel()
+            dead = c.died()
+            if dead:
+                err.print(
+                    f"[red]{dead} exited ({c.procs[dead].returncode}); stopping the others[/red]"
+                )
+                return 1
+        return 0
+    except RuntimeError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        await c.stop()
+
+
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from cuga.cli.runs import demo_run
+
+    data_dir = Path(settings.common.data_dir)
+    env = dict(os.environ)
+    env.setdefault("CUGA_DATA_DIR", str(data_dir))
+    console.print(f"[bold]cuga demo[/bold]: starting six services (data in {data_dir}/)")
+    with contextlib.suppress(KeyboardInterrupt):
+        async with cluster(settings, env) as c:
+            console.print(_table(c.settings))
+            return await demo_run(settings)
+    return 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve``, ``up`` and ``demo``."""
+    p = sub.add_parser("serve", help="serve one service until SIGTERM (what a container runs)")
+    p.add_argument("service", choices=SERVICE_NAMES)
+    p.add_argument("--port", type=int, default=None, help="port to bind (default: configured)")
+    p.set_defaults(handler=_serve)
+    p = sub.add_parser("up", help="run all six services, one process each, until Ctrl-C")
+    p.set_defaults(handler=_up)
+    p = sub.add_parser("demo", help="start everything, run a sample orchestration, stop")
+    p.set_defaults(handler=_demo)

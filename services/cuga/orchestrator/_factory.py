@@ -1,0 +1,304 @@
+"""``create_coordinator``: the engine with local or remote authorities.
+
+Embedded use (notebooks, tests, users who don't need the split) gets every authority's
+own domain object in this process, storing under one data directory. Naming an authority
+in ``addresses`` uses its gRPC service instead. This module is the one place that imports
+the services' domain code; the services themselves never import each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cuga.common.v1 import common_pb2
+from cuga.orchestrator._engine import CoordinatorAgent
+from cuga.orchestrator._policy import ExponentialBackoffPolicy
+from cuga.orchestrator._runstore import RunStore
+from cuga.routing.v1 import routing_pb2
+from cuga.shared.authorities import (
+    ApprovalManager,
+    AuditTrail,
+    PlanningAuthority,
+    RoutingAuthority,
+    WorkerPool,
+)
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.config import Settings, build_dataclass, load_settings
+from cuga.tools import ToolSpec
+
+ROUTING_POLICIES = ("round_robin", "capability", "load_balanced")
+PLANNING_MODES = ("explicit", "default", "budget_aware", "memory_augmented")
+AUDIT_BACKENDS = ("json", "sqlite", "postgres", "none")
+AUTHORITIES = ("planning", "routing", "approval", "audit", "worker")
+
+Closer = Callable[[], Awaitable[None]]
+
+
+def _choice(name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
+async def create_coordinator(
+    *,
+    routing_policy: str = "round_robin",
+    planning_mode: str = "default",
+    audit_backend: str = "sqlite",
+    retry_policy: ExponentialBackoffPolicy | None = None,
+    data_dir: str | Path | None = None,
+    tools: Sequence[ToolSpec] | None = None,
+    addresses: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
+) -> CoordinatorAgent:
+    """Build a :class:`CoordinatorAgent`; ``await agent.close()`` when done.
+
+    Args:
+        routing_policy: ``round_robin`` | ``capability`` | ``load_balanced``.
+        planning_mode: ``explicit`` | ``default`` | ``budget_aware`` | ``memory_augmented``
+            (the default for requests that name none).
+        audit_backend: ``json`` | ``sqlite`` | ``postgres`` (DSN from ``audit.dsn``) |
+            ``none``.
+        retry_policy: step retry policy (default: 1 s base, x2, 30 s cap, 3 attempts).
+        data_dir: where embedded state lives (default: configured, ``./.cuga``).
+        tools: extra tools for the embedded worker, besides the installed entry points.
+        addresses: authority name -> ``host:port`` for authorities to call over gRPC
+            (``planning``, ``routing``, ``approval``, ``audit``, ``worker``).
+        settings: configuration to start from (default: file/env as ``cuga`` loads it).
+        clock: time source (tests inject a FakeClock).
+
+    Raises:
+        ValueError: an unknown choice, listing the valid values.
+    """
+    _choice("routing_policy", routing_policy, ROUTING_POLICIES)
+    _choice("planning_mode", planning_mode, PLANNING_MODES)
+    _choice("audit_backend", audit_backend, AUDIT_BACKENDS)
+    addresses = dict(addresses or {})
+    for name in addresses:
+        _choice("addresses key", name, AUTHORITIES)
+    settings = settings or load_settings()
+    if data_dir is not None:
+        settings = settings.with_overrides(data_dir=Path(data_dir))
+    common = settings.common
+    common.data_dir.mkdir(parents=True, exist_ok=True)
+    clock = clock or SystemClock()
+    closers: list[Closer] = []
+
+    def section(cls: type[Any], name: str, **overrides: Any) -> Any:
+        return build_dataclass(cls, {**settings.sections.get(name, {}), **overrides}, name)
+
+    # Remote authorities first: the local planner may need the remote worker's tools.
+    from cuga.client import (
+        ApprovalClient,
+        AuditClient,
+        PlanningClient,
+        RoutingClient,
+        WorkerClient,
+    )
+    from cuga.client.remote import (
+        RemoteApprovalManager,
+        RemotePlanningAuthority,
+        RemoteRoutingAuthority,
+        RemoteWorkerPool,
+    )
+
+    def opts(service: str) -> dict[str, Any]:
+        return {
+            "call": common.calls.of(service),
+            "max_message_bytes": common.limits.max_message_bytes,
+        }
+
+    # Worker pool and its tools.
+    workers: WorkerPool
+    local_tools: list[Any] = []
+    if "worker" in addresses:
+        pool = RemoteWorkerPool(lambda address: WorkerClient(address, **opts("worker")))
+        closers.append(pool.close)
+        workers = pool
+    else:
+        from cuga.services.worker.app import build_agent, build_registry
+        from cuga.services.worker.config import WorkerConfig
+        from cuga.services.worker.domain import LocalWorkerPool
+
+        worker_config = section(WorkerConfig, "worker", register_with_routing=False)
+        registry = build_registry(worker_config, tools or ())
+        agent = build_agent(settings, worker_config, registry, clock=clock)
+        closers.append(agent.close)
+        local_pool = LocalWorkerPool(agent)
+        local_tools = local_pool.agent.list_tools()
+        workers = local_pool
+
+    # Routing.
+    routing: RoutingAuthority
+    if "routing" in addresses:
+        routing_client = RoutingClient(addresses["routing"], **opts("routing"))
+        closers.append(routing_client.close)
+        routing = RemoteRoutingAuthority(routing_client)
+    else:
+        from cuga.services.routing.config import RoutingConfig
+        from cuga.services.routing.domain import PolicyBasedRoutingAuthority
+        from cuga.services.routing.registry import WorkerRegistry
+
+        routing_config = section(RoutingConfig, "routing", default_policy=routing_policy)
+        # In-process workers never miss a heartbeat.
+        worker_registry = WorkerRegistry(clock, heartbeat_timeout_s=math.inf)
+        local_routing = PolicyBasedRoutingAuthority(worker_registry, config=routing_config)
+        if "worker" in addresses:
+            tool_names = sorted({s.name for s in await workers.list_tools(_target(addresses))})
+            caps: set[str] = set()
+        else:
+            tool_names = sorted(s.name for s in local_tools)
+            caps = {c for s in local_tools for c in s.capabilities}
+        await local_routing.register_worker(
+            routing_pb2.RegisterWorkerRequest(
+                worker=routing_pb2.WorkerInfo(
+                    worker_id="local" if "worker" not in addresses else "remote",
+                    address=addresses.get("worker", "in-process:1"),  # never dialled
+                    tools=tool_names,
+                    capabilities=sorted(caps),
+                )
+            )
+        )
+        routing = local_routing
+
+    # Planning.
+    planning: PlanningAuthority
+    if "planning" in addresses:
+        planning_client = PlanningClient(addresses["planning"], **opts("planning"))
+        closers.append(planning_client.close)
+        planning = RemotePlanningAuthority(planning_client)
+    else:
+        from cuga.services.planning.catalog import StaticToolCatalog
+        from cuga.services.planning.config import PlanningConfig
+        from cuga.services.planning.domain import Planner
+        from cuga.services.planning.memory import HashingEmbedder, VectorMemory
+        from cuga.services.planning.store import PlanStore
+        from cuga.shared.sqlite import open_sqlite
+
+        planning_config = section(PlanningConfig, "planning", default_mode=planning_mode)
+        specs = local_tools or await workers.list_tools(_target(addresses))
+        conn = open_sqlite(common.data_dir / "planning.db")
+        memory = VectorMemory(
+            conn,
+            HashingEmbedder(planning_config.embedding_dims),
+            max_records_per_profile=planning_config.memory_max_records_per_profile,
+            clock=clock,
+        )
+        planning = Planner(
+            PlanStore(conn),
+            StaticToolCatalog(specs),
+            memory,
+            config=planning_config,
+            limits=common.limits,
+            clock=clock,
+        )
+
+        async def close_planning() -> None:
+            conn.close()
+
+        closers.append(close_planning)
+
+    # Approval.
+    approval: ApprovalManager
+    if "approval" in addresses:
+        approval_client = ApprovalClient(addresses["approval"], **opts("approval"))
+        closers.append(approval_client.close)
+        approval = RemoteApprovalManager(approval_client)
+    else:
+        from cuga.services.approval.config import ApprovalConfig
+        from cuga.services.approval.domain import ApprovalManager as LocalApprovalManager
+        from cuga.services.approval.policy import ApprovalPolicy, load_policy
+        from cuga.services.approval.store import ApprovalStore
+
+        approval_config = section(ApprovalConfig, "approval")
+        policy = (
+            load_policy(
+                approval_config.policy_file, default_timeout_s=approval_config.default_timeout_s
+            )
+            if approval_config.policy_file is not None
+            else ApprovalPolicy.default(approval_config.default_timeout_s)
+        )
+        approval_store = ApprovalStore(common.data_dir / "approval.db")
+        local_approval = LocalApprovalManager(
+            approval_store,
+            policy,
+            clock=clock,
+            limits=common.limits,
+            max_pending_per_profile=approval_config.max_pending_per_profile,
+        )
+        await local_approval.start()
+
+        async def close_approval() -> None:
+            await local_approval.close()
+            approval_store.close()
+
+        closers.append(close_approval)
+        approval = local_approval
+
+    # Audit.
+    audit: AuditTrail
+    if "audit" in addresses:
+        from cuga.client.audit_buffer import BufferedAuditTrail
+
+        audit_client = AuditClient(addresses["audit"], **opts("audit"))
+        buffered = BufferedAuditTrail(audit_client, spill_dir=common.data_dir / "audit-spill")
+        await buffered.start()
+
+        async def close_audit() -> None:
+            await buffered.close()
+            await audit_client.close()
+
+        closers.append(close_audit)
+        audit = buffered
+    else:
+        from cuga.services.audit.config import AuditConfig
+        from cuga.services.audit.domain import AuditLog, open_backend
+
+        backend_name = {"json": "jsonl"}.get(audit_backend, audit_backend)
+        audit_config = section(AuditConfig, "audit", backend=backend_name)
+        log = AuditLog(
+            open_backend(audit_config, common.data_dir, clock), clock=clock, limits=common.limits
+        )
+
+        async def close_log() -> None:
+            log.close()
+
+        closers.append(close_log)
+        audit = log
+
+    from cuga.services.coordinator.app import engine_options
+    from cuga.services.coordinator.config import CoordinatorConfig
+
+    options = engine_options(section(CoordinatorConfig, "coordinator"), settings)
+    if retry_policy is not None:
+        options = dataclasses.replace(options, retry=retry_policy)
+    store = RunStore(common.data_dir / "coordinator.db")
+
+    async def close_store() -> None:
+        store.close()
+
+    closers.append(close_store)
+    agent_ = CoordinatorAgent(
+        planning=planning,
+        routing=routing,
+        approval=approval,
+        audit=audit,
+        workers=workers,
+        store=store,
+        options=options,
+        clock=clock,
+        closers=closers,
+    )
+    await agent_.recover()
+    return agent_
+
+
+def _target(addresses: Mapping[str, str]) -> common_pb2.WorkerTarget:
+    return common_pb2.WorkerTarget(worker_id="remote", address=addresses["worker"])
+
+
+__all__ = ["AUDIT_BACKENDS", "PLANNING_MODES", "ROUTING_POLICIES", "create_coordinator"]

@@ -1,0 +1,151 @@
+"""Step-level retry policy, budget accounting and step-input templates."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from cuga.common.v1 import common_pb2
+from cuga.shared.errors import InvalidArgumentError
+from cuga.shared.messages import struct_to_dict, to_struct
+
+
+@dataclass(frozen=True)
+class ExponentialBackoffPolicy:
+    """Exponential backoff with full jitter (the delay is uniform in [0, cap]).
+
+    The cap for the delay after attempt ``n`` (1-based) is
+    ``min(max_delay, base_delay * multiplier ** (n - 1))``.
+    """
+
+    base_delay: float = 1.0
+    """Cap of the first delay, seconds (> 0)."""
+    multiplier: float = 2.0
+    """Growth of the cap per attempt (>= 1)."""
+    max_delay: float = 30.0
+    """Largest delay, seconds (>= base_delay)."""
+    max_attempts: int = 3
+    """Attempts in all, including the first (1 to 20)."""
+
+    def __post_init__(self) -> None:
+        if self.base_delay <= 0:
+            raise ValueError("base_delay must be > 0")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be >= 1")
+        if self.max_delay < self.base_delay:
+            raise ValueError("max_delay must be >= base_delay")
+        if not 1 <= self.max_attempts <= 20:
+            raise ValueError("max_attempts must be between 1 and 20")
+
+    def cap(self, attempt: int) -> float:
+        """Upper bound of the delay after ``attempt`` failed."""
+        return float(min(self.max_delay, self.base_delay * self.multiplier ** (attempt - 1)))
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The (jittered) delay before the attempt after ``attempt``."""
+        return (rng or random).uniform(0.0, self.cap(attempt))
+
+    def with_overrides(self, msg: common_pb2.RetryPolicy | None) -> ExponentialBackoffPolicy:
+        """This policy with the fields a request sets replaced (validated)."""
+        if msg is None:
+            return self
+        try:
+            return ExponentialBackoffPolicy(
+                base_delay=msg.base_delay.ToNanoseconds() / 1e9
+                if msg.HasField("base_delay")
+                else self.base_delay,
+                multiplier=msg.multiplier or self.multiplier,
+                max_delay=msg.max_delay.ToNanoseconds() / 1e9
+                if msg.HasField("max_delay")
+                else self.max_delay,
+                max_attempts=msg.max_attempts or self.max_attempts,
+            )
+        except ValueError as exc:
+            raise InvalidArgumentError("retry_policy", str(exc)) from None
+
+
+#: The public name of the policy type (DESIGN: ``RetryPolicy`` / ``ExponentialBackoffPolicy``).
+RetryPolicy = ExponentialBackoffPolicy
+
+_TEMPLATE = re.compile(r"\{\{\s*steps\.([A-Za-z0-9_.\-]+?)\.output((?:\.[A-Za-z0-9_\-]+)*)\s*\}\}")
+
+
+def template_references(step: common_pb2.PlanStep) -> set[str]:
+    """Step ids a step's input refers to with ``{{steps.<id>.output...}}``."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.update(m.group(1) for m in _TEMPLATE.finditer(value))
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(struct_to_dict(step.input))
+    return found
+
+
+def _text(value: Any) -> str:
+    """A value as it reads inside a string: 42 not 42.0, JSON for lists and objects."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dict | list | bool) or value is None:
+        return json.dumps(value)
+    return str(value)
+
+
+def resolve_input(step: common_pb2.PlanStep, outputs: dict[str, Any]) -> struct_pb2.Struct:
+    """The step's input with ``{{steps.<id>.output[.key...]}}`` references filled in.
+
+    A string that is exactly one reference takes the referenced value with its type; a
+    reference inside a longer string is formatted into it. Not code: only dotted lookups.
+    """
+
+    def lookup(match: re.Match[str]) -> Any:
+        step_id, path = match.group(1), match.group(2)
+        if step_id not in outputs:
+            raise InvalidArgumentError(
+                f"steps[{step.step_id}].input", f"refers to {step_id!r}, which has no output"
+            )
+        value = outputs[step_id]
+        for key in filter(None, path.split(".")):
+            if isinstance(value, dict) and key in value:
+                value = value[key]
+            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]
+            else:
+                raise InvalidArgumentError(
+                    f"steps[{step.step_id}].input",
+                    f"{match.group(0)} has no key {key!r} in the output of {step_id!r}",
+                )
+        return value
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            whole = _TEMPLATE.fullmatch(value.strip())
+            if whole:
+                return lookup(whole)
+            return _TEMPLATE.sub(lambda m: _text(lookup(m)), value)
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    return to_struct(fill(struct_to_dict(step.input)))
+
+
+__all__ = [
+    "ExponentialBackoffPolicy",
+    "RetryPolicy",
+    "resolve_input",
+    "template_references",
+]

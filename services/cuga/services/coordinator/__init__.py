@@ -1,0 +1,1 @@
+"""The coordinator service: a thin gRPC front over the :class:`CoordinatorAgent` engine."""

@@ -1,0 +1,107 @@
+"""Builds the coordinator service: the engine wired to the remote authorities."""
+
+from __future__ import annotations
+
+from cuga.client import ApprovalClient, AuditClient, PlanningClient, RoutingClient, WorkerClient
+from cuga.client.audit_buffer import BufferedAuditTrail
+from cuga.client.remote import (
+    RemoteApprovalManager,
+    RemotePlanningAuthority,
+    RemoteRoutingAuthority,
+    RemoteWorkerPool,
+)
+from cuga.common.v1 import common_pb2
+from cuga.coordinator.v1 import coordinator_pb2_grpc
+from cuga.orchestrator import CoordinatorAgent, EngineOptions, ExponentialBackoffPolicy, RunStore
+from cuga.services.coordinator.config import CoordinatorConfig
+from cuga.services.coordinator.servicer import CoordinatorServicer
+from cuga.shared.bootstrap import ServiceDefinition
+from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.telemetry import Telemetry
+
+_STRATEGIES = {
+    "fail_fast": common_pb2.ERROR_PROPAGATION_FAIL_FAST,
+    "retry": common_pb2.ERROR_PROPAGATION_RETRY,
+    "continue": common_pb2.ERROR_PROPAGATION_CONTINUE,
+}
+
+
+def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptions:
+    """The engine's options from the coordinator's configuration."""
+    calls = settings.common.calls
+    return EngineOptions(
+        run_timeout_s=config.run_timeout_s,
+        parallelism=config.parallelism,
+        default_strategy=_STRATEGIES[config.default_error_strategy],
+        retry=ExponentialBackoffPolicy(
+            base_delay=config.retry_base_delay_s,
+            multiplier=config.retry_multiplier,
+            max_delay=config.retry_max_delay_s,
+            max_attempts=config.retry_max_attempts,
+        ),
+        window=config.window,
+        call_timeouts={
+            name: calls.of(name).timeout_s
+            for name in ("planning", "routing", "approval", "audit", "worker")
+        },
+        tool_cache_ttl_s=config.tool_cache_ttl_s,
+        limits=settings.common.limits,
+    )
+
+
+async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
+    """The coordinator's service definition."""
+    config = settings.section(CoordinatorConfig, "coordinator")
+    common = settings.common
+    interceptors = telemetry.client_interceptors()
+
+    def options(service: str) -> dict[str, object]:
+        return {
+            "call": common.calls.of(service),
+            "interceptors": interceptors,
+            "max_message_bytes": common.limits.max_message_bytes,
+        }
+
+    planning = PlanningClient(common.addresses.planning, **options("planning"))  # type: ignore[arg-type]
+    routing = RoutingClient(common.addresses.routing, **options("routing"))  # type: ignore[arg-type]
+    approval = ApprovalClient(common.addresses.approval, **options("approval"))  # type: ignore[arg-type]
+    audit_client = AuditClient(common.addresses.audit, **options("audit"))  # type: ignore[arg-type]
+    audit = BufferedAuditTrail(audit_client, spill_dir=common.data_dir / "audit-spill")
+    workers = RemoteWorkerPool(lambda address: WorkerClient(address, **options("worker")))  # type: ignore[arg-type]
+    store = RunStore(common.data_dir / "coordinator.db")
+    agent = CoordinatorAgent(
+        planning=RemotePlanningAuthority(planning),
+        routing=RemoteRoutingAuthority(routing),
+        approval=RemoteApprovalManager(approval),
+        audit=audit,
+        workers=workers,
+        store=store,
+        options=engine_options(config, settings),
+        tracer=telemetry.tracer,
+    )
+
+    async def started(address: str) -> None:
+        await audit.start()
+        await agent.recover()
+
+    async def stopped() -> None:
+        await agent.close()
+        await audit.close()
+        for client in (planning, routing, approval):
+            await client.close()
+        await workers.close()
+        store.close()
+
+    return ServiceDefinition(
+        name="coordinator",
+        registrations=[
+            (
+                coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server,
+                CoordinatorServicer(agent),
+                GRPC_SERVICE_NAMES["coordinator"],
+            )
+        ],
+        telemetry=telemetry,
+        on_started=[started],
+        on_stopped=[stopped],
+    )

@@ -1,0 +1,50 @@
+"""Configuration of the coordinator (section ``coordinator:``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cuga.shared.config import ConfigError
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """How the coordinator runs runs."""
+
+    run_timeout_s: float = 3600.0
+    """Deadline of a run whose request sets none, seconds (> 0)."""
+    parallelism: int = 8
+    """Steps of one run executing at once, 1 to 64."""
+    default_error_strategy: Literal["fail_fast", "retry", "continue"] = "fail_fast"
+    """ErrorPropagation for requests that leave it unspecified."""
+    retry_base_delay_s: float = 1.0
+    """Step retry: cap of the first backoff delay, seconds."""
+    retry_multiplier: float = 2.0
+    """Step retry: growth of the cap per attempt (>= 1)."""
+    retry_max_delay_s: float = 30.0
+    """Step retry: largest delay, seconds."""
+    retry_max_attempts: int = 3
+    """Step retry: attempts in all, including the first (1 to 20)."""
+    window: int = 16
+    """Steps routed (and asked approval for) per batch call, 1 to 256."""
+    tool_cache_ttl_s: float = 30.0
+    """How long a worker's tool list is cached, seconds."""
+    resume_interrupted: bool = False
+    """On start, resume runs a previous coordinator left running (else mark them INTERRUPTED)."""
+
+    def __post_init__(self) -> None:
+        if self.run_timeout_s <= 0:
+            raise ConfigError("run_timeout_s", "must be > 0")
+        if not 1 <= self.parallelism <= 64:
+            raise ConfigError("parallelism", "must be between 1 and 64")
+        if not 1 <= self.window <= 256:
+            raise ConfigError("window", "must be between 1 and 256")
+        if self.retry_base_delay_s <= 0:
+            raise ConfigError("retry_base_delay_s", "must be > 0")
+        if self.retry_multiplier < 1:
+            raise ConfigError("retry_multiplier", "must be >= 1")
+        if self.retry_max_delay_s < self.retry_base_delay_s:
+            raise ConfigError("retry_max_delay_s", "must be >= retry_base_delay_s")
+        if not 1 <= self.retry_max_attempts <= 20:
+            raise ConfigError("retry_max_attempts", "must be between 1 and 20")
