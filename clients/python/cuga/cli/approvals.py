@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import uuid
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 
 from cuga.approval.v1 import approval_pb2
+from cuga.cli._output import json_line
 from cuga.client import ApprovalClient, CugaError
 from cuga.common.v1 import common_pb2
 from cuga.shared.auth import bearer_metadata
@@ -54,8 +54,7 @@ def _fail(exc: CugaError) -> int:
 
 
 def _print_json(request: approval_pb2.ApprovalRequest) -> None:
-    data = json_format.MessageToDict(request, preserving_proto_field_name=True)
-    console.print(json.dumps(data, sort_keys=True), highlight=False, soft_wrap=True)
+    json_line(request)
 
 
 def _print_one(request: approval_pb2.ApprovalRequest) -> None:

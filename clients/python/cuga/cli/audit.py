@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from typing import TextIO
 
 from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
 from cuga.audit.v1 import audit_pb2
+from cuga.cli._output import json_line
 from cuga.client import AuditClient
 from cuga.shared.config import Settings
 from cuga.shared.errors import CugaError
@@ -108,7 +109,7 @@ async def query_command(args: argparse.Namespace, settings: Settings) -> int:
             for record in resp.records:
                 shown += 1
                 if args.json:
-                    sys.stdout.write(json.dumps(_as_dict(record)) + "\n")
+                    json_line(_as_dict(record))
                 else:
                     table.add_row(
                         record.trace_id,
@@ -172,19 +173,7 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
         await client.close()
     out = Console(soft_wrap=True)
     if args.json:
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "trace_id": args.trace_id,
-                    "ok": result.ok,
-                    "records_checked": result.records_checked,
-                    "first_broken_record_id": result.first_broken_record_id,
-                    "first_broken_index": result.first_broken_index,
-                    "problem": result.problem,
-                }
-            )
-            + "\n"
-        )
+        json_line({"trace_id": args.trace_id, **_as_dict(result)})
     elif result.ok:
         out.print(f"[green]ok[/green]: {result.records_checked} record(s) verified")
     if result.ok:
@@ -197,9 +186,10 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
-def _as_dict(record: audit_pb2.AuditRecord) -> dict[str, object]:
+def _as_dict(message: Message) -> dict[str, object]:
+    # Every field, defaults included, so scripts can rely on the keys being there.
     data: dict[str, object] = json_format.MessageToDict(
-        record, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     return data
 

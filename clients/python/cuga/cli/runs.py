@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import yaml
 from google.protobuf import json_format
 from rich.console import Console
 
+from cuga.cli._output import json_line
 from cuga.client import CoordinatorClient, CugaError
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
@@ -33,19 +37,36 @@ _COLORS = {
     "APPROVAL": "magenta",
     "EXECUTE": "cyan",
 }
-#: Example plan used by ``cuga demo``: a search, arithmetic on its result, a report.
+#: Example plan used by ``cuga demo``: a search, arithmetic, a payment a human must
+#: approve (its amount comes from the arithmetic), and a report.
 DEMO_PLAN: dict[str, Any] = {
     "steps": [
         {"id": "search", "tool": "web_search", "input": {"query": "grpc deadlines"}},
         {"id": "total", "tool": "calculator", "input": {"expression": "(17 + 25) * 2"}},
         {
+            "id": "pay",
+            "tool": "transfer_funds",
+            "depends_on": ["total"],
+            "input": {
+                "from_account": "DE00DEMO0001",
+                "to_account": "FR00DEMO0002",
+                "amount": "{{steps.total.output.result}}",
+                "currency": "EUR",
+                "memo": "demo payment",
+            },
+        },
+        {
             "id": "report",
             "tool": "echo",
-            "depends_on": ["search", "total"],
-            "input": {"total": "{{steps.total.output.result}}", "note": "demo finished"},
+            "depends_on": ["search", "pay"],
+            "input": {"paid": "{{steps.pay.output}}", "note": "demo finished"},
         },
     ]
 }
+DEMO_GOAL = "research gRPC deadlines, total the numbers and pay the total"
+
+OnEvent = Callable[[common_pb2.OrchestrationEvent], Awaitable[None]]
+_PENDING = common_pb2.APPROVAL_STATUS_PENDING
 
 
 def load_plan(path: str) -> tuple[list[common_pb2.PlanStep], common_pb2.ToolBudget | None]:
@@ -120,13 +141,18 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
     return ""
 
 
-async def render(events: AsyncIterator[common_pb2.OrchestrationEvent], *, as_json: bool) -> int:
+async def render(
+    events: AsyncIterator[common_pb2.OrchestrationEvent],
+    *,
+    as_json: bool,
+    on_event: OnEvent | None = None,
+) -> int:
     """Print events as they arrive; the exit code follows the terminal stage."""
     code = 1
     async for event in events:
         stage = common_pb2.LifecycleStage.Name(event.stage)[16:]
         if as_json:
-            console.print_json(json_format.MessageToJson(event, indent=None), highlight=False)
+            json_line(event)
         else:
             style = _COLORS.get(stage, "white")
             step = f" {event.step_id}" if event.step_id else ""
@@ -135,6 +161,8 @@ async def render(events: AsyncIterator[common_pb2.OrchestrationEvent], *, as_jso
                 f"[bold]{step}[/bold] {describe(event)}",
                 highlight=False,
             )
+        if on_event is not None:
+            await on_event(event)
         if stage == "COMPLETE":
             code = 0
         elif stage in ("FAILED", "CANCELLED"):
@@ -161,28 +189,57 @@ async def start_run(
     *,
     strategy: str = "fail_fast",
     as_json: bool = False,
+    context: common_pb2.ExecutionContext | None = None,
+    on_event: OnEvent | None = None,
 ) -> int:
     """Orchestrate a goal and render its events."""
     request = coordinator_pb2.OrchestrateRequest(
-        goal=goal,
-        steps=steps,
-        error_strategy=_STRATEGIES[strategy],
+        goal=goal, steps=steps, error_strategy=_STRATEGIES[strategy], context=context
     )
     if budget is not None:
         request.budget.CopyFrom(budget)
     async with _client(settings) as client:
         try:
-            return await render(_events(client.orchestrate(request)), as_json=as_json)
+            return await render(
+                _events(client.orchestrate(request)), as_json=as_json, on_event=on_event
+            )
         except CugaError as exc:
             err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}")
             return 1
 
 
-async def demo_run(settings: Settings) -> int:
-    """The sample orchestration ``cuga demo`` runs."""
+async def demo_run(settings: Settings, *, reviewer_token: str) -> int:
+    """The sample orchestration ``cuga demo`` runs: it pauses for approval, and a reviewer
+    approves it from the CLI."""
     steps, budget = parse_plan(DEMO_PLAN, "demo plan")
-    console.print("[bold]goal:[/bold] research gRPC deadlines and total the numbers")
-    return await start_run(settings, "research gRPC deadlines and total the numbers", steps, budget)
+    console.print(f"[bold]goal:[/bold] {DEMO_GOAL}")
+
+    async def approve(event: common_pb2.OrchestrationEvent) -> None:
+        if not (event.HasField("approval") and event.approval.status == _PENDING):
+            return
+        command = [
+            "cuga",
+            "approvals",
+            "approve",
+            event.approval.approval_id,
+            "--reason",
+            "demo reviewer checked the amount",
+        ]
+        console.print(f"[magenta]$ CUGA_TOKEN=<demo-reviewer token> {' '.join(command)}[/magenta]")
+        env = {**os.environ, "CUGA_TOKEN": reviewer_token}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cuga.cli.main",
+            *command[1:],
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        if await proc.wait() != 0:
+            err.print("[red]the demo reviewer could not approve[/red]")
+
+    context = common_pb2.ExecutionContext(user_id="demo-user")
+    return await start_run(settings, DEMO_GOAL, steps, budget, context=context, on_event=approve)
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,7 +284,7 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
             return 1
     for run in page.runs:
         if args.json:
-            console.print_json(json_format.MessageToJson(run, indent=None))
+            json_line(run)
         else:
             state = coordinator_pb2.RunState.Name(run.state)[10:]
             console.print(

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from cuga.cli.tokens import ensure_local_tokens
 from cuga.shared.bootstrap import Builder, serve
 from cuga.shared.config import SERVICE_NAMES, Settings
 
@@ -104,13 +105,14 @@ class Cluster:
         return None
 
     async def stop(self) -> None:
-        """SIGTERM every child (coordinator first), wait for the grace period, then kill."""
+        """SIGTERM each child in reverse start order, so callers drain before what they
+        call (the worker can still deregister); kill one that outlives its grace period."""
         grace = self.settings.common.grace_period_s + 5.0
         for name in reversed(START_ORDER):
             proc = self.procs.get(name)
-            if proc is not None and proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
+            if proc is None or proc.returncode is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:
@@ -131,12 +133,14 @@ async def cluster(
         await c.stop()
 
 
-def _table(settings: Settings) -> Table:
+def _table(settings: Settings, procs: Mapping[str, asyncio.subprocess.Process]) -> Table:
     table = Table(title="cuga services")
     table.add_column("service")
     table.add_column("address")
+    table.add_column("pid")
     for name in START_ORDER:
-        table.add_row(name, settings.common.addresses.of(name))
+        proc = procs.get(name)
+        table.add_row(name, settings.common.addresses.of(name), str(proc.pid) if proc else "")
     return table
 
 
@@ -148,7 +152,7 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
     c = Cluster(settings)
     try:
         await c.start()
-        console.print(_table(settings))
+        console.print(_table(settings, c.procs))
         console.print("all services SERVING; Ctrl-C stops them")
         while not stop.is_set():
             waiters = [asyncio.ensure_future(p.wait()) for p in c.procs.values()]
@@ -174,13 +178,16 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from cuga.cli.runs import demo_run
 
     data_dir = Path(settings.common.data_dir)
+    tokens = ensure_local_tokens(data_dir)
     env = dict(os.environ)
     env.setdefault("CUGA_DATA_DIR", str(data_dir))
+    env.setdefault("CUGA_AUTH__TOKENS_FILE", str(tokens.file))
+    env.setdefault("CUGA_LOG_LEVEL", "WARNING")  # the demo's own output tells the story
     console.print(f"[bold]cuga demo[/bold]: starting six services (data in {data_dir}/)")
     with contextlib.suppress(KeyboardInterrupt):
         async with cluster(settings, env) as c:
-            console.print(_table(c.settings))
-            return await demo_run(settings)
+            console.print(_table(c.settings, c.procs))
+            return await demo_run(settings, reviewer_token=tokens.tokens["demo-reviewer"])
     return 1
 
 
