@@ -127,6 +127,8 @@ class EngineOptions:
     """How long a worker's tool list (sensitivity, cost) is cached."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
+    resume_interrupted: bool = False
+    """On start, resume runs a previous coordinator left running (else only mark them)."""
 
     def timeout(self, authority: str) -> float:
         """Default deadline of one call to an authority."""
@@ -641,7 +643,8 @@ class CoordinatorAgent:
     # ------------------------------------------------------------------ lifecycle
 
     async def recover(self) -> list[str]:
-        """Mark runs left RUNNING by a stopped coordinator INTERRUPTED (resumable)."""
+        """Mark runs left RUNNING by a stopped coordinator INTERRUPTED (resumable), and
+        resume them at once when ``options.resume_interrupted`` is set."""
         ids = []
         for run in self.store.running_runs():
             if run.run_id in self._live:
@@ -649,7 +652,11 @@ class CoordinatorAgent:
             run.state = coordinator_pb2.RUN_STATE_INTERRUPTED
             self.store.update_run(run)
             ids.append(run.run_id)
-        if ids:
+        if ids and self.options.resume_interrupted:
+            for run_id in ids:
+                await self.start_resume(run_id)
+            log.warning("resumed %d interrupted run(s): %s", len(ids), ", ".join(ids))
+        elif ids:
             log.warning(
                 "%d run(s) were interrupted and can be resumed: %s", len(ids), ", ".join(ids)
             )

@@ -46,6 +46,7 @@ def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptio
         },
         tool_cache_ttl_s=config.tool_cache_ttl_s,
         limits=settings.common.limits,
+        resume_interrupted=config.resume_interrupted,
     )
 
 
