@@ -29,6 +29,7 @@ from tests.support.servers import builders, make_settings, running_service, with
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 SERVING = re.compile(r"coordinator serving on (\S+)")
+_DRAINS: set[asyncio.Future[bytes]] = set()  # readers of the children's logs
 
 
 @pytest.fixture
@@ -71,7 +72,9 @@ async def _coordinator(
         line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
         assert line, "the coordinator exited before serving"
         if match := SERVING.search(line):
-            asyncio.ensure_future(proc.stderr.read())  # keep draining its log
+            drain = asyncio.ensure_future(proc.stderr.read())  # keep draining its log
+            _DRAINS.add(drain)
+            drain.add_done_callback(_DRAINS.discard)
             return proc, match.group(1)
 
 

@@ -79,17 +79,44 @@ class Cluster:
         return self.servers[name].address
 
 
+def with_section(settings: Settings, name: str, **values: object) -> Settings:
+    """Settings whose section ``name`` has ``values`` on top of what it had."""
+    sections = {**settings.sections, name: {**settings.sections.get(name, {}), **values}}
+    return dataclasses.replace(settings, sections=sections)
+
+
 @asynccontextmanager
 async def running_cluster(
-    settings: Settings, *, span_processors: Sequence[SpanProcessor] = ()
+    settings: Settings,
+    *,
+    span_processors: Sequence[SpanProcessor] = (),
+    workers: Sequence[dict[str, object]] = ({},),
 ) -> AsyncIterator[Cluster]:
-    """All six services in this process, each through the production bootstrap on :0."""
+    """All six services in this process, each through the production bootstrap on :0.
+
+    ``workers`` gives one ``worker:`` section override per worker to start (e.g.
+    ``{"worker_id": "w-math", "tools": ["calculator"]}``); the first is ``servers["worker"]``,
+    the others ``servers["worker-2"]``, ``servers["worker-3"]`` ...
+    """
     from contextlib import AsyncExitStack
 
     build = builders()
     servers: dict[str, RunningServer] = {}
     async with AsyncExitStack() as stack:
         for name in CLUSTER_ORDER:
+            if name == "worker":
+                for i, section in enumerate(workers):
+                    key = "worker" if i == 0 else f"worker-{i + 1}"
+                    servers[key] = await stack.enter_async_context(
+                        running_service(
+                            "worker",
+                            build["worker"],
+                            with_section(settings, "worker", **section),
+                            span_processors=span_processors,
+                        )
+                    )
+                settings = with_address(settings, "worker", servers["worker"].address)
+                continue
             server = await stack.enter_async_context(
                 running_service(name, build[name], settings, span_processors=span_processors)
             )

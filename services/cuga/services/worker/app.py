@@ -16,7 +16,7 @@ from cuga.services.worker.servicer import WorkerServicer
 from cuga.services.worker.store import IdempotencyStore
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
-from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.config import GRPC_SERVICE_NAMES, ConfigError, Settings
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolRegistry, ToolSpec
 from cuga.worker.v1 import worker_pb2_grpc
@@ -29,11 +29,19 @@ def build_registry(config: WorkerConfig, tools: Sequence[ToolSpec] = ()) -> Tool
 
     Raises:
         ToolLoadError: a tool was refused (outside the allowlist, malformed, duplicate).
+        ConfigError: ``worker.tools`` names a tool that is not installed.
     """
     registry = ToolRegistry(config.tool_allowlist)
     registry.load_entry_points()
     registry.register_all(tools, source="build_worker(tools=...)")
-    return registry
+    if not config.tools:
+        return registry
+    missing = sorted(set(config.tools) - set(registry.names()))
+    if missing:
+        raise ConfigError("worker.tools", f"no installed tool named {', '.join(missing)}")
+    chosen = ToolRegistry(config.tool_allowlist)
+    chosen.register_all((registry.get(name) for name in config.tools), source="worker.tools")
+    return chosen
 
 
 def build_agent(

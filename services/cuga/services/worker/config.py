@@ -37,6 +37,9 @@ class WorkerConfig:
     tool_allowlist: tuple[str, ...] = ("cuga_example_tools", "cuga.tools")
     """Module namespaces tool handlers may live in; entry points outside them are refused
     at start (before their module is imported)."""
+    tools: tuple[str, ...] = ()
+    """Names of the installed tools this worker serves; empty serves all of them (workers
+    with different tool sets make routing meaningful)."""
     profile_tools: dict[str, ProfileTools] = field(default_factory=dict)
     """Per-profile allow/deny lists, by profile name; the key ``*`` applies to profiles
     without an entry of their own. No entry: every tool is allowed."""
