@@ -735,7 +735,9 @@ class CoordinatorAgent:
         if event.step_id:
             payload["step_id"] = event.step_id
         if payload_name:
-            payload[payload_name] = json_format.MessageToDict(getattr(event, payload_name))
+            payload[payload_name] = json_format.MessageToDict(
+                getattr(event, payload_name), preserving_proto_field_name=True
+            )
         actor = "cuga-coordinator"
         if kind == "approval_decided" and event.approval.decided_by:
             actor = event.approval.decided_by
@@ -943,14 +945,12 @@ class CoordinatorAgent:
         waiting = [sid for sid in order if sid not in r.results]
         try:
             while waiting or running:
-                blocked = {
-                    sid
-                    for sid in waiting
-                    if any(d in failed or d in r.skipped for d in steps[sid].depends_on)
-                }
-                for sid in blocked:  # CONTINUE: dependants of a failure are skipped
-                    r.skipped.add(sid)
-                    waiting.remove(sid)
+                # CONTINUE: dependants of a failure are skipped, and theirs in turn (waiting
+                # is in topological order, so one pass reaches every descendant).
+                for sid in list(waiting):
+                    if any(d in failed or d in r.skipped for d in steps[sid].depends_on):
+                        r.skipped.add(sid)
+                        waiting.remove(sid)
                 ready = [
                     sid for sid in waiting if all(d in r.results for d in steps[sid].depends_on)
                 ][: max(0, parallelism - len(running))]
