@@ -24,7 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cuga.shared.config import CommonConfig, Settings
-from cuga.shared.errors import CugaError, from_exception, to_status
+from cuga.shared.errors import CugaError, InvalidArgumentError, from_exception, to_status
 from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
 
 log = logging.getLogger("cuga.bootstrap")
@@ -68,7 +68,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns exceptions raised by handlers into statuses with ``google.rpc.ErrorInfo``.
 
     A :class:`CugaError` keeps its code and reason; anything else is logged with its
-    traceback here and answered INTERNAL with a generic message (nothing leaks).
+    traceback here and answered INTERNAL with a generic message (nothing leaks). It also
+    parses requests itself, so bytes that are not a valid message are INVALID_ARGUMENT
+    instead of gRPC's UNKNOWN.
     """
 
     def __init__(self, domain: str) -> None:
@@ -83,10 +85,24 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         code, message, trailing = to_status(error)
         await context.abort(code, message, trailing_metadata=trailing)
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @staticmethod
+    def _parse(deserialize: Callable[[bytes], Any] | None, raw: Any) -> Any:
+        """Parse the request here, so corrupt bytes are INVALID_ARGUMENT, not UNKNOWN."""
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception:
+            owner = getattr(deserialize, "__self__", None)
+            name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "the request type")
+            raise InvalidArgumentError("request", f"is not a valid {name} message") from None
+
+    def _wrap_unary(
+        self, behavior: Callable[..., Awaitable[Any]], deserialize: Callable[[bytes], Any] | None
+    ) -> Callable[..., Any]:
+        async def call(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await behavior(request, context)
+                return await behavior(self._parse(deserialize, raw), context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -94,10 +110,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return call
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _wrap_stream(
+        self,
+        behavior: Callable[..., AsyncIterator[Any]],
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> Callable[..., Any]:
+        async def call(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for item in behavior(request, context):
+                async for item in behavior(self._parse(deserialize, raw), context):
                     yield item
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
@@ -114,21 +134,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        # The wrapped handler takes raw bytes (no deserializer) and parses them itself.
+        deserialize = handler.request_deserializer
+        kwargs = {"response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary), **kwargs
+                self._wrap_unary(handler.unary_unary, deserialize), **kwargs
             )
         if handler.unary_stream:
             # Streams are async generators, or coroutines that call context.write().
             behavior = handler.unary_stream
             wrapped = (
-                self._wrap_stream(behavior)
+                self._wrap_stream(behavior, deserialize)
                 if inspect.isasyncgenfunction(behavior)
-                else self._wrap_unary(behavior)
+                else self._wrap_unary(behavior, deserialize)
             )
             return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
         return handler  # client-streaming RPCs are not part of the contract
@@ -253,7 +272,7 @@ async def serve(
     ready: Callable[[RunningServer], None] | None = None,
 ) -> None:
     """Run one service until SIGTERM or SIGINT, then drain gracefully."""
-    configure_logging(settings.common.log_format, settings.common.log_level)
+    configure_logging(settings.common.log_format, settings.common.log_level, service=f"cuga-{name}")
     telemetry = setup_telemetry(f"cuga-{name}")
     definition = await builder(settings, telemetry)
     running = await start_server(definition, settings.common, port=port)

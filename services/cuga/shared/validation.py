@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cuga.shared.errors import InvalidArgumentError
 
@@ -16,6 +17,8 @@ STEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 TRACE_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_PAGE_SIZE = 100
+#: 9999-12-31T23:59:59Z, the last second a google.protobuf.Timestamp may hold.
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 def require(field: str, value: object, what: str = "is required") -> None:
@@ -61,6 +64,12 @@ def check_count(field: str, items: Iterable[object], max_items: int, *, minimum:
         raise InvalidArgumentError(field, f"has {n} items, the limit is {max_items}")
 
 
+def check_timestamp(field: str, ts: Timestamp) -> None:
+    """Check a Timestamp is in the range the type defines (1970 is the floor we accept)."""
+    if not 0 <= ts.seconds <= MAX_TIMESTAMP_SECONDS or not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidArgumentError(field, "is not a valid timestamp (1970 to 9999)")
+
+
 def page_size(field: str, value: int, max_size: int) -> int:
     """The effective page size: 0 means the default; above ``max_size`` is refused."""
     if value == 0:
@@ -99,6 +108,7 @@ __all__ = [
     "check_id",
     "check_length",
     "check_size",
+    "check_timestamp",
     "decode_page_token",
     "encode_page_token",
     "page_size",

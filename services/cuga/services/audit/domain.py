@@ -40,6 +40,7 @@ from cuga.shared.validation import (
     check_id,
     check_length,
     check_size,
+    check_timestamp,
     decode_page_token,
     encode_page_token,
     page_size,
@@ -147,6 +148,8 @@ class AuditLog:
         for i, kind in enumerate(flt.kinds):
             if kind not in KNOWN_KINDS:
                 raise InvalidArgumentError(f"{field}.kinds[{i}]", _kinds_problem(kind))
+        check_timestamp(f"{field}.start_time", flt.start_time)
+        check_timestamp(f"{field}.end_time", flt.end_time)
         start = ts_to_ns(flt.start_time) if flt.HasField("start_time") else 0
         end = ts_to_ns(flt.end_time) if flt.HasField("end_time") else 0
         if start < 0 or end < 0:
