@@ -11,30 +11,37 @@ variables; without them nothing is exported and nothing fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import baggage, trace
 from opentelemetry.instrumentation.grpc import (
     aio_client_interceptors,
     aio_server_interceptor,
     filters,
 )
+from opentelemetry.instrumentation.grpc._aio_client import UnaryUnaryAioClientInterceptor
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 #: Run id of the work the current task does; put on every log line.
 current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("cuga_run_id", default="")
+#: W3C baggage key the coordinator sets to the run id, so downstream log lines carry it.
+RUN_ID_BAGGAGE = "cuga.run_id"
 
 _NOT_HEALTH = filters.negate(filters.service_name("grpc.health.v1.Health"))
 
@@ -49,6 +56,147 @@ def otlp_configured(env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
         base or bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")),
         base or bool(env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")),
     )
+
+
+def _otlp_options(env: Mapping[str, str], signal: str) -> dict[str, Any]:
+    """Exporter arguments for one signal (``TRACES``/``METRICS``) from ``env``.
+
+    Read here rather than by the exporter so ``setup_telemetry(env=...)`` is honoured
+    (the exporters themselves only look at ``os.environ``). Signal-specific variables win
+    over the generic ones, as the OTLP exporter specification says.
+    """
+
+    def pick(name: str) -> str | None:
+        return env.get(f"OTEL_EXPORTER_OTLP_{signal}_{name}") or env.get(
+            f"OTEL_EXPORTER_OTLP_{name}"
+        )
+
+    endpoint = pick("ENDPOINT") or "http://localhost:4317"
+    options: dict[str, Any] = {"endpoint": endpoint}
+    insecure = pick("INSECURE")
+    if insecure is not None:
+        options["insecure"] = insecure.strip().lower() == "true"
+    elif "://" not in endpoint:
+        options["insecure"] = True  # a bare host:port is a plain-text collector
+    headers = pick("HEADERS")
+    if headers:
+        options["headers"] = headers
+    timeout = pick("TIMEOUT")
+    if timeout:
+        # The variable is in milliseconds; the gRPC exporter takes seconds.
+        options["timeout"] = float(timeout) / 1000.0
+    return options
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Per-RPC server metrics and a debug access log, inside the server span.
+
+    Records ``rpc.server.duration`` (milliseconds, by method and status code, as the
+    OpenTelemetry RPC conventions name it) and ``cuga.rpc.server.active_streams`` (open
+    server streams by method: Orchestrate, Resume, Watch, Export). Placed after the
+    OpenTelemetry interceptor so its log line carries the server span's trace id.
+    """
+
+    def __init__(self, meter: Meter, service_name: str) -> None:
+        self._duration = meter.create_histogram(
+            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
+        )
+        self._streams = meter.create_up_down_counter(
+            "cuga.rpc.server.active_streams",
+            unit="{stream}",
+            description="Server streams open right now",
+        )
+        self._service = service_name
+        self._log = logging.getLogger("cuga.rpc")
+
+    def _done(
+        self, method: str, context: grpc.aio.ServicerContext, started: float, ok: bool
+    ) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        code = "OK"
+        if not ok:
+            found = context.code()
+            # Handler errors are aborted with a code by the error mapping; no code means
+            # the call was cancelled (client gone, deadline, drain).
+            code = found.name if isinstance(found, grpc.StatusCode) else "CANCELLED"
+        self._duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": code})
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("%s %s %.1fms", method, code, elapsed_ms)
+
+    def _wrap_unary(
+        self, method: str, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            ok = False
+            try:
+                result = await behavior(request, context)
+                ok = True
+                return result
+            finally:
+                self._done(method, context, started, ok)
+
+        return call
+
+    def _wrap_stream(
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., Any]:
+        attributes = {"rpc.method": method}
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            ok = False
+            self._streams.add(1, attributes)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+                ok = True
+            finally:
+                self._streams.add(-1, attributes)
+                self._done(method, context, started, ok)
+
+        return call
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary), **kwargs
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream), **kwargs
+            )
+        return handler
+
+
+class _UnaryClientInterceptor(UnaryUnaryAioClientInterceptor):
+    """OpenTelemetry's unary client interceptor, ending the span of a cancelled call too.
+
+    opentelemetry-instrumentation-grpc 0.66b2 ends a unary call's span when the call
+    completes or fails with an ``AioRpcError``; a caller cancelled mid-call (a run
+    cancelled, a coordinator draining) left the span open, never exported, and the
+    server's span of that call an orphan in its trace.
+    """
+
+    async def _wrap_unary_response(self, continuation: Any, span: Span) -> Any:
+        try:
+            return await super()._wrap_unary_response(continuation, span)  # type: ignore[no-untyped-call]
+        except asyncio.CancelledError:
+            span.set_status(Status(StatusCode.ERROR, "CANCELLED"))
+            span.end()
+            raise
 
 
 @dataclass
@@ -66,19 +214,37 @@ class Telemetry:
         self.meter = self.meter_provider.get_meter("cuga")
 
     def server_interceptors(self) -> list[Any]:
-        """The OpenTelemetry aio server interceptor, health checks excluded."""
+        """The OpenTelemetry aio server interceptor (health checks excluded), then the
+        per-RPC metrics interceptor, which runs inside the server span."""
         interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
             tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH
         )
-        return [interceptor]
+        return [interceptor, RpcMetricsInterceptor(self.meter, self.service_name)]
+
+    def force_flush(self, timeout_millis: int = 10_000) -> bool:
+        """Export every finished span and the current metric values now (tests, drains)."""
+        traces = self.tracer_provider.force_flush(timeout_millis)
+        metrics = self.meter_provider.force_flush(timeout_millis)
+        return bool(traces and metrics)
 
     def client_interceptors(self) -> list[Any]:
         """The OpenTelemetry aio client interceptors (inject W3C context)."""
-        return list(
+        found = list(
             aio_client_interceptors(  # type: ignore[no-untyped-call]
                 tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH
             )
         )
+        tracer = self.tracer_provider.get_tracer(
+            "opentelemetry.instrumentation.grpc",
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        # Same interceptors, the unary one replaced by the variant that ends cancelled spans.
+        return [
+            _UnaryClientInterceptor(tracer, filter_=_NOT_HEALTH)  # type: ignore[no-untyped-call]
+            if isinstance(i, UnaryUnaryAioClientInterceptor)
+            else i
+            for i in found
+        ]
 
     def shutdown(self) -> None:
         """Flush and stop exporters."""
@@ -101,32 +267,56 @@ def setup_telemetry(
         metric_readers: extra metric readers (tests pass an in-memory reader).
         env: environment to read ``OTEL_*`` from (default ``os.environ``).
     """
+    env = os.environ if env is None else env
     resource = Resource.create({"service.name": service_name})
     tracer_provider = TracerProvider(resource=resource)
     for processor in span_processors:
         tracer_provider.add_span_processor(processor)
     traces, metrics = otlp_configured(env)
     readers = list(metric_readers)
+    # Exporters are imported only when asked for: without OTEL_* nothing is loaded or sent.
     if traces:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(**_otlp_options(env, "TRACES")))
+        )
     if metrics:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL")
+        readers.append(
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(**_otlp_options(env, "METRICS")),
+                export_interval_millis=float(interval) if interval else None,
+            )
+        )
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     return Telemetry(service_name, tracer_provider, meter_provider)
 
 
-class _ContextFilter(logging.Filter):
-    """Adds trace_id, span_id and run_id of the current context to each record."""
+class ContextFilter(logging.Filter):
+    """Adds trace_id, span_id, run_id and service of the current context to each record.
+
+    The service is the ``service.name`` of the current span's provider, so several services
+    in one process (tests, embedded use) still log as themselves; outside any span it is
+    the process's service given to :func:`configure_logging`.
+    """
+
+    def __init__(self, service: str = "") -> None:
+        super().__init__()
+        self._service = service
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ctx = trace.get_current_span().get_span_context()
+        span = trace.get_current_span()
+        ctx = span.get_span_context()
         record.trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
         record.span_id = format(ctx.span_id, "016x") if ctx.is_valid else ""
-        record.run_id = current_run_id.get()
+        run_id = current_run_id.get() or baggage.get_baggage(RUN_ID_BAGGAGE)
+        record.run_id = run_id if isinstance(run_id, str) else ""
+        resource = getattr(span, "resource", None)  # SDK spans know their service
+        service = resource.attributes.get("service.name") if resource is not None else None
+        record.service = service if isinstance(service, str) else self._service
         return True
 
 
@@ -136,6 +326,7 @@ class _JsonFormatter(logging.Formatter):
             "time": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
+            "service": getattr(record, "service", ""),
             "message": record.getMessage(),
             "trace_id": getattr(record, "trace_id", ""),
             "span_id": getattr(record, "span_id", ""),
@@ -146,24 +337,37 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
-_TEXT = "%(asctime)s %(levelname)s %(name)s [trace=%(trace_id)s run=%(run_id)s] %(message)s"
+_TEXT = (
+    "%(asctime)s %(levelname)s %(service)s %(name)s"
+    " [trace=%(trace_id)s span=%(span_id)s run=%(run_id)s] %(message)s"
+)
 
 
-def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
-    """Install one structured handler on the root logger (idempotent)."""
+def configure_logging(fmt: str = "text", level: str = "INFO", *, service: str = "") -> None:
+    """Install one structured handler on the root logger (idempotent).
+
+    Args:
+        fmt: ``text`` (one line, key fields in brackets) or ``json`` (one object a line
+            with time, level, logger, service, message, trace_id, span_id, run_id).
+        level: root log level.
+        service: service name for records logged outside any span.
+    """
     root = logging.getLogger()
     for handler in root.handlers:
         if getattr(handler, "_cuga", False):
             root.removeHandler(handler)
     handler = logging.StreamHandler()
     handler._cuga = True  # type: ignore[attr-defined]
-    handler.addFilter(_ContextFilter())
+    handler.addFilter(ContextFilter(service))
     handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
     root.addHandler(handler)
     root.setLevel(level)
 
 
 __all__ = [
+    "RUN_ID_BAGGAGE",
+    "ContextFilter",
+    "RpcMetricsInterceptor",
     "Telemetry",
     "configure_logging",
     "current_run_id",

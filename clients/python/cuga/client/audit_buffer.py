@@ -28,16 +28,20 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from google.protobuf import json_format
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, Tracer
 
 from cuga.audit.v1 import audit_pb2
 from cuga.client._clients import AuditClient
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.errors import CugaError
+from cuga.shared.telemetry import RUN_ID_BAGGAGE
 
 log = logging.getLogger("cuga.client.audit")
 
@@ -66,7 +70,16 @@ class BufferedAuditTrail:
         call_timeout_s: deadline of one RecordBatch call, seconds.
         initial_backoff_s: first retry delay, seconds; doubles up to ``max_backoff_s``.
         max_backoff_s: largest retry delay, seconds.
+        tracer: the coordinator's tracer, for the span of a batch that mixes runs.
+
+    Tracing: the span context current when records are enqueued (the run's) is kept per
+    trace id; a batch of one run's records is sent in that run's trace, so the audit
+    service's server span joins the run. A batch mixing runs is sent under one
+    ``cuga.audit.send`` span linked to each run (one call instead of one per run).
     """
+
+    #: Span contexts kept for runs whose records may still be queued (oldest dropped).
+    MAX_TRACE_PARENTS = 1024
 
     def __init__(
         self,
@@ -79,6 +92,7 @@ class BufferedAuditTrail:
         call_timeout_s: float = 5.0,
         initial_backoff_s: float = 0.05,
         max_backoff_s: float = 5.0,
+        tracer: Tracer | None = None,
     ) -> None:
         if not 1 <= batch_size <= 1000:
             raise ValueError("batch_size must be between 1 and 1000")
@@ -92,6 +106,8 @@ class BufferedAuditTrail:
         self._initial_backoff = initial_backoff_s
         self._max_backoff = max_backoff_s
         self._spill_dir = Path(spill_dir)
+        self._tracer = tracer or trace.get_tracer("cuga.client.audit")
+        self._parents: collections.OrderedDict[str, SpanContext] = collections.OrderedDict()
         self._spill_dir.mkdir(parents=True, exist_ok=True)
         # Order invariant: every record in memory is older than every record on disk.
         self._memory: collections.deque[audit_pb2.AuditRecord] = collections.deque()
@@ -147,6 +163,13 @@ class BufferedAuditTrail:
         if self._closed:
             raise RuntimeError("BufferedAuditTrail is closed")
         now_ns = int(self._clock.now() * 1e9)
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid:
+            trace_id = format(parent.trace_id, "032x")
+            self._parents[trace_id] = parent
+            self._parents.move_to_end(trace_id)
+            while len(self._parents) > self.MAX_TRACE_PARENTS:
+                self._parents.popitem(last=False)
         for original in records:
             record = audit_pb2.AuditRecord()
             record.CopyFrom(original)
@@ -282,12 +305,29 @@ class BufferedAuditTrail:
             self.acknowledged += len(batch)
             self._update_idle()
 
+    def _trace_scope(
+        self, batch: list[audit_pb2.AuditRecord]
+    ) -> contextlib.AbstractContextManager[object]:
+        """The span a batch is sent under: its run's, or one linked to each of its runs."""
+        parents = {
+            r.trace_id: self._parents[r.trace_id] for r in batch if r.trace_id in self._parents
+        }
+        if len(parents) == 1 and len({r.trace_id for r in batch}) == 1:
+            return _joined(next(iter(parents.values())), batch[0].run_id)
+        return self._tracer.start_as_current_span(
+            "cuga.audit.send",
+            context=trace.set_span_in_context(trace.INVALID_SPAN),
+            links=[Link(sc) for sc in parents.values()],
+            attributes={"cuga.records": len(batch)},
+        )
+
     async def _send(self, batch: list[audit_pb2.AuditRecord]) -> None:
         """Send a batch; a permanent refusal is narrowed down to the records causing it."""
         try:
-            await self._client.record_batch(
-                audit_pb2.RecordBatchRequest(records=batch), timeout=self._call_timeout
-            )
+            with self._trace_scope(batch):
+                await self._client.record_batch(
+                    audit_pb2.RecordBatchRequest(records=batch), timeout=self._call_timeout
+                )
             return
         except CugaError as exc:
             if exc.code.name in _TRANSIENT:
@@ -341,6 +381,19 @@ class BufferedAuditTrail:
         self._segments = collections.deque([path])
         self._spilled = _count_lines(path)
         self._memory.clear()
+
+
+@contextlib.contextmanager
+def _joined(parent: SpanContext, run_id: str) -> Iterator[object]:
+    """Current context: the run's span, and its run id in baggage (log lines carry it)."""
+    ctx = trace.set_span_in_context(NonRecordingSpan(parent))
+    if run_id:
+        ctx = baggage.set_baggage(RUN_ID_BAGGAGE, run_id, context=ctx)
+    token = otel_context.attach(ctx)
+    try:
+        yield None
+    finally:
+        otel_context.detach(token)
 
 
 def _dump(record: audit_pb2.AuditRecord) -> str:

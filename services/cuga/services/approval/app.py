@@ -14,6 +14,7 @@ from cuga.shared.auth import AuthInterceptor
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.metrics import ApprovalMetrics, observe_gauge
 from cuga.shared.telemetry import Telemetry
 
 DB_FILE = "approval.db"
@@ -47,12 +48,20 @@ async def build(
         clock=clock or SystemClock(),
         limits=settings.common.limits,
         max_pending_per_profile=config.max_pending_per_profile,
+        metrics=ApprovalMetrics(telemetry.meter),
     )
     servicer = ApprovalServicer(manager, auth_enabled=auth.enabled)
     telemetry.meter.create_observable_gauge(
         "cuga.approval.waiters",
         callbacks=[lambda _options: [Observation(manager.waiting)]],
         description="AwaitDecision calls currently waiting",
+    )
+    observe_gauge(
+        telemetry.meter,
+        "cuga.approval.pending",
+        lambda: manager.pending,
+        unit="{request}",
+        description="Approval requests waiting for a decision (all profiles)",
     )
 
     async def started(address: str) -> None:

@@ -39,6 +39,7 @@ from cuga.shared.errors import (
     UnauthenticatedError,
 )
 from cuga.shared.messages import seconds, struct_to_dict, timestamp
+from cuga.shared.metrics import OUTCOME, ApprovalMetrics
 from cuga.shared.validation import (
     STEP_ID_PATTERN,
     TOOL_NAME_PATTERN,
@@ -88,6 +89,7 @@ class ApprovalManager:
         clock: Clock,
         limits: Limits | None = None,
         max_pending_per_profile: int = 1000,
+        metrics: ApprovalMetrics | None = None,
     ) -> None:
         """Args:
         store: durable storage of requests.
@@ -95,18 +97,28 @@ class ApprovalManager:
         clock: time source for creation, expiry and the expiry task.
         limits: input limits (step input size, batch size, page size).
         max_pending_per_profile: PENDING requests one profile may hold.
+        metrics: requested/decided/expired counters (no-op when ``None``).
         """
         self._store = store
         self._policy = policy
         self._clock = clock
         self._limits = limits or Limits()
         self._max_pending = max_pending_per_profile
+        self._metrics = metrics or ApprovalMetrics()
+        # Refreshed on the event loop after each change: the metric reader's thread must
+        # not touch the SQLite connection.
+        self._pending = store.count_all_pending()
         self._waiters: dict[str, asyncio.Event] = {}
         self._rearm = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
         self._closed = False
         self._waiting = 0
         self._waiting_changed = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """PENDING requests of every profile (a gauge)."""
+        return self._pending
 
     @property
     def waiting(self) -> int:
@@ -177,6 +189,8 @@ class ApprovalManager:
         expired.status = EXPIRED
         expired.decided_at.CopyFrom(request.expires_at)
         if self._store.update(expired):
+            self._metrics.expired.add(1)
+            self._pending = self._store.count_all_pending()
             log.info(
                 "approval expired: %s (run %s step %s, rule %s)",
                 expired.approval_id,
@@ -364,6 +378,8 @@ class ApprovalManager:
                     reason="TOO_MANY_PENDING_APPROVALS",
                 )
             self._store.insert(new)
+            self._metrics.requested.add(len(new))
+            self._pending = self._store.count_all_pending()
             self._rearm.set()
             for req, _, _ in new:
                 log.info(
@@ -527,6 +543,8 @@ class ApprovalManager:
             reason,
         )
         if updated.status != PENDING:
+            self._metrics.decided.add(1, {OUTCOME: status_name(updated.status)})
+            self._pending = self._store.count_all_pending()
             self._notify(approval_id)
         return updated
 

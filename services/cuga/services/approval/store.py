@@ -161,6 +161,13 @@ class ApprovalStore:
         ).fetchone()
         return None if row is None else str(row["approval_id"])
 
+    def count_all_pending(self) -> int:
+        """PENDING requests of every profile (the pending gauge)."""
+        row = self._conn.execute(
+            "SELECT COUNT(*) AS n FROM approvals WHERE status = ?", (PENDING,)
+        ).fetchone()
+        return int(row["n"])
+
     def count_pending(self, profile: str) -> int:
         """PENDING requests of one profile."""
         row = self._conn.execute(

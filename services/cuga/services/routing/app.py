@@ -10,6 +10,7 @@ from cuga.services.routing.servicer import RoutingServicer
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.metrics import RoutingMetrics
 from cuga.shared.telemetry import Telemetry
 
 DB_FILE = "routing.db"
@@ -38,7 +39,9 @@ async def build(
     except BaseException:
         store.close()
         raise
-    authority = PolicyBasedRoutingAuthority(registry, config=config)
+    authority = PolicyBasedRoutingAuthority(
+        registry, config=config, metrics=RoutingMetrics(telemetry.meter)
+    )
 
     async def close_store() -> None:
         store.close()

@@ -30,6 +30,7 @@ from cuga.services.routing.policies import (
 from cuga.services.routing.registry import WorkerRecord, WorkerRegistry
 from cuga.shared.errors import FailedPreconditionError, InvalidArgumentError
 from cuga.shared.messages import timestamp
+from cuga.shared.metrics import POLICY, RoutingMetrics
 from cuga.shared.validation import (
     ID_PATTERN,
     STEP_ID_PATTERN,
@@ -140,6 +141,7 @@ class PolicyBasedRoutingAuthority:
             :class:`RoundRobinPolicy`, :class:`CapabilityBasedPolicy` and
             :class:`LoadBalancedPolicy`. Instances keep state (the round-robin cursor), so
             one authority keeps the same instances for its lifetime.
+        metrics: decision counters (no-op when ``None``).
     """
 
     def __init__(
@@ -148,8 +150,11 @@ class PolicyBasedRoutingAuthority:
         *,
         config: RoutingConfig | None = None,
         policies: Mapping[str, RoutingPolicyImpl] | None = None,
+        metrics: RoutingMetrics | None = None,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics or RoutingMetrics()
+        self._policy_attrs = {proto: {POLICY: name} for name, proto in _POLICY_BY_NAME.items()}
         self._config = config or RoutingConfig()
         impls: dict[str, RoutingPolicyImpl] = dict(
             policies
@@ -222,6 +227,7 @@ class PolicyBasedRoutingAuthority:
             decision = self._decide(step, policy, excluded, added)
             added[decision.target.worker_id] = added.get(decision.target.worker_id, 0) + 1
             decisions.append(decision)
+        self._metrics.decisions.add(len(decisions), self._policy_attrs[policy.proto])
         return decisions
 
     def _policy(self, value: int) -> RoutingPolicyImpl:
@@ -280,6 +286,7 @@ class PolicyBasedRoutingAuthority:
         need = StepNeed(step.tool, step.capability)
         found = self._eligibility(need, excluded)
         if not found.eligible:
+            self._metrics.no_worker.add(1, self._policy_attrs[policy.proto])
             raise _no_eligible_worker(step.step_id, need, found, self._registry)
         candidates = [
             Candidate(
