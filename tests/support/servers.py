@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -33,9 +33,14 @@ async def running_service(
     settings: Settings,
     *,
     span_processors: Sequence[SpanProcessor] = (),
+    telemetry_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """A service built and started exactly as ``cuga serve`` does, on a free port."""
-    telemetry = setup_telemetry(f"cuga-{name}", span_processors=span_processors)
+    """A service built and started exactly as ``cuga serve`` does, on a free port.
+
+    ``telemetry_env`` replaces ``os.environ`` as the source of the ``OTEL_*`` variables
+    (tests point the exporters at an in-process receiver without touching the process).
+    """
+    telemetry = setup_telemetry(f"cuga-{name}", span_processors=span_processors, env=telemetry_env)
     definition = await builder(settings, telemetry)
     server = await start_server(definition, settings.common, port=0, host="127.0.0.1")
     try:
@@ -91,6 +96,7 @@ async def running_cluster(
     *,
     span_processors: Sequence[SpanProcessor] = (),
     workers: Sequence[dict[str, object]] = ({},),
+    telemetry_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Cluster]:
     """All six services in this process, each through the production bootstrap on :0.
 
@@ -113,12 +119,19 @@ async def running_cluster(
                             build["worker"],
                             with_section(settings, "worker", **section),
                             span_processors=span_processors,
+                            telemetry_env=telemetry_env,
                         )
                     )
                 settings = with_address(settings, "worker", servers["worker"].address)
                 continue
             server = await stack.enter_async_context(
-                running_service(name, build[name], settings, span_processors=span_processors)
+                running_service(
+                    name,
+                    build[name],
+                    settings,
+                    span_processors=span_processors,
+                    telemetry_env=telemetry_env,
+                )
             )
             servers[name] = server
             settings = with_address(settings, name, server.address)

@@ -21,12 +21,26 @@ from cuga.shared.errors import (
     NotFoundError,
 )
 from cuga.shared.messages import struct_to_dict
-from tests.unit.test_planning_support import TOOLS, explicit, make_planner, step
+from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
+from tests.unit.test_planning_support import (
+    TOOLS,
+    Location,
+    explicit,
+    make_planner,
+    step,
+    store_location,  # noqa: F401
+)
 
 
 @pytest.fixture
 def planner(tmp_path: Path) -> Planner:
     return make_planner(tmp_path)[0]
+
+
+@pytest.fixture
+def stored_planner(store_location: Location) -> Planner:  # noqa: F811
+    """A planner on each storage backend (SQLite, PostgreSQL), for the storage tests."""
+    return make_planner(store_location)[0]
 
 
 def test_planner_satisfies_the_authority_protocol(planner: Planner) -> None:
@@ -304,7 +318,10 @@ async def _complete(planner: Planner, plan: c.Plan, run_id: str) -> c.Plan:
     return plan
 
 
-async def test_memory_augmented_reuses_completed_plan_of_same_profile(planner: Planner) -> None:
+async def test_memory_augmented_reuses_completed_plan_of_same_profile(
+    stored_planner: Planner,
+) -> None:
+    planner = stored_planner
     ctx = c.ExecutionContext(profile="team-a")
     past = await planner.create_plan(
         explicit(
@@ -338,7 +355,8 @@ async def test_memory_augmented_reuses_completed_plan_of_same_profile(planner: P
     assert any("no similar completed goal" in n for n in other.notes)
 
 
-async def test_memory_augmented_ignores_unfinished_and_dissimilar(planner: Planner) -> None:
+async def test_memory_augmented_ignores_unfinished_and_dissimilar(stored_planner: Planner) -> None:
+    planner = stored_planner
     done = await planner.create_plan(explicit(step("a"), goal="translate the manual into German"))
     await planner.transition_plan(
         p.TransitionPlanRequest(plan_id=done.plan_id, to_state=c.PLAN_STATE_CANCELLED, run_id="r")
@@ -353,13 +371,15 @@ async def test_memory_augmented_ignores_unfinished_and_dissimilar(planner: Plann
     assert [s.tool for s in plan.steps] == ["web.search"]
 
 
-async def test_memory_augmented_skips_plans_that_no_longer_validate(tmp_path: Path) -> None:
-    planner, _store, _memory = make_planner(tmp_path)
+async def test_memory_augmented_skips_plans_that_no_longer_validate(
+    store_location: Location,  # noqa: F811
+) -> None:
+    planner, _store, _memory = make_planner(store_location)
     past = await planner.create_plan(
         explicit(step("a", "math.add", input={"a": 1, "b": 2}), goal="add one and two")
     )
     await _complete(planner, past, "run-9")
-    without_add = make_planner(tmp_path, tools=[t for t in TOOLS if t.name != "math.add"])[0]
+    without_add = make_planner(store_location, tools=[t for t in TOOLS if t.name != "math.add"])[0]
     plan = await without_add.create_plan(
         p.CreatePlanRequest(
             goal="add one and two, search web", mode=c.PLANNING_MODE_MEMORY_AUGMENTED
@@ -424,9 +444,9 @@ async def test_every_pair_of_states(planner: Planner, src: int, dst: int) -> Non
         assert (await planner.get_plan(plan.plan_id)).state == src
 
 
-async def test_transitions_are_stamped_and_recorded(tmp_path: Path) -> None:
+async def test_transitions_are_stamped_and_recorded(store_location: Location) -> None:  # noqa: F811
     clock = FakeClock(start=1000.0)
-    planner, store, _ = make_planner(tmp_path, clock=clock)
+    planner, store, _ = make_planner(store_location, clock=clock)
     plan = await planner.create_plan(explicit(step("a")))
     clock.advance(5)
     moved = await planner.transition_plan(
@@ -444,8 +464,8 @@ async def test_transitions_are_stamped_and_recorded(tmp_path: Path) -> None:
     assert history[1].reason == "routed" and history[1].request_id == "t1"
 
 
-async def test_transition_is_idempotent_by_request_id(tmp_path: Path) -> None:
-    planner, store, _ = make_planner(tmp_path)
+async def test_transition_is_idempotent_by_request_id(store_location: Location) -> None:  # noqa: F811
+    planner, store, _ = make_planner(store_location)
     plan = await planner.create_plan(explicit(step("a")))
     req = p.TransitionPlanRequest(
         plan_id=plan.plan_id, to_state=c.PLAN_STATE_EXECUTING, request_id="go"
@@ -465,8 +485,8 @@ async def test_transition_is_idempotent_by_request_id(tmp_path: Path) -> None:
         )
 
 
-async def test_same_state_again_is_a_noop(tmp_path: Path) -> None:
-    planner, store, _ = make_planner(tmp_path)
+async def test_same_state_again_is_a_noop(store_location: Location) -> None:  # noqa: F811
+    planner, store, _ = make_planner(store_location)
     plan = await planner.create_plan(explicit(step("a")))
     req = p.TransitionPlanRequest(plan_id=plan.plan_id, to_state=c.PLAN_STATE_ROUTED)
     await planner.transition_plan(req)
@@ -511,7 +531,8 @@ async def test_unknown_plan_is_not_found(planner: Planner) -> None:
 # ---------------------------------------------------- idempotency, persistence
 
 
-async def test_create_is_idempotent_by_request_id(planner: Planner) -> None:
+async def test_create_is_idempotent_by_request_id(stored_planner: Planner) -> None:
+    planner = stored_planner
     req = explicit(step("a"), request_id="req-1", context=c.ExecutionContext(trace_id="a" * 32))
     first = await planner.create_plan(req)
     retry = explicit(step("a"), request_id="req-1", context=c.ExecutionContext(trace_id="b" * 32))
@@ -522,16 +543,16 @@ async def test_create_is_idempotent_by_request_id(planner: Planner) -> None:
     assert other.plan_id != first.plan_id
 
 
-async def test_failed_create_stores_nothing(tmp_path: Path) -> None:
-    planner, store, _ = make_planner(tmp_path)
+async def test_failed_create_stores_nothing(store_location: Location) -> None:  # noqa: F811
+    planner, store, _ = make_planner(store_location)
     with pytest.raises(InvalidArgumentError):
         await planner.create_plan(explicit(step("a", "nope"), request_id="r"))
     assert store.lookup_request("create", "r") is None
     assert store.connection.execute("SELECT COUNT(*) FROM plans").fetchone()[0] == 0
 
 
-async def test_plans_and_memory_survive_restart(tmp_path: Path) -> None:
-    planner, store, _ = make_planner(tmp_path)
+async def test_plans_and_memory_survive_restart(store_location: Location) -> None:  # noqa: F811
+    planner, store, _ = make_planner(store_location)
     plan = await planner.create_plan(
         explicit(
             step("a", "web.search", input={"query": "q"}),
@@ -541,7 +562,7 @@ async def test_plans_and_memory_survive_restart(tmp_path: Path) -> None:
     )
     await _complete(planner, plan, "run-tea")
     store.close()
-    planner2, _, memory2 = make_planner(tmp_path)
+    planner2, _, memory2 = make_planner(store_location)
     loaded = await planner2.get_plan(plan.plan_id)
     assert loaded.state == c.PLAN_STATE_COMPLETED
     assert loaded.steps == plan.steps

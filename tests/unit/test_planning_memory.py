@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from cuga.services.planning.memory import Embedder, HashingEmbedder, VectorMemory
 from cuga.shared.clock import FakeClock
-from cuga.shared.sqlite import open_sqlite
+from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
+from tests.unit.test_planning_support import Location, open_db, store_location  # noqa: F401
 
 ADVERSARIAL = [
     "a' OR '1'='1",
@@ -26,17 +25,17 @@ ADVERSARIAL = [
 ]
 
 
-def _memory(tmp_path: Path, **kw: object) -> VectorMemory:
+def _memory(location: Location, **kw: object) -> VectorMemory:
     return VectorMemory(
-        open_sqlite(tmp_path / "m.db"),
+        open_db(location, "m.db"),
         HashingEmbedder(128),
         clock=FakeClock(),
         **kw,  # type: ignore[arg-type]
     )
 
 
-def test_each_profile_sees_only_its_own_records(tmp_path: Path) -> None:
-    memory = _memory(tmp_path)
+def test_each_profile_sees_only_its_own_records(store_location: Location) -> None:  # noqa: F811
+    memory = _memory(store_location)
     for profile in ADVERSARIAL:
         memory.add(profile, "book a flight to Rome", {"owner": profile})
     for profile in ADVERSARIAL:
@@ -47,15 +46,15 @@ def test_each_profile_sees_only_its_own_records(tmp_path: Path) -> None:
     assert memory.search("nobody", "book a flight to Rome") == []
 
 
-def test_empty_profile_is_the_default_profile(tmp_path: Path) -> None:
-    memory = _memory(tmp_path)
+def test_empty_profile_is_the_default_profile(store_location: Location) -> None:  # noqa: F811
+    memory = _memory(store_location)
     memory.add("", "plan the offsite", {"n": 1})
     assert [h.payload["n"] for h in memory.search("default", "plan the offsite")] == [1]
     assert memory.search("Default", "plan the offsite") == []
 
 
-def test_search_ranks_by_similarity_with_threshold(tmp_path: Path) -> None:
-    memory = _memory(tmp_path)
+def test_search_ranks_by_similarity_with_threshold(store_location: Location) -> None:  # noqa: F811
+    memory = _memory(store_location)
     memory.add("p", "summarise the quarterly sales report", {"i": 1})
     memory.add("p", "water the plants in the garden", {"i": 2})
     hits = memory.search("p", "summarise the sales report for the quarter", limit=5)
@@ -65,10 +64,10 @@ def test_search_ranks_by_similarity_with_threshold(tmp_path: Path) -> None:
     assert memory.search("p", "anything", limit=0) == []
 
 
-def test_key_replaces_and_cap_evicts_oldest(tmp_path: Path) -> None:
+def test_key_replaces_and_cap_evicts_oldest(store_location: Location) -> None:  # noqa: F811
     clock = FakeClock()
     memory = VectorMemory(
-        open_sqlite(tmp_path / "m.db"), HashingEmbedder(64), clock=clock, max_records_per_profile=3
+        open_db(store_location, "m.db"), HashingEmbedder(64), clock=clock, max_records_per_profile=3
     )
     memory.add("p", "first", {"v": 1}, key="k")
     memory.add("p", "first again", {"v": 2}, key="k")
@@ -86,8 +85,8 @@ def test_key_replaces_and_cap_evicts_oldest(tmp_path: Path) -> None:
     assert memory.count("q") == 1
 
 
-def test_records_of_another_embedder_are_not_compared(tmp_path: Path) -> None:
-    conn = open_sqlite(tmp_path / "m.db")
+def test_records_of_another_embedder_are_not_compared(store_location: Location) -> None:  # noqa: F811
+    conn = open_db(store_location, "m.db")
     VectorMemory(conn, HashingEmbedder(64)).add("p", "hello world", {})
     assert VectorMemory(conn, HashingEmbedder(128)).search("p", "hello world") == []
 
@@ -104,7 +103,7 @@ def test_hashing_embedder_is_deterministic_and_normalised() -> None:
     assert np.allclose(HashingEmbedder(256).embed(["Weather in Paris"])[0], a)
 
 
-def test_custom_embedder_can_be_plugged(tmp_path: Path) -> None:
+def test_custom_embedder_can_be_plugged(store_location: Location) -> None:  # noqa: F811
     class Fixed:
         name = "fixed"
         dims = 2
@@ -115,12 +114,12 @@ def test_custom_embedder_can_be_plugged(tmp_path: Path) -> None:
                 dtype=np.float32,
             )
 
-    memory = VectorMemory(open_sqlite(tmp_path / "m.db"), Fixed())
+    memory = VectorMemory(open_db(store_location, "m.db"), Fixed())
     memory.add("p", "x marks", {"i": 1})
     memory.add("p", "nothing", {"i": 2})
     assert memory.search("p", "xyz", limit=1)[0].payload == {"i": 1}
 
 
-def test_invalid_cap_is_refused(tmp_path: Path) -> None:
+def test_invalid_cap_is_refused(store_location: Location) -> None:  # noqa: F811
     with pytest.raises(ValueError):
-        _memory(tmp_path, max_records_per_profile=0)
+        _memory(store_location, max_records_per_profile=0)

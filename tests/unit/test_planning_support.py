@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cuga.common.v1 import common_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.services.planning.catalog import StaticToolCatalog
@@ -18,7 +20,27 @@ from cuga.services.planning.store import PlanStore
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import Limits
 from cuga.shared.messages import to_struct
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase
 from cuga.shared.sqlite import open_sqlite
+
+#: Where planning stores: a data directory (SQLite) or a PostgreSQL DSN.
+Location = Path | str
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """Each storage backend in turn. A module using it imports ``postgres_cluster`` and
+    ``postgres_dsn`` from ``tests.support.postgres``."""
+    if request.param == "sqlite":
+        return tmp_path
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+def open_db(location: Location, name: str = "planning.db") -> Database:
+    """A connection to planning's database at ``location``."""
+    if isinstance(location, Path):
+        return SQLiteDatabase(open_sqlite(location / name))
+    return PostgresDatabase(location)
 
 
 def tool(
@@ -95,7 +117,7 @@ def step(
 
 
 def make_planner(
-    data_dir: Path,
+    data_dir: Location,
     *,
     tools: list[common_pb2.ToolSpec] | None = None,
     config: PlanningConfig | None = None,
@@ -103,7 +125,7 @@ def make_planner(
     clock: FakeClock | None = None,
 ) -> tuple[Planner, PlanStore, VectorMemory]:
     clock = clock or FakeClock()
-    conn = open_sqlite(data_dir / "planning.db")
+    conn = open_db(data_dir)
     store = PlanStore(conn)
     memory = VectorMemory(conn, HashingEmbedder(256), clock=clock)
     planner = Planner(

@@ -31,7 +31,7 @@ from cuga.orchestrator._engine import (
 from cuga.orchestrator._factory import create_coordinator
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, RetryPolicy
 from cuga.orchestrator._protocol import ErrorPropagation, LifecycleStage, OrchestratorProtocol
-from cuga.orchestrator._runstore import RunStore
+from cuga.orchestrator._runstore import PostgresRunStore, RunStore, SQLiteRunStore, open_run_store
 from cuga.shared.authorities import (
     ApprovalManager,
     AuditTrail,
@@ -62,13 +62,16 @@ __all__ = [
     "Plan",
     "PlanStep",
     "PlanningAuthority",
+    "PostgresRunStore",
     "RetryPolicy",
     "RoutingAuthority",
     "RoutingDecision",
     "RunStore",
+    "SQLiteRunStore",
     "ToolBudget",
     "ToolExecutionError",
     "WorkerPool",
     "classify_failure",
     "create_coordinator",
+    "open_run_store",
 ]

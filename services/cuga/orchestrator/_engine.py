@@ -20,8 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 from google.protobuf import json_format
-from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 from cuga.approval.v1 import approval_pb2
 from cuga.audit.v1 import audit_pb2
@@ -52,11 +61,13 @@ from cuga.shared.errors import (
     classify_failure,
 )
 from cuga.shared.messages import timestamp, to_struct, value_to_python
-from cuga.shared.telemetry import current_run_id
+from cuga.shared.metrics import EngineMetrics
+from cuga.shared.telemetry import RUN_ID_BAGGAGE, current_run_id
 from cuga.shared.validation import (
     check_count,
     check_id,
     check_length,
+    check_timestamp,
     decode_page_token,
     encode_page_token,
     page_size,
@@ -251,6 +262,7 @@ class CoordinatorAgent:
         options: engine options.
         clock: time source for deadlines and backoff.
         tracer: OpenTelemetry tracer (the coordinator's).
+        meter: OpenTelemetry meter (the coordinator's); no metrics without one.
         rng: jitter source (tests seed it).
         closers: called (last first) by :meth:`close`, after the engine stopped; the
             factory passes what it opened (stores, channels).
@@ -268,6 +280,7 @@ class CoordinatorAgent:
         options: EngineOptions | None = None,
         clock: Clock | None = None,
         tracer: trace.Tracer | None = None,
+        meter: Meter | None = None,
         rng: random.Random | None = None,
         closers: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
@@ -280,6 +293,9 @@ class CoordinatorAgent:
         self.options = options or EngineOptions()
         self.clock = clock or SystemClock()
         self.tracer = tracer or trace.get_tracer("cuga")
+        self.metrics = EngineMetrics(meter)
+        # The span context of each run with audit records queued (their send joins it).
+        self._audit_parents: dict[str, SpanContext] = {}
         self._rng = rng or random.Random()
         self._live: dict[str, _Run] = {}
         self._tools: dict[str, tuple[float, dict[str, common_pb2.ToolSpec]]] = {}
@@ -391,6 +407,7 @@ class CoordinatorAgent:
                 raise InvalidArgumentError(
                     name, f"{value} is not a valid {enum_type.DESCRIPTOR.name}"
                 )
+        check_timestamp("context.deadline", ctx.deadline)
         if ctx.HasField("deadline") and ctx.deadline.ToNanoseconds() / 1e9 <= self.clock.now():
             raise InvalidArgumentError("context.deadline", "is in the past")
         self.options.retry.with_overrides(
@@ -413,8 +430,14 @@ class CoordinatorAgent:
         ctx.profile = ctx.profile or "default"
         if not ctx.HasField("deadline"):
             ctx.deadline.CopyFrom(timestamp(self.clock.now() + self.options.run_timeout_s))
+        # One run is one trace: the root starts a new trace (a caller's trace may start
+        # many runs, and the audit chain is per trace) and links to the caller's span.
+        caller = trace.get_current_span().get_span_context()
         span = self.tracer.start_span(
-            "cuga.run", attributes={"cuga.run_id": run_id, "cuga.profile": ctx.profile}
+            "cuga.run",
+            context=otel_context.Context(),
+            attributes={"cuga.run_id": run_id, "cuga.profile": ctx.profile},
+            links=[Link(caller)] if caller.is_valid else None,
         )
         sc = span.get_span_context()
         if not sc.is_valid:
@@ -427,10 +450,12 @@ class CoordinatorAgent:
             )
         ctx.trace_id = format(sc.trace_id, "032x")
         token = current_run_id.set(run_id)
+        # Baggage carries the run id to the downstream services' log lines.
+        bag = otel_context.attach(baggage.set_baggage(RUN_ID_BAGGAGE, run_id))
         try:
             with (
                 trace.use_span(span, end_on_exit=False),
-                self.tracer.start_as_current_span("cuga.plan"),
+                self.tracer.start_as_current_span("cuga.plan", attributes={"cuga.run_id": run_id}),
             ):
                 plan = await self.planning.create_plan(
                     planning_pb2.CreatePlanRequest(
@@ -448,6 +473,7 @@ class CoordinatorAgent:
             span.end()
             raise
         finally:
+            otel_context.detach(bag)
             current_run_id.reset(token)
         now = timestamp(self.clock.now())
         run = coordinator_pb2.Run(
@@ -470,6 +496,7 @@ class CoordinatorAgent:
         self.store.save_plan(run, plan)
         r = _Run(run, stored_request, plan, {}, sc)
         self._live[run_id] = r
+        self.metrics.runs_started.add(1)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=ctx)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_PLAN, plan=plan)
         r.task = asyncio.create_task(self._drive(r, span), name=f"run-{run_id}")
@@ -529,9 +556,14 @@ class CoordinatorAgent:
         self.store.update_run(run)
         parent = _span_context(self.store.trace_context(run_id))
         ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
+        caller = trace.get_current_span().get_span_context()
         span = self.tracer.start_span(
-            "cuga.run.resume", context=ctx, attributes={"cuga.run_id": run_id}
+            "cuga.run.resume",
+            context=ctx if ctx is not None else otel_context.Context(),
+            attributes={"cuga.run_id": run_id, "cuga.profile": run.context.profile},
+            links=[Link(caller)] if caller.is_valid else None,
         )
+        self.metrics.runs_started.add(1, {"cuga.resumed": True})
         r = _Run(run, request, plan, self.store.completed_steps(run_id), span.get_span_context())
         self._live[run_id] = r
         after = r.seq
@@ -560,7 +592,11 @@ class CoordinatorAgent:
                 yield event
                 last = event.seq
             if queue is None:
-                return  # not running here: the log is all there is
+                # Not running in this process: a shared store (PostgreSQL) follows it on
+                # the replica that drives it; otherwise the log is all there is.
+                async for event in self.store.follow(run_id, last):
+                    yield event
+                return
             if live is not None and live.finished.is_set() and queue.empty():
                 return
             while True:
@@ -627,6 +663,10 @@ class CoordinatorAgent:
         run = self.store.get_run(run_id)
         if run is None:
             raise NotFoundError(f"run {run_id} not found")
+        if self.store.request_cancel(run_id, reason or "cancelled by request"):
+            # Another replica drives it (shared store): it cancels; wait for the end.
+            async for _ in self.store.follow(run_id, run.last_seq):
+                pass
         if run.state == coordinator_pb2.RUN_STATE_INTERRUPTED:
             plan = self.store.get_plan(run_id) or common_pb2.Plan()
             r = _Run(
@@ -739,6 +779,7 @@ class CoordinatorAgent:
                 getattr(event, payload_name), preserving_proto_field_name=True
             )
         actor = "cuga-coordinator"
+        self._audit_parents[r.run.trace_id] = r.span_ctx
         if kind == "approval_decided" and event.approval.decided_by:
             actor = event.approval.decided_by
         self._audit_queue.append(
@@ -767,17 +808,36 @@ class CoordinatorAgent:
                 await self._send_audit(batch)
 
     async def _send_audit(self, batch: list[audit_pb2.AuditRecord]) -> None:
-        try:
-            await self.audit.record_batch(batch, timeout=self.options.timeout("audit"))
-        except Exception:  # the audit trail must never fail a run; its client buffers
-            log.exception("audit trail refused %d record(s)", len(batch))
+        # Handed over one run at a time inside the run's span, so the trail (and the audit
+        # service's server span) can place the write in the run's trace.
+        groups: dict[str, list[audit_pb2.AuditRecord]] = {}
+        for record in batch:
+            groups.setdefault(record.trace_id, []).append(record)
+        for trace_id, records in groups.items():
+            parent = self._audit_parents.pop(trace_id, None)
+            span = NonRecordingSpan(parent) if parent is not None else trace.INVALID_SPAN
+            try:
+                with trace.use_span(span):
+                    await self.audit.record_batch(records, timeout=self.options.timeout("audit"))
+            except Exception:  # the audit trail must never fail a run; its client buffers
+                log.exception("audit trail refused %d record(s)", len(records))
 
     async def _drive(self, r: _Run, span: trace.Span) -> None:
         token = current_run_id.set(r.run_id)
+        bag = otel_context.attach(baggage.set_baggage(RUN_ID_BAGGAGE, r.run_id))
+        self.metrics.runs_active.add(1)
         try:
             with trace.use_span(span, end_on_exit=True):
+                log.info(
+                    "run %s executing: %d step(s), %d already done",
+                    r.run_id,
+                    len(r.plan.steps),
+                    len(r.results),
+                )
                 await self._drive_in_span(r, span)
         finally:
+            self.metrics.runs_active.add(-1)
+            otel_context.detach(bag)
             current_run_id.reset(token)
             r.finished.set()
             self._live.pop(r.run_id, None)
@@ -850,6 +910,7 @@ class CoordinatorAgent:
         summary = self._summary(r)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_AGGREGATE, summary=summary)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_COMPLETE, summary=summary)
+        self.metrics.runs_completed.add(1)
         await self._transition(plan_id, common_pb2.PLAN_STATE_COMPLETED, r, "run completed")
 
     async def _transition(self, plan_id: str, state: int, r: _Run, reason: str) -> None:
@@ -920,6 +981,15 @@ class CoordinatorAgent:
         return partial
 
     def _finish_failed(self, r: _Run, error: CugaError, step_id: str) -> None:
+        self.metrics.runs_failed.add(1, self.metrics.mode(error.failure_mode.name))
+        log.warning(
+            "run %s failed%s (%s): %s",
+            r.run_id,
+            f" at step {step_id}" if step_id else "",
+            error.failure_mode.name,
+            error.message,
+        )
+        trace.get_current_span().set_attribute("cuga.failure_mode", error.failure_mode.name)
         r.run.failure_mode = _wire_mode(error.failure_mode)
         r.run.error = error.message
         r.run.completed_steps = len(r.results)
@@ -931,6 +1001,7 @@ class CoordinatorAgent:
         )
 
     def _finish_cancelled(self, r: _Run) -> None:
+        self.metrics.runs_cancelled.add(1)
         r.run.error = r.cancel_reason
         r.run.completed_steps = len(r.results)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_CANCELLED, partial=self._partial(r, None, ""))
@@ -990,7 +1061,7 @@ class CoordinatorAgent:
         ahead = [sid for sid in upcoming if sid != step_id and sid not in r.routes]
         window = [step_id, *ahead[: self.options.window - 1]]
         with self.tracer.start_as_current_span(
-            "cuga.route", attributes={"cuga.steps": len(window)}
+            "cuga.route", attributes={"cuga.run_id": r.run_id, "cuga.steps": len(window)}
         ):
             decisions = await self.routing.route_batch(
                 routing_pb2.RouteBatchRequest(
@@ -1018,7 +1089,9 @@ class CoordinatorAgent:
             spec = (await self._tool_specs(targets[step.step_id], r)).get(step.tool)
             if spec is not None and spec.sensitive:
                 sensitive.add(step.tool)
-        with self.tracer.start_as_current_span("cuga.approval.request"):
+        with self.tracer.start_as_current_span(
+            "cuga.approval.request", attributes={"cuga.run_id": r.run_id, "cuga.steps": len(steps)}
+        ):
             requests = await self.approval.request_approval_batch(
                 approval_pb2.RequestApprovalBatchRequest(
                     request_id=f"{r.run_id}:approvals:{steps[0].step_id}",
@@ -1057,6 +1130,7 @@ class CoordinatorAgent:
                 await self._prepare(r, sid, upcoming)
                 decision = r.routes.pop(sid)
                 span.set_attribute("cuga.worker", decision.target.worker_id)
+                span.set_attribute("cuga.policy", _policy_name(decision.policy))
                 self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision)
                 resolved = common_pb2.PlanStep()
                 resolved.CopyFrom(step)
@@ -1064,9 +1138,13 @@ class CoordinatorAgent:
                 await self._approve(r, resolved, decision.target)
                 self._charge_budget(r, resolved)
                 await self._attempts(r, resolved, decision, strategy)
-            except _StepFailed:
+            except _StepFailed as failed:
+                span.set_attribute("cuga.failure_mode", failed.error.failure_mode.name)
+                span.set_status(Status(StatusCode.ERROR, failed.error.message))
                 raise
             except CugaError as exc:
+                span.set_attribute("cuga.failure_mode", exc.failure_mode.name)
+                span.set_status(Status(StatusCode.ERROR, exc.message))
                 self._emit(
                     r,
                     common_pb2.LIFECYCLE_STAGE_EXECUTE,
@@ -1095,7 +1173,15 @@ class CoordinatorAgent:
         )
         if request.status == common_pb2.APPROVAL_STATUS_PENDING:
             self._emit(r, common_pb2.LIFECYCLE_STAGE_APPROVAL, step_id=sid, approval=info)
-            with self.tracer.start_as_current_span("cuga.approval.wait") as span:
+            with self.tracer.start_as_current_span(
+                "cuga.approval.wait",
+                attributes={
+                    "cuga.run_id": r.run_id,
+                    "cuga.step_id": sid,
+                    "cuga.tool": step.tool,
+                    "cuga.approval_id": request.approval_id,
+                },
+            ) as span:
                 while request.status == common_pb2.APPROVAL_STATUS_PENDING:
                     request = await self.approval.await_decision(
                         request.approval_id, timeout=max(0.001, self._remaining(r.context))
@@ -1105,6 +1191,9 @@ class CoordinatorAgent:
                 span.set_attribute(
                     "cuga.approval_outcome", common_pb2.ApprovalStatus.Name(request.status)
                 )
+        trace.get_current_span().set_attribute(
+            "cuga.approval_outcome", common_pb2.ApprovalStatus.Name(request.status)
+        )
         decided = common_pb2.ApprovalInfo()
         decided.CopyFrom(info)
         decided.status = request.status
@@ -1138,6 +1227,7 @@ class CoordinatorAgent:
                 f" {budget.ceiling:g} are spent"
             )
             if budget.policy == common_pb2.BUDGET_POLICY_BLOCK:
+                self.metrics.budget_blocks.add(1)
                 self._emit(
                     r,
                     common_pb2.LIFECYCLE_STAGE_EXECUTE,
@@ -1147,6 +1237,7 @@ class CoordinatorAgent:
                 raise PermissionDeniedError(message, reason="BUDGET_EXCEEDED")
             if "exceeded" not in r.warned:
                 r.warned.add("exceeded")
+                self.metrics.budget_warnings.add(1, {"cuga.warning": "BUDGET_EXCEEDED"})
                 self._emit(
                     r,
                     common_pb2.LIFECYCLE_STAGE_EXECUTE,
@@ -1157,6 +1248,7 @@ class CoordinatorAgent:
         fraction = budget.warn_fraction or 0.8
         if r.spent >= fraction * budget.ceiling and "threshold" not in r.warned:
             r.warned.add("threshold")
+            self.metrics.budget_warnings.add(1, {"cuga.warning": "BUDGET_THRESHOLD"})
             self._emit(
                 r,
                 common_pb2.LIFECYCLE_STAGE_EXECUTE,
@@ -1192,8 +1284,10 @@ class CoordinatorAgent:
                     "cuga.tool": step.tool,
                     "cuga.attempt": attempt,
                     "cuga.worker": target.worker_id,
+                    "cuga.policy": _policy_name(decision.policy),
                 },
             ) as span:
+                started = self.clock.monotonic()
                 try:
                     result = await self.workers.execute_step(
                         target,
@@ -1201,10 +1295,16 @@ class CoordinatorAgent:
                         timeout=self._remaining_capped(r.context, "worker"),
                     )
                 except CugaError as exc:
+                    self.metrics.step_duration.record(
+                        self.clock.monotonic() - started, self.metrics.tool(step.tool, False)
+                    )
                     span.set_attribute("cuga.failure_mode", exc.failure_mode.name)
                     span.set_status(Status(StatusCode.ERROR, exc.message))
                     error = exc
                 else:
+                    self.metrics.step_duration.record(
+                        self.clock.monotonic() - started, self.metrics.tool(step.tool, True)
+                    )
                     result.attempt = attempt
                     r.results[sid] = result
                     self._emit(
@@ -1222,6 +1322,7 @@ class CoordinatorAgent:
                     error=_error_detail(error, sid),
                 )
                 raise _StepFailed(sid, error)
+            self.metrics.retries.add(1, self.metrics.mode(error.failure_mode.name))
             delay = policy.delay(attempt, self._rng)
             retry = common_pb2.RetryInfo(
                 attempt=attempt, max_attempts=policy.max_attempts, error=_error_detail(error, sid)
@@ -1247,6 +1348,11 @@ class CoordinatorAgent:
                     continue
                 target = decisions[0].target
                 self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decisions[0])
+
+
+def _policy_name(policy: int) -> str:
+    """``round_robin`` for ROUTING_POLICY_ROUND_ROBIN (span and metric attribute)."""
+    return common_pb2.RoutingPolicy.Name(policy)[len("ROUTING_POLICY_") :].lower()
 
 
 def _execute_request(

@@ -17,7 +17,7 @@ from typing import Any
 from cuga.common.v1 import common_pb2
 from cuga.orchestrator._engine import CoordinatorAgent
 from cuga.orchestrator._policy import ExponentialBackoffPolicy
-from cuga.orchestrator._runstore import RunStore
+from cuga.orchestrator._runstore import open_run_store
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.authorities import (
     ApprovalManager,
@@ -33,6 +33,7 @@ from cuga.tools import ToolSpec
 ROUTING_POLICIES = ("round_robin", "capability", "load_balanced")
 PLANNING_MODES = ("explicit", "default", "budget_aware", "memory_augmented")
 AUDIT_BACKENDS = ("json", "sqlite", "postgres", "none")
+RUN_STORES = ("sqlite", "postgres")
 AUTHORITIES = ("planning", "routing", "approval", "audit", "worker")
 
 Closer = Callable[[], Awaitable[None]]
@@ -54,6 +55,8 @@ async def create_coordinator(
     addresses: Mapping[str, str] | None = None,
     settings: Settings | None = None,
     clock: Clock | None = None,
+    run_store: str | None = None,
+    dsn: str | None = None,
 ) -> CoordinatorAgent:
     """Build a :class:`CoordinatorAgent`; ``await agent.close()`` when done.
 
@@ -70,6 +73,8 @@ async def create_coordinator(
             (``planning``, ``routing``, ``approval``, ``audit``, ``worker``).
         settings: configuration to start from (default: file/env as ``cuga`` loads it).
         clock: time source (tests inject a FakeClock).
+        run_store: ``sqlite`` | ``postgres`` (default: ``coordinator.run_store``, sqlite).
+        dsn: PostgreSQL DSN of the run store (default: ``coordinator.dsn``).
 
     Raises:
         ValueError: an unknown choice, listing the valid values.
@@ -77,6 +82,8 @@ async def create_coordinator(
     _choice("routing_policy", routing_policy, ROUTING_POLICIES)
     _choice("planning_mode", planning_mode, PLANNING_MODES)
     _choice("audit_backend", audit_backend, AUDIT_BACKENDS)
+    if run_store is not None:
+        _choice("run_store", run_store, RUN_STORES)
     addresses = dict(addresses or {})
     for name in addresses:
         _choice("addresses key", name, AUTHORITIES)
@@ -176,12 +183,11 @@ async def create_coordinator(
         from cuga.services.planning.config import PlanningConfig
         from cuga.services.planning.domain import Planner
         from cuga.services.planning.memory import HashingEmbedder, VectorMemory
-        from cuga.services.planning.store import PlanStore
-        from cuga.shared.sqlite import open_sqlite
+        from cuga.services.planning.store import PlanStore, open_database
 
         planning_config = section(PlanningConfig, "planning", default_mode=planning_mode)
         specs = local_tools or await workers.list_tools(_target(addresses))
-        conn = open_sqlite(common.data_dir / "planning.db")
+        conn = open_database(planning_config, common.data_dir)
         memory = VectorMemory(
             conn,
             HashingEmbedder(planning_config.embedding_dims),
@@ -273,10 +279,21 @@ async def create_coordinator(
     from cuga.services.coordinator.app import engine_options
     from cuga.services.coordinator.config import CoordinatorConfig
 
-    options = engine_options(section(CoordinatorConfig, "coordinator"), settings)
+    store_overrides: dict[str, Any] = {}
+    if run_store is not None:
+        store_overrides["run_store"] = run_store
+    if dsn is not None:
+        store_overrides["dsn"] = dsn
+    coordinator_config = section(CoordinatorConfig, "coordinator", **store_overrides)
+    options = engine_options(coordinator_config, settings)
     if retry_policy is not None:
         options = dataclasses.replace(options, retry=retry_policy)
-    store = RunStore(common.data_dir / "coordinator.db")
+    store = open_run_store(
+        coordinator_config.run_store,
+        data_dir=common.data_dir,
+        dsn=coordinator_config.dsn,
+        replica_id=coordinator_config.replica_id,
+    )
 
     async def close_store() -> None:
         store.close()
@@ -294,6 +311,7 @@ async def create_coordinator(
         closers=closers,
     )
     await agent_.recover()
+    store.listen_for_cancels(agent_.cancel_run)  # CancelRun sent to another replica
     return agent_
 
 
@@ -301,4 +319,10 @@ def _target(addresses: Mapping[str, str]) -> common_pb2.WorkerTarget:
     return common_pb2.WorkerTarget(worker_id="remote", address=addresses["worker"])
 
 
-__all__ = ["AUDIT_BACKENDS", "PLANNING_MODES", "ROUTING_POLICIES", "create_coordinator"]
+__all__ = [
+    "AUDIT_BACKENDS",
+    "PLANNING_MODES",
+    "ROUTING_POLICIES",
+    "RUN_STORES",
+    "create_coordinator",
+]

@@ -2,20 +2,49 @@
 
 Every event is written here before it is emitted, so a client that lost its stream can
 re-attach with ``Watch`` and a restarted coordinator can ``Resume`` from the first step
-without a stored result. SQLite (WAL, one writer) is the embedded default.
+without a stored result.
+
+Two backends behind one interface, :class:`RunStore`, and one body of SQL
+(:class:`SqlRunStore`):
+
+* :class:`SQLiteRunStore` — the embedded default (WAL, one writer, one process).
+* :class:`PostgresRunStore` — for several coordinator replicas on one database. Each
+  replica holds a session advisory lock named after its replica id for as long as it
+  lives, and stamps the runs it drives with that id, so a starting replica recovers only
+  runs whose coordinator is gone (its lock is free), never a sibling's live run. Every
+  event write also sends ``NOTIFY cuga_run_events, '<run_id>'`` in the same transaction
+  (delivered at commit, i.e. after the event is durable), so :meth:`RunStore.follow` on
+  any replica follows a run driven by another without polling; ``CancelRun`` sent to a
+  replica that does not drive the run is passed on with ``NOTIFY cuga_run_cancel``.
+
+The methods are synchronous: the engine calls them inline on the event loop, each is one
+short statement or transaction, and keeping them synchronous keeps the engine's
+"durable before visible" ordering a plain sequence of statements. Only ``follow`` (which
+waits for other replicas) is asynchronous.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Protocol
+
+import psycopg
 
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
-from cuga.shared.sqlite import Transaction, open_sqlite
+from cuga.shared.errors import FailedPreconditionError
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema
+from cuga.shared.sqlite import open_sqlite
 
-_SCHEMA = """
+log = logging.getLogger("cuga.coordinator")
+
+_SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
     request_id  TEXT UNIQUE,
@@ -25,7 +54,8 @@ CREATE TABLE IF NOT EXISTS runs (
     run         BLOB NOT NULL,      -- coordinator.v1.Run
     request     BLOB NOT NULL,      -- coordinator.v1.OrchestrateRequest (as started)
     plan        BLOB,               -- common.v1.Plan
-    trace_ctx   TEXT NOT NULL DEFAULT ''  -- "<trace_id>:<span_id>" of the root span
+    trace_ctx   TEXT NOT NULL DEFAULT '',  -- "<trace_id>:<span_id>" of the root span
+    owner       TEXT NOT NULL DEFAULT ''   -- replica id of the coordinator driving it
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_ns DESC, run_id DESC);
 CREATE TABLE IF NOT EXISTS steps (
@@ -42,23 +72,161 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+_POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    request_id  TEXT UNIQUE,
+    profile     TEXT NOT NULL,
+    state       INTEGER NOT NULL,
+    created_ns  BIGINT NOT NULL,
+    run         BYTEA NOT NULL,
+    request     BYTEA NOT NULL,
+    plan        BYTEA,
+    trace_ctx   TEXT NOT NULL DEFAULT '',
+    owner       TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_ns DESC, run_id DESC);
+CREATE INDEX IF NOT EXISTS runs_running ON runs (owner) WHERE state = 1;
+CREATE TABLE IF NOT EXISTS steps (
+    run_id  TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    result  BYTEA NOT NULL,
+    PRIMARY KEY (run_id, step_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    event  BYTEA NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+"""
+
 _STATE_BY_STAGE = {
     common_pb2.LIFECYCLE_STAGE_COMPLETE: coordinator_pb2.RUN_STATE_COMPLETED,
     common_pb2.LIFECYCLE_STAGE_FAILED: coordinator_pb2.RUN_STATE_FAILED,
     common_pb2.LIFECYCLE_STAGE_CANCELLED: coordinator_pb2.RUN_STATE_CANCELLED,
 }
 
+_TERMINAL_STAGES = frozenset(_STATE_BY_STAGE)
 
-class RunStore:
-    """SQLite-backed run store. All methods are quick, synchronous and transactional."""
+#: NOTIFY channel of event writes; the payload is the run id.
+EVENTS_CHANNEL = "cuga_run_events"
+#: NOTIFY channel of cancel requests; the payload is JSON {run_id, owner, reason}.
+CANCEL_CHANNEL = "cuga_run_cancel"
+#: First key of the two-int advisory locks replicas hold (``'cuga'``); the second is
+#: ``hashtext(replica_id)``.
+_REPLICA_LOCK_CLASS = 0x63756761
+#: Session advisory lock held while creating the schema (replicas start together).
+_SCHEMA_LOCK = 0x637567_7275
 
-    def __init__(self, path: str | Path) -> None:
-        self._db: sqlite3.Connection = open_sqlite(path)
-        self._db.executescript(_SCHEMA)
+
+class RunStore(Protocol):
+    """Where the coordinator keeps runs; every method but :meth:`follow` is synchronous."""
+
+    def close(self) -> None:
+        """Close the store."""
+        ...
+
+    def create_run(
+        self,
+        run: coordinator_pb2.Run,
+        request: coordinator_pb2.OrchestrateRequest,
+        trace_ctx: str,
+    ) -> None:
+        """Store a new run (driven by this coordinator)."""
+        ...
+
+    def run_for_request(self, request_id: str) -> str | None:
+        """The run started by an idempotency key, if any."""
+        ...
+
+    def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
+        """A run, or None."""
+        ...
+
+    def get_request(self, run_id: str) -> coordinator_pb2.OrchestrateRequest:
+        """The request a run was started with."""
+        ...
+
+    def trace_context(self, run_id: str) -> str:
+        """``<trace_id>:<span_id>`` of the run's root span."""
+        ...
+
+    def update_run(self, run: coordinator_pb2.Run) -> None:
+        """Replace a run's record (this coordinator now owns it)."""
+        ...
+
+    def save_plan(self, run: coordinator_pb2.Run, plan: common_pb2.Plan) -> None:
+        """Store the run's plan."""
+        ...
+
+    def get_plan(self, run_id: str) -> common_pb2.Plan | None:
+        """The run's plan, once planned."""
+        ...
+
+    def append_event(
+        self,
+        run: coordinator_pb2.Run,
+        event: common_pb2.OrchestrationEvent,
+        step_result: common_pb2.StepResult | None = None,
+    ) -> None:
+        """Write an event (and the step result it reports) and the run's new state at once."""
+        ...
+
+    def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
+        """Stored step results by step id."""
+        ...
+
+    def events_after(self, run_id: str, after_seq: int) -> list[common_pb2.OrchestrationEvent]:
+        """Stored events with seq > after_seq, in order."""
+        ...
+
+    def list_runs(
+        self, *, after: tuple[int, str] | None, limit: int, state: int, profile: str
+    ) -> list[tuple[int, coordinator_pb2.Run]]:
+        """Runs newest first, with their sort key, after a (created_ns, run_id) position."""
+        ...
+
+    def running_runs(self) -> Iterator[coordinator_pb2.Run]:
+        """Runs stored RUNNING whose coordinator is gone (this process's earlier life, or a
+        replica that died); they become this coordinator's to mark INTERRUPTED or resume."""
+        ...
+
+    def follow(self, run_id: str, after_seq: int) -> AsyncIterator[common_pb2.OrchestrationEvent]:
+        """Stored events after ``after_seq``, then — when another replica is driving the
+        run — its new events as they are written, up to the terminal one. Ends when the
+        run is not running (the stored log is then all there is)."""
+        ...
+
+    def request_cancel(self, run_id: str, reason: str) -> bool:
+        """Ask the live replica that drives ``run_id`` to cancel it; False when no other
+        live replica drives it (then there is nobody to ask)."""
+        ...
+
+    def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+        """From now until :meth:`close`, call ``cancel(run_id, reason)`` for each cancel
+        another replica requests for a run this replica drives (needs a running loop)."""
+        ...
+
+
+class SqlRunStore:
+    """The run store's SQL, on either dialect of :class:`~cuga.shared.sqldb.Database`.
+
+    Args:
+        db: the connection.
+        replica_id: who stamps the runs it creates or updates.
+    """
+
+    def __init__(self, db: Database, replica_id: str) -> None:
+        self._db = db
+        self.replica_id = replica_id
 
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+
+    def _notify(self, db: Database, run_id: str) -> None:
+        """Tell other replicas that ``run_id`` changed (inside the writing transaction)."""
 
     def create_run(
         self,
@@ -67,10 +235,10 @@ class RunStore:
         trace_ctx: str,
     ) -> None:
         """Store a new run."""
-        with Transaction(self._db) as db:
+        with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO runs (run_id, request_id, profile, state, created_ns, run, request,"
-                " trace_ctx) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " trace_ctx, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.run_id,
                     request.request_id or None,
@@ -80,6 +248,7 @@ class RunStore:
                     run.SerializeToString(),
                     request.SerializeToString(),
                     trace_ctx,
+                    self.replica_id,
                 ),
             )
 
@@ -106,16 +275,38 @@ class RunStore:
         return str(row["trace_ctx"]) if row else ""
 
     def update_run(self, run: coordinator_pb2.Run) -> None:
-        """Replace a run's record."""
-        with Transaction(self._db) as db:
-            db.execute(
-                "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
-                (run.state, run.SerializeToString(), run.run_id),
+        """Replace a run's record; the writer becomes its owner.
+
+        Raises:
+            FailedPreconditionError: the update would make the run RUNNING while another
+                coordinator already runs it (two replicas resuming it at once).
+        """
+        running = coordinator_pb2.RUN_STATE_RUNNING
+        with self._db.transaction() as db:
+            # Compare-and-set: taking a run to RUNNING succeeds for one coordinator only.
+            cur = db.execute(
+                "UPDATE runs SET state = ?, run = ?, owner = ? WHERE run_id = ?"
+                " AND (? <> ? OR state <> ? OR owner = ?)",
+                (
+                    run.state,
+                    run.SerializeToString(),
+                    self.replica_id,
+                    run.run_id,
+                    run.state,
+                    running,
+                    running,
+                    self.replica_id,
+                ),
             )
+            if cur.rowcount == 0 and self.get_run(run.run_id) is not None:
+                raise FailedPreconditionError(
+                    f"run {run.run_id} is already running on another coordinator replica"
+                )
+            self._notify(db, run.run_id)
 
     def save_plan(self, run: coordinator_pb2.Run, plan: common_pb2.Plan) -> None:
         """Store the run's plan."""
-        with Transaction(self._db) as db:
+        with self._db.transaction() as db:
             db.execute(
                 "UPDATE runs SET plan = ?, run = ? WHERE run_id = ?",
                 (plan.SerializeToString(), run.SerializeToString(), run.run_id),
@@ -138,20 +329,22 @@ class RunStore:
         run.updated_at.CopyFrom(event.timestamp)
         if event.stage in _STATE_BY_STAGE:
             run.state = _STATE_BY_STAGE[event.stage]
-        with Transaction(self._db) as db:
+        with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)",
                 (event.run_id, event.seq, event.SerializeToString()),
             )
             if step_result is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO steps (run_id, step_id, result) VALUES (?, ?, ?)",
+                    "INSERT INTO steps (run_id, step_id, result) VALUES (?, ?, ?)"
+                    " ON CONFLICT (run_id, step_id) DO UPDATE SET result = excluded.result",
                     (event.run_id, step_result.step_id, step_result.SerializeToString()),
                 )
             db.execute(
                 "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
                 (run.state, run.SerializeToString(), run.run_id),
             )
+            self._notify(db, run.run_id)
 
     def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
         """Stored step results by step id."""
@@ -196,5 +389,264 @@ class RunStore:
         ).fetchall()
         return (coordinator_pb2.Run.FromString(r["run"]) for r in rows)
 
+    async def follow(
+        self, run_id: str, after_seq: int
+    ) -> AsyncIterator[common_pb2.OrchestrationEvent]:
+        """The stored events after ``after_seq``: one process owns a SQLite store, so a
+        run that is not live in it is not running anywhere."""
+        for event in self.events_after(run_id, after_seq):
+            yield event
 
-__all__ = ["RunStore"]
+    def request_cancel(self, run_id: str, reason: str) -> bool:
+        """No other process shares a SQLite store: nobody else to ask."""
+        return False
+
+    def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+        """No other process shares a SQLite store: no requests can come."""
+
+
+class SQLiteRunStore(SqlRunStore):
+    """The embedded run store: one SQLite file, one coordinator process.
+
+    Args:
+        path: the database file (``coordinator.db`` under the data directory).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        conn = open_sqlite(path)
+        conn.executescript(_SQLITE_SCHEMA)
+        columns = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
+        if "owner" not in columns:  # a store written before replicas existed
+            conn.execute("ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        super().__init__(SQLiteDatabase(conn), "local")
+
+
+class PostgresRunStore(SqlRunStore):
+    """The run store of several coordinator replicas sharing one PostgreSQL database.
+
+    Args:
+        dsn: libpq connection string or URI.
+        replica_id: this coordinator's identity; default a fresh random id per process.
+            A stable id (e.g. a StatefulSet pod name) lets a restarted replica take its
+            own interrupted runs back at once; two live coordinators can never share one.
+        liveness_check_s: how long a follower waits without news before it checks that
+            the run's coordinator is still alive (a crashed one sends no more events).
+        connect_timeout_s: connection timeout.
+
+    Raises:
+        psycopg.OperationalError: the database cannot be reached.
+        RuntimeError: another live coordinator holds ``replica_id``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        replica_id: str = "",
+        liveness_check_s: float = 30.0,
+        connect_timeout_s: int = 10,
+    ) -> None:
+        db = PostgresDatabase(
+            dsn, connect_timeout_s=connect_timeout_s, on_reconnect=self._hold_replica_lock
+        )
+        super().__init__(db, replica_id or f"coordinator-{uuid.uuid4().hex[:12]}")
+        self._pg = db
+        self._liveness_check_s = liveness_check_s
+        self._cancel_listener: asyncio.Task[None] | None = None
+        create_schema(db, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
+        if not self._hold_replica_lock(db):
+            db.close()
+            raise RuntimeError(
+                f"coordinator replica id {self.replica_id!r} is held by another live coordinator"
+            )
+
+    def _hold_replica_lock(self, db: Database) -> bool:
+        """Take the lock that says "this replica is alive", held for the session's life."""
+        held = bool(
+            db.execute(
+                "SELECT pg_try_advisory_lock(?, hashtext(?))",
+                (_REPLICA_LOCK_CLASS, self.replica_id),
+            ).fetchone()[0]
+        )
+        if not held:
+            log.error("replica id %s is held by another session", self.replica_id)
+        return held
+
+    def _notify(self, db: Database, run_id: str) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, run_id))
+
+    def close(self) -> None:
+        """Stop listening for cancels and close the database."""
+        if self._cancel_listener is not None:
+            self._cancel_listener.cancel()
+        super().close()
+
+    def request_cancel(self, run_id: str, reason: str) -> bool:
+        """NOTIFY the replica driving ``run_id`` (if another, live one) to cancel it."""
+        status = self._owner_of(run_id)
+        if status is None or status[0] != coordinator_pb2.RUN_STATE_RUNNING:
+            return False
+        owner = status[1]
+        if owner == self.replica_id or not self._owner_alive(owner):
+            return False
+        payload = json.dumps({"run_id": run_id, "owner": owner, "reason": reason})
+        self._db.execute("SELECT pg_notify(?, ?)", (CANCEL_CHANNEL, payload))
+        return True
+
+    def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+        """LISTEN for cancel requests addressed to this replica on a connection of its own
+        (re-opened after a failure) and run ``cancel`` for each."""
+        if self._cancel_listener is None:
+            self._cancel_listener = asyncio.create_task(
+                self._cancel_loop(cancel), name=f"cancel-listener-{self.replica_id}"
+            )
+
+    async def _cancel_loop(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+        cancels: set[asyncio.Task[object]] = set()
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._pg.dsn, autocommit=True
+                ) as listener:
+                    await listener.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    delay = 0.5
+                    async for note in listener.notifies():
+                        request = json.loads(note.payload)
+                        if request.get("owner") != self.replica_id:
+                            continue
+                        # Not awaited here: a cancel waits for the run to wind down.
+                        task = asyncio.ensure_future(
+                            cancel(str(request["run_id"]), str(request.get("reason", "")))
+                        )
+                        cancels.add(task)
+                        task.add_done_callback(cancels.discard)
+            except psycopg.Error as exc:
+                log.warning("cancel listener lost its connection (%s); reconnecting", exc)
+                await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
+                delay = min(delay * 2, 30.0)
+
+    def _owner_alive(self, owner: str) -> bool:
+        if owner == self.replica_id:
+            return True
+        got = self._db.execute(
+            "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
+        ).fetchone()[0]
+        if got:
+            self._db.execute(
+                "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
+            )
+        return not got
+
+    def running_runs(self) -> Iterator[coordinator_pb2.Run]:
+        """RUNNING runs whose coordinator is gone, claimed for this replica.
+
+        A run's coordinator is gone when nobody holds its replica lock. The claim
+        (``owner`` := this replica) happens while holding the dead owner's lock, so two
+        replicas starting together never both claim the same run.
+        """
+        running = coordinator_pb2.RUN_STATE_RUNNING
+        owners = [
+            str(r["owner"])
+            for r in self._db.execute(
+                "SELECT DISTINCT owner FROM runs WHERE state = ? AND owner <> ?",
+                (running, self.replica_id),
+            ).fetchall()
+        ]
+        # This replica's own id first (runs of this process, which the engine skips as
+        # live, or of its earlier life under a stable id), then the dead replicas' runs.
+        rows = self._db.execute(
+            "SELECT run FROM runs WHERE state = ? AND owner = ?", (running, self.replica_id)
+        ).fetchall()
+        claimed = [coordinator_pb2.Run.FromString(r["run"]) for r in rows]
+        for owner in owners:
+            got = self._db.execute(
+                "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
+            ).fetchone()[0]
+            if not got:
+                continue  # alive: its runs are its own
+            try:
+                with self._db.transaction() as db:  # not idempotent: never resent
+                    rows = db.execute(
+                        "UPDATE runs SET owner = ? WHERE state = ? AND owner = ? RETURNING run",
+                        (self.replica_id, running, owner),
+                    ).fetchall()
+                claimed += [coordinator_pb2.Run.FromString(r["run"]) for r in rows]
+            finally:
+                self._db.execute(
+                    "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
+                )
+        return iter(claimed)
+
+    def _owner_of(self, run_id: str) -> tuple[int, str] | None:
+        row = self._db.execute(
+            "SELECT state, owner FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return (int(row["state"]), str(row["owner"])) if row else None
+
+    async def follow(
+        self, run_id: str, after_seq: int
+    ) -> AsyncIterator[common_pb2.OrchestrationEvent]:
+        """Replay, then follow the run on whichever replica drives it (LISTEN/NOTIFY).
+
+        The follower LISTENs before it reads, so no write between the read and the wait
+        is missed; a notification only says "look again", the events come from the
+        table. One connection per follower, for as long as it follows.
+        """
+        last = after_seq
+        async with await psycopg.AsyncConnection.connect(self._pg.dsn, autocommit=True) as listener:
+            await listener.execute(f"LISTEN {EVENTS_CHANNEL}")
+            while True:
+                for event in self.events_after(run_id, last):
+                    yield event
+                    last = event.seq
+                    if event.stage in _TERMINAL_STAGES:
+                        return
+                status = self._owner_of(run_id)
+                if status is None or status[0] != coordinator_pb2.RUN_STATE_RUNNING:
+                    # Stopped between our read and now: its last events are stored.
+                    for event in self.events_after(run_id, last):
+                        yield event
+                    return
+                woken = False
+                # The generator holds the connection's lock until closed: close it on break.
+                async with contextlib.aclosing(
+                    listener.notifies(timeout=self._liveness_check_s)
+                ) as notes:
+                    async for note in notes:
+                        if note.payload == run_id:
+                            woken = True
+                            break
+                if not woken and not self._owner_alive(status[1]):
+                    log.warning("run %s: its coordinator %s is gone", run_id, status[1])
+                    for event in self.events_after(run_id, last):
+                        yield event
+                    return
+
+
+def open_run_store(
+    kind: str, *, data_dir: str | Path, dsn: str = "", replica_id: str = ""
+) -> RunStore:
+    """The configured run store: ``sqlite`` (``<data_dir>/coordinator.db``) or ``postgres``.
+
+    Raises:
+        ValueError: an unknown kind, or postgres without a DSN.
+    """
+    if kind == "sqlite":
+        return SQLiteRunStore(Path(data_dir) / "coordinator.db")
+    if kind == "postgres":
+        if not dsn.strip():
+            raise ValueError("run_store postgres needs a DSN (coordinator.dsn)")
+        return PostgresRunStore(dsn, replica_id=replica_id)
+    raise ValueError(f"run_store must be one of sqlite, postgres; got {kind!r}")
+
+
+__all__ = [
+    "CANCEL_CHANNEL",
+    "EVENTS_CHANNEL",
+    "PostgresRunStore",
+    "RunStore",
+    "SQLiteRunStore",
+    "SqlRunStore",
+    "open_run_store",
+]

@@ -12,11 +12,17 @@ from cuga.client.remote import (
 )
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2_grpc
-from cuga.orchestrator import CoordinatorAgent, EngineOptions, ExponentialBackoffPolicy, RunStore
+from cuga.orchestrator import (
+    CoordinatorAgent,
+    EngineOptions,
+    ExponentialBackoffPolicy,
+    open_run_store,
+)
 from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.coordinator.servicer import CoordinatorServicer
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.metrics import observe_gauge
 from cuga.shared.telemetry import Telemetry
 
 _STRATEGIES = {
@@ -67,9 +73,20 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     routing = RoutingClient(common.addresses.routing, **options("routing"))  # type: ignore[arg-type]
     approval = ApprovalClient(common.addresses.approval, **options("approval"))  # type: ignore[arg-type]
     audit_client = AuditClient(common.addresses.audit, **options("audit"))  # type: ignore[arg-type]
-    audit = BufferedAuditTrail(audit_client, spill_dir=common.data_dir / "audit-spill")
+    audit = BufferedAuditTrail(
+        audit_client, spill_dir=common.data_dir / "audit-spill", tracer=telemetry.tracer
+    )
+    observe_gauge(
+        telemetry.meter,
+        "cuga.audit.buffer.depth",
+        lambda: audit.depth,
+        unit="{record}",
+        description="Audit records not yet acknowledged by the audit service",
+    )
     workers = RemoteWorkerPool(lambda address: WorkerClient(address, **options("worker")))  # type: ignore[arg-type]
-    store = RunStore(common.data_dir / "coordinator.db")
+    store = open_run_store(
+        config.run_store, data_dir=common.data_dir, dsn=config.dsn, replica_id=config.replica_id
+    )
     agent = CoordinatorAgent(
         planning=RemotePlanningAuthority(planning),
         routing=RemoteRoutingAuthority(routing),
@@ -79,11 +96,13 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         store=store,
         options=engine_options(config, settings),
         tracer=telemetry.tracer,
+        meter=telemetry.meter,
     )
 
     async def started(address: str) -> None:
         await audit.start()
         await agent.recover()
+        store.listen_for_cancels(agent.cancel_run)  # CancelRun sent to another replica
 
     async def stopped() -> None:
         await agent.close()

@@ -32,8 +32,19 @@ class CoordinatorConfig:
     """How long a worker's tool list is cached, seconds."""
     resume_interrupted: bool = False
     """On start, resume runs a previous coordinator left running (else mark them INTERRUPTED)."""
+    run_store: Literal["sqlite", "postgres"] = "sqlite"
+    """Where runs are stored: ``sqlite`` (``coordinator.db`` under data_dir, one process)
+    or ``postgres`` (by ``dsn``; required for several coordinator replicas)."""
+    dsn: str = ""
+    """PostgreSQL connection string (libpq DSN or URI). Required when run_store is
+    postgres."""
+    replica_id: str = ""
+    """This coordinator's identity in a shared run store; empty: a fresh random id per
+    process. Two live coordinators can never hold the same id."""
 
     def __post_init__(self) -> None:
+        if self.run_store == "postgres" and not self.dsn.strip():
+            raise ConfigError("dsn", "is required when run_store is postgres")
         if self.run_timeout_s <= 0:
             raise ConfigError("run_timeout_s", "must be > 0")
         if not 1 <= self.parallelism <= 64:

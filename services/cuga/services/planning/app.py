@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 
 from cuga.client import RoutingClient, WorkerClient
 from cuga.common.v1 import common_pb2
@@ -16,12 +15,11 @@ from cuga.services.planning.config import PlanningConfig
 from cuga.services.planning.domain import Planner
 from cuga.services.planning.memory import HashingEmbedder, VectorMemory
 from cuga.services.planning.servicer import PlanningServicer
-from cuga.services.planning.store import PlanStore
+from cuga.services.planning.store import PlanStore, open_database
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
 from cuga.shared.errors import CugaError, UnavailableError
-from cuga.shared.sqlite import open_sqlite
 from cuga.shared.telemetry import Telemetry
 from cuga.worker.v1 import worker_pb2
 
@@ -135,7 +133,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     config = settings.section(PlanningConfig, "planning")
     common = settings.common
     clock = SystemClock()
-    conn = open_sqlite(Path(common.data_dir) / "planning.db")
+    conn = open_database(config, common.data_dir)
     store = PlanStore(conn)
     memory = VectorMemory(
         conn,

@@ -41,8 +41,15 @@ class PlanningConfig:
     """Dimensions of the default feature-hashing embedder, 16 to 8192."""
     request_retention_s: float = 7 * 24 * 3600.0
     """How long request ids are remembered for idempotency, seconds, >= 60."""
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    """Where plans and memory live: ``sqlite`` (``planning.db`` under data_dir, one
+    process) or ``postgres`` (by ``dsn``; required for several planning replicas)."""
+    dsn: str = ""
+    """PostgreSQL connection string (libpq DSN or URI). Required when store is postgres."""
 
     def __post_init__(self) -> None:
+        if self.store == "postgres" and not self.dsn.strip():
+            raise ConfigError("dsn", "is required when store is postgres")
         if not 0 <= self.catalog_ttl_s <= 3600:
             raise ConfigError("catalog_ttl_s", "must be between 0 and 3600")
         if not (math.isfinite(self.rank_threshold) and self.rank_threshold > 0):

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import logging
 import math
-import sqlite3
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from cuga.shared.errors import (
     InvalidArgumentError,
 )
 from cuga.shared.messages import struct_to_dict, timestamp, to_struct
+from cuga.shared.sqldb import Database
 from cuga.shared.validation import check_id, check_length
 
 log = logging.getLogger("cuga.planning")
@@ -461,11 +461,11 @@ class Planner:
             updated.updated_at.CopyFrom(timestamp(now))
             return updated
 
-        also: Callable[[sqlite3.Connection, common_pb2.Plan], None] | None = None
+        also: Callable[[Database, common_pb2.Plan], None] | None = None
         if target == S.PLAN_STATE_COMPLETED and request.run_id:
             run_id = request.run_id
 
-            def also(conn: sqlite3.Connection, plan: common_pb2.Plan) -> None:
+            def also(conn: Database, plan: common_pb2.Plan) -> None:
                 self._memory.add_in(
                     conn,
                     plan.profile,

@@ -5,7 +5,8 @@ profile, and the profile is a bound SQL parameter compared byte for byte (stored
 of its UTF-8 bytes), so no profile name — quotes, ``%``, NUL bytes — can match another
 profile's rows. Search is a cosine over a profile-scoped scan, computed with numpy; the
 scan is bounded because each profile keeps at most ``max_records_per_profile`` records
-(the oldest are evicted).
+(the oldest are evicted). The same code runs on SQLite and on PostgreSQL (``BYTEA``
+profile keys, an identity column standing in for SQLite's ``rowid`` as the tie-breaker).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cuga.shared.clock import Clock, SystemClock
-from cuga.shared.sqlite import Transaction
+from cuga.shared.sqldb import Database, as_database, create_schema
 
 DEFAULT_PROFILE = "default"
 
@@ -32,7 +33,7 @@ Vector = npt.NDArray[np.float32]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
-_SCHEMA = """
+_SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS memory (
     record_id TEXT PRIMARY KEY,
     profile BLOB NOT NULL,
@@ -46,6 +47,27 @@ CREATE TABLE IF NOT EXISTS memory (
 );
 CREATE INDEX IF NOT EXISTS memory_profile_created ON memory (profile, created_at);
 """
+
+_POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS memory (
+    record_id TEXT PRIMARY KEY,
+    profile BYTEA NOT NULL,
+    record_key TEXT NOT NULL,
+    embedder TEXT NOT NULL,
+    text TEXT NOT NULL,
+    embedding BYTEA NOT NULL,
+    payload TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    n BIGINT GENERATED ALWAYS AS IDENTITY,
+    UNIQUE (profile, record_key)
+);
+CREATE INDEX IF NOT EXISTS memory_profile_created ON memory (profile, created_at);
+"""
+
+#: Advisory lock key held while creating the table (replicas start together).
+_SCHEMA_LOCK = 0x637567_6D65
+#: The insertion-order column that breaks ties of ``created_at``.
+_ORDER = {"sqlite": "rowid", "postgres": "n"}
 
 
 @runtime_checkable
@@ -140,8 +162,9 @@ class VectorMemory:
     """Per-profile memory of texts with JSON payloads, searched by cosine similarity.
 
     Args:
-        conn: an open SQLite connection (see :func:`cuga.shared.sqlite.open_sqlite`); the
-            table is created if missing. The connection may be shared with other stores
+        conn: a :class:`~cuga.shared.sqldb.Database` (SQLite or PostgreSQL) or an open
+            SQLite connection (see :func:`cuga.shared.sqlite.open_sqlite`); the table is
+            created if missing. The connection may be shared with other stores
             so a write can join their transaction (:meth:`add_in`).
         embedder: turns texts into vectors.
         max_records_per_profile: cap per profile; adding past it evicts the oldest.
@@ -150,7 +173,7 @@ class VectorMemory:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Database | sqlite3.Connection,
         embedder: Embedder,
         *,
         max_records_per_profile: int = 5000,
@@ -158,11 +181,12 @@ class VectorMemory:
     ) -> None:
         if max_records_per_profile < 1:
             raise ValueError("max_records_per_profile must be >= 1")
-        self._conn = conn
+        self._conn = as_database(conn)
         self._embedder = embedder
         self._max = max_records_per_profile
         self._clock = clock or SystemClock()
-        conn.executescript(_SCHEMA)
+        self._order = _ORDER[self._conn.dialect]
+        create_schema(self._conn, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
 
     @property
     def embedder(self) -> Embedder:
@@ -177,12 +201,12 @@ class VectorMemory:
         ``key`` makes the write idempotent: a second record with the same key in the same
         profile replaces the first.
         """
-        with Transaction(self._conn) as conn:
+        with self._conn.transaction() as conn:
             return self.add_in(conn, profile, text, payload, key=key)
 
     def add_in(
         self,
-        conn: sqlite3.Connection,
+        conn: Database,
         profile: str,
         text: str,
         payload: Mapping[str, Any],
@@ -215,7 +239,7 @@ class VectorMemory:
         conn.execute(
             "DELETE FROM memory WHERE profile = ? AND record_id NOT IN ("
             " SELECT record_id FROM memory WHERE profile = ?"
-            " ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+            f" ORDER BY created_at DESC, {self._order} DESC LIMIT ?)",
             (pkey, pkey, self._max),
         )
         return record_id
@@ -232,7 +256,8 @@ class VectorMemory:
             return []
         rows = self._conn.execute(
             "SELECT record_id, record_key, text, embedding, payload, created_at FROM memory"
-            " WHERE profile = ? AND embedder = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            f" WHERE profile = ? AND embedder = ? ORDER BY created_at DESC, {self._order} DESC"
+            " LIMIT ?",
             (_profile_key(profile), self._embedder.name, self._max),
         ).fetchall()
         if not rows:

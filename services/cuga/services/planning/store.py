@@ -1,10 +1,15 @@
-"""Durable plan storage in SQLite: plans, their state transitions, and request ids.
+"""Durable plan storage in SQLite or PostgreSQL: plans, their state transitions, and
+request ids.
 
 A plan is kept as its serialised ``Plan`` message plus the columns queries need (profile,
 state, times). Every state change appends a row to ``transitions`` stamped with the time;
 ``requests`` remembers each request id with a fingerprint of the request and the plan it
 produced, so a retried call returns the original answer. Every write is one transaction:
 a failure leaves nothing half-written.
+
+With PostgreSQL several planning replicas share the tables: a transition locks its plan's
+row (``FOR UPDATE``) and a request id takes a transaction advisory lock, so two replicas
+answering the same plan or the same request id serialise instead of racing.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cuga.common.v1 import common_pb2
+from cuga.services.planning.config import PlanningConfig
 from cuga.shared.errors import AlreadyExistsError, NotFoundError
-from cuga.shared.sqlite import Transaction
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, as_database, create_schema
+from cuga.shared.sqlite import open_sqlite
 
-_SCHEMA = """
+_SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS plans (
     plan_id TEXT PRIMARY KEY,
     profile TEXT NOT NULL,
@@ -51,6 +59,43 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
 
+_POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    plan BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS plans_profile_created ON plans (profile, created_at);
+CREATE TABLE IF NOT EXISTS transitions (
+    plan_id TEXT NOT NULL REFERENCES plans (plan_id),
+    seq INTEGER NOT NULL,
+    from_state INTEGER NOT NULL,
+    to_state INTEGER NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    reason TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (plan_id, seq)
+);
+CREATE TABLE IF NOT EXISTS requests (
+    kind TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    plan_id TEXT NOT NULL,
+    response BYTEA NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (kind, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+"""
+
+#: Advisory lock key held while creating planning's tables (replicas start together).
+SCHEMA_LOCK = 0x637567_706C
+
 CREATE = "create"
 TRANSITION = "transition"
 
@@ -78,20 +123,29 @@ class StoredRequest:
 
 
 class PlanStore:
-    """Plans in one SQLite database (``planning.db`` under the data directory).
+    """Plans in one database: SQLite (``planning.db`` under the data directory) or
+    PostgreSQL (``planning.dsn``, shared by replicas).
 
     The connection may be shared with :class:`~.memory.VectorMemory` so that completing a
     plan and remembering it commit together.
+
+    Args:
+        conn: a :class:`~cuga.shared.sqldb.Database`, or a raw SQLite connection.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        conn.executescript(_SCHEMA)
+    def __init__(self, conn: Database | sqlite3.Connection) -> None:
+        self._conn = as_database(conn)
+        create_schema(self._conn, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=SCHEMA_LOCK)
 
     @property
-    def connection(self) -> sqlite3.Connection:
-        """The SQLite connection (shared with stores that join its transactions)."""
+    def connection(self) -> Database:
+        """The connection (shared with stores that join its transactions)."""
         return self._conn
+
+    def _serialise(self, conn: Database, kind: str, request_id: str) -> None:
+        """On PostgreSQL, hold a transaction lock on a request id (replicas may race)."""
+        if conn.dialect == "postgres":
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{kind}/{request_id}",))
 
     def lookup_request(self, kind: str, request_id: str) -> StoredRequest | None:
         """The stored outcome of a request id, if any."""
@@ -107,7 +161,7 @@ class PlanStore:
 
     def _claim_request(
         self,
-        conn: sqlite3.Connection,
+        conn: Database,
         kind: str,
         request_id: str,
         fingerprint: str,
@@ -141,8 +195,9 @@ class PlanStore:
         The creation is recorded as transition 0 (UNSPECIFIED -> CREATED).
         """
         at = plan.created_at.ToNanoseconds() / 1e9
-        with Transaction(self._conn) as conn:
+        with self._conn.transaction() as conn:
             if request_id:
+                self._serialise(conn, CREATE, request_id)
                 earlier = self._claim_request(conn, CREATE, request_id, fingerprint, plan, at)
                 if earlier is not None:
                     return self.get(earlier.plan_id)
@@ -166,13 +221,17 @@ class PlanStore:
             )
         return plan
 
-    def get(self, plan_id: str) -> common_pb2.Plan:
-        """A stored plan.
+    def get(self, plan_id: str, *, for_update: bool = False) -> common_pb2.Plan:
+        """A stored plan; ``for_update`` locks its row to the end of the transaction
+        (PostgreSQL; SQLite's write transaction already excludes other writers).
 
         Raises:
             NotFoundError: no plan has this id.
         """
-        row = self._conn.execute("SELECT plan FROM plans WHERE plan_id = ?", (plan_id,)).fetchone()
+        lock = " FOR UPDATE" if for_update and self._conn.dialect == "postgres" else ""
+        row = self._conn.execute(
+            f"SELECT plan FROM plans WHERE plan_id = ?{lock}", (plan_id,)
+        ).fetchone()
         if row is None:
             raise NotFoundError(f"plan {plan_id!r} does not exist", reason="PLAN_NOT_FOUND")
         return common_pb2.Plan.FromString(row["plan"])
@@ -187,7 +246,7 @@ class PlanStore:
         run_id: str = "",
         request_id: str = "",
         fingerprint: str = "",
-        also: Callable[[sqlite3.Connection, common_pb2.Plan], None] | None = None,
+        also: Callable[[Database, common_pb2.Plan], None] | None = None,
     ) -> common_pb2.Plan:
         """Change a plan's state in one transaction.
 
@@ -196,8 +255,9 @@ class PlanStore:
         write (e.g. remembering a completed plan). A request id seen before returns the
         plan as that request left it, without calling ``decide``.
         """
-        with Transaction(self._conn) as conn:
+        with self._conn.transaction() as conn:
             if request_id:
+                self._serialise(conn, TRANSITION, request_id)
                 row = conn.execute(
                     "SELECT fingerprint, response FROM requests WHERE kind = ? AND request_id = ?",
                     (TRANSITION, request_id),
@@ -210,7 +270,7 @@ class PlanStore:
                             reason="REQUEST_ID_REUSED",
                         )
                     return common_pb2.Plan.FromString(row["response"])
-            current = self.get(plan_id)
+            current = self.get(plan_id, for_update=True)
             updated = decide(current)
             result = current
             if updated is not None:
@@ -254,7 +314,7 @@ class PlanStore:
 
     def prune_requests(self, older_than: float) -> int:
         """Forget request ids recorded before ``older_than`` (epoch seconds)."""
-        with Transaction(self._conn) as conn:
+        with self._conn.transaction() as conn:
             cur = conn.execute("DELETE FROM requests WHERE at < ?", (older_than,))
             return int(cur.rowcount)
 
@@ -263,4 +323,19 @@ class PlanStore:
         self._conn.close()
 
 
-__all__ = ["CREATE", "TRANSITION", "PlanStore", "StoredRequest", "Transition"]
+def open_database(config: PlanningConfig, data_dir: str | Path) -> Database:
+    """Planning's database as configured: ``<data_dir>/planning.db`` or ``planning.dsn``."""
+    if config.store == "postgres":
+        return PostgresDatabase(config.dsn)
+    return SQLiteDatabase(open_sqlite(Path(data_dir) / "planning.db"))
+
+
+__all__ = [
+    "CREATE",
+    "SCHEMA_LOCK",
+    "TRANSITION",
+    "PlanStore",
+    "StoredRequest",
+    "Transition",
+    "open_database",
+]

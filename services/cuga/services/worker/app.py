@@ -103,34 +103,47 @@ async def build_worker(
     )
 
     if config.register_with_routing:
-        routing = RoutingClient(
-            settings.common.addresses.routing,
-            call=settings.common.calls.routing,
-            interceptors=telemetry.client_interceptors(),
-        )
-        registrar = Registrar(
-            routing,
-            worker_id=config.worker_id,
-            tools=registry.names(),
-            capabilities=sorted({*registry.capabilities(), *config.capabilities}),
-            load=lambda: (agent.in_flight, agent.recent_latency),
-            clock=clock,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            backoff_initial_s=config.registration_backoff_initial_s,
-            backoff_max_s=config.registration_backoff_max_s,
-            call_timeout_s=settings.common.calls.routing.timeout_s,
-        )
+        # One registrar per routing replica: each keeps its own soft-state registry.
+        routings = [
+            RoutingClient(
+                address,
+                call=settings.common.calls.routing,
+                interceptors=telemetry.client_interceptors(),
+            )
+            for address in (config.routing_addresses or (settings.common.addresses.routing,))
+        ]
+        registrars = [
+            Registrar(
+                routing,
+                worker_id=config.worker_id,
+                tools=registry.names(),
+                capabilities=sorted({*registry.capabilities(), *config.capabilities}),
+                load=lambda: (agent.in_flight, agent.recent_latency),
+                clock=clock,
+                heartbeat_interval_s=config.heartbeat_interval_s,
+                backoff_initial_s=config.registration_backoff_initial_s,
+                backoff_max_s=config.registration_backoff_max_s,
+                call_timeout_s=settings.common.calls.routing.timeout_s,
+            )
+            for routing in routings
+        ]
 
         async def on_started(address: str) -> None:
-            registrar.start(config.advertise_address or address)
+            for registrar in registrars:
+                registrar.start(config.advertise_address or address)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(registrar.registered.wait(), config.registration_wait_s)
+                await asyncio.wait_for(
+                    asyncio.gather(*(r.registered.wait() for r in registrars)),
+                    config.registration_wait_s,
+                )
 
         async def on_stopping() -> None:
-            await registrar.stop()
+            for registrar in registrars:
+                await registrar.stop()
 
         async def close_routing() -> None:
-            await routing.close()
+            for routing in routings:
+                await routing.close()
 
         definition.on_started.append(on_started)
         definition.on_stopping.append(on_stopping)

@@ -50,6 +50,10 @@ class WorkerConfig:
     advertise_address: str = ""
     """host:port registered with routing; default the bound address (set it when binding
     0.0.0.0 behind a pod IP or a NAT)."""
+    routing_addresses: tuple[str, ...] = ()
+    """Every routing replica to register with and heartbeat (host:port each). Routing keeps
+    its registry in memory, so with several routing replicas a worker must be known to
+    each; empty: the one routing service at ``addresses.routing``."""
     register_with_routing: bool = True
     """Register with the routing service on start and heartbeat; off for standalone tests."""
     registration_wait_s: float = 3.0
@@ -76,6 +80,10 @@ class WorkerConfig:
             host, sep, port = self.advertise_address.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ConfigError("advertise_address", "expected host:port")
+        for address in self.routing_addresses:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError("routing_addresses", f"{address!r}: expected host:port")
         if not 0.05 <= self.heartbeat_interval_s <= 300:
             raise ConfigError("heartbeat_interval_s", "must be between 0.05 and 300")
         if self.registration_backoff_initial_s <= 0:
