@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast lint fmt protos protos-check up clean
+.PHONY: help venv demo test fuzz lint fmt protos protos-check up clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ demo: $(STAMP) ## Start every service on SQLite under ./.cuga, run a sample orch
 test: $(STAMP) ## Run the whole suite
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
+fuzz: $(STAMP) ## Fuzz every RPC long: >= 10k cases per service (make test runs a short round)
+	CUGA_FUZZ_CASES_PER_SERVICE=10000 $(BIN)/python -m pytest tests/fuzz -p no:xdist --timeout 3600 -q
+
 lint: $(STAMP) ## ruff, mypy (strict, our code), buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -43,6 +46,21 @@ protos: $(STAMP) ## Regenerate the Python stubs from protos/
 
 protos-check: $(STAMP) ## Fail when the committed stubs drift from protos/
 	$(BIN)/python scripts/gen_protos.py --check
+
+.PHONY: deploy-check
+deploy-check: $(STAMP) ## Render every kustomize overlay (kubectl) and validate it offline
+	$(BIN)/python scripts/deploy_check.py
+
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+.PHONY: bench
+bench: $(BENCH_STAMP) ## Benchmarks B0-B5 as ratios to baselines of the same run (BENCH_ARGS=--profile|--quick)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 up: $(STAMP) ## Run all six services in the foreground (Ctrl-C stops them)
 	$(BIN)/cuga up

@@ -1,0 +1,93 @@
+"""B0: the floor — one bare grpc.aio unary call to a separate server process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from bench._floor_server import METHOD
+from bench.stats import summarize_rounds
+
+PAYLOAD = b"x" * 16  # a tiny message: the floor is per-call cost, not bandwidth
+
+
+@dataclass(frozen=True)
+class FloorSizes:
+    """How much B0 measures."""
+
+    warmup: int = 500
+    """Sequential calls before measuring."""
+    rounds: int = 5
+    """Rounds of sequential calls."""
+    calls_per_round: int = 2000
+    """Sequential calls per round."""
+    concurrency: int = 200
+    """Concurrent callers for the calls/s ceiling."""
+    concurrent_seconds: float = 4.0
+    """How long the concurrent callers run."""
+
+
+async def _sequential(call: Any, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await call(PAYLOAD, timeout=10)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def _concurrent(call: Any, callers: int, seconds: float) -> float:
+    stop = time.perf_counter() + seconds
+    counts = [0] * callers
+
+    async def caller(i: int) -> None:
+        while time.perf_counter() < stop:
+            await call(PAYLOAD, timeout=10)
+            counts[i] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
+    """Start the floor server as a process, measure, stop it; return B0's figures."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench._floor_server",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        port = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(METHOD)
+            await _sequential(call, sizes.warmup)
+            rounds = [await _sequential(call, sizes.calls_per_round) for _ in range(sizes.rounds)]
+            latency = summarize_rounds(rounds, scale=1e6)
+            calls_per_s = await _concurrent(call, sizes.concurrency, sizes.concurrent_seconds)
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    return {
+        "unary_p50_us": latency["p50"],
+        "unary_p99_us": latency["p99"],
+        "unary_mean_us": latency["mean"],
+        "samples": latency["n"],
+        "calls_per_s": calls_per_s,
+        "concurrency": sizes.concurrency,
+    }
+
+
+__all__ = ["FloorSizes", "run_b0"]

@@ -1,0 +1,71 @@
+"""B3: 200 concurrent ``Orchestrate`` streams of 10-step sequential runs.
+
+All streams start together over one client channel. Errors are streams that broke or
+ended in anything but COMPLETE, or saw fewer EXECUTE events than steps. Steps/s is all
+steps over the wall time from the first call to the last terminal event; the time per
+step is the gap between consecutive EXECUTE events within each run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.cluster import BenchCluster, RunTrace, chain_plan, orchestrate
+from bench.stats import intervals, percentile
+
+
+@dataclass(frozen=True)
+class ConcurrencySizes:
+    """How much B3 measures."""
+
+    streams: int = 200
+    """Concurrent runs."""
+    steps: int = 10
+    """Steps per run."""
+    warmup_streams: int = 20
+    """Concurrent runs of the warm-up round."""
+    rounds: int = 2
+    """Measured rounds; steps/s is their median, errors their sum."""
+
+
+async def _round(cluster: BenchCluster, streams: int, steps: int) -> tuple[float, list[RunTrace]]:
+    plan = chain_plan(steps)
+    async with cluster.client() as client:
+        t0 = time.perf_counter()
+        traces = await asyncio.gather(*(orchestrate(client, plan) for _ in range(streams)))
+        wall = time.perf_counter() - t0
+    return wall, list(traces)
+
+
+async def run_b3(cluster: BenchCluster, sizes: ConcurrencySizes) -> dict[str, Any]:
+    """A warm-up round, then the measured rounds."""
+    await _round(cluster, sizes.warmup_streams, sizes.steps)
+    rates: list[float] = []
+    gaps: list[float] = []
+    errors = 0
+    examples: list[str] = []
+    for _ in range(sizes.rounds):
+        wall, traces = await _round(cluster, sizes.streams, sizes.steps)
+        rates.append(sizes.streams * sizes.steps / wall)
+        for t in traces:
+            if not t.ok or len(t.executes) != sizes.steps:
+                errors += 1
+                if len(examples) < 3:
+                    examples.append(t.error or f"terminal stage {t.terminal}")
+            gaps += intervals(t.executes)
+    return {
+        "errors": errors,
+        "error_examples": examples,
+        "steps_per_s": sorted(rates)[len(rates) // 2],
+        "step_p50_ms": percentile(gaps, 50) * 1e3 if gaps else None,
+        "step_p99_ms": percentile(gaps, 99) * 1e3 if gaps else None,
+        "streams": sizes.streams,
+        "steps": sizes.steps,
+        "rounds": sizes.rounds,
+    }
+
+
+__all__ = ["ConcurrencySizes", "run_b3"]

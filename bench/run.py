@@ -1,0 +1,225 @@
+"""``make bench``: run B0 to B5, print the figures, the ratios and which targets are met.
+
+Usage: ``python -m bench.run [--quick] [--only b0,b1,...] [--b4-runs N] [--profile]``.
+Results go to ``bench/results/`` as JSON and Markdown (``latest.*`` and a timestamped
+copy). The exit status is 1 when a benchmark could not run, 0 otherwise: targets that are
+not met are reported, not treated as failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.b0_floor import FloorSizes, run_b0
+from bench.b1_steps import StepSizes, run_b1
+from bench.b2_langgraph import GraphSizes, run_b2
+from bench.b3_concurrency import ConcurrencySizes, run_b3
+from bench.b4_memory import MemorySizes, run_b4
+from bench.b5_audit import AuditSizes, run_b5
+from bench.cluster import bench_cluster
+from bench.profile import ProfileSizes, render_profile, run_profile
+from bench.report import build_results, render_markdown, write_results
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ALL = ("b0", "b1", "b2", "b3", "b4", "b5")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every benchmark's size; :meth:`quick` is the smallest useful configuration."""
+
+    b0: FloorSizes = field(default_factory=FloorSizes)
+    b1: StepSizes = field(default_factory=StepSizes)
+    b2: GraphSizes = field(default_factory=GraphSizes)
+    b3: ConcurrencySizes = field(default_factory=ConcurrencySizes)
+    b4: MemorySizes = field(default_factory=MemorySizes)
+    b5: AuditSizes = field(default_factory=AuditSizes)
+    profile: ProfileSizes = field(default_factory=ProfileSizes)
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        """Seconds, not minutes: for trying the harness, never for figures to quote."""
+        return cls(
+            b0=FloorSizes(warmup=50, rounds=2, calls_per_round=200, concurrent_seconds=1.0),
+            b1=StepSizes(warmup=1, rounds=2, e2e_warmup=1, e2e_runs=5),
+            b2=GraphSizes(warmup=1, rounds=2),
+            b3=ConcurrencySizes(streams=20, warmup_streams=5, rounds=1),
+            b4=MemorySizes(small=20, large=60, concurrency=4),
+            b5=AuditSizes(records=200, rounds=1),
+            profile=ProfileSizes(seconds=5.0),
+        )
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "grpcio": _version("grpcio"),
+        "protobuf": _version("protobuf"),
+        "langgraph": _version("langgraph"),
+        "langgraph-checkpoint-sqlite": _version("langgraph-checkpoint-sqlite"),
+        "cpus": os.cpu_count(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "quick": args.quick,
+    }
+
+
+def _notes(figures: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
+    notes = [
+        "Services run as separate processes (cuga.cli.up.Cluster) on free ports; run store"
+        " and audit on SQLite (WAL, synchronous=NORMAL); tracing SDK on, no exporter.",
+    ]
+    b1 = figures.get("b1", {})
+    if "auth_enforced" in b1:
+        notes.append(
+            "Auth: not in these figures. Only the approval service has the AuthInterceptor"
+            " (non-enforcing by default); the coordinator neither checks client tokens nor"
+            " sends service credentials downstream, so auth.enabled=true fails every step at"
+            " approval (UNAUTHENTICATED). Coordinator enforced credentials in this run: "
+            f"{'yes' if b1['auth_enforced'] else 'no'}."
+        )
+    b2 = figures.get("b2", {})
+    if "sqlite_synchronous" in b2:
+        notes.append(
+            "B2 headline is SqliteSaver as shipped (WAL, synchronous="
+            f"{b2['sqlite_synchronous']}, i.e. FULL: fsync per checkpoint) with"
+            " durability='sync'; ours use WAL + synchronous=NORMAL (safe across a process"
+            " crash, not an OS crash). The like-for-like row is 'SqliteSaver on"
+            " WAL+synchronous=NORMAL'."
+        )
+    b4 = figures.get("b4", {})
+    if b4 and b4.get("runs_large") != 10000:
+        notes.append(
+            f"B4 ran {b4.get('runs_small')} → {b4.get('runs_large')} runs instead of 1k → 10k"
+            " (--b4-runs / --quick); the RSS target is stated for 1k → 10k."
+        )
+    if figures.get("b3", {}).get("error_examples"):
+        notes.append(f"B3 errors, first few: {figures['b3']['error_examples']}")
+    return notes
+
+
+async def _cluster_benchmarks(
+    only: set[str],
+    sizes: Sizes,
+    figures: dict[str, dict[str, Any]],
+    errors: list[str],
+    profile_dir: Path | None,
+) -> None:
+    if not ({"b1", "b3"} & only or profile_dir):
+        return
+    with tempfile.TemporaryDirectory(prefix="cuga-bench-") as tmp:
+        async with bench_cluster(Path(tmp) / "data") as cluster:
+            steps: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = []
+            if "b1" in only:
+                steps.append(("b1", lambda: run_b1(cluster, sizes.b1)))
+            if "b3" in only:
+                steps.append(("b3", lambda: run_b3(cluster, sizes.b3)))
+            for name, step in steps:
+                await _timed(name, step, figures, errors)
+            if profile_dir is not None:
+                print("profile: py-spy on the services under 50-step runs ...", flush=True)
+                profile = await run_profile(cluster, sizes.profile, profile_dir)
+                (profile_dir / "profile.json").write_text(json.dumps(profile, indent=2))
+                (profile_dir / "profile.md").write_text(render_profile(profile))
+                print(render_profile(profile))
+
+
+async def _timed(
+    name: str,
+    step: Callable[[], Awaitable[dict[str, Any]]],
+    figures: dict[str, dict[str, Any]],
+    errors: list[str],
+) -> None:
+    print(f"{name}: running ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        figures[name] = await step()
+        figures[name]["seconds"] = time.perf_counter() - t0
+        print(f"{name}: done in {figures[name]['seconds']:.1f} s", flush=True)
+    except Exception:
+        errors.append(f"{name} could not run: {traceback.format_exc(limit=3)}")
+        print(errors[-1], file=sys.stderr, flush=True)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    """Run the chosen benchmarks, write and print the report."""
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.b4_runs:
+        sizes = Sizes(
+            sizes.b0,
+            sizes.b1,
+            sizes.b2,
+            sizes.b3,
+            MemorySizes(
+                small=min(sizes.b4.small, args.b4_runs),
+                large=args.b4_runs,
+                concurrency=sizes.b4.concurrency,
+            ),
+            sizes.b5,
+            sizes.profile,
+        )
+    only = set(args.only.split(",")) if args.only else set(ALL)
+    unknown = only - set(ALL)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; valid: {', '.join(ALL)}")
+    meta = _meta(args)
+    figures: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    if "b0" in only:
+        await _timed("b0", lambda: run_b0(sizes.b0), figures, errors)
+    if "b2" in only:
+        await _timed("b2", lambda: asyncio.to_thread(run_b2, sizes.b2), figures, errors)
+    if "b5" in only:
+        await _timed("b5", lambda: asyncio.to_thread(run_b5, sizes.b5), figures, errors)
+    stem = time.strftime("bench-%Y%m%d-%H%M%S")
+    profile_dir = args.out / f"{stem}-profile" if args.profile else None
+    await _cluster_benchmarks(only, sizes, figures, errors, profile_dir)
+    if "b4" in only:
+        await _timed("b4", lambda: run_b4(sizes.b4), figures, errors)
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    results = build_results(meta, figures, _notes(figures, sizes) + errors)
+    json_path, md_path = write_results(results, args.out, stem)
+    print()
+    print(render_markdown(results))
+    print(f"written: {json_path} and {md_path} ({meta['seconds']} s)")
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.run``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tries the harness)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument(
+        "--b4-runs", type=int, default=0, help="B4's larger run count (default 10000)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also sample the services with py-spy"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    return asyncio.run(main_async(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+'use strict';
+/**
+ * @cuga/client: call the cuga orchestrator from Node.js.
+ *
+ *   const { CoordinatorClient, toStruct } = require('@cuga/client');
+ *   const client = new CoordinatorClient('127.0.0.1:50051');
+ *   for await (const event of client.orchestrate({ goal: 'add', steps: [...] })) { ... }
+ */
+const { CoordinatorClient, EventStream, isTerminal, stageName } = require('./client');
+const { DEFAULT_PROTO_ROOT, loadContracts } = require('./contracts');
+const { CugaError, STATUS_FAILURE_MODES } = require('./errors');
+const { describeEvent } = require('./describe');
+const { fromStruct, fromValue, toDate, toStruct, toValue } = require('./values');
+
+module.exports = {
+  CoordinatorClient,
+  CugaError,
+  DEFAULT_PROTO_ROOT,
+  EventStream,
+  STATUS_FAILURE_MODES,
+  describeEvent,
+  fromStruct,
+  fromValue,
+  isTerminal,
+  loadContracts,
+  stageName,
+  toDate,
+  toStruct,
+  toValue,
+};

@@ -1,0 +1,338 @@
+"""The deployment files: every kustomize overlay renders and validates offline, and what
+they render is what the design asks for (probes, hardening, the authorisation matrix in
+network policies, real configuration keys). Also the compose file and the Dockerfile.
+
+Rendering needs ``kubectl``; without it those tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cuga.services.approval.config import ApprovalConfig
+from cuga.services.audit.config import AuditConfig
+from cuga.services.coordinator.config import CoordinatorConfig
+from cuga.services.planning.config import PlanningConfig
+from cuga.services.routing.config import RoutingConfig
+from cuga.services.worker.config import WorkerConfig
+from cuga.shared.config import DEFAULT_PORTS, GRPC_SERVICE_NAMES, SERVICE_NAMES, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("dev", "prod")
+SECTIONS: Mapping[str, type] = {
+    "coordinator": CoordinatorConfig,
+    "planning": PlanningConfig,
+    "routing": RoutingConfig,
+    "audit": AuditConfig,
+    "approval": ApprovalConfig,
+    "worker": WorkerConfig,
+}
+#: callee -> who may call it (services, and pods labelled cuga.io/role=<role>).
+CALLERS: Mapping[str, set[str]] = {
+    "coordinator": {"role:client"},
+    "planning": {"coordinator"},
+    "routing": {"coordinator", "planning", "worker"},
+    "approval": {"coordinator", "role:reviewer"},
+    "worker": {"coordinator", "planning"},
+    "audit": {"coordinator", "role:auditor"},
+}
+
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="kubectl is not on PATH: cannot render the kustomize overlays",
+)
+
+Doc = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Doc]]:
+    """Each overlay's manifests as ``kubectl kustomize`` renders them."""
+    out: dict[str, list[Doc]] = {}
+    for overlay in OVERLAYS:
+        text = subprocess.run(
+            ["kubectl", "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+        out[overlay] = [d for d in yaml.safe_load_all(text) if d]
+    return out
+
+
+def _find(docs: list[Doc], kind: str, name: str) -> Doc:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def _each(rendered: dict[str, list[Doc]]) -> Iterator[tuple[str, str, list[Doc]]]:
+    for overlay, docs in rendered.items():
+        for service in SERVICE_NAMES:
+            yield overlay, service, docs
+
+
+@needs_kubectl
+def test_deploy_check_renders_and_validates_every_overlay(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "deploy_check.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for overlay in OVERLAYS:
+        assert re.search(rf"^ok +{overlay}: \d+ resources valid", done.stdout, re.M), done.stdout
+        assert (tmp_path / f"{overlay}.yaml").stat().st_size > 0
+
+
+@needs_kubectl
+def test_deploy_check_fails_on_an_invalid_manifest(tmp_path: Path) -> None:
+    # The check must be able to fail: a copy of the tree with one broken field.
+    copy = tmp_path / "repo"
+    shutil.copytree(DEPLOY, copy / "deploy")
+    shutil.rmtree(copy / "deploy" / "k8s" / "overlays" / "prod")  # one overlay is enough
+    (copy / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "deploy_check.py", copy / "scripts")
+    base = copy / "deploy" / "k8s" / "base" / "routing.yaml"
+    base.write_text(base.read_text().replace("containerPort: 50053", "containerPort: high"))
+    done = subprocess.run(
+        [sys.executable, str(copy / "scripts" / "deploy_check.py")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL dev" in done.stdout and "containerPort" in done.stdout, done.stdout
+
+
+@needs_kubectl
+def test_every_service_has_account_config_service_and_hardened_deployment(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    for overlay, name, docs in _each(rendered):
+        where = f"{overlay}/{name}"
+        port = DEFAULT_PORTS[name]
+        _find(docs, "ServiceAccount", f"cuga-{name}")
+        _find(docs, "ConfigMap", f"cuga-{name}")
+        service = _find(docs, "Service", name)
+        assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", port)]
+        deployment = _find(docs, "Deployment", name)
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == f"cuga-{name}", where
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] != 0, where
+        (container,) = pod["containers"]
+        assert container["args"] == [name], where
+        assert container["ports"] == [{"name": "grpc", "containerPort": port}], where
+        assert container["readinessProbe"]["grpc"] == {
+            "port": port,
+            "service": GRPC_SERVICE_NAMES[name],
+        }, where
+        assert container["livenessProbe"]["grpc"]["port"] == port, where
+        for kind in ("requests", "limits"):
+            assert set(container["resources"][kind]) == {"cpu", "memory"}, where
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, where
+        assert security["allowPrivilegeEscalation"] is False, where
+        assert security["capabilities"]["drop"] == ["ALL"], where
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/var/lib/cuga", "/tmp"} <= mounts, where
+
+
+def _env_of(docs: list[Doc], name: str) -> dict[str, str]:
+    """The environment a service's container starts with (secrets as placeholders)."""
+    deployment = _find(docs, "Deployment", name)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(_find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    fields = {"metadata.name": f"{name}-5d8f7c9b4-x2x7q", "status.podIP": "10.1.2.3"}
+    for var in container.get("env", []):
+        if "value" in var:
+            # $(VAR) refers to an earlier variable of the same list, as Kubernetes expands it.
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
+        elif "fieldRef" in var["valueFrom"]:
+            env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[var["name"]] = "postgresql://cuga:secret@postgres:5432/cuga"
+    return env
+
+
+def _assert_real_config(env: Mapping[str, str], name: str, where: str) -> None:
+    cuga = {k: v for k, v in env.items() if k.startswith("CUGA_")}
+    for key in cuga:
+        # Unknown top-level names are ignored by the loader, so a typo would pass silently.
+        first = key[len("CUGA_") :].split("__")[0].lower()
+        assert first in SECTIONS or first in {
+            "data_dir",
+            "host",
+            "grace_period_s",
+            "addresses",
+            "calls",
+            "limits",
+            "log_format",
+            "log_level",
+            "auth",
+        }, f"{where}: {key} is not a configuration key"
+    settings = load_settings(env=cuga)  # raises ConfigError naming any bad key
+    settings.section(SECTIONS[name], name)
+    assert str(settings.common.data_dir) == "/var/lib/cuga", where
+    assert settings.common.host == "0.0.0.0", where
+    assert settings.common.addresses.of(name).endswith(f":{DEFAULT_PORTS[name]}"), where
+
+
+@needs_kubectl
+def test_configuration_keys_are_real_and_addresses_resolve(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    for overlay, name, docs in _each(rendered):
+        env = _env_of(docs, name)
+        _assert_real_config(env, name, f"{overlay}/{name}")
+        services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+        for key, value in env.items():
+            if key.startswith("CUGA_ADDRESSES__"):
+                host, _, port = value.rpartition(":")
+                assert host in services, f"{overlay}/{name}: {key}={value} names no Service"
+                assert int(port) == DEFAULT_PORTS[host]
+        if overlay == "dev" or name not in ("coordinator", "planning", "audit"):
+            assert "postgres" not in env.values(), f"{overlay}/{name} uses PostgreSQL"
+    prod = rendered["prod"]
+    assert _env_of(prod, "audit")["CUGA_AUDIT__BACKEND"] == "postgres"
+    assert _env_of(prod, "coordinator")["CUGA_COORDINATOR__RUN_STORE"] == "postgres"
+    assert _env_of(prod, "planning")["CUGA_PLANNING__STORE"] == "postgres"
+    for name in ("audit", "coordinator", "planning"):
+        key = f"CUGA_{name.upper()}__DSN"
+        (container,) = _find(prod, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        (dsn,) = [v for v in container["env"] if v["name"] == key]
+        assert dsn["valueFrom"]["secretKeyRef"] == {"name": "cuga-postgres", "key": "dsn"}
+    assert all(
+        "OTEL_EXPORTER_OTLP_ENDPOINT" in _env_of(docs, name) for _, name, docs in _each(rendered)
+    )
+
+
+def _peers(rule_peers: list[Doc]) -> set[str]:
+    out = set()
+    for peer in rule_peers:
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        if "cuga.io/role" in labels:
+            out.add(f"role:{labels['cuga.io/role']}")
+        elif labels.get("app.kubernetes.io/name") == "cuga":
+            out.add(labels["app.kubernetes.io/component"])
+        else:
+            out.add(labels.get("app.kubernetes.io/name", "?"))
+    return out
+
+
+@needs_kubectl
+def test_network_policies_allow_exactly_the_authorisation_matrix(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    for docs in rendered.values():
+        policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+        deny = policies["deny-all"]
+        assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+        assert "ingress" not in deny and "egress" not in deny
+        calls: dict[str, set[str]] = {}
+        for name in SERVICE_NAMES:
+            policy = policies[name]
+            assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == name
+            callers = set().union(*(_peers(rule["from"]) for rule in policy["ingress"]))
+            assert callers == CALLERS[name], name
+            for rule in policy["ingress"]:
+                assert rule["ports"] == [{"protocol": "TCP", "port": DEFAULT_PORTS[name]}]
+            calls[name] = set().union(*(_peers(r.get("to", [])) for r in policy["egress"]))
+        # Egress mirrors ingress: a service may call exactly the services that admit it.
+        for caller in SERVICE_NAMES:
+            allowed = {callee for callee, who in CALLERS.items() if caller in who}
+            assert calls[caller] & set(SERVICE_NAMES) == allowed, caller
+
+
+@needs_kubectl
+def test_dev_is_one_replica_of_everything(rendered: dict[str, list[Doc]]) -> None:
+    docs = rendered["dev"]
+    for name in SERVICE_NAMES:
+        assert _find(docs, "Deployment", name)["spec"]["replicas"] == 1
+    assert not [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "StatefulSet")]
+    assert _env_of(docs, "audit")["CUGA_AUDIT__BACKEND"] == "sqlite"
+
+
+@needs_kubectl
+def test_prod_replicates_stateless_services_with_budgets_and_worker_autoscaling(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    docs = rendered["prod"]
+    for name in ("coordinator", "planning", "audit", "worker"):
+        assert _find(docs, "Deployment", name)["spec"]["replicas"] >= 2, name
+        pdb = _find(docs, "PodDisruptionBudget", name)["spec"]
+        assert pdb["selector"]["matchLabels"]["app.kubernetes.io/component"] == name
+        assert pdb["minAvailable"] == 1
+    for name in ("routing", "approval"):
+        # SQLite state: one replica on a claim, never two pods on the file at once.
+        deployment = _find(docs, "Deployment", name)["spec"]
+        assert deployment["replicas"] == 1 and deployment["strategy"] == {"type": "Recreate"}
+        (data,) = [v for v in deployment["template"]["spec"]["volumes"] if v["name"] == "data"]
+        _find(docs, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+    hpa = _find(docs, "HorizontalPodAutoscaler", "worker")["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "worker",
+    }
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    _find(docs, "StatefulSet", "postgres")
+    assert not [d for d in docs if d["kind"] == "Secret"], "secrets are created out of band"
+
+
+def test_compose_runs_the_six_services_hardened_with_real_configuration() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {*SERVICE_NAMES, "postgres", "otel-collector", "jaeger"}
+    for name in SERVICE_NAMES:
+        service = services[name]
+        assert service["command"] == [name]
+        assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+        assert service["user"] == "10001:10001" and service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        _assert_real_config(env, name, f"compose/{name}")
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+    assert services["audit"]["environment"]["CUGA_AUDIT__BACKEND"] == "postgres"
+    assert services["planning"]["environment"]["CUGA_PLANNING__STORE"] == "postgres"
+    assert services["coordinator"]["ports"] == ["50051:50051"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):  # a bind mount must name a file of the repository
+                assert (DEPLOY / source).is_file(), f"{name}: {source}"
+
+
+def test_dockerfile_runs_cuga_serve_as_a_non_root_user() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    froms = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert froms and all(f.startswith("python:") and f.endswith("-slim") for f in froms)
+    assert 'ENTRYPOINT ["cuga", "serve"]' in lines
+    (user,) = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user.split(":")[0] not in ("0", "root")
+    exposed = next(line for line in lines if line.startswith("EXPOSE ")).split()[1:]
+    assert sorted(map(int, exposed)) == sorted(DEFAULT_PORTS.values())
+    assert lines.index(f"USER {user}") > max(
+        i for i, line in enumerate(lines) if line.startswith(("RUN ", "COPY "))
+    )
