@@ -136,6 +136,11 @@ class EngineOptions:
     """Per-authority default call deadline in seconds (capped by the run's remaining time)."""
     tool_cache_ttl_s: float = 30.0
     """How long a worker's tool list (sensitivity, cost) is cached."""
+    audit_batch: int = 64
+    """Audit records sent in one call once this many are queued."""
+    audit_linger_s: float = 0.05
+    """Longest a queued audit record waits for others to fill its batch, seconds. Records
+    are stored in the run store first, so waiting trades audit freshness for calls."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
     resume_interrupted: bool = False
@@ -301,6 +306,7 @@ class CoordinatorAgent:
         self._tools: dict[str, tuple[float, dict[str, common_pb2.ToolSpec]]] = {}
         self._audit_queue: list[audit_pb2.AuditRecord] = []
         self._audit_wakeup = asyncio.Event()
+        self._audit_full = asyncio.Event()
         self._audit_task: asyncio.Task[None] | None = None
         self._closing = False
         self._closers = list(closers)
@@ -797,12 +803,23 @@ class CoordinatorAgent:
         if self._audit_task is None or self._audit_task.done():
             self._audit_task = asyncio.create_task(self._audit_flusher(), name="audit-flusher")
         self._audit_wakeup.set()
+        if len(self._audit_queue) >= self.options.audit_batch:
+            self._audit_full.set()
 
     async def _audit_flusher(self) -> None:
+        """Send queued records in batches: when one is full, or after the linger time."""
         while True:
             await self._audit_wakeup.wait()
             self._audit_wakeup.clear()
-            await asyncio.sleep(0)  # let the current step's other records join the batch
+            if len(self._audit_queue) < self.options.audit_batch:
+                self._audit_full.clear()
+                linger = asyncio.ensure_future(self.clock.sleep(self.options.audit_linger_s))
+                full = asyncio.ensure_future(self._audit_full.wait())
+                try:
+                    await asyncio.wait({linger, full}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    linger.cancel()
+                    full.cancel()
             if self._audit_queue:
                 batch, self._audit_queue = self._audit_queue, []
                 await self._send_audit(batch)

@@ -51,6 +51,8 @@ def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptio
             for name in ("planning", "routing", "approval", "audit", "worker")
         },
         tool_cache_ttl_s=config.tool_cache_ttl_s,
+        audit_batch=config.audit_batch,
+        audit_linger_s=config.audit_linger_s,
         limits=settings.common.limits,
         resume_interrupted=config.resume_interrupted,
     )

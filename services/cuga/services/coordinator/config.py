@@ -30,6 +30,10 @@ class CoordinatorConfig:
     """Steps routed (and asked approval for) per batch call, 1 to 256."""
     tool_cache_ttl_s: float = 30.0
     """How long a worker's tool list is cached, seconds."""
+    audit_batch: int = 64
+    """Audit records per RecordBatch call once that many are queued, 1 to 1000."""
+    audit_linger_s: float = 0.05
+    """Longest a queued audit record waits for its batch to fill, seconds, 0 to 5."""
     resume_interrupted: bool = False
     """On start, resume runs a previous coordinator left running (else mark them INTERRUPTED)."""
     run_store: Literal["sqlite", "postgres"] = "sqlite"
@@ -49,6 +53,10 @@ class CoordinatorConfig:
             raise ConfigError("run_timeout_s", "must be > 0")
         if not 1 <= self.parallelism <= 64:
             raise ConfigError("parallelism", "must be between 1 and 64")
+        if not 1 <= self.audit_batch <= 1000:
+            raise ConfigError("audit_batch", "must be between 1 and 1000")
+        if not 0 <= self.audit_linger_s <= 5:
+            raise ConfigError("audit_linger_s", "must be between 0 and 5")
         if not 1 <= self.window <= 256:
             raise ConfigError("window", "must be between 1 and 256")
         if self.retry_base_delay_s <= 0:
