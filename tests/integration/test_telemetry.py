@@ -38,6 +38,7 @@ from cuga.shared.telemetry import (
     configure_logging,
     current_run_id,
     otlp_configured,
+    otlp_logs_configured,
     setup_telemetry,
 )
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
@@ -315,10 +316,21 @@ async def test_signal_matrix(observed: ObservedRun) -> None:
                 and len(getattr(rec, "span_id", "")) == 16
                 for rec in observed.logs
             ),
+            # The same lines, exported over OTLP by the service's own LoggerProvider.
+            "otlp logs": any(
+                log.service == service
+                and log.trace_id == observed.trace_id
+                and log.attributes.get("run_id") == observed.run_id
+                and len(log.span_id) == 16
+                for log in observed.receiver.logs()
+            ),
         }
         for service in sorted(SERVICES)
     }
-    expected = {service: {"spans": True, "metrics": True, "logs": True} for service in SERVICES}
+    expected = {
+        service: {"spans": True, "metrics": True, "logs": True, "otlp logs": True}
+        for service in SERVICES
+    }
     assert matrix == expected
 
 
@@ -389,6 +401,11 @@ async def test_a_resumed_run_keeps_its_trace_after_a_coordinator_restart(tmp_pat
 
 def test_export_is_off_without_otel_variables() -> None:
     assert otlp_configured({}) == (False, False)
+    assert not otlp_logs_configured({})
+    assert otlp_logs_configured({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "http://x:4317"})
+    assert not otlp_logs_configured(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317", "OTEL_SDK_DISABLED": "true"}
+    )
     assert otlp_configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x:4317"}) == (True, False)
     assert otlp_configured(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317", "OTEL_SDK_DISABLED": "true"}
@@ -413,8 +430,9 @@ async def test_nothing_is_exported_when_the_variables_are_unset(tmp_path: Path) 
                 telemetry = server.definition.telemetry
                 assert not telemetry.tracer_provider._active_span_processor._span_processors
                 assert not telemetry.meter_provider._metric_readers
+                assert telemetry.logger_provider is None
         assert events[-1].stage == S.LIFECYCLE_STAGE_COMPLETE
-        assert receiver.spans() == [] and receiver.points() == []
+        assert receiver.spans() == [] and receiver.points() == [] and receiver.logs() == []
 
 
 def test_json_log_lines_carry_trace_span_run_and_service(

@@ -1,6 +1,6 @@
 """An in-process OTLP/gRPC receiver: what the services really export, kept for asserts.
 
-It serves the collector's ``TraceService`` and ``MetricsService`` (from the
+It serves the collector's ``TraceService``, ``MetricsService`` and ``LogsService`` (from the
 ``opentelemetry-proto`` package) on ``127.0.0.1:0`` with a *synchronous* gRPC server on
 its own threads: the SDK's exporters run in their own threads too, and a test may call
 ``force_flush`` (which blocks until the export is answered) from the event loop.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
@@ -59,6 +60,18 @@ class ReceivedPoint:
     value: float  # sum/gauge value, or a histogram's count
 
 
+@dataclass(frozen=True)
+class ReceivedLog:
+    """One exported log record (ids as lowercase hex; empty outside a span)."""
+
+    service: str
+    body: str
+    severity: str
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+
+
 @dataclass
 class OtlpReceiver:
     """Spans and metric points received so far (thread-safe)."""
@@ -66,6 +79,7 @@ class OtlpReceiver:
     endpoint: str = ""
     _spans: list[ReceivedSpan] = field(default_factory=list)
     _points: list[ReceivedPoint] = field(default_factory=list)
+    _logs: list[ReceivedLog] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def env(self) -> dict[str, str]:
@@ -80,6 +94,30 @@ class OtlpReceiver:
         """Every span received."""
         with self._lock:
             return list(self._spans)
+
+    def logs(self) -> list[ReceivedLog]:
+        """Every log record received."""
+        with self._lock:
+            return list(self._logs)
+
+    def _add_logs(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
+        received = []
+        for resource_logs in request.resource_logs:
+            service = str(_attrs(resource_logs.resource.attributes).get("service.name", ""))
+            for scope in resource_logs.scope_logs:
+                for rec in scope.log_records:
+                    received.append(
+                        ReceivedLog(
+                            service=service,
+                            body=str(_value(rec.body)),
+                            severity=rec.severity_text,
+                            trace_id=rec.trace_id.hex(),
+                            span_id=rec.span_id.hex(),
+                            attributes=_attrs(rec.attributes),
+                        )
+                    )
+        with self._lock:
+            self._logs.extend(received)
 
     def points(self) -> list[ReceivedPoint]:
         """Every metric data point received (each flush re-sends cumulative values)."""
@@ -165,6 +203,17 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
+class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, sink: OtlpReceiver) -> None:
+        self._sink = sink
+
+    def Export(
+        self, request: logs_service_pb2.ExportLogsServiceRequest, context: grpc.ServicerContext
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
+        self._sink._add_logs(request)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
 @contextmanager
 def otlp_receiver() -> Iterator[OtlpReceiver]:
     """A running receiver on 127.0.0.1:0; stopped on exit."""
@@ -172,6 +221,7 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(sink), server)  # type: ignore[no-untyped-call]
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(sink), server)  # type: ignore[no-untyped-call]
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Logs(sink), server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     sink.endpoint = f"127.0.0.1:{port}"
@@ -181,4 +231,4 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
         server.stop(grace=None)
 
 
-__all__ = ["OtlpReceiver", "ReceivedPoint", "ReceivedSpan", "otlp_receiver"]
+__all__ = ["OtlpReceiver", "ReceivedLog", "ReceivedPoint", "ReceivedSpan", "otlp_receiver"]

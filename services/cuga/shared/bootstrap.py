@@ -164,6 +164,7 @@ class RunningServer:
     host: str
     grace_period_s: float
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _log_handler: logging.Handler | None = None
 
     @property
     def address(self) -> str:
@@ -191,6 +192,8 @@ class RunningServer:
         await self.server.stop(self.grace_period_s if grace is None else grace)
         for hook in self.definition.on_stopped:
             await _run_hook(hook, "on_stopped", self.definition.name)
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
         self.definition.telemetry.shutdown()
 
     async def wait_for_termination(self) -> None:
@@ -250,6 +253,9 @@ async def start_server(
     if bound == 0:
         raise OSError(f"cannot bind {definition.name} to {host}:{port}")
     running = RunningServer(definition, server, health, bound, host, common.grace_period_s)
+    running._log_handler = definition.telemetry.log_handler()  # OTLP logs, when configured
+    if running._log_handler is not None:
+        logging.getLogger().addHandler(running._log_handler)
     await running.set_serving(False)
     await server.start()
     try:

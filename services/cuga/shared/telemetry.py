@@ -30,7 +30,10 @@ from opentelemetry.instrumentation.grpc import (
     filters,
 )
 from opentelemetry.instrumentation.grpc._aio_client import UnaryUnaryAioClientInterceptor
+from opentelemetry.instrumentation.logging.handler import LoggingHandler
 from opentelemetry.metrics import Meter
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -55,6 +58,16 @@ def otlp_configured(env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
     return (
         base or bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")),
         base or bool(env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")),
+    )
+
+
+def otlp_logs_configured(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard variables ask for log export over OTLP."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
     )
 
 
@@ -206,6 +219,8 @@ class Telemetry:
     service_name: str
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
+    logger_provider: LoggerProvider | None = None
+    """Set when logs are exported over OTLP; :meth:`log_handler` feeds it."""
     tracer: Tracer = field(init=False)
     meter: Meter = field(init=False)
 
@@ -222,10 +237,24 @@ class Telemetry:
         return [interceptor, RpcMetricsInterceptor(self.meter, self.service_name)]
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
-        """Export every finished span and the current metric values now (tests, drains)."""
+        """Export every finished span, log record and metric value now (tests, drains)."""
         traces = self.tracer_provider.force_flush(timeout_millis)
         metrics = self.meter_provider.force_flush(timeout_millis)
-        return bool(traces and metrics)
+        logs = self.logger_provider is None or self.logger_provider.force_flush(timeout_millis)
+        return bool(traces and metrics and logs)
+
+    def log_handler(self) -> logging.Handler | None:
+        """A handler exporting this service's log records over OTLP (None when off).
+
+        It keeps only records logged as this service (see :class:`ContextFilter`), so
+        several services in one process each export their own lines.
+        """
+        if self.logger_provider is None:
+            return None
+        handler = LoggingHandler(level=logging.NOTSET, logger_provider=self.logger_provider)
+        handler.addFilter(ContextFilter(self.service_name))
+        handler.addFilter(lambda record: getattr(record, "service", "") == self.service_name)
+        return handler
 
     def client_interceptors(self) -> list[Any]:
         """The OpenTelemetry aio client interceptors (inject W3C context)."""
@@ -250,6 +279,8 @@ class Telemetry:
         """Flush and stop exporters."""
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+        if self.logger_provider is not None:
+            self.logger_provider.shutdown()
 
 
 def setup_telemetry(
@@ -292,7 +323,15 @@ def setup_telemetry(
             )
         )
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(service_name, tracer_provider, meter_provider)
+    logger_provider = None
+    if otlp_logs_configured(env):
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+        logger_provider = LoggerProvider(resource=resource)
+        logger_provider.add_log_record_processor(
+            BatchLogRecordProcessor(OTLPLogExporter(**_otlp_options(env, "LOGS")))
+        )
+    return Telemetry(service_name, tracer_provider, meter_provider, logger_provider)
 
 
 class ContextFilter(logging.Filter):
@@ -372,5 +411,6 @@ __all__ = [
     "configure_logging",
     "current_run_id",
     "otlp_configured",
+    "otlp_logs_configured",
     "setup_telemetry",
 ]
