@@ -31,11 +31,12 @@ test: $(STAMP) ## Run the whole suite
 fuzz: $(STAMP) ## Fuzz every RPC long: >= 10k cases per service (make test runs a short round)
 	CUGA_FUZZ_CASES_PER_SERVICE=10000 $(BIN)/python -m pytest tests/fuzz -p no:xdist --timeout 3600 -q
 
-lint: $(STAMP) ## ruff, mypy (strict, our code), buf lint
+lint: $(STAMP) ## ruff, mypy (strict, our code), buf lint, buf breaking against main
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
+	cd protos && ../$(BIN)/buf breaking --against '../.git#branch=main,subdir=protos'
 
 fmt: $(STAMP) ## Format and autofix
 	$(BIN)/ruff format .
