@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test fuzz lint fmt protos protos-check up clean
+.PHONY: help venv demo test soak fuzz lint fmt protos protos-check up clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ demo: $(STAMP) ## Start every service on SQLite under ./.cuga, run a sample orch
 
 test: $(STAMP) ## Run the whole suite
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+soak: $(STAMP) ## Fault and load suite at full counts: >= 20 runs per kill/drain, 12 load rounds (make test runs a quick round)
+	CUGA_SOAK=1 $(BIN)/python -m pytest tests/fault -n $(PYTEST_WORKERS) --timeout 1800 -q
 
 fuzz: $(STAMP) ## Fuzz every RPC long: >= 10k cases per service (make test runs a short round)
 	CUGA_FUZZ_CASES_PER_SERVICE=10000 $(BIN)/python -m pytest tests/fuzz -p no:xdist --timeout 3600 -q

@@ -36,8 +36,8 @@ from cuga.shared.messages import to_struct, value_to_python
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolContext, ToolLoadError, ToolSpec
 from cuga.worker.v1 import worker_pb2
+from tests.support.servers import as_identity, running_service, with_address
 from tests.support.servers import make_settings as make_settings
-from tests.support.servers import running_service, with_address
 
 #: Test tools live in this module: its top-level package must be allowlisted.
 HERE = __name__.split(".")[0]
@@ -102,7 +102,7 @@ async def _worker(
     builder = functools.partial(build_worker, tools=tools.specs())
     async with (
         running_service("worker", builder, settings) as server,
-        WorkerClient(server.address) as client,
+        WorkerClient(server.address, metadata=as_identity("coordinator")) as client,
     ):
         yield client, server
 
@@ -292,7 +292,7 @@ async def test_list_tools_pages_in_name_order(settings: Settings, tools: Tools) 
             token = page.next_page_token
             if not token:
                 break
-        assert names == sorted(names) and len(names) == 11
+        assert names == sorted(names) and len(names) == 12
         everything = await client.list_tools(worker_pb2.ListToolsRequest())
         by_name = {t.name: t for t in everything.tools}
         assert by_name["transfer_funds"].sensitive
@@ -389,7 +389,10 @@ async def test_worker_starts_and_stops_while_routing_is_down(tmp_path: Path, too
         resp = await client.execute_step(_req("gated"))
         assert resp.result.step_id == "s1"
     # Leaving the block stopped the server; the registration task was cancelled with it.
-    async with RoutingClient("127.0.0.1:1") as routing, asyncio.timeout(5):
+    async with (
+        RoutingClient("127.0.0.1:1", metadata=as_identity("tester")) as routing,
+        asyncio.timeout(5),
+    ):
         with pytest.raises(CugaError):
             await routing.list_workers(routing_pb2.ListWorkersRequest(), timeout=0.5)
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from cuga.tools import ToolSpec
-from cuga_example_tools.basic import ECHO, NOOP
+from cuga_example_tools.basic import ECHO, NOOP, SLEEP
 from cuga_example_tools.calculator import CALCULATOR, evaluate
 from cuga_example_tools.files import APPEND_LINE, SUMMARIZE_TEXT
 from cuga_example_tools.payments import TRANSFER_FUNDS
@@ -17,6 +17,7 @@ TOOLS: list[ToolSpec] = [
     CALCULATOR,
     ECHO,
     NOOP,
+    SLEEP,
     SUMMARIZE_TEXT,
     TRANSFER_FUNDS,
     WEB_SEARCH,
@@ -27,6 +28,7 @@ __all__ = [
     "CALCULATOR",
     "ECHO",
     "NOOP",
+    "SLEEP",
     "SUMMARIZE_TEXT",
     "TOOLS",
     "TRANSFER_FUNDS",

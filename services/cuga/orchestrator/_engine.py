@@ -573,6 +573,11 @@ class CoordinatorAgent:
         r = _Run(run, request, plan, self.store.completed_steps(run_id), span.get_span_context())
         self._live[run_id] = r
         after = r.seq
+        # A coordinator killed mid-run dies with the audit records it had queued but not
+        # yet handed over. The event log is durable and record ids are ``run_id/e<seq>``,
+        # so queue the whole log again: the audit service stores each id once.
+        for event in self.store.events_after(run_id, 0):
+            self._queue_audit(r, event)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=run.context)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_PLAN, plan=plan)
         r.task = asyncio.create_task(self._drive(r, span), name=f"run-{run_id}")
@@ -1144,15 +1149,25 @@ class CoordinatorAgent:
             attributes={"cuga.run_id": r.run_id, "cuga.step_id": sid, "cuga.tool": step.tool},
         ) as span:
             try:
-                await self._prepare(r, sid, upcoming)
-                decision = r.routes.pop(sid)
+                policy = self._retry_policy(r)
+                attempt = 0
+                while True:
+                    attempt += 1
+                    try:
+                        decision, resolved = await self._route_and_approve(r, step, upcoming)
+                        break
+                    except CugaError as exc:
+                        # Routing, approval or the worker's tool list unreachable for a
+                        # moment (a restart) is as retryable as a failed attempt: same
+                        # policy, same RETRY events, never a run lost to it.
+                        action = self.handle_error(
+                            exc, strategy, attempt=attempt, max_attempts=policy.max_attempts
+                        )
+                        if action is not ErrorAction.RETRY:
+                            raise
+                        await self._pause_before_retry(r, sid, exc, attempt, policy)
                 span.set_attribute("cuga.worker", decision.target.worker_id)
                 span.set_attribute("cuga.policy", _policy_name(decision.policy))
-                self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision)
-                resolved = common_pb2.PlanStep()
-                resolved.CopyFrom(step)
-                resolved.input.CopyFrom(resolve_input(step, r.outputs()))
-                await self._approve(r, resolved, decision.target)
                 self._charge_budget(r, resolved)
                 await self._attempts(r, resolved, decision, strategy)
             except _StepFailed as failed:
@@ -1169,6 +1184,43 @@ class CoordinatorAgent:
                     error=_error_detail(exc, sid),
                 )
                 raise _StepFailed(sid, exc) from None
+
+    def _retry_policy(self, r: _Run) -> ExponentialBackoffPolicy:
+        return self.options.retry.with_overrides(
+            r.request.retry_policy if r.request.HasField("retry_policy") else None
+        )
+
+    async def _route_and_approve(
+        self, r: _Run, step: common_pb2.PlanStep, upcoming: Iterable[str]
+    ) -> tuple[common_pb2.RoutingDecision, common_pb2.PlanStep]:
+        """Route one step and pass its approval; the decision and the resolved step."""
+        sid = step.step_id
+        await self._prepare(r, sid, upcoming)
+        decision = r.routes.pop(sid)
+        self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision)
+        resolved = common_pb2.PlanStep()
+        resolved.CopyFrom(step)
+        resolved.input.CopyFrom(resolve_input(step, r.outputs()))
+        await self._approve(r, resolved, decision.target)
+        return decision, resolved
+
+    async def _pause_before_retry(
+        self,
+        r: _Run,
+        sid: str,
+        error: CugaError,
+        attempt: int,
+        policy: ExponentialBackoffPolicy,
+    ) -> None:
+        """Count the retry, emit its RETRY event and wait out its backoff delay."""
+        self.metrics.retries.add(1, self.metrics.mode(error.failure_mode.name))
+        delay = policy.delay(attempt, self._rng)
+        retry = common_pb2.RetryInfo(
+            attempt=attempt, max_attempts=policy.max_attempts, error=_error_detail(error, sid)
+        )
+        retry.delay.FromNanoseconds(int(delay * 1e9))
+        self._emit(r, common_pb2.LIFECYCLE_STAGE_RETRY, step_id=sid, retry=retry)
+        await self.clock.sleep(delay)
 
     async def _approve(
         self, r: _Run, step: common_pb2.PlanStep, target: common_pb2.WorkerTarget
@@ -1285,9 +1337,7 @@ class CoordinatorAgent:
         strategy: int,
     ) -> None:
         sid = step.step_id
-        policy = self.options.retry.with_overrides(
-            r.request.retry_policy if r.request.HasField("retry_policy") else None
-        )
+        policy = self._retry_policy(r)
         attempt = 0
         target = decision.target
         excluded: list[str] = []
@@ -1339,14 +1389,7 @@ class CoordinatorAgent:
                     error=_error_detail(error, sid),
                 )
                 raise _StepFailed(sid, error)
-            self.metrics.retries.add(1, self.metrics.mode(error.failure_mode.name))
-            delay = policy.delay(attempt, self._rng)
-            retry = common_pb2.RetryInfo(
-                attempt=attempt, max_attempts=policy.max_attempts, error=_error_detail(error, sid)
-            )
-            retry.delay.FromNanoseconds(int(delay * 1e9))
-            self._emit(r, common_pb2.LIFECYCLE_STAGE_RETRY, step_id=sid, retry=retry)
-            await self.clock.sleep(delay)
+            await self._pause_before_retry(r, sid, error, attempt, policy)
             if error.failure_mode is FailureMode.SYSTEM:
                 # The worker may be gone: ask routing again, without it.
                 excluded.append(target.worker_id)
@@ -1363,6 +1406,10 @@ class CoordinatorAgent:
                 except FailedPreconditionError:
                     excluded.clear()  # no other worker: try the same one again
                     continue
+                except CugaError as exc:
+                    if not exc.failure_mode.retryable:
+                        raise
+                    continue  # routing itself is unreachable: try the same worker again
                 target = decisions[0].target
                 self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decisions[0])
 
