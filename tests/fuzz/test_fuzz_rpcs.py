@@ -30,7 +30,7 @@ from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.worker.v1 import worker_pb2
 from tests.support.fuzzing import messages
-from tests.support.servers import Cluster, make_settings, running_cluster
+from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
 
 pytestmark = pytest.mark.xdist_group("fuzz")  # one cluster for the whole module
 
@@ -107,6 +107,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
 
 
+#: Auth is on: fuzz as an identity holding every role, so each call reaches validation
+#: (an anonymous call would stop at UNAUTHENTICATED).
+CREDENTIALS = as_identity("tester")
+
+
 def _call(
     cluster: Cluster, service: str, method: descriptor.MethodDescriptor, payload: bytes
 ) -> grpc.StatusCode:
@@ -119,11 +124,11 @@ def _call(
         )
         try:
             if method.server_streaming:
-                stream = call(payload, timeout=3)
+                stream = call(payload, timeout=3, metadata=CREDENTIALS)
                 next(iter(stream), None)
                 stream.cancel()
             else:
-                call(payload, timeout=3)
+                call(payload, timeout=3, metadata=CREDENTIALS)
         except grpc.RpcError as exc:
             code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
             if code is grpc.StatusCode.CANCELLED and method.server_streaming:

@@ -11,7 +11,6 @@ import pytest
 
 from cuga.approval.v1 import approval_pb2
 from cuga.audit.v1 import audit_pb2
-from cuga.cli.tokens import ensure_local_tokens
 from cuga.client import ApprovalClient, AuditClient, CoordinatorClient
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
@@ -21,7 +20,7 @@ from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import start_server
 from cuga.shared.messages import struct_to_dict, to_struct
 from cuga.shared.telemetry import setup_telemetry
-from tests.support.servers import Cluster, make_settings, running_cluster
+from tests.support.servers import Cluster, as_identity, make_settings, running_cluster, token_of
 
 WORKERS = (
     {"worker_id": "w-search", "tools": ["web_search", "echo"]},
@@ -47,7 +46,7 @@ def _agent(cluster: Cluster) -> CoordinatorAgent:
 
 async def _records(cluster: Cluster, trace_id: str) -> list[audit_pb2.AuditRecord]:
     assert await _agent(cluster).flush_audit(timeout=10)
-    async with AuditClient(cluster.address("audit")) as audit:
+    async with AuditClient(cluster.address("audit"), metadata=as_identity("tester")) as audit:
         page = await audit.query(
             audit_pb2.QueryRequest(filter=audit_pb2.RecordFilter(trace_id=trace_id), page_size=1000)
         )
@@ -72,7 +71,9 @@ async def test_each_policy_routes_across_three_workers(three_workers: Cluster, p
     request = coordinator_pb2.OrchestrateRequest(
         goal="spread the work", steps=steps, routing_policy=POLICIES[policy]
     )
-    async with CoordinatorClient(three_workers.address("coordinator")) as client:
+    async with CoordinatorClient(
+        three_workers.address("coordinator"), metadata=as_identity("client")
+    ) as client:
         events = [r.event async for r in client.orchestrate(request)]
     assert S.LifecycleStage.Name(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
     decisions = {e.step_id: e.decision for e in events if e.HasField("decision")}
@@ -104,10 +105,8 @@ TRANSFER = {
 
 @pytest.fixture
 async def with_reviewer(tmp_path: Path) -> AsyncIterator[tuple[Cluster, str]]:
-    tokens = ensure_local_tokens(tmp_path / "tokens")
-    settings = make_settings(tmp_path / "data", env={"CUGA_AUTH__TOKENS_FILE": str(tokens.file)})
-    async with running_cluster(settings) as cluster:
-        yield cluster, tokens.tokens["demo-reviewer"]
+    async with running_cluster(make_settings(tmp_path / "data")) as cluster:
+        yield cluster, token_of("reviewer")
 
 
 @pytest.mark.parametrize("verdict", [approval_pb2.VERDICT_APPROVE, approval_pb2.VERDICT_DENY])
@@ -120,7 +119,7 @@ async def test_run_pauses_for_a_reviewer(with_reviewer: tuple[Cluster, str], ver
     )
     events: list[S.OrchestrationEvent] = []
     async with (
-        CoordinatorClient(cluster.address("coordinator")) as client,
+        CoordinatorClient(cluster.address("coordinator"), metadata=as_identity("client")) as client,
         ApprovalClient(cluster.address("approval"), metadata=bearer_metadata(token)) as reviewer,
     ):
         async for response in client.orchestrate(request):
@@ -135,11 +134,11 @@ async def test_run_pauses_for_a_reviewer(with_reviewer: tuple[Cluster, str], ver
                     )
                 )
     decided = [e.approval for e in events if e.HasField("approval")][-1]
-    assert decided.decided_by == "demo-reviewer"
+    assert decided.decided_by == "reviewer"
     records = await _records(cluster, events[0].trace_id)
     kinds = [r.kind for r in records]
     assert "approval_requested" in kinds
-    assert next(r for r in records if r.kind == "approval_decided").actor == "demo-reviewer"
+    assert next(r for r in records if r.kind == "approval_decided").actor == "reviewer"
     if verdict == approval_pb2.VERDICT_APPROVE:
         assert S.LifecycleStage.Name(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
     else:
@@ -159,7 +158,9 @@ async def test_audit_outage_during_a_run_loses_and_doubles_nothing(tmp_path: Pat
             goal="work while audit is down",
             steps=[_step(f"s{i}", "echo", text=str(i)) for i in range(5)],
         )
-        async with CoordinatorClient(cluster.address("coordinator")) as client:
+        async with CoordinatorClient(
+            cluster.address("coordinator"), metadata=as_identity("client")
+        ) as client:
             events = [r.event async for r in client.orchestrate(request)]
         assert S.LifecycleStage.Name(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
         agent = _agent(cluster)

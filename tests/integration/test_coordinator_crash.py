@@ -25,7 +25,15 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.services.worker.app import build_worker
 from cuga.shared.config import Settings
 from cuga.shared.messages import to_struct
-from tests.support.servers import builders, make_settings, running_service, with_address
+from tests.support.servers import (
+    as_identity,
+    builders,
+    make_settings,
+    running_service,
+    token_of,
+    with_address,
+    write_tokens_file,
+)
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 SERVING = re.compile(r"coordinator serving on (\S+)")
@@ -53,6 +61,8 @@ async def _coordinator(
 ) -> tuple[asyncio.subprocess.Process, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
     env["CUGA_DATA_DIR"] = str(data_dir)
+    env["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
+    env["CUGA_AUTH__TOKEN"] = token_of("coordinator")
     for name in ("planning", "routing", "audit", "approval", "worker"):
         env[f"CUGA_ADDRESSES__{name.upper()}"] = settings.common.addresses.of(name)
     proc = await asyncio.create_subprocess_exec(
@@ -94,7 +104,7 @@ async def test_sigkill_mid_run_then_resume_runs_every_step_once(
         _step("c", "count", ("b",), name="c"),
     ]
     proc, address = await _coordinator(authorities, coordinator_dir)
-    client = CoordinatorClient(address)
+    client = CoordinatorClient(address, metadata=as_identity("client"))
     stream = client.orchestrate(coordinator_pb2.OrchestrateRequest(goal="crash me", steps=steps))
     first = (await anext(stream)).event
     await asyncio.wait_for(ENTERED["crash"].wait(), 30)  # step b is inside the worker
@@ -108,7 +118,7 @@ async def test_sigkill_mid_run_then_resume_runs_every_step_once(
 
     proc, address = await _coordinator(authorities, coordinator_dir)
     try:
-        async with CoordinatorClient(address) as client:
+        async with CoordinatorClient(address, metadata=as_identity("client")) as client:
             run = (await client.get_run(coordinator_pb2.GetRunRequest(run_id=first.run_id))).run
             assert run.state == coordinator_pb2.RUN_STATE_INTERRUPTED
             events = [

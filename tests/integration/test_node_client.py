@@ -20,7 +20,7 @@ import pytest
 
 from cuga.client import RoutingClient
 from cuga.routing.v1 import routing_pb2
-from tests.support.servers import Cluster, make_settings, running_cluster
+from tests.support.servers import Cluster, as_identity, make_settings, running_cluster, token_of
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 NPM_TEST_TIMEOUT_S = 90.0
@@ -52,7 +52,7 @@ def node_modules() -> Path:
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     async with running_cluster(make_settings(tmp_path / "data")) as c:
-        async with RoutingClient(c.address("routing")) as routing:
+        async with RoutingClient(c.address("routing"), metadata=as_identity("tester")) as routing:
             workers = await routing.list_workers(routing_pb2.ListWorkersRequest())
             assert [w.info.worker_id for w in workers.workers if w.available]
         yield c
@@ -62,6 +62,7 @@ async def test_npm_test_passes_against_live_services(node_modules: Path, cluster
     env = {
         **os.environ,
         "CUGA_COORDINATOR_ADDRESS": cluster.address("coordinator"),
+        "CUGA_TOKEN": token_of("client"),
         "NO_COLOR": "1",
     }
     # Asynchronously: the services run on this event loop and must keep serving.

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cuga.shared.config import GRPC_SERVICE_NAMES
-from tests.support.servers import Cluster, make_settings, running_cluster
+from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
 
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -133,7 +133,7 @@ async def test_orchestrate_with_descriptors_from_reflection_only(cluster: Cluste
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=response_cls.FromString,
         )
-        call = orchestrate(request, timeout=TIMEOUT_S)
+        call = orchestrate(request, timeout=TIMEOUT_S, metadata=as_identity("client"))
         events = [json_format.MessageToDict(r)["event"] async for r in call]
 
     stages = [e["stage"].removeprefix("LIFECYCLE_STAGE_") for e in events]

@@ -24,6 +24,7 @@ from cuga.shared.config import Settings
 from cuga.shared.messages import to_struct
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
 from tests.support.servers import (
+    as_identity,
     builders,
     make_settings,
     running_service,
@@ -121,12 +122,12 @@ def _step(sid: str, tool: str, deps: tuple[str, ...] = (), **inputs: object) -> 
 
 
 async def _orchestrate(address: str, request: C.OrchestrateRequest) -> list[S.OrchestrationEvent]:
-    async with CoordinatorClient(address) as client:
+    async with CoordinatorClient(address, metadata=as_identity("client")) as client:
         return [r.event async for r in client.orchestrate(request)]
 
 
 async def _watch(address: str, run_id: str, after: int = 0) -> list[S.OrchestrationEvent]:
-    async with CoordinatorClient(address) as client:
+    async with CoordinatorClient(address, metadata=as_identity("client")) as client:
         return [r.event async for r in client.watch(C.WatchRequest(run_id=run_id, after_seq=after))]
 
 
@@ -149,7 +150,10 @@ async def test_runs_go_through_both_coordinators_on_one_store(replicas: Replicas
             "w2",
         }
     run_a, run_b = on_a[0].run_id, on_b[0].run_id
-    async with CoordinatorClient(replicas.a) as a, CoordinatorClient(replicas.b) as b:
+    async with (
+        CoordinatorClient(replicas.a, metadata=as_identity("client")) as a,
+        CoordinatorClient(replicas.b, metadata=as_identity("client")) as b,
+    ):
         for client in (a, b):
             listed = await client.list_runs(C.ListRunsRequest(page_size=10))
             assert {r.run_id for r in listed.runs} == {run_a, run_b}
@@ -173,7 +177,7 @@ async def test_watch_on_b_follows_a_run_live_on_a(replicas: Replicas) -> None:
     on_a: list[S.OrchestrationEvent] = []
 
     async def drive_on_a() -> None:
-        async with CoordinatorClient(replicas.a) as client:
+        async with CoordinatorClient(replicas.a, metadata=as_identity("client")) as client:
             async for response in client.orchestrate(request):
                 on_a.append(response.event)
                 if not run_ids:
@@ -189,7 +193,7 @@ async def test_watch_on_b_follows_a_run_live_on_a(replicas: Replicas) -> None:
         replayed = asyncio.Event()
 
         async def watch_on_b() -> None:
-            async with CoordinatorClient(replicas.b) as client:
+            async with CoordinatorClient(replicas.b, metadata=as_identity("client")) as client:
                 async for response in client.watch(C.WatchRequest(run_id=run_ids[0])):
                     on_b.append(response.event)
                     if _stage(response.event) == "ROUTE" and response.event.step_id == "gate":
@@ -210,7 +214,7 @@ async def test_watch_on_b_follows_a_run_live_on_a(replicas: Replicas) -> None:
     assert on_b == on_a
     assert [e.seq for e in on_b] == list(range(1, len(on_b) + 1))
     # The run stays visible with its final state from either replica.
-    async with CoordinatorClient(replicas.b) as b:
+    async with CoordinatorClient(replicas.b, metadata=as_identity("client")) as b:
         run = (await b.get_run(C.GetRunRequest(run_id=run_ids[0]))).run
     assert run.state == C.RUN_STATE_COMPLETED
 
@@ -224,14 +228,14 @@ async def test_cancel_on_b_stops_a_run_live_on_a(replicas: Replicas) -> None:
     on_a: list[S.OrchestrationEvent] = []
 
     async def drive_on_a() -> None:
-        async with CoordinatorClient(replicas.a) as client:
+        async with CoordinatorClient(replicas.a, metadata=as_identity("client")) as client:
             async for response in client.orchestrate(request):
                 on_a.append(response.event)
 
     a_task = asyncio.create_task(drive_on_a())
     try:
         await asyncio.wait_for(ENTERED["stop"].wait(), 30)
-        async with CoordinatorClient(replicas.b) as b:
+        async with CoordinatorClient(replicas.b, metadata=as_identity("client")) as b:
             cancelled = await b.cancel_run(
                 C.CancelRunRequest(run_id=on_a[0].run_id, reason="stopped from replica b")
             )

@@ -14,7 +14,7 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import CoordinatorAgent
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.messages import struct_to_dict, to_struct, value_to_python
-from tests.support.servers import Cluster, make_settings, running_cluster
+from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
 
 S = common_pb2
 
@@ -22,7 +22,7 @@ S = common_pb2
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     async with running_cluster(make_settings(tmp_path / "data")) as c:
-        async with RoutingClient(c.address("routing")) as routing:
+        async with RoutingClient(c.address("routing"), metadata=as_identity("tester")) as routing:
             # The worker registers before it reports SERVING; make sure of it.
             workers = await routing.list_workers(routing_pb2.ListWorkersRequest())
             assert [w.info.worker_id for w in workers.workers if w.available]
@@ -49,7 +49,9 @@ async def _orchestrate(
 
 
 async def test_one_run_end_to_end(cluster: Cluster) -> None:
-    async with CoordinatorClient(cluster.address("coordinator")) as coordinator:
+    async with CoordinatorClient(
+        cluster.address("coordinator"), metadata=as_identity("client")
+    ) as coordinator:
         events = await _orchestrate(
             coordinator,
             coordinator_pb2.OrchestrateRequest(goal="add and report", steps=_steps()),
@@ -75,7 +77,7 @@ async def test_one_run_end_to_end(cluster: Cluster) -> None:
 
     # Every decision reached the audit trail, in one verifiable chain.
     assert await _agent(cluster).flush_audit(timeout=10)
-    async with AuditClient(cluster.address("audit")) as audit:
+    async with AuditClient(cluster.address("audit"), metadata=as_identity("tester")) as audit:
         page = await audit.query(
             audit_pb2.QueryRequest(filter=audit_pb2.RecordFilter(trace_id=trace_id))
         )

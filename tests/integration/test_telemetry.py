@@ -22,14 +22,12 @@ from pathlib import Path
 import pytest
 
 from cuga.approval.v1 import approval_pb2
-from cuga.cli.tokens import ensure_local_tokens
 from cuga.client import ApprovalClient, CoordinatorClient
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import CoordinatorAgent
 from cuga.services.coordinator.app import build as build_coordinator
 from cuga.services.worker.app import build_worker
-from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import RunningServer, start_server
 from cuga.shared.config import Settings
 from cuga.shared.messages import to_struct
@@ -44,6 +42,8 @@ from cuga.shared.telemetry import (
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 from tests.support.servers import (
     CLUSTER_ORDER,
+    as_identity,
+    as_service,
     builders,
     make_settings,
     running_service,
@@ -170,8 +170,7 @@ class ObservedRun:
 
 @pytest.fixture
 async def observed(tmp_path: Path) -> AsyncIterator[ObservedRun]:
-    tokens = ensure_local_tokens(tmp_path / "tokens")
-    settings = _settings(tmp_path, CUGA_AUTH__TOKENS_FILE=str(tokens.file))
+    settings = _settings(tmp_path)
     retry = S.RetryPolicy(multiplier=1.0, max_attempts=3)
     retry.base_delay.FromMilliseconds(1)
     retry.max_delay.FromMilliseconds(1)
@@ -190,10 +189,12 @@ async def observed(tmp_path: Path) -> AsyncIterator[ObservedRun]:
     with otlp_receiver() as receiver, _captured_logs() as logs:
         async with _services(settings, receiver.env()) as (servers, settings):
             async with (
-                CoordinatorClient(settings.common.addresses.coordinator) as client,
+                CoordinatorClient(
+                    settings.common.addresses.coordinator, metadata=as_identity("client")
+                ) as client,
                 ApprovalClient(
                     settings.common.addresses.approval,
-                    metadata=bearer_metadata(tokens.tokens["demo-reviewer"]),
+                    metadata=as_identity("reviewer"),
                 ) as reviewer,
             ):
                 async for response in client.orchestrate(request):
@@ -352,14 +353,17 @@ async def test_a_resumed_run_keeps_its_trace_after_a_coordinator_restart(tmp_pat
 
             async def coordinator() -> RunningServer:
                 telemetry = setup_telemetry("cuga-coordinator", env=receiver.env())
-                definition = await build_coordinator(settings, telemetry)
-                return await start_server(definition, settings.common, port=0, host="127.0.0.1")
+                own = as_service(settings, "coordinator")  # its own token
+                definition = await build_coordinator(own, telemetry)
+                return await start_server(definition, own.common, port=0, host="127.0.0.1")
 
             first = await coordinator()
             events: list[S.OrchestrationEvent] = []
 
             async def follow() -> None:
-                async with CoordinatorClient(first.address) as client:
+                async with CoordinatorClient(
+                    first.address, metadata=as_identity("client")
+                ) as client:
                     async for response in client.orchestrate(request):
                         events.append(response.event)
 
@@ -372,7 +376,9 @@ async def test_a_resumed_run_keeps_its_trace_after_a_coordinator_restart(tmp_pat
 
             second = await coordinator()
             try:
-                async with CoordinatorClient(second.address) as client:
+                async with CoordinatorClient(
+                    second.address, metadata=as_identity("client")
+                ) as client:
                     resumed = [
                         r.event
                         async for r in client.resume(
@@ -416,7 +422,9 @@ async def test_nothing_is_exported_when_the_variables_are_unset(tmp_path: Path) 
     """A run with telemetry built from an empty environment: it works and sends nothing."""
     with otlp_receiver() as receiver:
         async with _services(_settings(tmp_path), {}) as (servers, settings):
-            async with CoordinatorClient(settings.common.addresses.coordinator) as client:
+            async with CoordinatorClient(
+                settings.common.addresses.coordinator, metadata=as_identity("client")
+            ) as client:
                 events = [
                     r.event
                     async for r in client.orchestrate(

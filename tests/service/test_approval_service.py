@@ -55,13 +55,13 @@ rules:
 """
 #: token -> (identity, roles)
 TOKENS = {
-    "t-coord": ("coordinator", ()),
+    "t-coord": ("coordinator", ("coordinator",)),
     "t-rita": ("rita", ("reviewer",)),
     "t-rob": ("rob", ("reviewer",)),
-    "t-fiona": ("fiona", ("finance",)),
+    "t-fiona": ("fiona", ("reviewer", "finance")),
     "t-nobody": ("nobody", ()),
     "t-ursula": ("ursula", ("reviewer",)),
-    "t-selfie": ("selfie", ("reviewer",)),
+    "t-selfie": ("selfie", ("reviewer", "coordinator")),
 }
 
 
@@ -332,8 +332,10 @@ async def test_health_and_reflection_ignore_bad_credentials(h: Harness) -> None:
 async def test_empty_requests_get_mapped_statuses(
     h: Harness, rpc: str, message: Any, error: type[CugaError]
 ) -> None:
+    caller = "coord" if rpc in {"request_approval", "request_approval_batch"} else "rita"
+    caller = "coord" if rpc == "await_decision" else caller
     with pytest.raises(error):
-        await getattr(h["rita"], rpc)(message)
+        await getattr(h[caller], rpc)(message)
     listed = await h["rita"].list_pending(approval_pb2.ListPendingRequest())
     assert list(listed.requests) == []
     with pytest.raises(UnauthenticatedError):  # no credentials at all

@@ -16,7 +16,7 @@ from cuga.shared.authorities import AuditTrail
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import CallConfig
 from cuga.shared.messages import to_struct
-from tests.support.servers import make_settings, running_service
+from tests.support.servers import as_identity, make_settings, running_service
 
 TRACE = "e" * 32
 #: Fail fast while the server is down: no transport retries beyond one extra attempt.
@@ -38,7 +38,7 @@ def dead_address() -> str:
 
 
 async def stored_ids(address: str) -> list[str]:
-    client = AuditClient(address)
+    client = AuditClient(address, metadata=as_identity("tester"))
     ids: list[str] = []
     token = ""
     while True:
@@ -54,7 +54,9 @@ async def stored_ids(address: str) -> list[str]:
 
 
 async def test_buffered_trail_satisfies_the_protocol(tmp_path: Path) -> None:
-    buf = BufferedAuditTrail(AuditClient(dead_address()), spill_dir=tmp_path)
+    buf = BufferedAuditTrail(
+        AuditClient(dead_address(), metadata=as_identity("tester")), spill_dir=tmp_path
+    )
     assert isinstance(buf, AuditTrail)
     await buf.close(timeout=0)
 
@@ -69,7 +71,7 @@ async def test_server_stopped_mid_stream_every_record_arrives_once(
     expected = [rec(i).record_id for i in range(80)]
     async with running_service("audit", build, settings) as first:
         buf = BufferedAuditTrail(
-            AuditClient(first.address, call=CALL),
+            AuditClient(first.address, call=CALL, metadata=as_identity("tester")),
             spill_dir=tmp_path / "spill",
             clock=clock,
             batch_size=7,
@@ -87,7 +89,7 @@ async def test_server_stopped_mid_stream_every_record_arrives_once(
     assert buf.depth >= 40
     assert buf.spilled > 0 and list((tmp_path / "spill").glob("spill-*.jsonl"))
     async with running_service("audit", build, settings) as second:
-        await buf.retarget(AuditClient(second.address, call=CALL))
+        await buf.retarget(AuditClient(second.address, call=CALL, metadata=as_identity("tester")))
         assert await buf.flush(30)
         assert buf.depth == 0 and buf.spilled == 0
         assert buf.failures > 0 and buf.rejected == 0
@@ -111,7 +113,7 @@ class SignallingClock(FakeClock):
 async def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:
     clock = SignallingClock()
     buf = BufferedAuditTrail(
-        AuditClient(dead_address(), call=CALL),
+        AuditClient(dead_address(), call=CALL, metadata=as_identity("tester")),
         spill_dir=tmp_path,
         clock=clock,
         initial_backoff_s=0.5,
@@ -131,7 +133,7 @@ async def test_close_spills_the_rest_and_the_next_instance_sends_it(tmp_path: Pa
     spill = tmp_path / "spill"
     clock = FakeClock()
     down = BufferedAuditTrail(
-        AuditClient(dead_address(), call=CALL),
+        AuditClient(dead_address(), call=CALL, metadata=as_identity("tester")),
         spill_dir=spill,
         clock=clock,
         batch_size=5,
@@ -145,7 +147,10 @@ async def test_close_spills_the_rest_and_the_next_instance_sends_it(tmp_path: Pa
 
     async with running_service("audit", build, make_settings(tmp_path / "data")) as server:
         up = BufferedAuditTrail(
-            AuditClient(server.address, call=CALL), spill_dir=spill, batch_size=5, max_buffered=10
+            AuditClient(server.address, call=CALL, metadata=as_identity("tester")),
+            spill_dir=spill,
+            batch_size=5,
+            max_buffered=10,
         )
         assert up.depth == 25
         await up.record_batch([rec(i) for i in range(25, 30)])  # after the spilled ones
@@ -157,7 +162,10 @@ async def test_close_spills_the_rest_and_the_next_instance_sends_it(tmp_path: Pa
 
 async def test_refused_record_is_dropped_and_the_rest_goes_through(tmp_path: Path) -> None:
     async with running_service("audit", build, make_settings(tmp_path / "data")) as server:
-        buf = BufferedAuditTrail(AuditClient(server.address, call=CALL), spill_dir=tmp_path)
+        buf = BufferedAuditTrail(
+            AuditClient(server.address, call=CALL, metadata=as_identity("tester")),
+            spill_dir=tmp_path,
+        )
         await buf.record_batch([rec(0), rec(1, kind="not_a_kind"), rec(2)])
         assert await buf.flush(10)
         assert buf.rejected == 1 and buf.acknowledged == 3
@@ -169,13 +177,15 @@ async def test_records_keep_the_time_they_were_enqueued(tmp_path: Path) -> None:
     clock = FakeClock(1_750_000_000.0)
     async with running_service("audit", build, make_settings(tmp_path / "data")) as server:
         buf = BufferedAuditTrail(
-            AuditClient(server.address, call=CALL), spill_dir=tmp_path, clock=clock
+            AuditClient(server.address, call=CALL, metadata=as_identity("tester")),
+            spill_dir=tmp_path,
+            clock=clock,
         )
         record = rec(7)
         await buf.record_batch([record])
         assert not record.HasField("timestamp")  # the caller's message is not modified
         assert await buf.flush(10)
-        client = AuditClient(server.address)
+        client = AuditClient(server.address, metadata=as_identity("tester"))
         stored = (await client.query(audit_pb2.QueryRequest())).records
         assert [r.timestamp.seconds for r in stored] == [1_750_000_000]
         await client.close()

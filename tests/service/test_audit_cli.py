@@ -12,7 +12,13 @@ from cuga.audit.v1 import audit_pb2
 from cuga.cli import audit as audit_cli
 from cuga.client import AuditClient
 from cuga.services.audit.app import build
-from tests.support.servers import make_settings, running_service, with_address
+from tests.support.servers import (
+    as_identity,
+    make_settings,
+    running_service,
+    token_of,
+    with_address,
+)
 
 TRACE = "f" * 32
 
@@ -23,11 +29,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def test_query_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_query_export_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUGA_TOKEN", token_of("auditor"))  # what the CLI sends
     settings = make_settings(tmp_path / "data")
     async with running_service("audit", build, settings) as server:
         settings = with_address(settings, "audit", server.address)
-        client = AuditClient(server.address)
+        client = AuditClient(server.address, metadata=as_identity("tester"))
         await client.record_batch(
             audit_pb2.RecordBatchRequest(
                 records=[

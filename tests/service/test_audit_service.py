@@ -19,7 +19,7 @@ from cuga.shared.config import ConfigError
 from cuga.shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from cuga.shared.messages import timestamp, to_struct
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
-from tests.support.servers import make_settings, running_service
+from tests.support.servers import as_identity, make_settings, running_service
 
 T1 = "c" * 32
 T2 = "d" * 32
@@ -47,7 +47,7 @@ ENV = {"CUGA_LIMITS__MAX_INPUT_BYTES": "1024", "CUGA_AUDIT__MAX_BATCH": "5"}
 async def client(tmp_path: Path) -> AsyncIterator[AuditClient]:
     settings = make_settings(tmp_path / "data", ENV)
     async with running_service("audit", build, settings) as server:
-        c = AuditClient(server.address)
+        c = AuditClient(server.address, metadata=as_identity("tester"))
         yield c
         await c.close()
 
@@ -211,7 +211,7 @@ async def test_export_streams_json_lines(client: AuditClient) -> None:
 async def test_verify_ok_not_found_and_broken(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     async with running_service("audit", build, settings) as server:
-        client = AuditClient(server.address)
+        client = AuditClient(server.address, metadata=as_identity("tester"))
         await client.record_batch(
             audit_pb2.RecordBatchRequest(records=[rec(f"v{i}") for i in range(4)])
         )
@@ -240,7 +240,7 @@ async def test_other_backends_serve_the_same_contract(
     if backend == "postgres":
         env["CUGA_AUDIT__DSN"] = request.getfixturevalue("postgres_dsn")
     async with running_service("audit", build, make_settings(tmp_path / "d", env)) as server:
-        client = AuditClient(server.address)
+        client = AuditClient(server.address, metadata=as_identity("tester"))
         resp = await client.record_batch(
             audit_pb2.RecordBatchRequest(records=[rec("k1"), rec("k2")])
         )

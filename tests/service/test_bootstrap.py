@@ -16,7 +16,7 @@ from cuga.shared.config import Settings
 from cuga.shared.errors import FailureMode, InternalError, InvalidArgumentError
 from cuga.shared.telemetry import Telemetry
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
-from tests.support.servers import running_service
+from tests.support.servers import as_identity, running_service
 
 
 class _ProbeServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -65,7 +65,7 @@ async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
 async def test_domain_error_maps_to_status_with_error_info(settings: Settings) -> None:
     servicer = _ProbeServicer()
     async with running_service("worker", _builder(servicer), settings) as server:
-        client = WorkerClient(server.address)
+        client = WorkerClient(server.address, metadata=as_identity("coordinator"))
         with pytest.raises(InvalidArgumentError) as info:
             await client.execute_step(worker_pb2.ExecuteStepRequest(idempotency_key="bad"))
         assert info.value.field == "idempotency_key"
@@ -103,7 +103,7 @@ async def test_health_and_reflection(settings: Settings) -> None:
 async def test_drain_turns_not_serving_and_finishes_in_flight_calls(settings: Settings) -> None:
     servicer = _ProbeServicer()
     async with running_service("worker", _builder(servicer), settings) as server:
-        client = WorkerClient(server.address)
+        client = WorkerClient(server.address, metadata=as_identity("coordinator"))
         health_channel = grpc.aio.insecure_channel(server.address)
         in_flight = asyncio.ensure_future(
             client.execute_step(worker_pb2.ExecuteStepRequest(idempotency_key="k"))

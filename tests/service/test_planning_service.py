@@ -21,8 +21,8 @@ from cuga.shared.errors import (
     UnavailableError,
 )
 from cuga.shared.messages import to_struct
+from tests.support.servers import as_identity, running_service, with_address
 from tests.support.servers import make_settings as make_settings
-from tests.support.servers import running_service, with_address
 
 TOOLS = [
     c.ToolSpec(
@@ -48,7 +48,7 @@ def static_settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 async def client(static_settings: Settings) -> AsyncIterator[PlanningClient]:
     async with running_service("planning", build, static_settings) as server:
-        planning = PlanningClient(server.address)
+        planning = PlanningClient(server.address, metadata=as_identity("coordinator"))
         yield planning
         await planning.close()
 
@@ -133,12 +133,12 @@ async def test_empty_requests_get_invalid_argument(client: PlanningClient) -> No
 async def test_plans_survive_a_restart(static_settings: Settings) -> None:
     async with (
         running_service("planning", build, static_settings) as server,
-        PlanningClient(server.address) as planning,
+        PlanningClient(server.address, metadata=as_identity("coordinator")) as planning,
     ):
         plan = (await planning.create_plan(_explicit())).plan
     async with (
         running_service("planning", build, static_settings) as server,
-        PlanningClient(server.address) as planning,
+        PlanningClient(server.address, metadata=as_identity("coordinator")) as planning,
     ):
         got = (await planning.get_plan(p.GetPlanRequest(plan_id=plan.plan_id))).plan
     assert got == plan
@@ -148,7 +148,7 @@ async def test_unreachable_routing_is_unavailable(settings: Settings) -> None:
     unreachable = with_address(settings, "routing", "127.0.0.1:1")
     async with (
         running_service("planning", build, unreachable) as server,
-        PlanningClient(server.address) as planning,
+        PlanningClient(server.address, metadata=as_identity("coordinator")) as planning,
     ):
         with pytest.raises(UnavailableError, match="routing service"):
             await planning.create_plan(p.CreatePlanRequest(goal="weather"))

@@ -19,7 +19,14 @@ from cuga.approval.v1 import approval_pb2
 from cuga.client import ApprovalClient
 from cuga.common.v1 import common_pb2
 from cuga.shared.messages import to_struct
-from tests.support.servers import Cluster, make_settings, running_cluster
+from tests.support.servers import (
+    Cluster,
+    as_identity,
+    make_settings,
+    running_cluster,
+    token_of,
+    write_tokens_file,
+)
 
 SERVING = re.compile(r"(\w+) serving on (\S+)")
 
@@ -27,6 +34,9 @@ SERVING = re.compile(r"(\w+) serving on (\S+)")
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
     env.update({"CUGA_DATA_DIR": str(data_dir), "CUGA_GRACE_PERIOD_S": "20", **extra})
+    # Servers know the test identities; the CLI calls as the test client.
+    env["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
+    env["CUGA_TOKEN"] = token_of("client")
     return env
 
 
@@ -67,7 +77,10 @@ async def test_sigterm_turns_health_not_serving_and_lets_calls_finish(
     approval_process: tuple[asyncio.subprocess.Process, str],
 ) -> None:
     proc, address = approval_process
-    async with ApprovalClient(address) as approval, grpc.aio.insecure_channel(address) as ch:
+    async with (
+        ApprovalClient(address, metadata=as_identity("coordinator")) as approval,
+        grpc.aio.insecure_channel(address) as ch,
+    ):
         health = health_pb2_grpc.HealthStub(ch)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING

@@ -25,8 +25,8 @@ from cuga.shared.errors import (
 )
 from cuga.shared.telemetry import setup_telemetry
 from cuga.shared.validation import encode_page_token
+from tests.support.servers import as_identity, running_service
 from tests.support.servers import make_settings as make_settings
-from tests.support.servers import running_service
 
 LB = common_pb2.ROUTING_POLICY_LOAD_BALANCED
 CAP = common_pb2.ROUTING_POLICY_CAPABILITY
@@ -42,7 +42,7 @@ class Routing:
 async def routing(settings: Settings) -> AsyncIterator[Routing]:
     clock = FakeClock()
     async with running_service("routing", functools.partial(build, clock=clock), settings) as srv:
-        client = RoutingClient(srv.address)
+        client = RoutingClient(srv.address, metadata=as_identity("tester"))
         try:
             yield Routing(client, clock)
         finally:
@@ -189,7 +189,7 @@ async def test_registrations_survive_a_restart(tmp_path: Path) -> None:
     builder = functools.partial(build, clock=clock)
     async with (
         running_service("routing", builder, settings) as srv,
-        RoutingClient(srv.address) as client,
+        RoutingClient(srv.address, metadata=as_identity("tester")) as client,
     ):
         await client.register_worker(_worker("w1", caps=("payments",)))
         await client.register_worker(_worker("w2"))
@@ -197,7 +197,7 @@ async def test_registrations_survive_a_restart(tmp_path: Path) -> None:
     clock.advance(60)
     async with (
         running_service("routing", builder, settings) as srv,
-        RoutingClient(srv.address) as client,
+        RoutingClient(srv.address, metadata=as_identity("tester")) as client,
     ):
         listed = await client.list_workers(routing_pb2.ListWorkersRequest())
         assert [w.info.worker_id for w in listed.workers] == ["w1"]

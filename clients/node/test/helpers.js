@@ -18,7 +18,11 @@ function coordinatorAddress() {
 }
 
 function newClient() {
-  return new CoordinatorClient(coordinatorAddress(), { timeoutMs: 10000 });
+  // Auth is on by default: the harness passes the client token in CUGA_TOKEN.
+  return new CoordinatorClient(coordinatorAddress(), {
+    timeoutMs: 10000,
+    token: process.env.CUGA_TOKEN || undefined,
+  });
 }
 
 /** Collect a stream's events. */

@@ -13,13 +13,21 @@ identity it stands for (name, roles, profiles)::
 hashes it, compares the digest with every configured one in constant time and makes the
 caller's :class:`Identity` available to handlers through :func:`current_identity`.
 
-* A call without credentials goes through with ``current_identity() is None``; handlers
-  that need a caller (deciding an approval) refuse it with UNAUTHENTICATED themselves.
-* With ``enabled: true``, a call carrying credentials that match no token (or a malformed
-  ``authorization`` header) is refused with UNAUTHENTICATED before any handler runs.
-* With ``enabled: false`` (the default for now) nothing is refused by the interceptor, but
-  known tokens are still mapped to identities, so reviewers can act on a development setup.
-* Health checks and reflection are never refused and never look at credentials.
+With mutual TLS configured (``tls:``), a call without a bearer token is identified by its
+client certificate's subject CN, mapped to roles by ``tls.identities``.
+
+With ``enabled: true`` (the default) the same interceptor also *authorises*: the
+:data:`AUTHORIZATION_MATRIX` says which roles may call which RPC, and everything it does
+not name is refused (deny by default):
+
+* no credentials, or credentials that match no token / certificate: UNAUTHENTICATED;
+* a known identity whose roles the matrix does not allow for the RPC: PERMISSION_DENIED.
+
+Each refusal carries a ``google.rpc.ErrorInfo`` (domain ``cuga.auth``) and is handed to the
+``on_denied`` callback, which the bootstrap turns into an ``access_denied`` audit record.
+With ``enabled: false`` nothing is refused, but known tokens are still mapped to
+identities; every service logs a WARNING at start. Health checks and reflection are never
+refused and never look at credentials.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import contextvars
 import hashlib
 import hmac
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +46,14 @@ from typing import Any
 import grpc
 import yaml
 
-from cuga.shared.errors import CugaError, UnauthenticatedError, to_status
+from cuga.shared.errors import (
+    CugaError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    to_status,
+)
+
+log = logging.getLogger("cuga.auth")
 
 AUTHORIZATION_KEY = "authorization"
 #: Method prefixes that never need credentials.
@@ -91,15 +107,103 @@ class TokenEntry:
 
 
 @dataclass(frozen=True)
-class AuthConfig:
-    """Authentication settings (the common ``auth:`` section)."""
+class CertIdentity:
+    """The roles and profiles of a client certificate's subject CN (mutual TLS)."""
 
-    enabled: bool = False
-    """Refuse calls whose credentials match no token (UNAUTHENTICATED). Off by default."""
+    roles: tuple[str, ...] = ()
+    """Roles the certificate's holder has."""
+    profiles: tuple[str, ...] = ()
+    """Profiles it may act on; empty means all."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS (the common ``tls:`` section). Off unless ``cert_file`` is set."""
+
+    cert_file: Path | None = None
+    """PEM certificate this service presents as a server (and as a client, unless
+    ``client_cert_file`` is set). Setting it turns TLS on."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file``. Required with ``cert_file``."""
+    ca_file: Path | None = None
+    """PEM CA bundle that signs every peer: client certificates are checked against it
+    (and required) by servers, server certificates by clients. Required with TLS."""
+    client_cert_file: Path | None = None
+    """PEM certificate this service presents when it calls others; default ``cert_file``."""
+    client_key_file: Path | None = None
+    """PEM key of ``client_cert_file``; default ``key_file``."""
+    server_name: str = ""
+    """Name expected in servers' certificates when it is not the dialled host."""
+    identities: dict[str, CertIdentity] = field(default_factory=dict)
+    """Client certificate subject CN -> roles and profiles. A CN not listed is refused."""
+
+    def __post_init__(self) -> None:
+        from cuga.shared.config import ConfigError  # config imports this module
+
+        if self.cert_file is not None and (self.key_file is None or self.ca_file is None):
+            raise ConfigError("tls", "cert_file needs key_file and ca_file")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether servers listen with TLS and clients dial with it."""
+        return self.cert_file is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that require a client certificate signed by the CA."""
+        assert self.cert_file and self.key_file and self.ca_file
+        return grpc.ssl_server_credentials(
+            [(_read(self.key_file), _read(self.cert_file))],
+            root_certificates=_read(self.ca_file),
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials presenting this service's client certificate; None without TLS."""
+        if not self.enabled:
+            return None
+        assert self.ca_file is not None
+        cert = self.client_cert_file or self.cert_file
+        key = self.client_key_file or self.key_file
+        assert cert is not None and key is not None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),
+            private_key=_read(key),
+            certificate_chain=_read(cert),
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        """Channel options (the expected server name, when configured)."""
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _read(path: Path) -> bytes:
+    from cuga.shared.config import ConfigError  # config imports this module
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("tls", f"cannot read {path}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Authentication and authorisation settings (the common ``auth:`` section)."""
+
+    enabled: bool = True
+    """Authenticate every call and enforce the authorisation matrix. On by default;
+    ``false`` is an explicit development setting that every service logs as a WARNING."""
     tokens: dict[str, TokenEntry] = field(default_factory=dict)
     """SHA-256 hex digest of a token (64 lowercase hex characters) -> its identity."""
     tokens_file: Path | None = None
     """Optional YAML file with more tokens under a top-level ``tokens:`` key (read at start)."""
+    token: str = ""
+    """This service's own bearer token, sent on every call it makes (a secret: prefer
+    ``token_file`` or ``CUGA_AUTH__TOKEN``)."""
+    token_file: Path | None = None
+    """File holding this service's own bearer token (first line); used when ``token`` is
+    empty."""
+    audit_denials: bool = True
+    """Send an ``access_denied`` audit record for every refused call."""
 
     def __post_init__(self) -> None:
         from cuga.shared.config import ConfigError  # config imports this module
@@ -123,6 +227,25 @@ class AuthConfig:
             digest: Identity(e.identity, tuple(e.roles), tuple(e.profiles))
             for digest, e in entries.items()
         }
+
+    def own_token(self) -> str:
+        """This service's bearer token (``token``, else ``token_file``); empty if none.
+
+        Raises:
+            ConfigError: ``token_file`` cannot be read.
+        """
+        from cuga.shared.config import ConfigError  # config imports this module
+
+        if self.token or self.token_file is None:
+            return self.token
+        try:
+            return self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError("auth.token_file", f"cannot read {self.token_file}") from exc
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata every outgoing call of this service carries (its bearer token)."""
+        return bearer_metadata(self.own_token())
 
 
 def _is_digest(value: str) -> bool:
@@ -168,29 +291,241 @@ def current_identity() -> Identity | None:
     return _current_identity.get()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps the call's bearer token to an :class:`Identity` for the handler.
+# -- profile isolation ------------------------------------------------------------------
 
-    The identity is set in a context variable around the handler itself (not only in the
-    interceptor), so it is visible however the server schedules the handler.
+DEFAULT_PROFILE = "default"
+"""The profile of a context or record that names none."""
+
+
+def check_profile_access(profile: str, what: str = "profile") -> None:
+    """Refuse acting on ``profile`` when the caller is scoped to other profiles.
+
+    Raises:
+        PermissionDeniedError: the caller may not act on ``profile`` (PROFILE_NOT_ALLOWED).
+    """
+    identity = current_identity()
+    if identity is not None and not identity.may_access_profile(profile or DEFAULT_PROFILE):
+        raise PermissionDeniedError(
+            f"{identity.name!r} may not act on {what} {profile or DEFAULT_PROFILE!r}",
+            reason="PROFILE_NOT_ALLOWED",
+        )
+
+
+def is_visible(profile: str) -> bool:
+    """Whether the caller may read something owned by ``profile`` (hide it when not:
+    NOT_FOUND, so a scoped caller cannot even learn that it exists)."""
+    identity = current_identity()
+    return identity is None or identity.may_access_profile(profile or DEFAULT_PROFILE)
+
+
+def profile_filter(requested: str, field: str = "profile") -> str:
+    """The profile a listing of a scoped caller is limited to.
+
+    An unscoped caller gets ``requested`` unchanged (empty: every profile). A scoped one
+    gets ``requested`` when allowed, its only profile when it asked for none, and a
+    refusal otherwise.
+
+    Raises:
+        PermissionDeniedError: ``requested`` is a profile the caller may not read.
+        InvalidArgumentError: the caller has several profiles and named none.
+    """
+    from cuga.shared.errors import InvalidArgumentError
+
+    identity = current_identity()
+    if identity is None or not identity.profiles:
+        return requested
+    if requested:
+        check_profile_access(requested)
+        return requested
+    if len(identity.profiles) == 1:
+        return identity.profiles[0]
+    raise InvalidArgumentError(
+        field, f"is required: {identity.name!r} may read several profiles, name one"
+    )
+
+
+# -- the authorisation matrix --------------------------------------------------------------
+
+ROLE_CLIENT = "client"
+"""Starts, watches, inspects and cancels runs (CoordinatorService)."""
+ROLE_COORDINATOR = "coordinator"
+"""The coordinator service: drives runs through every other authority."""
+ROLE_PLANNER = "planner"
+"""The planning service: reads the worker registry and the workers' tool catalogues."""
+ROLE_WORKER = "worker"
+"""A worker: registers itself with routing and heartbeats its load."""
+ROLE_REVIEWER = "reviewer"
+"""A person deciding approvals."""
+ROLE_AUDITOR = "auditor"
+"""A person (or tool) reading and verifying the audit trail."""
+ROLE_SERVICE = "service"
+"""Any of the six services: may append audit records (its ``access_denied`` refusals)."""
+ROLES = (
+    ROLE_CLIENT,
+    ROLE_COORDINATOR,
+    ROLE_PLANNER,
+    ROLE_WORKER,
+    ROLE_REVIEWER,
+    ROLE_AUDITOR,
+    ROLE_SERVICE,
+)
+
+_COORDINATOR = "cuga.coordinator.v1.CoordinatorService"
+_PLANNING = "cuga.planning.v1.PlanningService"
+_ROUTING = "cuga.routing.v1.RoutingService"
+_AUDIT = "cuga.audit.v1.AuditService"
+_APPROVAL = "cuga.approval.v1.ApprovalService"
+_WORKER = "cuga.worker.v1.WorkerService"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One row of the matrix: ``roles`` may call ``methods`` of ``service``."""
+
+    service: str
+    """Full gRPC service name."""
+    methods: tuple[str, ...]
+    """RPC names; ``("*",)`` means every RPC of the service."""
+    roles: tuple[str, ...]
+    """Roles allowed (any one suffices)."""
+    why: str
+    """What the grant is for (docs/security.md shows it)."""
+
+
+#: Who may call what. Anything not granted here is refused (deny by default); health and
+#: reflection are always open. docs/security.md renders the same table.
+AUTHORIZATION_MATRIX: tuple[Grant, ...] = (
+    Grant(_COORDINATOR, ("*",), (ROLE_CLIENT,), "clients start, resume, watch, list, cancel runs"),
+    Grant(_PLANNING, ("*",), (ROLE_COORDINATOR,), "the coordinator creates and advances plans"),
+    Grant(
+        _ROUTING,
+        ("Route", "RouteBatch", "ListWorkers"),
+        (ROLE_COORDINATOR,),
+        "the coordinator asks where each step runs",
+    ),
+    Grant(_ROUTING, ("ListWorkers",), (ROLE_PLANNER,), "planning reads the worker registry"),
+    Grant(
+        _ROUTING,
+        ("RegisterWorker", "Heartbeat", "DeregisterWorker"),
+        (ROLE_WORKER,),
+        "workers join, report load and leave",
+    ),
+    Grant(
+        _APPROVAL,
+        ("RequestApproval", "RequestApprovalBatch", "AwaitDecision", "GetRequest"),
+        (ROLE_COORDINATOR,),
+        "the coordinator asks for and waits on approvals",
+    ),
+    Grant(
+        _APPROVAL,
+        ("SubmitDecision", "ListPending", "GetRequest"),
+        (ROLE_REVIEWER,),
+        "reviewers list and decide pending requests",
+    ),
+    Grant(_WORKER, ("*",), (ROLE_COORDINATOR,), "the coordinator executes steps"),
+    Grant(_WORKER, ("ListTools",), (ROLE_PLANNER,), "planning reads the tool catalogue"),
+    Grant(
+        _AUDIT,
+        ("Record", "RecordBatch"),
+        (ROLE_COORDINATOR, ROLE_SERVICE),
+        "the coordinator records runs; every service records its refusals",
+    ),
+    Grant(
+        _AUDIT,
+        ("Query", "Export", "Verify"),
+        (ROLE_AUDITOR,),
+        "auditors read, export and verify the trail",
+    ),
+)
+
+
+def allowed_roles(method: str, matrix: Sequence[Grant] = AUTHORIZATION_MATRIX) -> frozenset[str]:
+    """The roles the matrix lets call ``method`` (``/package.Service/Rpc``); empty: nobody."""
+    service, _, rpc = method.lstrip("/").partition("/")
+    roles: set[str] = set()
+    for grant in matrix:
+        if grant.service == service and ("*" in grant.methods or rpc in grant.methods):
+            roles.update(grant.roles)
+    return frozenset(roles)
+
+
+def is_open_method(method: str) -> bool:
+    """Health and reflection: never authenticated, never refused."""
+    return method.startswith(OPEN_METHOD_PREFIXES)
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A refused call, as handed to the interceptor's ``on_denied`` callback."""
+
+    method: str
+    """Full method path, ``/cuga.audit.v1.AuditService/Query``."""
+    identity: Identity | None
+    """Who called, when known (PERMISSION_DENIED); None for UNAUTHENTICATED."""
+    error: CugaError
+    """The refusal (its code and reason)."""
+    peer: str
+    """The caller's address as gRPC reports it."""
+
+
+DenialSink = Callable[[Denial], Awaitable[None]]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call, then authorises it against the matrix.
+
+    Identity comes from ``authorization: Bearer <token>`` or, without a token, from the
+    mutual-TLS client certificate's subject CN. The identity is set in a context variable
+    around the handler itself (not only in the interceptor), so it is visible however the
+    server schedules the handler; the decision is taken inside the handler wrapper too,
+    because only the servicer context exposes the peer's certificate.
     """
 
-    def __init__(self, identities: Mapping[str, Identity], *, enabled: bool) -> None:
+    def __init__(
+        self,
+        identities: Mapping[str, Identity],
+        *,
+        enabled: bool,
+        cert_identities: Mapping[str, CertIdentity] | None = None,
+        matrix: Sequence[Grant] | None = AUTHORIZATION_MATRIX,
+        on_denied: DenialSink | None = None,
+    ) -> None:
         """Args:
         identities: token SHA-256 hex digest -> identity.
-        enabled: refuse calls whose credentials are present but invalid.
+        enabled: refuse unauthenticated calls and enforce ``matrix``.
+        cert_identities: client certificate CN -> roles/profiles (mutual TLS).
+        matrix: the authorisation matrix; None authenticates without authorising.
+        on_denied: awaited with every refusal (an audit record); its failures are logged.
         """
         self._table: Sequence[tuple[bytes, Identity]] = [
             (bytes.fromhex(digest), identity) for digest, identity in identities.items()
         ]
         self._enabled = enabled
+        self._certs = dict(cert_identities or {})
+        self._matrix = matrix
+        self._on_denied = on_denied
 
     @classmethod
-    def from_config(cls, config: AuthConfig) -> AuthInterceptor:
+    def from_config(
+        cls,
+        config: AuthConfig,
+        tls: TlsConfig | None = None,
+        *,
+        on_denied: DenialSink | None = None,
+    ) -> AuthInterceptor:
         """Build from configuration (reads the tokens file)."""
-        return cls(config.identities(), enabled=config.enabled)
+        return cls(
+            config.identities(),
+            enabled=config.enabled,
+            cert_identities=tls.identities if tls is not None else None,
+            on_denied=on_denied,
+        )
 
-    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Identity | None:
+    def authenticate(
+        self,
+        metadata: Sequence[tuple[str, Any]] | None,
+        auth_context: Mapping[str, Sequence[bytes]] | None = None,
+    ) -> Identity | None:
         """The identity of the call's credentials.
 
         Returns:
@@ -199,21 +534,54 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         Raises:
             UnauthenticatedError: auth is enabled and the credentials are malformed or
-                match no configured token.
+                match no configured token or certificate.
         """
         values = [v for k, v in metadata or () if k.lower() == AUTHORIZATION_KEY]
-        if not values:
-            return None
-        identity = None
-        if len(values) == 1 and isinstance(values[0], str):
-            scheme, _, token = values[0].strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                identity = self._lookup(token.strip())
-        if identity is None and self._enabled:
+        if values:
+            identity = None
+            if len(values) == 1 and isinstance(values[0], str):
+                scheme, _, token = values[0].strip().partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    identity = self._lookup(token.strip())
+            if identity is None and self._enabled:
+                raise UnauthenticatedError(
+                    "the call's credentials are not valid", reason="INVALID_CREDENTIALS"
+                )
+            return identity
+        names = (auth_context or {}).get("x509_common_name") or []
+        if names:
+            cn = names[0].decode("utf-8", "replace")
+            entry = self._certs.get(cn)
+            if entry is not None:
+                return Identity(cn, tuple(entry.roles), tuple(entry.profiles))
+            if self._enabled:
+                raise UnauthenticatedError(
+                    f"client certificate {cn!r} is not mapped to an identity",
+                    reason="UNKNOWN_CERTIFICATE",
+                )
+        return None
+
+    def authorize(self, method: str, identity: Identity | None) -> None:
+        """Refuse the call unless auth is off or ``identity`` holds a role allowed for it.
+
+        Raises:
+            UnauthenticatedError: no identity.
+            PermissionDeniedError: the identity's roles are not allowed for ``method``.
+        """
+        if not self._enabled or self._matrix is None:
+            return
+        if identity is None:
             raise UnauthenticatedError(
-                "the call's credentials are not valid", reason="INVALID_CREDENTIALS"
+                "this call needs credentials (a bearer token or a client certificate)",
+                reason="CREDENTIALS_REQUIRED",
             )
-        return identity
+        allowed = allowed_roles(method, self._matrix)
+        if not allowed.intersection(identity.roles):
+            held = ", ".join(identity.roles) or "none"
+            raise PermissionDeniedError(
+                f"{identity.name!r} (roles: {held}) may not call {method}",
+                reason="ROLE_NOT_ALLOWED",
+            )
 
     def _lookup(self, token: str) -> Identity | None:
         presented = hashlib.sha256(token.encode("utf-8")).digest()
@@ -225,6 +593,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 found = identity
         return found
 
+    async def check(self, method: str, context: grpc.aio.ServicerContext) -> Identity | None:
+        """Authenticate and authorise one call; report and raise a refusal.
+
+        Raises:
+            UnauthenticatedError, PermissionDeniedError: the call is refused.
+        """
+        identity: Identity | None = None
+        try:
+            identity = self.authenticate(context.invocation_metadata(), _auth_context(context))
+            self.authorize(method, identity)
+        except CugaError as exc:
+            exc.domain = "cuga.auth"
+            if self._on_denied is not None:
+                try:
+                    await self._on_denied(Denial(method, identity, exc, _peer(context)))
+                except Exception:  # reporting must never turn a refusal into INTERNAL
+                    log.exception("could not report a refused call to %s", method)
+            raise
+        return identity
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -232,37 +620,82 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
-        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+        if handler is None or is_open_method(method):
             return handler
-        try:
-            identity = self.authenticate(handler_call_details.invocation_metadata)
-            error: CugaError | None = None
-        except CugaError as exc:
-            identity, error = None, exc
-            exc.domain = "cuga.auth"
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, identity, error), **kwargs
+                self._wrap_unary(handler.unary_unary, method), **kwargs
             )
         if handler.unary_stream:
             behavior = handler.unary_stream
             wrapped = (
-                _wrap_stream(behavior, identity, error)
+                self._wrap_stream(behavior, method)
                 if inspect.isasyncgenfunction(behavior)
-                else _wrap_unary(behavior, identity, error)
+                else self._wrap_unary(behavior, method)
             )
             return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
-        if error is not None:
-            # Client-streaming RPCs are not in the contract; refuse rather than let them by.
-            async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _abort(context, error)
 
-            return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-        return handler
+        # Client-streaming RPCs are not in the contract; refuse rather than let them by.
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _abort(context, PermissionDeniedError(f"{method} is not served"))
+
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+
+    def _wrap_unary(
+        self, behavior: Callable[..., Awaitable[Any]], method: str
+    ) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                identity = await self.check(method, context)
+            except CugaError as exc:
+                await _abort(context, exc)
+                return None
+            token = _current_identity.set(identity)
+            try:
+                return await behavior(request, context)
+            finally:
+                _current_identity.reset(token)
+
+        return call
+
+    def _wrap_stream(
+        self, behavior: Callable[..., AsyncIterator[Any]], method: str
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                identity = await self.check(method, context)
+            except CugaError as exc:
+                await _abort(context, exc)
+                return
+            token = _current_identity.set(identity)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                # A generator closed from elsewhere runs this in another context; the
+                # variable dies with the call's task then anyway.
+                with contextlib.suppress(ValueError):
+                    _current_identity.reset(token)
+
+        return call
+
+
+def _auth_context(context: grpc.aio.ServicerContext) -> Mapping[str, Sequence[bytes]]:
+    try:
+        return dict(context.auth_context() or {})
+    except Exception:  # not every context (or transport) exposes one
+        return {}
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer() or "")
+    except Exception:
+        return ""
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: CugaError) -> None:
@@ -270,47 +703,32 @@ async def _abort(context: grpc.aio.ServicerContext, error: CugaError) -> None:
     await context.abort(code, message, trailing_metadata=trailing)
 
 
-def _wrap_unary(
-    behavior: Callable[..., Awaitable[Any]], identity: Identity | None, error: CugaError | None
-) -> Callable[..., Awaitable[Any]]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if error is not None:
-            await _abort(context, error)
-        token = _current_identity.set(identity)
-        try:
-            return await behavior(request, context)
-        finally:
-            _current_identity.reset(token)
-
-    return call
-
-
-def _wrap_stream(
-    behavior: Callable[..., AsyncIterator[Any]], identity: Identity | None, error: CugaError | None
-) -> Callable[..., AsyncIterator[Any]]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if error is not None:
-            await _abort(context, error)
-        token = _current_identity.set(identity)
-        try:
-            async for item in behavior(request, context):
-                yield item
-        finally:
-            # A generator closed from elsewhere runs this in another context; the variable
-            # dies with the call's task then anyway.
-            with contextlib.suppress(ValueError):
-                _current_identity.reset(token)
-
-    return call
-
-
 __all__ = [
     "AUTHORIZATION_KEY",
+    "AUTHORIZATION_MATRIX",
+    "ROLES",
+    "ROLE_AUDITOR",
+    "ROLE_CLIENT",
+    "ROLE_COORDINATOR",
+    "ROLE_PLANNER",
+    "ROLE_REVIEWER",
+    "ROLE_SERVICE",
+    "ROLE_WORKER",
     "AuthConfig",
     "AuthInterceptor",
+    "CertIdentity",
+    "Denial",
+    "DenialSink",
+    "Grant",
     "Identity",
+    "TlsConfig",
     "TokenEntry",
+    "allowed_roles",
     "bearer_metadata",
+    "check_profile_access",
     "current_identity",
     "hash_token",
+    "is_open_method",
+    "is_visible",
+    "profile_filter",
 ]

@@ -1,11 +1,19 @@
 """The one server bootstrap every service uses.
 
-It builds a ``grpc.aio`` server with the standard interceptors (telemetry, error mapping,
-then any the service adds), registers the service's servicers, the library's aio health
+It builds a ``grpc.aio`` server with the standard interceptors (telemetry, authentication
+and authorisation, error mapping, then any the service adds), registers the service's servicers, the library's aio health
 servicer (per-service status, NOT_SERVING while starting or draining) and reflection,
 binds the address and returns the bound port (so ``:0`` works in tests). :func:`serve`
 runs one service until SIGTERM/SIGINT: health turns NOT_SERVING at once, the server stops
 accepting and in-flight calls get the grace period to finish.
+
+Every service gets the same :class:`~cuga.shared.auth.AuthInterceptor` (the authorisation
+matrix), listens with mutual TLS when ``tls:`` is configured, and reports each refused
+call as an ``access_denied`` audit record: the audit service writes its own refusals
+straight into its log (``ServiceDefinition.record_denial``); every other service sends
+them through its own :class:`~cuga.client.audit_buffer.BufferedAuditTrail`, with its own
+token. Refusals by the audit service are never sent over the network, so there is no
+dependency loop, and a refusal never waits on audit (records are queued).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +31,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
+from cuga.audit.v1 import audit_pb2
+from cuga.shared.auth import AuthInterceptor, Denial, DenialSink
 from cuga.shared.config import CommonConfig, Settings
 from cuga.shared.errors import CugaError, InvalidArgumentError, from_exception, to_status
 from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
@@ -45,6 +57,8 @@ class ServiceDefinition:
             before health turns SERVING (e.g. a worker registering itself).
         on_stopping: called when draining starts, before the grace period (deregister).
         on_stopped: called after the server stopped (close stores and channels).
+        record_denial: how a refused call becomes an audit record; None sends it to the
+            audit service (the audit service itself sets this to write locally).
     """
 
     name: str
@@ -54,6 +68,7 @@ class ServiceDefinition:
     on_started: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
     on_stopping: list[Hook] = field(default_factory=list)
     on_stopped: list[Hook] = field(default_factory=list)
+    record_denial: DenialSink | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -153,6 +168,63 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler  # client-streaming RPCs are not part of the contract
 
 
+def denial_record(denial: Denial, service: str) -> audit_pb2.AuditRecord:
+    """The ``access_denied`` audit record of one refused call.
+
+    It joins the trace of the refused call (the server span the telemetry interceptor
+    opened), or a fresh trace when there is none.
+    """
+    context = trace.get_current_span().get_span_context()
+    trace_id = format(context.trace_id, "032x") if context.is_valid else uuid.uuid4().hex
+    record = audit_pb2.AuditRecord(
+        record_id=f"denied-{uuid.uuid4().hex}",
+        trace_id=trace_id,
+        kind="access_denied",
+        actor=(denial.identity.name if denial.identity else "anonymous")[:256],
+    )
+    record.timestamp.GetCurrentTime()
+    record.payload.update(
+        {
+            "service": service,
+            "method": denial.method,
+            "code": denial.error.code.name,
+            "reason": denial.error.reason,
+            "roles": list(denial.identity.roles) if denial.identity else [],
+            "peer": denial.peer[:256],
+        }
+    )
+    return record
+
+
+class _RemoteDenials:
+    """Sends refusals to the audit service through a buffered trail (made once bound)."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._trail: Any = None
+
+    def open(self, common: CommonConfig, port: int) -> None:
+        # The client package depends on this one; import it only where it is used.
+        from cuga.client import AuditClient
+        from cuga.client.audit_buffer import BufferedAuditTrail
+
+        client = AuditClient(
+            common.addresses.audit,
+            call=common.calls.audit,
+            **common.client_security(),
+        )
+        spill = common.data_dir / "audit-spill" / f"denials-{self._service}-{port}"
+        self._trail = BufferedAuditTrail(client, spill_dir=spill)
+
+    async def __call__(self, denial: Denial) -> None:
+        if self._trail is not None:
+            await self._trail.record_batch([denial_record(denial, self._service)])
+
+    async def close(self) -> None:
+        if self._trail is not None:
+            await self._trail.close(timeout=1.0)
+
+
 @dataclass
 class RunningServer:
     """A started server: its bound port, health, and a graceful stop."""
@@ -231,8 +303,21 @@ async def start_server(
         ("grpc.max_send_message_length", common.limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    remote_denials: _RemoteDenials | None = None
+    sink = definition.record_denial
+    if sink is None and common.auth.audit_denials:
+        sink = remote_denials = _RemoteDenials(definition.name)
+    if not common.auth.enabled:
+        log.warning(
+            "%s: authentication is OFF (auth.enabled: false): every caller may call every"
+            " RPC; never run like this outside a development machine",
+            definition.name,
+        )
     interceptors: Sequence[grpc.aio.ServerInterceptor] = [
+        # Telemetry first (the server span, so a refusal is recorded in the call's trace),
+        # then auth, so a refused caller learns nothing, not even whether its bytes parse.
         *definition.telemetry.server_interceptors(),
+        AuthInterceptor.from_config(common.auth, common.tls, on_denied=sink),
         ErrorMappingInterceptor(f"cuga.{definition.name}"),
         *definition.interceptors,
     ]
@@ -249,9 +334,15 @@ async def start_server(
         ],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if common.tls.enabled:
+        bound = server.add_secure_port(f"{host}:{port}", common.tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {definition.name} to {host}:{port}")
+    if remote_denials is not None:
+        remote_denials.open(common, bound)
+        definition.on_stopped.append(remote_denials.close)
     running = RunningServer(definition, server, health, bound, host, common.grace_period_s)
     running._log_handler = definition.telemetry.log_handler()  # OTLP logs, when configured
     if running._log_handler is not None:

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from cuga.shared.auth import AuthConfig
+from cuga.shared.auth import AuthConfig, TlsConfig
 
 ENV_PREFIX = "CUGA_"
 SERVICE_NAMES = ("coordinator", "planning", "routing", "audit", "approval", "worker")
@@ -215,7 +215,20 @@ class CommonConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
     auth: AuthConfig = field(default_factory=AuthConfig)
-    """Bearer-token authentication (see :mod:`cuga.shared.auth`); off by default."""
+    """Authentication and the authorisation matrix (see :mod:`cuga.shared.auth`); on by
+    default."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Mutual TLS for servers and outgoing calls (see :mod:`cuga.shared.auth`); off unless
+    ``tls.cert_file`` is set."""
+
+    def client_security(self) -> dict[str, Any]:
+        """Keyword arguments that make a typed client call as this service: its bearer
+        token on every call and, with TLS, its client certificate."""
+        return {
+            "metadata": self.auth.call_metadata(),
+            "credentials": self.tls.channel_credentials(),
+            "channel_options": self.tls.channel_options(),
+        }
 
 
 @dataclass(frozen=True)

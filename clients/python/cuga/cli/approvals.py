@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import uuid
 
 from google.protobuf import timestamp_pb2
@@ -17,12 +16,11 @@ from rich.table import Table
 
 from cuga.approval.v1 import approval_pb2
 from cuga.cli._output import json_line
+from cuga.cli.tokens import TOKEN_ENV, cli_token
 from cuga.client import ApprovalClient, CugaError
 from cuga.common.v1 import common_pb2
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
-
-TOKEN_ENV = "CUGA_TOKEN"
 
 console = Console()
 err = Console(stderr=True)
@@ -40,11 +38,13 @@ def _when(ts: timestamp_pb2.Timestamp) -> str:
 
 
 def _client(args: argparse.Namespace, settings: Settings) -> ApprovalClient:
-    token = args.token or os.environ.get(TOKEN_ENV, "")
+    token = args.token or cli_token(settings.common.data_dir, "reviewer")
     return ApprovalClient(
         settings.common.addresses.approval,
         call=settings.common.calls.approval,
         metadata=bearer_metadata(token),
+        credentials=settings.common.tls.channel_credentials(),
+        channel_options=settings.common.tls.channel_options(),
     )
 
 

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from cuga.audit.v1 import audit_pb2
 from cuga.cli._output import json_line
+from cuga.cli.tokens import cli_token
 from cuga.client import AuditClient
+from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
 from cuga.shared.errors import CugaError
 
@@ -78,7 +80,14 @@ def _filter(args: argparse.Namespace) -> audit_pb2.RecordFilter:
 
 
 def _client(settings: Settings) -> AuditClient:
-    return AuditClient(settings.common.addresses.audit, call=settings.common.calls.audit)
+    # The auditor token: $CUGA_TOKEN, else the one `cuga up`/`cuga demo` made locally.
+    return AuditClient(
+        settings.common.addresses.audit,
+        call=settings.common.calls.audit,
+        metadata=bearer_metadata(cli_token(settings.common.data_dir, "auditor")),
+        credentials=settings.common.tls.channel_credentials(),
+        channel_options=settings.common.tls.channel_options(),
+    )
 
 
 def _fail(message: str) -> int:

@@ -16,9 +16,11 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from cuga.cli._output import json_line
+from cuga.cli.tokens import cli_token
 from cuga.client import CoordinatorClient, CugaError
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
+from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
 
 console = Console()
@@ -176,8 +178,13 @@ async def _events(stream: AsyncIterator[Any]) -> AsyncIterator[common_pb2.Orches
 
 
 def _client(settings: Settings) -> CoordinatorClient:
+    # The client token: $CUGA_TOKEN, else the one `cuga up`/`cuga demo` made locally.
     return CoordinatorClient(
-        settings.common.addresses.coordinator, call=settings.common.calls.coordinator
+        settings.common.addresses.coordinator,
+        call=settings.common.calls.coordinator,
+        metadata=bearer_metadata(cli_token(settings.common.data_dir, "client")),
+        credentials=settings.common.tls.channel_credentials(),
+        channel_options=settings.common.tls.channel_options(),
     )
 
 

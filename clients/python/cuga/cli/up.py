@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from cuga.cli.tokens import ensure_local_tokens
+from cuga.cli.tokens import LocalTokens, ensure_local_tokens
+from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import Builder, serve
 from cuga.shared.config import SERVICE_NAMES, Settings
 
@@ -75,12 +76,47 @@ async def wait_serving(address: str, deadline_s: float) -> bool:
 
 
 class Cluster:
-    """The six services as child processes, the way ``cuga up`` runs them."""
+    """The six services as child processes, the way ``cuga up`` runs them.
+
+    Secure by default: local tokens are made (once) under the data directory
+    (``$CUGA_DATA_DIR`` of ``env``, else ``settings.common.data_dir``), every service reads
+    their digests and sends its own token on its calls. Callers get a token with
+    :meth:`token` (``cluster.token("client")`` for the coordinator) or ready call metadata
+    with :meth:`metadata`. When ``env`` already sets ``CUGA_AUTH__TOKENS_FILE``, the caller
+    manages tokens and nothing is generated.
+    """
 
     def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.env = dict(os.environ if env is None else env)
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.data_dir = Path(self.env.get("CUGA_DATA_DIR") or settings.common.data_dir)
+        self.tokens: LocalTokens | None = None
+        if not self.env.get("CUGA_AUTH__TOKENS_FILE"):
+            self.tokens = ensure_local_tokens(self.data_dir)
+            self.env["CUGA_AUTH__TOKENS_FILE"] = str(self.tokens.file)
+
+    def token(self, identity: str) -> str:
+        """The local bearer token of ``identity``: ``client`` (CoordinatorService),
+        ``reviewer``, ``auditor``, or a service name (``coordinator``, ``worker`` ...).
+
+        Raises:
+            KeyError: unknown identity, or tokens are managed by the caller's env.
+        """
+        if self.tokens is None:
+            raise KeyError(f"{identity}: tokens come from CUGA_AUTH__TOKENS_FILE, not the Cluster")
+        return self.tokens.token(identity)
+
+    def metadata(self, identity: str = "client") -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying ``identity``'s token (pass as a typed client's ``metadata``)."""
+        return bearer_metadata(self.token(identity))
+
+    def _env_of(self, name: str) -> dict[str, str]:
+        env = dict(self.env)
+        own = ("CUGA_AUTH__TOKEN", "CUGA_AUTH__TOKEN_FILE")
+        if self.tokens is not None and not any(env.get(k) for k in own):
+            env["CUGA_AUTH__TOKEN_FILE"] = str(self.tokens.token_file(name))
+        return env
 
     async def start(self, services: tuple[str, ...] = START_ORDER, timeout_s: float = 60.0) -> None:
         """Start each service and wait until it reports SERVING."""
@@ -89,7 +125,7 @@ class Cluster:
                 sys.executable,
                 "-m",
                 f"cuga.services.{name}",
-                env=self.env,
+                env=self._env_of(name),
                 stdin=asyncio.subprocess.DEVNULL,
             )
         for name in services:
@@ -153,6 +189,8 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
     try:
         await c.start()
         console.print(_table(settings, c.procs))
+        if c.tokens is not None:
+            console.print(f"tokens (owner-only) in {c.tokens.folder}/; the CLI uses them")
         console.print("all services SERVING; Ctrl-C stops them")
         while not stop.is_set():
             waiters = [asyncio.ensure_future(p.wait()) for p in c.procs.values()]
@@ -178,16 +216,14 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from cuga.cli.runs import demo_run
 
     data_dir = Path(settings.common.data_dir)
-    tokens = ensure_local_tokens(data_dir)
     env = dict(os.environ)
     env.setdefault("CUGA_DATA_DIR", str(data_dir))
-    env.setdefault("CUGA_AUTH__TOKENS_FILE", str(tokens.file))
     env.setdefault("CUGA_LOG_LEVEL", "WARNING")  # the demo's own output tells the story
     console.print(f"[bold]cuga demo[/bold]: starting six services (data in {data_dir}/)")
     with contextlib.suppress(KeyboardInterrupt):
-        async with cluster(settings, env) as c:
+        async with cluster(settings, env) as c:  # makes the local tokens
             console.print(_table(c.settings, c.procs))
-            return await demo_run(settings, reviewer_token=tokens.tokens["demo-reviewer"])
+            return await demo_run(settings, reviewer_token=c.token("reviewer"))
     return 1
 
 

@@ -38,6 +38,7 @@ class BaseClient:
         metadata: Metadata = (),
         max_message_bytes: int = 4 * 1024 * 1024,
         credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.address = address
         self._call = call or CallConfig()
@@ -47,6 +48,7 @@ class BaseClient:
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *channel_options,
         ]
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(
@@ -70,7 +72,12 @@ class BaseClient:
         return self.DEFAULT_TIMEOUTS.get(rpc, self._call.timeout_s)
 
     def _md(self, metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
-        return self._metadata + tuple(metadata or ())
+        extra = tuple(metadata or ())
+        if any(k.lower() == "authorization" for k, _ in extra):
+            # Credentials given for one call replace the channel's own.
+            own = tuple((k, v) for k, v in self._metadata if k.lower() != "authorization")
+            return own + extra
+        return self._metadata + extra
 
     async def _unary(
         self, rpc: str, method: Any, request: Any, timeout: float | None, metadata: Metadata | None

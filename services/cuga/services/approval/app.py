@@ -10,7 +10,6 @@ from cuga.services.approval.domain import ApprovalManager
 from cuga.services.approval.policy import ApprovalPolicy, load_policy
 from cuga.services.approval.servicer import ApprovalServicer
 from cuga.services.approval.store import ApprovalStore
-from cuga.shared.auth import AuthInterceptor
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
@@ -40,7 +39,6 @@ async def build(
     else:
         policy = ApprovalPolicy.default(config.default_timeout_s)
     auth = settings.common.auth
-    interceptor = AuthInterceptor.from_config(auth)
     store = ApprovalStore(settings.common.data_dir / DB_FILE)
     manager = ApprovalManager(
         store,
@@ -80,7 +78,6 @@ async def build(
             )
         ],
         telemetry=telemetry,
-        interceptors=[interceptor],
         on_started=[started],
         # Release AwaitDecision callers at once (they get PENDING and call again) so
         # they do not hold the drain for the whole grace period.

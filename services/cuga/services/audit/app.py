@@ -10,7 +10,8 @@ from cuga.audit.v1 import audit_pb2_grpc
 from cuga.services.audit.config import AuditConfig
 from cuga.services.audit.domain import AuditLog, open_backend
 from cuga.services.audit.servicer import AuditServicer
-from cuga.shared.bootstrap import ServiceDefinition
+from cuga.shared.auth import Denial
+from cuga.shared.bootstrap import ServiceDefinition, denial_record
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
 from cuga.shared.telemetry import Telemetry
@@ -42,6 +43,10 @@ async def build(
         if config.retention_days > 0:
             tasks.append(asyncio.create_task(retention_loop(), name="audit-retention"))
 
+    async def record_denial(denial: Denial) -> None:
+        # The audit service records its own refusals directly: no call, no loop.
+        await audit.record(denial_record(denial, "audit"))
+
     async def on_stopped() -> None:
         for task in tasks:
             task.cancel()
@@ -61,6 +66,7 @@ async def build(
         telemetry=telemetry,
         on_started=[on_started],
         on_stopped=[on_stopped],
+        record_denial=record_denial,
     )
 
 

@@ -8,7 +8,16 @@ import grpc
 
 from cuga.audit.v1 import audit_pb2, audit_pb2_grpc
 from cuga.services.audit.domain import AuditLog
-from cuga.shared.errors import InvalidArgumentError
+from cuga.shared.auth import check_profile_access, current_identity, is_visible, profile_filter
+from cuga.shared.errors import InvalidArgumentError, NotFoundError
+
+
+def _scoped(flt: audit_pb2.RecordFilter) -> audit_pb2.RecordFilter:
+    """``flt`` limited to the profile(s) the caller may read."""
+    scoped = audit_pb2.RecordFilter()
+    scoped.CopyFrom(flt)
+    scoped.profile = profile_filter(flt.profile, "filter.profile")
+    return scoped
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
@@ -22,12 +31,15 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.RecordResponse:
         if not request.HasField("record"):
             raise InvalidArgumentError("record", "is required")
+        check_profile_access(request.record.profile, "record.profile")
         record, duplicate = await self._log.record(request.record)
         return audit_pb2.RecordResponse(record=record, duplicate=duplicate)
 
     async def RecordBatch(
         self, request: audit_pb2.RecordBatchRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.RecordBatchResponse:
+        for record in request.records:
+            check_profile_access(record.profile, "records.profile")
         records, duplicates = await self._log.append(request.records)
         return audit_pb2.RecordBatchResponse(records=records, duplicates=duplicates)
 
@@ -35,19 +47,22 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self, request: audit_pb2.QueryRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.QueryResponse:
         records, token = await self._log.query(
-            request.filter, request.page_size, request.page_token
+            _scoped(request.filter), request.page_size, request.page_token
         )
         return audit_pb2.QueryResponse(records=records, next_page_token=token)
 
     async def Export(
         self, request: audit_pb2.ExportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[audit_pb2.ExportResponse]:
-        async for line in self._log.export(request.filter):
+        async for line in self._log.export(_scoped(request.filter)):
             yield audit_pb2.ExportResponse(json_line=line)
 
     async def Verify(
         self, request: audit_pb2.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.VerifyResponse:
+        identity = current_identity()
+        if identity is not None and identity.profiles:
+            await self._check_trace_visible(request.trace_id)
         result = await self._log.verify(request.trace_id)
         return audit_pb2.VerifyResponse(
             ok=result.ok,
@@ -56,6 +71,18 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             first_broken_index=result.first_broken_index,
             problem=result.problem,
         )
+
+    async def _check_trace_visible(self, trace_id: str) -> None:
+        """A scoped caller may verify a trace only if every record of it is in its profiles."""
+        token = ""
+        while True:
+            records, token = await self._log.query(
+                audit_pb2.RecordFilter(trace_id=trace_id), 1000, token
+            )
+            if any(not is_visible(r.profile) for r in records):
+                raise NotFoundError(f"trace {trace_id} not found")
+            if not token:
+                return
 
 
 __all__ = ["AuditServicer"]

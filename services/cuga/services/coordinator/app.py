@@ -69,6 +69,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
             "call": common.calls.of(service),
             "interceptors": interceptors,
             "max_message_bytes": common.limits.max_message_bytes,
+            **common.client_security(),  # the coordinator's token (and certificate)
         }
 
     planning = PlanningClient(common.addresses.planning, **options("planning"))  # type: ignore[arg-type]
@@ -119,7 +120,9 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         registrations=[
             (
                 coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server,
-                CoordinatorServicer(agent),
+                CoordinatorServicer(
+                    agent, max_streams_per_identity=config.max_streams_per_identity
+                ),
                 GRPC_SERVICE_NAMES["coordinator"],
             )
         ],

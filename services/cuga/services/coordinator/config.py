@@ -45,6 +45,9 @@ class CoordinatorConfig:
     replica_id: str = ""
     """This coordinator's identity in a shared run store; empty: a fresh random id per
     process. Two live coordinators can never hold the same id."""
+    max_streams_per_identity: int = 512
+    """Most Orchestrate/Resume/Watch streams one caller identity may hold open at once on
+    this replica, 1 to 100000; one more is refused with RESOURCE_EXHAUSTED."""
 
     def __post_init__(self) -> None:
         if self.run_store == "postgres" and not self.dsn.strip():
@@ -67,3 +70,5 @@ class CoordinatorConfig:
             raise ConfigError("retry_max_delay_s", "must be >= retry_base_delay_s")
         if not 1 <= self.retry_max_attempts <= 20:
             raise ConfigError("retry_max_attempts", "must be between 1 and 20")
+        if not 1 <= self.max_streams_per_identity <= 100_000:
+            raise ConfigError("max_streams_per_identity", "must be between 1 and 100000")

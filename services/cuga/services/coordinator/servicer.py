@@ -1,27 +1,80 @@
-"""CoordinatorService: proto in, engine call, proto out."""
+"""CoordinatorService: proto in, engine call, proto out.
+
+Besides mapping, the servicer applies the two caller-dependent rules of the service:
+profile isolation (a caller scoped to profiles never sees another profile's runs: they
+answer NOT_FOUND) and the per-identity limit on concurrent streams.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
 from cuga.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cuga.orchestrator import CoordinatorAgent
-from cuga.shared.errors import InvalidArgumentError
+from cuga.shared.auth import check_profile_access, current_identity, is_visible, profile_filter
+from cuga.shared.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+
+
+class StreamLimiter:
+    """Counts open streams per caller identity and refuses one past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: collections.Counter[str] = collections.Counter()
+
+    def open_streams(self, who: str) -> int:
+        """Streams ``who`` holds open now."""
+        return self._open[who]
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """Hold one stream slot of the current caller for the block.
+
+        Raises:
+            ResourceExhaustedError: the caller already holds the limit.
+        """
+        identity = current_identity()
+        who = identity.name if identity is not None else ""
+        if self._open[who] >= self._limit:
+            raise ResourceExhaustedError(
+                f"{who or 'this caller'} already has {self._limit} open streams"
+                " (coordinator.max_streams_per_identity); close one first",
+                reason="TOO_MANY_STREAMS",
+            )
+        self._open[who] += 1
+        try:
+            yield
+        finally:
+            self._open[who] -= 1
+            if not self._open[who]:
+                del self._open[who]
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     """Streams runs' lifecycles; a dropped stream leaves the run running."""
 
-    def __init__(self, agent: CoordinatorAgent) -> None:
+    def __init__(self, agent: CoordinatorAgent, *, max_streams_per_identity: int = 512) -> None:
         self._agent = agent
+        self.streams = StreamLimiter(max_streams_per_identity)
+
+    def _visible_run(self, run_id: str) -> coordinator_pb2.Run:
+        run = self._agent.get_run(run_id)
+        if not is_visible(run.context.profile):
+            # Same answer as for a run that does not exist: nothing leaks across profiles.
+            raise NotFoundError(f"run {run_id} not found")
+        return run
 
     async def Orchestrate(
         self, request: coordinator_pb2.OrchestrateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.OrchestrateResponse]:
-        async for event in self._agent.orchestrate_request(request):
-            yield coordinator_pb2.OrchestrateResponse(event=event)
+        check_profile_access(request.context.profile)
+        with self.streams.stream():
+            async for event in self._agent.orchestrate_request(request):
+                yield coordinator_pb2.OrchestrateResponse(event=event)
 
     async def Resume(
         self, request: coordinator_pb2.ResumeRequest, context: grpc.aio.ServicerContext
@@ -30,30 +83,38 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if which is None:
             raise InvalidArgumentError("target", "set run_id or partial")
         target = request.run_id if which == "run_id" else request.partial
+        self._visible_run(request.run_id if which == "run_id" else request.partial.run_id)
         retry = request.retry_policy if request.HasField("retry_policy") else None
-        async for event in self._agent.resume(
-            target, error_strategy=request.error_strategy, retry_policy=retry
-        ):
-            yield coordinator_pb2.ResumeResponse(event=event)
+        with self.streams.stream():
+            async for event in self._agent.resume(
+                target, error_strategy=request.error_strategy, retry_policy=retry
+            ):
+                yield coordinator_pb2.ResumeResponse(event=event)
 
     async def Watch(
         self, request: coordinator_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.WatchResponse]:
-        async for event in self._agent.watch(request.run_id, request.after_seq):
-            yield coordinator_pb2.WatchResponse(event=event)
+        self._visible_run(request.run_id)
+        with self.streams.stream():
+            async for event in self._agent.watch(request.run_id, request.after_seq):
+                yield coordinator_pb2.WatchResponse(event=event)
 
     async def GetRun(
         self, request: coordinator_pb2.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.GetRunResponse:
-        return coordinator_pb2.GetRunResponse(run=self._agent.get_run(request.run_id))
+        return coordinator_pb2.GetRunResponse(run=self._visible_run(request.run_id))
 
     async def ListRuns(
         self, request: coordinator_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ListRunsResponse:
-        return self._agent.list_runs(request)
+        scoped = coordinator_pb2.ListRunsRequest()
+        scoped.CopyFrom(request)
+        scoped.profile = profile_filter(request.profile)
+        return self._agent.list_runs(scoped)
 
     async def CancelRun(
         self, request: coordinator_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.CancelRunResponse:
+        self._visible_run(request.run_id)
         run = await self._agent.cancel_run(request.run_id, request.reason)
         return coordinator_pb2.CancelRunResponse(run=run)

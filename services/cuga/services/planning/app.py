@@ -147,11 +147,13 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         catalog = StaticToolCatalog(load_tool_specs_file(config.static_tools_file))
     else:
         interceptors = telemetry.client_interceptors()
+        security = common.client_security()  # planning's own token (and certificate)
         routing = RoutingClient(
             common.addresses.routing,
             call=common.calls.routing,
             interceptors=interceptors,
             max_message_bytes=common.limits.max_message_bytes,
+            **security,
         )
         workers: dict[str, WorkerClient] = {}
 
@@ -162,6 +164,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
                     call=common.calls.worker,
                     interceptors=interceptors,
                     max_message_bytes=common.limits.max_message_bytes,
+                    **security,
                 )
             return workers[address]
 

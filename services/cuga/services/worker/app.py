@@ -109,6 +109,7 @@ async def build_worker(
                 address,
                 call=settings.common.calls.routing,
                 interceptors=telemetry.client_interceptors(),
+                **settings.common.client_security(),  # the worker's own token
             )
             for address in (config.routing_addresses or (settings.common.addresses.routing,))
         ]
