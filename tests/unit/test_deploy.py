@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cuga.cli.tokens import LOCAL_IDENTITIES
 from cuga.services.approval.config import ApprovalConfig
 from cuga.services.audit.config import AuditConfig
 from cuga.services.coordinator.config import CoordinatorConfig
@@ -151,6 +152,16 @@ def test_every_service_has_account_config_service_and_hardened_deployment(
         assert security["capabilities"]["drop"] == ["ALL"], where
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert {"/var/lib/cuga", "/tmp"} <= mounts, where
+        # Auth is on by default: each pod reads the digests and its own token, read-only,
+        # from the `cuga-auth` Secret that `cuga tokens init` prepares.
+        auth = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/cuga/auth")
+        assert auth["readOnly"] is True, where
+        volume = next(v for v in pod["volumes"] if v["name"] == auth["name"])
+        assert volume["secret"]["secretName"] == "cuga-auth", where
+        env = _env_of(docs, name)
+        assert env["CUGA_AUTH__TOKENS_FILE"] == "/etc/cuga/auth/tokens.yaml", where
+        assert env["CUGA_AUTH__TOKEN_FILE"] == f"/etc/cuga/auth/{name}.token", where
+        assert name in LOCAL_IDENTITIES, where
 
 
 def _env_of(docs: list[Doc], name: str) -> dict[str, str]:
@@ -313,10 +324,14 @@ def test_compose_runs_the_six_services_hardened_with_real_configuration() -> Non
     assert services["audit"]["environment"]["CUGA_AUDIT__BACKEND"] == "postgres"
     assert services["planning"]["environment"]["CUGA_PLANNING__STORE"] == "postgres"
     assert services["coordinator"]["ports"] == ["50051:50051"]
+    gitignored = (DEPLOY.parent / ".gitignore").read_text().splitlines()
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("."):  # a bind mount must name a file of the repository
+            if source == "./cuga-auth":  # credentials: made by `cuga tokens init`, never committed
+                assert volume.endswith(":ro") and "deploy/cuga-auth/" in gitignored, name
+                assert service["environment"]["CUGA_AUTH__TOKEN_FILE"].endswith(f"/{name}.token")
+            elif source.startswith("."):  # a bind mount must name a file of the repository
                 assert (DEPLOY / source).is_file(), f"{name}: {source}"
 
 

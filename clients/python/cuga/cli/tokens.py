@@ -8,6 +8,7 @@ CLI gets a client, a reviewer and an auditor.
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from rich.console import Console
 
 from cuga.shared.auth import (
     ROLE_AUDITOR,
@@ -26,6 +28,7 @@ from cuga.shared.auth import (
     ROLE_WORKER,
     hash_token,
 )
+from cuga.shared.config import Settings
 
 #: identity -> roles of the tokens a local installation gets. Service identities are
 #: named after their service, so ``cuga up`` hands each process the token of its name.
@@ -115,6 +118,30 @@ def cli_token(data_dir: Path, identity: str, env: Mapping[str, str] | None = Non
         return path.read_text(encoding="utf-8").strip()
     except OSError:
         return ""
+
+
+async def _init(args: argparse.Namespace, settings: Settings) -> int:
+    """``cuga tokens init DIR``: credentials for a deployment, kept out of the repository."""
+    made = ensure_local_tokens(Path(args.directory))
+    out = Console()
+    out.print(f"tokens and their digests are in {made.folder}/ (owner-only):")
+    for identity, roles in LOCAL_IDENTITIES.items():
+        out.print(f"  {identity}.token  roles: {', '.join(roles)}")
+    out.print(
+        "Kubernetes: kubectl -n cuga create secret generic cuga-auth "
+        f"--from-file={made.folder}/\n"
+        f"compose: run it next to deploy/compose.yaml as ./cuga-auth"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``cuga tokens init``."""
+    parser = subparsers.add_parser("tokens", help="create bearer tokens for a deployment")
+    sub = parser.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    p = sub.add_parser("init", help="one token per identity plus the digests file services read")
+    p.add_argument("directory", help="where to write them (tokens/ is created inside)")
+    p.set_defaults(handler=_init)
 
 
 __all__ = [
