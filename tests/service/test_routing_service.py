@@ -125,7 +125,8 @@ async def test_liveness_follows_heartbeats_on_the_injected_clock(routing: Routin
         await client.route(routing_pb2.RouteRequest(step=_step()))
     assert "1 unavailable" in info.value.message
     assert info.value.reason == "NO_ELIGIBLE_WORKER"
-    assert info.value.failure_mode is FailureMode.USER
+    # The worker that offers the tool is away, not missing: transient, so retryable.
+    assert info.value.failure_mode is FailureMode.SYSTEM and info.value.retryable
     await _heartbeat(client, "w1", 0)
     listed = await client.list_workers(routing_pb2.ListWorkersRequest())
     assert [w.available for w in listed.workers] == [True]
@@ -134,12 +135,15 @@ async def test_liveness_follows_heartbeats_on_the_injected_clock(routing: Routin
 
 
 async def test_no_eligible_worker_names_tool_and_reasons(routing: Routing) -> None:
-    with pytest.raises(FailedPreconditionError, match="no workers are registered"):
+    with pytest.raises(FailedPreconditionError, match="no workers are registered") as empty:
         await routing.client.route(routing_pb2.RouteRequest(step=_step()))
+    assert empty.value.failure_mode is FailureMode.SYSTEM  # e.g. the only worker restarting
     await routing.client.register_worker(_worker("w1", tools=("fetch",)))
     with pytest.raises(FailedPreconditionError) as info:
         await routing.client.route(routing_pb2.RouteRequest(step=_step()))
     assert "none offers it; 1 registered: 1 do not offer tool `search`" in info.value.message
+    assert info.value.failure_mode is FailureMode.USER and not info.value.retryable
+    assert "failure_mode" not in info.value.metadata  # read into the error, not left over
 
 
 async def test_heartbeat_of_unknown_worker_is_not_found(routing: Routing) -> None:

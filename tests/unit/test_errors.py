@@ -94,3 +94,19 @@ def test_status_without_details_still_classified() -> None:
     back = from_rpc_error(grpc.StatusCode.UNAVAILABLE, "down", ())
     assert isinstance(back, errors.UnavailableError)
     assert back.failure_mode is FailureMode.SYSTEM
+
+
+def test_a_mode_other_than_the_status_default_survives_the_wire() -> None:
+    sent = errors.FailedPreconditionError(
+        "no worker right now", reason="NO_ELIGIBLE_WORKER", failure_mode=FailureMode.SYSTEM
+    )
+    back = _round_trip(sent)
+    assert isinstance(back, errors.FailedPreconditionError)
+    assert back.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert (back.reason, back.failure_mode, back.retryable) == (
+        "NO_ELIGIBLE_WORKER",
+        FailureMode.SYSTEM,
+        True,
+    )
+    plain = _round_trip(errors.FailedPreconditionError("bad state", reason="WRONG_STATE"))
+    assert plain.failure_mode is FailureMode.USER and "failure_mode" not in plain.metadata

@@ -19,6 +19,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 GRPC_DETAILS_METADATA_KEY = "grpc-status-details-bin"
+#: ErrorInfo metadata key carrying a failure mode that differs from the status's default.
+FAILURE_MODE_KEY = "failure_mode"
 
 
 class FailureMode(enum.IntEnum):
@@ -261,9 +263,15 @@ def classify_failure(exc: BaseException) -> FailureMode:
 def to_status(error: CugaError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """Code, message and trailing metadata (with ErrorInfo) for an error."""
     code = wire_code(error)
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=error.domain, metadata=error.metadata
-    )
+    metadata = dict(error.metadata)
+    if (
+        error.failure_mode is not failure_mode_for_status(code)
+        and error.reason != error.failure_mode.name
+    ):
+        # A mode other than the table's default for this status (e.g. "no eligible worker
+        # *right now*" is SYSTEM, though FAILED_PRECONDITION): say so, so it survives the wire.
+        metadata[FAILURE_MODE_KEY] = error.failure_mode.name
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error.domain, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
@@ -298,6 +306,8 @@ def from_rpc_error(
         reason, domain, meta = info.reason, info.domain or domain, dict(info.metadata)
         if reason in FailureMode.__members__:
             mode = FailureMode[reason]
+        elif meta.get(FAILURE_MODE_KEY) in FailureMode.__members__:
+            mode = FailureMode[meta.pop(FAILURE_MODE_KEY)]
     err = CugaError.__new__(cls)
     CugaError.__init__(err, message, reason=reason, failure_mode=mode, domain=domain, metadata=meta)
     if isinstance(err, InvalidArgumentError):

@@ -28,7 +28,7 @@ from cuga.services.routing.policies import (
     StepNeed,
 )
 from cuga.services.routing.registry import WorkerRecord, WorkerRegistry
-from cuga.shared.errors import FailedPreconditionError, InvalidArgumentError
+from cuga.shared.errors import FailedPreconditionError, FailureMode, InvalidArgumentError
 from cuga.shared.messages import timestamp
 from cuga.shared.metrics import POLICY, RoutingMetrics
 from cuga.shared.validation import (
@@ -404,9 +404,14 @@ def _no_eligible_worker(
         why = f"{found.registered} registered: " + ", ".join(parts)
         if found.lacking_tool + found.lacking_capability == found.registered:
             why = "none offers it; " + why
+    # Nobody offers the tool: the plan is wrong (USER, never retried). Workers that offer it
+    # exist but are away, or none is registered yet (a restart, a rolling upgrade): the
+    # condition passes, so it is SYSTEM and the coordinator's retry policy applies.
+    permanent = 0 < found.registered == found.lacking_tool + found.lacking_capability
     return FailedPreconditionError(
         f"{head}: {why}",
         reason="NO_ELIGIBLE_WORKER",
+        failure_mode=FailureMode.USER if permanent else FailureMode.SYSTEM,
         metadata={
             "tool": need.tool,
             "capability": need.capability,
