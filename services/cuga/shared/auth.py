@@ -36,7 +36,6 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from cuga.shared.errors import (
     UnauthenticatedError,
     to_status,
 )
+from cuga.shared.handlers import rewrap
 
 log = logging.getLogger("cuga.auth")
 
@@ -622,28 +622,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method or ""
         if handler is None or is_open_method(method):
             return handler
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method), **kwargs
-            )
-        if handler.unary_stream:
-            behavior = handler.unary_stream
-            wrapped = (
-                self._wrap_stream(behavior, method)
-                if inspect.isasyncgenfunction(behavior)
-                else self._wrap_unary(behavior, method)
-            )
-            return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
+        wrapped = rewrap(
+            handler,
+            lambda behavior: self._wrap_unary(behavior, method),
+            lambda behavior: self._wrap_stream(behavior, method),
+        )
+        if wrapped is not None:
+            return wrapped
 
         # Client-streaming RPCs are not in the contract; refuse rather than let them by.
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await _abort(context, PermissionDeniedError(f"{method} is not served"))
 
-        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _wrap_unary(
         self, behavior: Callable[..., Awaitable[Any]], method: str

@@ -19,7 +19,6 @@ dependency loop, and a refusal never waits on audit (records are queued).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import uuid
@@ -37,6 +36,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.shared.auth import AuthInterceptor, Denial, DenialSink
 from cuga.shared.config import CommonConfig, Settings
 from cuga.shared.errors import CugaError, InvalidArgumentError, from_exception, to_status
+from cuga.shared.handlers import rewrap
 from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
 
 log = logging.getLogger("cuga.bootstrap")
@@ -151,21 +151,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         # The wrapped handler takes raw bytes (no deserializer) and parses them itself.
         deserialize = handler.request_deserializer
-        kwargs = {"response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, deserialize), **kwargs
-            )
-        if handler.unary_stream:
-            # Streams are async generators, or coroutines that call context.write().
-            behavior = handler.unary_stream
-            wrapped = (
-                self._wrap_stream(behavior, deserialize)
-                if inspect.isasyncgenfunction(behavior)
-                else self._wrap_unary(behavior, deserialize)
-            )
-            return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
-        return handler  # client-streaming RPCs are not part of the contract
+        wrapped = rewrap(
+            handler,
+            lambda behavior: self._wrap_unary(behavior, deserialize),
+            lambda behavior: self._wrap_stream(behavior, deserialize),
+            request_deserializer=None,
+        )
+        return wrapped or handler  # client-streaming RPCs are not part of the contract
 
 
 def denial_record(denial: Denial, service: str) -> audit_pb2.AuditRecord:
@@ -220,6 +212,10 @@ class _RemoteDenials:
         if self._trail is not None:
             await self._trail.record_batch([denial_record(denial, self._service)])
 
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every refusal so far is stored; False if ``timeout`` passed first."""
+        return True if self._trail is None else bool(await self._trail.flush(timeout))
+
     async def close(self) -> None:
         if self._trail is not None:
             await self._trail.close(timeout=1.0)
@@ -237,6 +233,11 @@ class RunningServer:
     grace_period_s: float
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _log_handler: logging.Handler | None = None
+    _denials: _RemoteDenials | None = None
+
+    async def flush_denials(self, timeout: float | None = None) -> bool:
+        """Wait until the audit service has every refusal this server sent it."""
+        return True if self._denials is None else await self._denials.flush(timeout)
 
     @property
     def address(self) -> str:
@@ -344,6 +345,7 @@ async def start_server(
         remote_denials.open(common, bound)
         definition.on_stopped.append(remote_denials.close)
     running = RunningServer(definition, server, health, bound, host, common.grace_period_s)
+    running._denials = remote_denials
     running._log_handler = definition.telemetry.log_handler()  # OTLP logs, when configured
     if running._log_handler is not None:
         logging.getLogger().addHandler(running._log_handler)

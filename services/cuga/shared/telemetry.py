@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
+
+from cuga.shared.handlers import rewrap
 
 #: Run id of the work the current task does; put on every log line.
 current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("cuga_run_id", default="")
@@ -179,19 +180,12 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc.health.v1.Health/"):
             return handler
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary), **kwargs
-            )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream), **kwargs
-            )
-        return handler
+        wrapped = rewrap(
+            handler,
+            lambda behavior: self._wrap_unary(method, behavior),
+            lambda behavior: self._wrap_stream(method, behavior),
+        )
+        return wrapped or handler
 
 
 class _UnaryClientInterceptor(UnaryUnaryAioClientInterceptor):
