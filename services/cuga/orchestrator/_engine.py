@@ -237,6 +237,42 @@ _AUDIT_KINDS = {
 }
 
 
+@dataclass(frozen=True)
+class _PendingAudit:
+    """An event waiting to become an audit record (one record per audited event)."""
+
+    run_id: str
+    trace_id: str
+    profile: str
+    kind: str
+    event: common_pb2.OrchestrationEvent
+
+    def record(self) -> audit_pb2.AuditRecord:
+        """The record; its id ``<run>/e<seq>`` makes a resend idempotent."""
+        event = self.event
+        payload: dict[str, Any] = {"seq": event.seq, "stage": Stage.Name(event.stage)}
+        if event.step_id:
+            payload["step_id"] = event.step_id
+        payload_name = event.WhichOneof("payload")
+        if payload_name:
+            payload[payload_name] = json_format.MessageToDict(
+                getattr(event, payload_name), preserving_proto_field_name=True
+            )
+        actor = "cuga-coordinator"
+        if self.kind == "approval_decided" and event.approval.decided_by:
+            actor = event.approval.decided_by
+        return audit_pb2.AuditRecord(
+            record_id=f"{self.run_id}/e{event.seq}",
+            trace_id=self.trace_id,
+            run_id=self.run_id,
+            profile=self.profile,
+            kind=self.kind,
+            timestamp=event.timestamp,
+            actor=actor,
+            payload=to_struct(payload),
+        )
+
+
 def _audit_kind(event: common_pb2.OrchestrationEvent) -> str | None:
     payload = event.WhichOneof("payload")
     if payload == "warning":
@@ -304,7 +340,7 @@ class CoordinatorAgent:
         self._rng = rng or random.Random()
         self._live: dict[str, _Run] = {}
         self._tools: dict[str, tuple[float, dict[str, common_pb2.ToolSpec]]] = {}
-        self._audit_queue: list[audit_pb2.AuditRecord] = []
+        self._audit_queue: list[_PendingAudit] = []
         self._audit_wakeup = asyncio.Event()
         self._audit_full = asyncio.Event()
         self._audit_task: asyncio.Task[None] | None = None
@@ -781,29 +817,10 @@ class CoordinatorAgent:
         kind = _audit_kind(event)
         if kind is None:
             return
-        payload_name = event.WhichOneof("payload")
-        payload: dict[str, Any] = {"seq": event.seq, "stage": Stage.Name(event.stage)}
-        if event.step_id:
-            payload["step_id"] = event.step_id
-        if payload_name:
-            payload[payload_name] = json_format.MessageToDict(
-                getattr(event, payload_name), preserving_proto_field_name=True
-            )
-        actor = "cuga-coordinator"
         self._audit_parents[r.run.trace_id] = r.span_ctx
-        if kind == "approval_decided" and event.approval.decided_by:
-            actor = event.approval.decided_by
+        # Only a reference here: the record is built by the flusher, off the step's path.
         self._audit_queue.append(
-            audit_pb2.AuditRecord(
-                record_id=f"{r.run_id}/e{event.seq}",
-                trace_id=r.run.trace_id,
-                run_id=r.run_id,
-                profile=r.context.profile,
-                kind=kind,
-                timestamp=event.timestamp,
-                actor=actor,
-                payload=to_struct(payload),
-            )
+            _PendingAudit(r.run_id, r.run.trace_id, r.context.profile, kind, event)
         )
         if self._audit_task is None or self._audit_task.done():
             self._audit_task = asyncio.create_task(self._audit_flusher(), name="audit-flusher")
@@ -829,12 +846,12 @@ class CoordinatorAgent:
                 batch, self._audit_queue = self._audit_queue, []
                 await self._send_audit(batch)
 
-    async def _send_audit(self, batch: list[audit_pb2.AuditRecord]) -> None:
+    async def _send_audit(self, batch: list[_PendingAudit]) -> None:
         # Handed over one run at a time inside the run's span, so the trail (and the audit
         # service's server span) can place the write in the run's trace.
         groups: dict[str, list[audit_pb2.AuditRecord]] = {}
-        for record in batch:
-            groups.setdefault(record.trace_id, []).append(record)
+        for pending in batch:
+            groups.setdefault(pending.trace_id, []).append(pending.record())
         for trace_id, records in groups.items():
             parent = self._audit_parents.pop(trace_id, None)
             span = NonRecordingSpan(parent) if parent is not None else trace.INVALID_SPAN
