@@ -1,13 +1,10 @@
 """The six services as real processes, the way ``cuga up`` runs them, on free ports.
 
 Run store and audit on SQLite in a temp data directory, the tracing SDK on with no
-exporter (no ``OTEL_*`` variables), logging at WARNING. Bearer tokens are created the way
-``cuga demo`` creates them and the bench client sends one with every call, but
-``auth.enabled`` stays at its default (off): only the approval service has the
-``AuthInterceptor`` so far, and the coordinator sends no service credentials downstream,
-so with auth enforced every step fails at approval with UNAUTHENTICATED
-(``CREDENTIALS_REQUIRED``). The figures therefore hold no authentication cost; B1 reports
-whether the coordinator enforced credentials in the run.
+exporter (no ``OTEL_*`` variables), logging at WARNING. Auth is on (the default): the
+:class:`~cuga.cli.up.Cluster` makes local bearer tokens the way ``cuga demo`` does, every
+service checks the caller's token and sends its own downstream, and the bench client calls
+as ``client``. B1 reports whether the coordinator enforced credentials in the run.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cuga.cli.tokens import ensure_local_tokens
 from cuga.cli.up import Cluster
 from cuga.client import CoordinatorClient
 from cuga.common.v1 import common_pb2
@@ -143,18 +139,17 @@ class BenchCluster:
 @asynccontextmanager
 async def bench_cluster(data_dir: Path) -> AsyncIterator[BenchCluster]:
     """Start the six services as processes under ``data_dir``; stop them at the end."""
-    tokens = ensure_local_tokens(data_dir)  # creates data_dir too
+    data_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
     env["CUGA_DATA_DIR"] = str(data_dir)
     env["CUGA_LOG_LEVEL"] = "WARNING"
-    env["CUGA_AUTH__TOKENS_FILE"] = str(tokens.file)
     for name, port in zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True):
         env[f"CUGA_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
     settings = load_settings(env=env)
     cluster = Cluster(settings, env)
     try:
         await cluster.start()
-        yield BenchCluster(cluster, settings, data_dir, tokens.tokens["coordinator"])
+        yield BenchCluster(cluster, settings, data_dir, cluster.token("client"))
     finally:
         await cluster.stop()
 

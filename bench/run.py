@@ -92,10 +92,8 @@ def _notes(figures: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
     b1 = figures.get("b1", {})
     if "auth_enforced" in b1:
         notes.append(
-            "Auth: not in these figures. Only the approval service has the AuthInterceptor"
-            " (non-enforcing by default); the coordinator neither checks client tokens nor"
-            " sends service credentials downstream, so auth.enabled=true fails every step at"
-            " approval (UNAUTHENTICATED). Coordinator enforced credentials in this run: "
+            "Auth: on in these figures (bearer tokens checked by every service, service"
+            " credentials sent downstream). Coordinator refused an unknown token in this run: "
             f"{'yes' if b1['auth_enforced'] else 'no'}."
         )
     b2 = figures.get("b2", {})
