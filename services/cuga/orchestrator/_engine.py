@@ -202,8 +202,17 @@ class _Run:
     def context(self) -> common_pb2.ExecutionContext:
         return self.run.context
 
-    def outputs(self) -> dict[str, Any]:
-        return {sid: value_to_python(r.output) for sid, r in self.results.items()}
+    def outputs(self, step_ids: Iterable[str]) -> dict[str, Any]:
+        """The outputs of ``step_ids`` that have one, as Python values.
+
+        Only the steps a template refers to: converting every completed output for every
+        step would make a run O(n²) in its length.
+        """
+        return {
+            sid: value_to_python(self.results[sid].output)
+            for sid in step_ids
+            if sid in self.results
+        }
 
 
 def _span_context(trace_ctx: str) -> SpanContext | None:
@@ -1217,7 +1226,9 @@ class CoordinatorAgent:
         self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision)
         resolved = common_pb2.PlanStep()
         resolved.CopyFrom(step)
-        resolved.input.CopyFrom(resolve_input(step, r.outputs()))
+        references = template_references(step)
+        if references:
+            resolved.input.CopyFrom(resolve_input(step, r.outputs(references)))
         await self._approve(r, resolved, decision.target)
         return decision, resolved
 

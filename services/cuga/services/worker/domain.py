@@ -360,7 +360,9 @@ class WorkerAgent:
                 sandbox_dir=self._sandbox,
                 metadata=dict(request.context.metadata),
             )
-            output = await asyncio.wait_for(self._call(spec, inputs, context), budget)
+            # asyncio.timeout, not wait_for: the tool runs in this task, not one more.
+            async with asyncio.timeout(budget):
+                output = await self._call(spec, inputs, context)
         except asyncio.CancelledError:
             raise
         except TimeoutError as exc:

@@ -105,29 +105,29 @@ class IdempotencyStore:
 
     def put(self, record: StoredExecution) -> bool:
         """Store a finished execution; False when the key already had a record."""
-        with Transaction(self._conn) as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO executions (idempotency_key, fingerprint, tool, step_id,"
-                " ok, result, error_code, error_message, error_reason, failure_mode,"
-                " error_metadata, tool_error, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.key,
-                    record.fingerprint,
-                    record.tool,
-                    record.step_id,
-                    1 if record.ok else 0,
-                    record.result,
-                    record.error_code,
-                    record.error_message,
-                    record.error_reason,
-                    record.failure_mode,
-                    json.dumps(record.error_metadata, sort_keys=True),
-                    1 if record.tool_error else 0,
-                    record.created_at,
-                ),
-            )
-            return cur.rowcount == 1
+        # One statement in autocommit mode is its own transaction: no BEGIN/COMMIT round.
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO executions (idempotency_key, fingerprint, tool, step_id,"
+            " ok, result, error_code, error_message, error_reason, failure_mode,"
+            " error_metadata, tool_error, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.key,
+                record.fingerprint,
+                record.tool,
+                record.step_id,
+                1 if record.ok else 0,
+                record.result,
+                record.error_code,
+                record.error_message,
+                record.error_reason,
+                record.failure_mode,
+                json.dumps(record.error_metadata, sort_keys=True),
+                1 if record.tool_error else 0,
+                record.created_at,
+            ),
+        )
+        return cur.rowcount == 1
 
     def count(self) -> int:
         """How many records are stored."""
