@@ -173,9 +173,22 @@ def input_schema_errors(schema: dict[str, Any], instance: Any) -> list[str]:
     """
     if not schema:
         return []
+    return schema_errors(schema_validator(schema), instance)
+
+
+def schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator for ``schema``, after checking the schema against its meta-schema.
+
+    Raises:
+        jsonschema.SchemaError: when the schema itself is invalid.
+    """
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    validator = cls(schema)
+    return cls(schema)
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, instance: Any) -> list[str]:
+    """``"<json path>: <problem>"`` for each way ``instance`` fails; template strings pass."""
     problems: list[str] = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
         if isinstance(error.instance, str) and TEMPLATE.search(error.instance):
@@ -189,6 +202,9 @@ def check_against_catalog(
 ) -> None:
     """Unknown tools, inputs failing the tool's JSON schema, references to non-ancestors."""
     ancestors = _ancestors(steps)
+    # One meta-schema check per tool, not per step: it costs far more than validating an
+    # input, and a plan usually calls the same few tools many times.
+    validators: dict[str, jsonschema.protocols.Validator | None] = {}
     for i, step in enumerate(steps):
         spec = tools.get(step.tool)
         if spec is None:
@@ -207,14 +223,17 @@ def check_against_catalog(
                         f"step {step.step_id!r} references the output of {ref!r}, which is"
                         " not one of its dependencies",
                     )
-        schema = struct_to_dict(spec.parameters)
-        try:
-            problems = input_schema_errors(schema, data)
-        except jsonschema_exceptions.SchemaError as exc:
-            raise FailedPreconditionError(
-                f"tool {step.tool!r} declares an invalid input schema: {exc.message}",
-                reason="INVALID_TOOL_SCHEMA",
-            ) from None
+        if step.tool not in validators:
+            schema = struct_to_dict(spec.parameters)
+            try:
+                validators[step.tool] = schema_validator(schema) if schema else None
+            except jsonschema_exceptions.SchemaError as exc:
+                raise FailedPreconditionError(
+                    f"tool {step.tool!r} declares an invalid input schema: {exc.message}",
+                    reason="INVALID_TOOL_SCHEMA",
+                ) from None
+        validator = validators[step.tool]
+        problems = [] if validator is None else schema_errors(validator, data)
         if problems:
             raise InvalidArgumentError(
                 f"steps[{i}].input",
