@@ -26,7 +26,6 @@ from opentelemetry import baggage, trace
 from opentelemetry.instrumentation.grpc import (
     aio_client_interceptors,
     aio_server_interceptor,
-    filters,
 )
 from opentelemetry.instrumentation.grpc._aio_client import UnaryUnaryAioClientInterceptor
 from opentelemetry.instrumentation.logging.handler import LoggingHandler
@@ -47,7 +46,20 @@ current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("cuga_run_i
 #: W3C baggage key the coordinator sets to the run id, so downstream log lines carry it.
 RUN_ID_BAGGAGE = "cuga.run_id"
 
-_NOT_HEALTH = filters.negate(filters.service_name("grpc.health.v1.Health"))
+_HEALTH_METHODS = "/grpc.health.v1.Health/"
+
+
+def _not_health(details: Any) -> bool:
+    """Trace every call but health checks (client and server call details alike).
+
+    OpenTelemetry's ``filters.negate(filters.service_name(...))`` does the same through
+    ``isinstance`` checks against ``typing.Protocol`` classes and ``os.path`` splitting,
+    on every call of every channel and server; this is a prefix test.
+    """
+    method = details.method
+    if isinstance(method, bytes):  # grpc.aio client details carry bytes (grpc#31092)
+        method = method.decode()
+    return not method.startswith(_HEALTH_METHODS)
 
 
 def otlp_configured(env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
@@ -226,7 +238,7 @@ class Telemetry:
         """The OpenTelemetry aio server interceptor (health checks excluded), then the
         per-RPC metrics interceptor, which runs inside the server span."""
         interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH
+            tracer_provider=self.tracer_provider, filter_=_not_health
         )
         return [interceptor, RpcMetricsInterceptor(self.meter, self.service_name)]
 
@@ -254,7 +266,7 @@ class Telemetry:
         """The OpenTelemetry aio client interceptors (inject W3C context)."""
         found = list(
             aio_client_interceptors(  # type: ignore[no-untyped-call]
-                tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH
+                tracer_provider=self.tracer_provider, filter_=_not_health
             )
         )
         tracer = self.tracer_provider.get_tracer(
@@ -263,7 +275,7 @@ class Telemetry:
         )
         # Same interceptors, the unary one replaced by the variant that ends cancelled spans.
         return [
-            _UnaryClientInterceptor(tracer, filter_=_NOT_HEALTH)  # type: ignore[no-untyped-call]
+            _UnaryClientInterceptor(tracer, filter_=_not_health)  # type: ignore[no-untyped-call]
             if isinstance(i, UnaryUnaryAioClientInterceptor)
             else i
             for i in found
