@@ -17,7 +17,7 @@ from cuga.tools._registry import (
     in_namespaces,
     to_proto,
 )
-from cuga.tools._schema import json_path, validate_input
+from cuga.tools._schema import check_input, json_path, validate_input
 from cuga.tools._spec import (
     TOOL_NAME_PATTERN,
     ToolContext,
@@ -37,6 +37,7 @@ __all__ = [
     "ToolRegistry",
     "ToolResult",
     "ToolSpec",
+    "check_input",
     "in_namespaces",
     "json_path",
     "to_proto",

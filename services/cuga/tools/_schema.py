@@ -28,7 +28,15 @@ def validate_input(
         InvalidArgumentError: naming the JSON path of the most relevant violation, e.g.
             ``step.input.amount: -5 is less than the minimum of 0``.
     """
-    validator = jsonschema.Draft202012Validator(dict(parameters))
+    check_input(jsonschema.Draft202012Validator(dict(parameters)), inputs, field=field)
+
+
+def check_input(validator: Any, inputs: Any, *, field: str = "step.input") -> None:
+    """:func:`validate_input` with a validator made once (``ToolSpec.validator``).
+
+    Raises:
+        InvalidArgumentError: as :func:`validate_input`.
+    """
     error = best_match(validator.iter_errors(inputs))
     if error is None:
         return

@@ -80,6 +80,8 @@ class ToolSpec:
     cost: float = 1.0
     timeout: float = 30.0
     keywords: tuple[str, ...] = ()
+    validator: Any = field(init=False, repr=False, compare=False)
+    """The compiled input validator (made once here, not on every call)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TOOL_NAME_PATTERN.fullmatch(self.name):
@@ -98,6 +100,10 @@ class ToolSpec:
             raise ToolDefinitionError(
                 f"tool {self.name!r}: parameters is not a valid JSON schema: {exc.message}"
             ) from None
+        # Frozen dataclass: set once, here, like a field the constructor computes.
+        object.__setattr__(
+            self, "validator", jsonschema.Draft202012Validator(dict(self.parameters))
+        )
         for what, values in (("capabilities", self.capabilities), ("keywords", self.keywords)):
             for value in values:
                 if not isinstance(value, str) or not TOKEN_PATTERN.fullmatch(value):

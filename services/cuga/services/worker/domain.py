@@ -49,7 +49,7 @@ from cuga.shared.validation import (
     encode_page_token,
     page_size,
 )
-from cuga.tools import ToolContext, ToolRegistry, ToolSpec, to_proto, validate_input
+from cuga.tools import ToolContext, ToolRegistry, ToolSpec, check_input, to_proto
 from cuga.worker.v1 import worker_pb2
 
 log = logging.getLogger("cuga.worker")
@@ -273,7 +273,7 @@ class WorkerAgent:
             self._check_fingerprint(key, stored.fingerprint, fp)
             return self._replay(stored)
         inputs = _normalise(struct_to_dict(request.step.input))
-        validate_input(spec.parameters, inputs, field="step.input")
+        check_input(spec.validator, inputs, field="step.input")
         if len(self._inflight) >= self._limits.max_in_flight:
             raise ResourceExhaustedError(
                 f"worker {self.worker_id} is running {len(self._inflight)} steps, "
