@@ -20,16 +20,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.grpc import (
     aio_client_interceptors,
-    aio_server_interceptor,
 )
 from opentelemetry.instrumentation.grpc._aio_client import UnaryUnaryAioClientInterceptor
 from opentelemetry.instrumentation.logging.handler import LoggingHandler
 from opentelemetry.metrics import Meter
+from opentelemetry.propagate import extract
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
@@ -37,7 +39,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from cuga.shared.handlers import rewrap
 
@@ -114,16 +116,54 @@ def _otlp_options(env: Mapping[str, str], signal: str) -> dict[str, Any]:
     return options
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Per-RPC server metrics and a debug access log, inside the server span.
+#: Server span status by gRPC code, as OpenTelemetry's gRPC instrumentation sets it: a
+#: server span is an error only for codes that mean the server failed, not the caller.
+_SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
-    Records ``rpc.server.duration`` (milliseconds, by method and status code, as the
-    OpenTelemetry RPC conventions name it) and ``cuga.rpc.server.active_streams`` (open
-    server streams by method: Orchestrate, Resume, Watch, Export). Placed after the
-    OpenTelemetry interceptor so its log line carries the server span's trace id.
+
+def _peer_attributes(peer: str) -> dict[str, str]:
+    """``net.peer.ip``/``net.peer.port`` from ``ipv4:127.0.0.1:5000`` or ``ipv6:[::1]:5000``."""
+    if not peer or peer.startswith("unix:"):
+        return {}
+    try:
+        ip, port = peer.split(",")[0].split(":", 1)[1].rsplit(":", 1)
+    except (IndexError, ValueError):
+        return {}
+    ip = unquote(ip)
+    found = {"net.peer.ip": ip, "net.peer.port": port}
+    if ip in ("[::1]", "127.0.0.1"):
+        found["net.peer.name"] = "localhost"
+    return found
+
+
+class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The server span and per-RPC metrics of every inbound call but health checks.
+
+    The span is what OpenTelemetry's gRPC server instrumentation makes (name = the full
+    method, kind SERVER, ``rpc.system``/``rpc.service``/``rpc.method``,
+    ``rpc.grpc.status_code``, peer address; ERROR status for server-side codes), as a
+    child of the W3C context in the call's metadata, whose baggage stays current for the
+    handler. Metrics: ``rpc.server.duration`` (milliseconds, by method and status code, as
+    the OpenTelemetry RPC conventions name it) and ``cuga.rpc.server.active_streams``
+    (open server streams by method: Orchestrate, Resume, Watch, Export); a debug access
+    log line carries the span's trace id.
+
+    One interceptor instead of OpenTelemetry's plus a metrics one: the instrumentation's
+    per-call filter, servicer-context proxy and extra coroutine layer were about an eighth
+    of a worker's CPU per ExecuteStep (docs/performance.md).
     """
 
-    def __init__(self, meter: Meter, service_name: str) -> None:
+    def __init__(self, tracer: Tracer, meter: Meter, service_name: str) -> None:
+        self._tracer = tracer
         self._duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
         )
@@ -135,32 +175,70 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._service = service_name
         self._log = logging.getLogger("cuga.rpc")
 
+    def _start(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> tuple[Span, contextvars.Token[otel_context.Context]]:
+        """Start the server span under the caller's context and make it current."""
+        carrier = {md.key: md.value for md in context.invocation_metadata() or ()}
+        parent = extract(carrier) if carrier else None
+        service, _, name = method.lstrip("/").partition("/")
+        attributes: dict[str, Any] = {
+            "rpc.system": "grpc",
+            "rpc.grpc.status_code": grpc.StatusCode.OK.value[0],
+            "rpc.service": service,
+            "rpc.method": name,
+        }
+        if "user-agent" in carrier:
+            attributes["rpc.user_agent"] = carrier["user-agent"]
+        attributes.update(_peer_attributes(context.peer()))
+        span = self._tracer.start_span(
+            method, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, token
+
     def _done(
-        self, method: str, context: grpc.aio.ServicerContext, started: float, ok: bool
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        started: float,
+        span: Span,
+        error: BaseException | None,
     ) -> None:
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        code = "OK"
-        if not ok:
+        code: grpc.StatusCode | None = grpc.StatusCode.OK
+        if error is not None:
             found = context.code()
             # Handler errors are aborted with a code by the error mapping; no code means
             # the call was cancelled (client gone, deadline, drain).
-            code = found.name if isinstance(found, grpc.StatusCode) else "CANCELLED"
-        self._duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": code})
+            code = found if isinstance(found, grpc.StatusCode) else None
+            if type(error) is not Exception and not isinstance(error, asyncio.CancelledError):
+                span.record_exception(error)
+        name = code.name if code is not None else "CANCELLED"
+        if code is not None and code is not grpc.StatusCode.OK:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in _SERVER_ERROR_CODES:
+                span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or ''}"))
+        self._duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": name})
         if self._log.isEnabledFor(logging.DEBUG):
-            self._log.debug("%s %s %.1fms", method, code, elapsed_ms)
+            self._log.debug("%s %s %.1fms", method, name, elapsed_ms)
 
     def _wrap_unary(
         self, method: str, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            ok = False
+            span, token = self._start(method, context)
+            error: BaseException | None = None
             try:
-                result = await behavior(request, context)
-                ok = True
-                return result
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                self._done(method, context, started, ok)
+                self._done(method, context, started, span, error)
+                span.end()
+                otel_context.detach(token)
 
         return call
 
@@ -171,15 +249,20 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            ok = False
+            span, token = self._start(method, context)
+            error: BaseException | None = None
             self._streams.add(1, attributes)
             try:
                 async for item in behavior(request, context):
                     yield item
-                ok = True
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
                 self._streams.add(-1, attributes)
-                self._done(method, context, started, ok)
+                self._done(method, context, started, span, error)
+                span.end()
+                otel_context.detach(token)
 
         return call
 
@@ -190,7 +273,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith("/grpc.health.v1.Health/"):
+        if handler is None or method.startswith(_HEALTH_METHODS):
             return handler
         wrapped = rewrap(
             handler,
@@ -235,12 +318,13 @@ class Telemetry:
         self.meter = self.meter_provider.get_meter("cuga")
 
     def server_interceptors(self) -> list[Any]:
-        """The OpenTelemetry aio server interceptor (health checks excluded), then the
-        per-RPC metrics interceptor, which runs inside the server span."""
-        interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.tracer_provider, filter_=_not_health
+        """The server span and metrics interceptor (health checks excluded); it is the
+        outermost, so a refused or failed call is still recorded in the call's trace."""
+        tracer = self.tracer_provider.get_tracer(
+            "opentelemetry.instrumentation.grpc",
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
         )
-        return [interceptor, RpcMetricsInterceptor(self.meter, self.service_name)]
+        return [RpcServerInterceptor(tracer, self.meter, self.service_name)]
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         """Export every finished span, log record and metric value now (tests, drains)."""
@@ -412,7 +496,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO", *, service: str = 
 __all__ = [
     "RUN_ID_BAGGAGE",
     "ContextFilter",
-    "RpcMetricsInterceptor",
+    "RpcServerInterceptor",
     "Telemetry",
     "configure_logging",
     "current_run_id",
