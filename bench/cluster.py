@@ -139,7 +139,6 @@ class BenchCluster:
 @asynccontextmanager
 async def bench_cluster(data_dir: Path) -> AsyncIterator[BenchCluster]:
     """Start the six services as processes under ``data_dir``; stop them at the end."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
     env["CUGA_DATA_DIR"] = str(data_dir)
     env["CUGA_LOG_LEVEL"] = "WARNING"
