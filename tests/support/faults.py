@@ -20,9 +20,10 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +103,14 @@ class FaultCluster:
     root: Path
     env_overrides: Mapping[str, str] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    """Where the six services bind and are dialled (a network namespace's worker needs the
+    host end of its veth pair here: it cannot reach the host's loopback)."""
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.addresses = {name: f"127.0.0.1:{free_port()}" for name in ORDER}
+        self.addresses = {name: f"{self.host}:{free_port(self.host)}" for name in ORDER}
         # Auth is on: every service and every client holds a local token, as with `cuga up`.
         self.tokens = ensure_local_tokens(self.data_dir)
 
@@ -140,7 +144,7 @@ class FaultCluster:
     ) -> Service:
         """Describe a service (not started yet); extra workers need ``kind="worker"``."""
         kind = kind or name
-        address = address or self.addresses.get(name) or f"127.0.0.1:{free_port()}"
+        address = address or self.addresses.get(name) or f"{self.host}:{free_port(self.host)}"
         service = Service(
             name=name,
             kind=kind,
@@ -156,12 +160,14 @@ class FaultCluster:
         self.services[name] = service
         return service
 
-    async def start(self, timeout_s: float = 60.0) -> None:
-        """Start the six services in ``ORDER`` and wait until each is SERVING."""
+    async def start(self, timeout_s: float = 60.0, *, exclude: Iterable[str] = ()) -> None:
+        """Start the six services in ``ORDER`` (and the extra ones added), except those in
+        ``exclude`` (added, to be spawned later), and wait until each is SERVING."""
         for name in ORDER:
             if name not in self.services:
                 self.add(name)
         names = list(ORDER) + [n for n in self.services if n not in ORDER]
+        names = [n for n in names if n not in set(exclude)]
         # Spawn in start order, then wait: imports overlap instead of adding up.
         for name in names:
             await self.spawn(name)
@@ -270,6 +276,17 @@ class FaultCluster:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise RuntimeError(f"no VmRSS for {name}")
+
+    def executions(self, worker_id: str) -> dict[str, S.StepResult]:
+        """Successful executions recorded in ``worker_id``'s idempotency store, by key
+        (``run_id/step_id``): what that worker ran to the end, whether or not its answer
+        reached the coordinator. Read with the worker stopped or running (SQLite WAL)."""
+        path = self.data_dir / f"worker-{worker_id}.db"
+        if not path.exists():
+            return {}
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT idempotency_key, result FROM executions WHERE ok = 1")
+            return {key: S.StepResult.FromString(blob) for key, blob in rows}
 
     def lines(self, path: str) -> int:
         """How many times ``append_line`` wrote to ``path`` in the sandbox."""
@@ -544,9 +561,14 @@ def netns_unavailable() -> str | None:
 class NetNamespace:
     """A network namespace joined to the host by a veth pair.
 
-    The host end gets ``10.<a>.<b>.1/30``, the namespace end ``.2``; :meth:`cut` takes the
-    host end down (packets are dropped, connections hang, nothing is reset) and
-    :meth:`restore` brings it back.
+    The host end ``vc<subnet>h`` gets ``10.213.<subnet>.1/30``, the namespace end
+    ``vc<subnet>n`` gets ``.2``. A process started with :attr:`exec_prefix` lives in the
+    namespace: it reaches the host only at :attr:`host_ip` (not at the host's loopback) and
+    is reached at :attr:`ns_ip`. :meth:`cut` takes the host end down: packets in both
+    directions are dropped, established TCP connections hang (nothing is reset, the
+    kernel keeps retransmitting), new ones time out; :meth:`restore` brings it back and
+    the held connections resume. The host's own address stays local while cut.
+    Use :func:`network_namespace`, which always removes it.
     """
 
     name: str
@@ -567,20 +589,39 @@ class NetNamespace:
         """The host end's interface name."""
         return f"vc{self.subnet}h"
 
+    @property
+    def ns_if(self) -> str:
+        """The namespace end's interface name."""
+        return f"vc{self.subnet}n"
+
     def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True)
+        done = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
     def create(self) -> None:
-        """Make the namespace, the veth pair and the addresses."""
-        ns_if = f"vc{self.subnet}n"
+        """Make the namespace, the veth pair and the addresses.
+
+        Fails with :class:`RuntimeError` when the name or an interface name is taken (by
+        another test), leaving nothing of its own behind and nothing of the other's
+        touched.
+        """
         self._ip("netns", "add", self.name)
-        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", ns_if)
-        self._ip("link", "set", ns_if, "netns", self.name)
-        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-        self._ip("link", "set", self.host_if, "up")
-        self._ip("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", ns_if)
-        self._ip("-n", self.name, "link", "set", ns_if, "up")
-        self._ip("-n", self.name, "link", "set", "lo", "up")
+        try:
+            self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        except RuntimeError:
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+            raise
+        try:
+            self._ip("link", "set", self.ns_if, "netns", self.name)
+            self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            self._ip("link", "set", self.host_if, "up")
+            self._ip("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+            self._ip("-n", self.name, "link", "set", self.ns_if, "up")
+            self._ip("-n", self.name, "link", "set", "lo", "up")
+        except RuntimeError:
+            self.delete()
+            raise
 
     def cut(self) -> None:
         """Drop everything between the namespace and the host."""
@@ -591,16 +632,35 @@ class NetNamespace:
         self._ip("link", "set", self.host_if, "up")
 
     def delete(self) -> None:
-        """Remove the namespace (its veth end, and so the pair, goes with it)."""
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self._ip("link", "del", self.host_if)
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self._ip("netns", "del", self.name)
+        """Remove the pair and the namespace (idempotent; each part may be missing)."""
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
     @property
     def exec_prefix(self) -> tuple[str, ...]:
-        """Prefix that runs a command inside the namespace."""
+        """Prefix that runs a command inside the namespace (``ip netns exec`` execs the
+        command: the process id is the command's own)."""
         return ("ip", "netns", "exec", self.name)
+
+
+@contextlib.contextmanager
+def network_namespace(tries: int = 32) -> Iterator[NetNamespace]:
+    """A fresh :class:`NetNamespace` (a free name and subnet, several tests may hold one
+    each), deleted on the way out whatever happened."""
+    first = os.getpid() % 200
+    for i in range(tries):
+        subnet = 20 + (first + i) % 200
+        ns = NetNamespace(f"cuga{subnet}", subnet)
+        try:
+            ns.create()
+        except RuntimeError:
+            continue  # taken by another test: try the next subnet
+        try:
+            yield ns
+        finally:
+            ns.delete()
+        return
+    raise RuntimeError(f"no free network namespace name after {tries} tries")
 
 
 # ---------------------------------------------------------------------- the guarantees
@@ -672,6 +732,13 @@ async def _undelivered(
         if not missing or loop.time() > end:
             return missing
         await asyncio.sleep(0.2)  # the buffer's state is in another process: re-check
+
+
+async def worker_status(cluster: FaultCluster, worker_id: str) -> routing_pb2.WorkerStatus | None:
+    """How routing sees ``worker_id`` right now (``None``: not registered)."""
+    async with cluster.client(RoutingClient, identity="coordinator") as routing:
+        reply = await routing.list_workers(routing_pb2.ListWorkersRequest(page_size=1000))
+    return next((w for w in reply.workers if w.info.worker_id == worker_id), None)
 
 
 async def in_flight(cluster: FaultCluster, worker_id: str) -> int:

@@ -67,5 +67,5 @@ def test_service_config_json_has_retry_policy() -> None:
         settings.common.calls.routing.service_config("cuga.routing.v1.RoutingService")
     )
     policy = config["methodConfig"][0]["retryPolicy"]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert policy["maxAttempts"] >= 2

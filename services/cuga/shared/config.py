@@ -102,8 +102,12 @@ class TransportRetry:
     """Largest backoff, seconds, >= initial."""
     backoff_multiplier: float = 2.0
     """Growth per attempt, > 0."""
-    retryable_status_codes: tuple[str, ...] = ("UNAVAILABLE",)
-    """Status code names retried by the channel."""
+    retryable_status_codes: tuple[str, ...] = ("UNAVAILABLE", "CANCELLED")
+    """Status code names retried by the channel. CANCELLED is there because a server that
+    starts draining answers CANCELLED to calls it had accepted but not yet handed to a
+    handler (grpc core zombifies them: grpc/grpc#41785); the call never ran, and every RPC
+    of the contract is idempotent. gRPC never retries a cancellation by the caller itself,
+    only a status the server sent."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= 5:
