@@ -1,8 +1,9 @@
 """B5: hash-chained audit appends vs plain SQLite inserts of the same rows.
 
 The chained side is the audit service's own storage path — ``SQLiteAuditTrail.append``:
-idempotency lookup by record id, read of the trace's chain head, SHA-256 over the
-canonical content plus the previous hash, insert, head upsert, one ``BEGIN IMMEDIATE``
+read of the batch's chain heads, SHA-256 over the canonical content plus the previous
+hash, insert (the record-id primary key catches a resend; only then is the batch redone
+with one ``record_id IN (…)`` lookup), head upsert per trace, one ``BEGIN IMMEDIATE``
 transaction. Records are validated and made canonical (``AuditLog.prepare``) before the
 clock starts, because a plain insert needs the same canonical payload text. The plain side
 inserts exactly the rows the chained side stored (same columns, same values, same table and

@@ -24,6 +24,7 @@ from cuga.shared.clock import FakeClock
 from cuga.shared.errors import AlreadyExistsError
 from cuga.shared.messages import timestamp, to_struct
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
+from tests.unit.test_audit_records import GOLDEN_CLOCK, GOLDEN_HASHES, golden_records
 
 T1 = "a" * 32
 T2 = "b" * 32
@@ -218,6 +219,76 @@ async def test_same_id_other_body_is_already_exists_and_writes_nothing(audit: Au
         await audit.append([rec("r3", at=T0), rec("r3", at=T0, kind="retry")])
     records, _ = await audit.query(audit_pb2.RecordFilter())
     assert [r.record_id for r in records] == ["r1"]
+
+
+async def test_resend_mixed_with_new_records_over_several_traces(audit: AuditLog) -> None:
+    t3 = "c" * 32
+    first, _ = await audit.append([rec("r1", at=T0), rec("r2", at=T0), rec("r3", T2, at=T0)])
+    batch = [
+        rec("r1", at=T0),  # stored: duplicate
+        rec("r4", at=T0),  # new in T1
+        rec("r3", T2, at=T0),  # stored: duplicate
+        rec("r5", T2, at=T0),  # new in T2
+        rec("r6", t3, at=T0),  # new trace
+        rec("r4", at=T0),  # repeated within the batch: duplicate of the new r4
+    ]
+    stored, dups = await audit.append(batch)
+    assert dups == 3
+    assert [r.record_id for r in stored] == ["r1", "r4", "r3", "r5", "r6", "r4"]
+    assert stored[0].hash == first[0].hash and stored[2].hash == first[2].hash
+    assert [r.chain_index for r in stored] == [1, 3, 1, 2, 1, 3]
+    assert stored[1].prev_hash == first[1].hash and stored[3].prev_hash == first[2].hash
+    assert stored[5].hash == stored[1].hash
+    for trace in (T1, T2, t3):
+        assert (await audit.verify(trace)).ok
+    records, _ = await audit.query(audit_pb2.RecordFilter(), 100)
+    assert len(records) == 6
+
+
+async def test_a_refused_batch_leaves_every_chain_head_where_it_was(audit: AuditLog) -> None:
+    first, _ = await audit.append([rec("r1", at=T0), rec("r2", T2, at=T0)])
+    with pytest.raises(AlreadyExistsError):
+        await audit.append(
+            [rec("r3", at=T0), rec("r4", T2, at=T0), rec("r1", at=T0, payload={"x": 1})]
+        )
+    stored, dups = await audit.append([rec("r5", at=T0), rec("r6", T2, at=T0)])
+    assert dups == 0
+    assert [(r.chain_index, r.prev_hash) for r in stored] == [
+        (2, first[0].hash),
+        (2, first[1].hash),
+    ]
+    assert (await audit.verify(T1)).ok and (await audit.verify(T2)).ok
+
+
+async def test_batches_over_many_traces_and_their_resend(audit: AuditLog) -> None:
+    # More ids and traces than one IN (...) list holds, so lookups go in several parts.
+    traces = [f"{i:032x}" for i in range(520)]
+    batch = [rec(f"m{i}", traces[i % 520], at=T0 + i) for i in range(600)]
+    stored, dups = await audit.append(batch)
+    assert dups == 0
+    assert [r.chain_index for r in stored] == [1] * 520 + [2] * 80
+    again, dups = await audit.append(batch)
+    assert dups == 600
+    assert [r.hash for r in again] == [r.hash for r in stored]
+    more, dups = await audit.append([rec(f"n{i}", t, at=T0) for i, t in enumerate(traces)])
+    assert dups == 0
+    assert [r.chain_index for r in more] == [3] * 80 + [2] * 440
+    assert more[519].prev_hash == stored[519].hash
+    assert (await audit.verify(traces[0])).ok and (await audit.verify(traces[519])).ok
+
+
+async def test_every_backend_stores_the_pinned_hashes(store: Store) -> None:
+    audit = AuditLog(store.open(), clock=FakeClock(GOLDEN_CLOCK))
+    stored, _ = await audit.append(golden_records())
+    assert [(r.record_id, r.chain_index, r.prev_hash, r.hash) for r in stored] == GOLDEN_HASHES
+    audit.close()
+    reopened = AuditLog(store.open())
+    records, _ = await reopened.query(audit_pb2.RecordFilter(), 10)
+    assert sorted((r.record_id, r.chain_index, r.prev_hash, r.hash) for r in records) == sorted(
+        GOLDEN_HASHES
+    )
+    assert (await reopened.verify("c" * 32)).ok and (await reopened.verify("d" * 32)).ok
+    reopened.close()
 
 
 async def test_concurrent_duplicate_writes_store_once(audit: AuditLog) -> None:

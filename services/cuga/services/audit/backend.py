@@ -48,6 +48,8 @@ class AuditBackend(abc.ABC):
 
         Idempotent by record id: a stored id with the same body is reported duplicate; with
         a different body nothing of the batch is written and AlreadyExistsError is raised.
+        The record of each new entry of ``pending`` is completed in place (chain fields)
+        and returned as the stored record.
         """
 
     @abc.abstractmethod
@@ -85,8 +87,7 @@ class NoOpAuditTrail(AuditBackend):
     """
 
     def append(self, pending: Sequence[PendingRecord]) -> list[AppendResult]:
-        results, _, _ = chain_records(pending, lambda _rid: None, lambda _trace: Head())
-        return results
+        return chain_records(pending, lambda _rid: None, lambda _trace: Head()).results
 
     def query(self, flt: RecordFilter, page_size: int, after: Position | None) -> QueryPage:
         return QueryPage([], None)

@@ -25,8 +25,7 @@ from cuga.services.audit.records import (
     QueryPage,
     RecordFilter,
     VerifyResult,
-    canonical_json,
-    content_of,
+    canonical_content,
     to_json_line,
     ts_to_ns,
 )
@@ -134,12 +133,12 @@ class AuditLog:
         else:
             clean.timestamp.FromNanoseconds(int(self._clock.now() * 1e9))
         try:
-            canonical = canonical_json(content_of(clean))
+            canonical, payload_json = canonical_content(clean)
         except ValueError:
             raise InvalidArgumentError(
                 f"{field}.payload", "holds NaN or Infinity, which JSON cannot carry"
             ) from None
-        return PendingRecord(clean, canonical, given)
+        return PendingRecord(clean, canonical, payload_json, given)
 
     def _filter(self, flt: audit_pb2.RecordFilter, field: str = "filter") -> RecordFilter:
         check_id(f"{field}.trace_id", flt.trace_id, required=False, pattern=TRACE_ID_PATTERN)

@@ -165,14 +165,16 @@ class JSONAuditTrail(AuditBackend):
 
     def append(self, pending: Sequence[PendingRecord]) -> list[AppendResult]:
         with self._lock:
-            results, new, heads = chain_records(
+            batch = chain_records(
                 pending,
                 lambda rid: self._read_at(self._index[rid]) if rid in self._index else None,
                 lambda trace: Head(**vars(self._heads.get(trace, Head()))),
             )
+            results, heads = batch.results, batch.heads
+            new = [record for record, _ in batch.new]
             if not new:
                 return results
-            lines = [(to_json_line(r) + "\n").encode("utf-8") for r in new]
+            lines = [(to_json_line(r, pj) + "\n").encode("utf-8") for r, pj in batch.new]
             path = self._target(sum(len(b) for b in lines))
             with path.open("ab") as f:
                 offset = f.tell()

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from cuga.services.audit._sql import SCHEMA, SqlAuditBackend
+from cuga.services.audit._sql import POSTGRES_SCHEMA, SqlAuditBackend
 
 #: Session advisory lock key held while creating the schema (replicas start together).
 _SCHEMA_LOCK = 0x637567_6175
@@ -35,7 +35,7 @@ class PostgresAuditTrail(SqlAuditBackend):
         with self._lock, self._conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
-                cur.execute(SCHEMA)
+                cur.execute(POSTGRES_SCHEMA)
             finally:
                 cur.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
 
@@ -56,6 +56,9 @@ class PostgresAuditTrail(SqlAuditBackend):
             exc,
             pg_errors.UniqueViolation | pg_errors.SerializationFailure | pg_errors.DeadlockDetected,
         )
+
+    def _is_key_conflict(self, exc: Exception) -> bool:
+        return isinstance(exc, pg_errors.UniqueViolation)
 
     def close(self) -> None:
         with self._lock:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from json import encoder as json_encoder
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -57,19 +59,79 @@ def ns_to_ts(ns: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def payload_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python: the same value ``json_format.MessageToDict`` returns.
+
+    Numbers stay floats (a Struct holds only doubles), a Value with nothing set is None.
+    Written out because it runs for every record: it walks the Struct once, without the
+    generic descriptor-driven converter.
+
+    Raises:
+        ValueError: a number is NaN or Infinity (as ``MessageToDict`` raises).
+    """
+    fields = struct.fields
+    # Keys then lookups: the map's items() view is a slow pure-Python generator.
+    return {key: _value_to_py(fields[key]) for key in fields}
+
+
+def _value_to_py(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError(f"a payload number is {number}, which JSON cannot carry")
+        return number
+    if kind == "struct_value":
+        return payload_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value_to_py(item) for item in value.list_value.values]
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or no kind set (MessageToDict writes null too)
+
+
 def content_of(record: audit_pb2.AuditRecord) -> dict[str, Any]:
     """The hashed content of a record as a JSON-like dict."""
     content: dict[str, Any] = {name: getattr(record, name) for name in _CONTENT_FIELDS}
     content["timestamp"] = record.timestamp.ToJsonString()
-    content["payload"] = json_format.MessageToDict(record.payload)
+    content["payload"] = payload_to_dict(record.payload)
     return content
+
+
+#: The one canonical encoder (what ``json.dumps`` with these options builds on every call).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def canonical_json(data: Mapping[str, Any]) -> str:
     """Sorted keys, no whitespace, UTF-8 text, no NaN/Infinity."""
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    return _CANONICAL.encode(data)
+
+
+def canonical_content(record: audit_pb2.AuditRecord) -> tuple[str, str]:
+    """``(canonical JSON of the content, canonical JSON of the payload)`` of a record.
+
+    Equal to ``canonical_json(content_of(record))`` and
+    ``canonical_json(content_of(record)["payload"])``, with the payload converted once: the
+    payload text is what SQL backends store, so the append path never converts it again.
+    The content object is spelled out with its members in sorted key order; canonical JSON
+    of a nested value does not depend on what encloses it, so the payload text slots in.
+
+    Raises:
+        ValueError: when the payload holds NaN or Infinity.
+    """
+    payload = canonical_json(payload_to_dict(record.payload))
+    enc = json_encoder.encode_basestring
+    text = (
+        f'{{"actor":{enc(record.actor)},"kind":{enc(record.kind)},"payload":{payload},'
+        f'"profile":{enc(record.profile)},"record_id":{enc(record.record_id)},'
+        f'"run_id":{enc(record.run_id)},"timestamp":{enc(record.timestamp.ToJsonString())},'
+        f'"trace_id":{enc(record.trace_id)}}}'
     )
+    return text, payload
 
 
 def chain_hash(canonical: str, prev_hash: str) -> str:
@@ -91,9 +153,22 @@ def to_json_dict(record: audit_pb2.AuditRecord) -> dict[str, Any]:
     return data
 
 
-def to_json_line(record: audit_pb2.AuditRecord) -> str:
-    """One JSON line (no trailing newline)."""
-    return canonical_json(to_json_dict(record))
+def to_json_line(record: audit_pb2.AuditRecord, payload_json: str | None = None) -> str:
+    """One JSON line (no trailing newline): ``canonical_json(to_json_dict(record))``.
+
+    Spelled out like :func:`canonical_content`; ``payload_json`` is the canonical JSON of
+    the payload when the caller has it already (an append), so it is not made again.
+    """
+    if payload_json is None:
+        payload_json = canonical_json(payload_to_dict(record.payload))
+    enc = json_encoder.encode_basestring
+    return (
+        f'{{"actor":{enc(record.actor)},"chain_index":{int(record.chain_index)},'
+        f'"hash":{enc(record.hash)},"kind":{enc(record.kind)},"payload":{payload_json},'
+        f'"prev_hash":{enc(record.prev_hash)},"profile":{enc(record.profile)},'
+        f'"record_id":{enc(record.record_id)},"run_id":{enc(record.run_id)},'
+        f'"timestamp":{enc(record.timestamp.ToJsonString())},"trace_id":{enc(record.trace_id)}}}'
+    )
 
 
 def from_json_dict(data: Mapping[str, Any]) -> audit_pb2.AuditRecord:
@@ -159,16 +234,20 @@ class PendingRecord:
     """A validated record about to be appended (chain fields not set yet)."""
 
     record: audit_pb2.AuditRecord
-    """Normalised content; prev_hash, hash and chain_index are empty."""
+    """Normalised content, owned by this object; prev_hash, hash and chain_index are empty
+    until :func:`chain_records` completes it into the stored record."""
     canonical: str
     """Its canonical JSON content."""
+    payload_json: str
+    """The canonical JSON of its payload (the SQL backends' ``payload`` column)."""
     timestamp_given: bool = True
     """False when the service stamped the record because the caller left timestamp unset."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AppendResult:
-    """One appended (or found) record."""
+    """One appended (or found) record (read-only by convention: not frozen, because a
+    frozen dataclass costs twice as much to build and one is built per record)."""
 
     record: audit_pb2.AuditRecord
     """The stored record with its chain fields."""
@@ -184,12 +263,28 @@ class Head:
     hash: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ChainedBatch:
+    """What :func:`chain_records` decided a batch appends."""
+
+    results: list[AppendResult]
+    """One per pending record, in request order."""
+    new: list[tuple[audit_pb2.AuditRecord, str]]
+    """Records to write, in order, each with the canonical JSON of its payload."""
+    heads: dict[str, Head]
+    """The new head of every trace that grows."""
+
+
 def chain_records(
     pending: Sequence[PendingRecord],
     lookup: Callable[[str], audit_pb2.AuditRecord | None],
     head: Callable[[str], Head],
-) -> tuple[list[AppendResult], list[audit_pb2.AuditRecord], dict[str, Head]]:
+) -> ChainedBatch:
     """Decide, inside a backend's transaction, what a batch appends.
+
+    The record of each new entry of ``pending`` is completed in place (chain fields set)
+    and becomes the stored record: :meth:`AuditLog.prepare` made it a private copy, so
+    nothing else sees it, and a batch that is tried again sets the fields afresh.
 
     Args:
         pending: the batch, in order.
@@ -197,17 +292,19 @@ def chain_records(
         head: the current head of a trace (called once per trace).
 
     Returns:
-        (results in request order, new records to write in order, new heads by trace).
+        The results in request order, the new records to write and the new heads.
 
     Raises:
         AlreadyExistsError: a record id is stored (or repeated in the batch) with another body.
     """
     results: list[AppendResult] = []
-    new: list[audit_pb2.AuditRecord] = []
+    new: list[tuple[audit_pb2.AuditRecord, str]] = []
     in_batch: dict[str, audit_pb2.AuditRecord] = {}
-    heads: dict[str, Head] = {}
+    # (index, hash) of each trace's end as the batch grows it.
+    ends: dict[str, tuple[int, str]] = {}
     for item in pending:
-        rid = item.record.record_id
+        record = item.record
+        rid = record.record_id
         existing = in_batch.get(rid) or lookup(rid)
         if existing is not None:
             if not same_body(existing, item):
@@ -218,20 +315,20 @@ def chain_records(
                 )
             results.append(AppendResult(existing, True))
             continue
-        trace = item.record.trace_id
-        current = heads.get(trace)
-        if current is None:
+        trace = record.trace_id
+        end = ends.get(trace)
+        if end is None:
             current = head(trace)
-        stored = audit_pb2.AuditRecord()
-        stored.CopyFrom(item.record)
-        stored.prev_hash = current.hash
-        stored.chain_index = current.index + 1
-        stored.hash = chain_hash(item.canonical, current.hash)
-        heads[trace] = Head(stored.chain_index, stored.hash)
-        in_batch[rid] = stored
-        new.append(stored)
-        results.append(AppendResult(stored, False))
-    return results, new, heads
+            end = (current.index, current.hash)
+        index, digest = end[0] + 1, chain_hash(item.canonical, end[1])
+        record.prev_hash = end[1]
+        record.chain_index = index
+        record.hash = digest
+        ends[trace] = (index, digest)
+        in_batch[rid] = record
+        new.append((record, item.payload_json))
+        results.append(AppendResult(record, False))
+    return ChainedBatch(results, new, {trace: Head(i, h) for trace, (i, h) in ends.items()})
 
 
 @dataclass(frozen=True)
@@ -380,6 +477,7 @@ __all__ = [
     "KNOWN_KINDS",
     "RECORD_ID_PATTERN",
     "AppendResult",
+    "ChainedBatch",
     "CorruptEntry",
     "Head",
     "PendingRecord",
@@ -387,6 +485,7 @@ __all__ = [
     "QueryPage",
     "RecordFilter",
     "VerifyResult",
+    "canonical_content",
     "canonical_json",
     "chain_hash",
     "chain_records",
@@ -395,6 +494,7 @@ __all__ = [
     "from_json_line",
     "ns_to_ts",
     "payload_from_json",
+    "payload_to_dict",
     "record_hash",
     "same_body",
     "to_json_dict",

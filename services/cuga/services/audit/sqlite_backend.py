@@ -39,6 +39,9 @@ class SQLiteAuditTrail(SqlAuditBackend):
         with self._lock:
             yield self._conn.cursor()
 
+    def _is_key_conflict(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
