@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import jsonschema
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cuga.common.v1 import common_pb2 as c
 from cuga.services.planning.catalog import StaticToolCatalog
-from cuga.services.planning.dag import find_cycle, topological_order, validate_steps
+from cuga.services.planning.dag import (
+    SchemaValidators,
+    find_cycle,
+    topological_order,
+    validate_steps,
+)
 from cuga.shared.config import Limits
 from cuga.shared.errors import InvalidArgumentError
 from tests.unit.test_planning_support import TOOLS, step
@@ -88,3 +95,24 @@ async def test_static_catalog_returns_copies() -> None:
     tools = await catalog.tools()
     tools["echo"].cost = 99  # type: ignore[index]
     assert (await catalog.tools())["echo"].cost == 0.5
+
+
+def _spec(schema: dict[str, object]) -> c.ToolSpec:
+    spec = c.ToolSpec(name="t")
+    spec.parameters.update(schema)
+    return spec
+
+
+def test_schema_validators_check_each_schema_once_and_never_cache_a_bad_one() -> None:
+    validators = SchemaValidators(limit=2)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    first = validators.get(_spec(schema))
+    assert first is not None and validators.get(_spec(schema)) is first
+    assert validators.get(_spec({})) is None
+    bad = _spec({"type": "object", "properties": {"n": {"type": "no-such-type"}}})
+    for _ in range(2):  # raised every time: a refused schema is not remembered
+        with pytest.raises(jsonschema.SchemaError):
+            validators.get(bad)
+    # Full (two schemas held): the next new schema starts the cache over.
+    validators.get(_spec({"type": "object", "required": ["n"]}))
+    assert validators.get(_spec(schema)) is not first

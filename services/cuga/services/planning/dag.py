@@ -197,14 +197,45 @@ def schema_errors(validator: jsonschema.protocols.Validator, instance: Any) -> l
     return problems
 
 
+class SchemaValidators:
+    """Compiled input validators by tool schema, each schema checked against its
+    meta-schema once: that check costs far more than validating an input, and plans call
+    the same few tools over and over.
+
+    Args:
+        limit: most schemas kept; the cache starts over when it is full (a catalog has a
+            bounded number of tools, so this only guards against schemas that churn).
+    """
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._limit = limit
+        self._cache: dict[bytes, jsonschema.protocols.Validator | None] = {}
+
+    def get(self, spec: common_pb2.ToolSpec) -> jsonschema.protocols.Validator | None:
+        """The validator of ``spec.parameters`` (None for an empty schema).
+
+        Raises:
+            jsonschema.SchemaError: when the schema is invalid (never cached).
+        """
+        key = spec.parameters.SerializeToString(deterministic=True)
+        if key in self._cache:
+            return self._cache[key]
+        schema = struct_to_dict(spec.parameters)
+        validator = schema_validator(schema) if schema else None
+        if len(self._cache) >= self._limit:
+            self._cache.clear()
+        self._cache[key] = validator
+        return validator
+
+
 def check_against_catalog(
-    steps: Sequence[common_pb2.PlanStep], tools: Mapping[str, common_pb2.ToolSpec]
+    steps: Sequence[common_pb2.PlanStep],
+    tools: Mapping[str, common_pb2.ToolSpec],
+    validators: SchemaValidators | None = None,
 ) -> None:
     """Unknown tools, inputs failing the tool's JSON schema, references to non-ancestors."""
     ancestors = _ancestors(steps)
-    # One meta-schema check per tool, not per step: it costs far more than validating an
-    # input, and a plan usually calls the same few tools many times.
-    validators: dict[str, jsonschema.protocols.Validator | None] = {}
+    validators = validators or SchemaValidators()
     for i, step in enumerate(steps):
         spec = tools.get(step.tool)
         if spec is None:
@@ -223,16 +254,13 @@ def check_against_catalog(
                         f"step {step.step_id!r} references the output of {ref!r}, which is"
                         " not one of its dependencies",
                     )
-        if step.tool not in validators:
-            schema = struct_to_dict(spec.parameters)
-            try:
-                validators[step.tool] = schema_validator(schema) if schema else None
-            except jsonschema_exceptions.SchemaError as exc:
-                raise FailedPreconditionError(
-                    f"tool {step.tool!r} declares an invalid input schema: {exc.message}",
-                    reason="INVALID_TOOL_SCHEMA",
-                ) from None
-        validator = validators[step.tool]
+        try:
+            validator = validators.get(spec)
+        except jsonschema_exceptions.SchemaError as exc:
+            raise FailedPreconditionError(
+                f"tool {step.tool!r} declares an invalid input schema: {exc.message}",
+                reason="INVALID_TOOL_SCHEMA",
+            ) from None
         problems = [] if validator is None else schema_errors(validator, data)
         if problems:
             raise InvalidArgumentError(
@@ -251,6 +279,7 @@ def validate_steps(
     steps: Sequence[common_pb2.PlanStep],
     tools: Mapping[str, common_pb2.ToolSpec],
     limits: Limits,
+    validators: SchemaValidators | None = None,
 ) -> list[common_pb2.PlanStep]:
     """Validate a plan's steps and return copies in topological order.
 
@@ -259,7 +288,7 @@ def validate_steps(
     """
     check_step_syntax(steps, limits)
     order = topological_order(steps)
-    check_against_catalog(steps, tools)
+    check_against_catalog(steps, tools, validators)
     out: list[common_pb2.PlanStep] = []
     for i in order:
         copy = common_pb2.PlanStep()
@@ -272,6 +301,7 @@ def validate_steps(
 
 __all__ = [
     "TEMPLATE",
+    "SchemaValidators",
     "check_against_catalog",
     "check_step_syntax",
     "find_cycle",

@@ -22,7 +22,12 @@ from cuga.common.v1 import common_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.services.planning.catalog import ToolCatalog
 from cuga.services.planning.config import PlanningConfig
-from cuga.services.planning.dag import input_schema_errors, tool_cost, validate_steps
+from cuga.services.planning.dag import (
+    SchemaValidators,
+    input_schema_errors,
+    tool_cost,
+    validate_steps,
+)
 from cuga.services.planning.memory import VectorMemory, normalise_profile
 from cuga.services.planning.ranking import derive_input, rank_tools
 from cuga.services.planning.store import CREATE, PlanStore
@@ -125,6 +130,7 @@ class Planner:
         self._limits = limits or Limits()
         self._clock = clock or SystemClock()
         self._new_id = new_id
+        self._validators = SchemaValidators()
 
     # ----------------------------------------------------------------- CreatePlan
 
@@ -153,7 +159,7 @@ class Planner:
                 return self._store.get(stored.plan_id)
         tools = await self._tools(timeout)
         if mode == S.PLANNING_MODE_EXPLICIT:
-            draft = _Draft(validate_steps(request.steps, tools, self._limits))
+            draft = _Draft(validate_steps(request.steps, tools, self._limits, self._validators))
         elif mode == S.PLANNING_MODE_DEFAULT:
             draft = self._default(request.goal, tools)
         elif mode == S.PLANNING_MODE_BUDGET_AWARE:
@@ -380,7 +386,7 @@ class Planner:
             run_id = str(hit.payload.get("run_id", ""))
             try:
                 past = common_pb2.Plan.FromString(base64.b64decode(str(hit.payload["plan"])))
-                steps = validate_steps(past.steps, tools, self._limits)
+                steps = validate_steps(past.steps, tools, self._limits, self._validators)
             except CugaError as exc:
                 notes.append(f"past run {run_id} no longer validates: {exc.message}")
                 continue
