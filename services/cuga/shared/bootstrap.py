@@ -19,6 +19,7 @@ dependency loop, and a refusal never waits on audit (records are queued).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import uuid
@@ -375,6 +376,10 @@ async def serve(
     telemetry = setup_telemetry(f"cuga-{name}")
     definition = await builder(settings, telemetry)
     running = await start_server(definition, settings.common, port=port)
+    # What start-up allocated (modules, descriptors, instruments, the service itself)
+    # lives as long as the process: keep it out of the cyclic collector's full scans,
+    # which otherwise walk all of it again and again under load (docs/performance.md).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
