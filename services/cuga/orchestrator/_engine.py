@@ -145,6 +145,9 @@ class EngineOptions:
     """Request limits."""
     resume_interrupted: bool = False
     """On start, resume runs a previous coordinator left running (else only mark them)."""
+    max_finishing_runs: int = 64
+    """Most runs past their terminal event whose plan's final transition is still in
+    flight; a new run waits in :meth:`CoordinatorAgent.start` while this many are."""
 
     def timeout(self, authority: str) -> float:
         """Default deadline of one call to an authority."""
@@ -355,6 +358,10 @@ class CoordinatorAgent:
         self._audit_task: asyncio.Task[None] | None = None
         self._closing = False
         self._closers = list(closers)
+        # Runs past their terminal event still telling planning: bounded by admission.
+        self._finishing = 0
+        self._finishing_room = asyncio.Event()
+        self._finishing_room.set()
 
     # ------------------------------------------------------------------ public API
 
@@ -472,6 +479,7 @@ class CoordinatorAgent:
             existing = self.store.run_for_request(request.request_id)
             if existing:
                 return existing
+        await self._admit()
         run_id = request.context.run_id or uuid.uuid4().hex
         if self.store.get_run(run_id) is not None:
             raise FailedPreconditionError(f"run {run_id} already exists; use Watch or Resume")
@@ -961,8 +969,41 @@ class CoordinatorAgent:
         self.metrics.runs_completed.add(1)
         await self._transition(plan_id, common_pb2.PLAN_STATE_COMPLETED, r, "run completed")
 
+    @property
+    def finishing_runs(self) -> int:
+        """Runs past their terminal event whose plan's final transition is in flight."""
+        return self._finishing
+
+    async def _admit(self) -> None:
+        """Wait while ``options.max_finishing_runs`` runs are finishing.
+
+        A run's final transition is sent after its terminal event, off the client's path,
+        so nothing else slows clients down when planning answers slower than runs end:
+        without this wait those runs (each holding its state, span and call) pile up
+        without bound (issue 13, B4).
+        """
+        while self._finishing >= self.options.max_finishing_runs:
+            self._finishing_room.clear()
+            await self._finishing_room.wait()
+
     async def _transition(self, plan_id: str, state: int, r: _Run, reason: str) -> None:
-        """Tell planning the plan's state; a refusal is logged, never fails the run."""
+        """Tell planning the plan's state; a refusal is logged, never fails the run.
+
+        Every state but EXECUTING is a run's last word, sent after its terminal event: it
+        counts as finishing (see :meth:`_admit`) until planning has answered.
+        """
+        if state == common_pb2.PLAN_STATE_EXECUTING:
+            await self._tell_planning(plan_id, state, r, reason)
+            return
+        self._finishing += 1
+        try:
+            await self._tell_planning(plan_id, state, r, reason)
+        finally:
+            self._finishing -= 1
+            if self._finishing < self.options.max_finishing_runs:
+                self._finishing_room.set()
+
+    async def _tell_planning(self, plan_id: str, state: int, r: _Run, reason: str) -> None:
         if self._closing:
             return
         if state != common_pb2.PLAN_STATE_EXECUTING and r.executing is not None:
@@ -1418,8 +1459,9 @@ class CoordinatorAgent:
                 )
                 raise _StepFailed(sid, error)
             await self._pause_before_retry(r, sid, error, attempt, policy)
-            if error.failure_mode is FailureMode.SYSTEM:
-                # The worker may be gone: ask routing again, without it.
+            if error.failure_mode is FailureMode.SYSTEM or error.code.name == "DEADLINE_EXCEEDED":
+                # The worker may be gone, or cut off from the network (a partition shows
+                # as a call that hangs until its deadline): ask routing again, without it.
                 excluded.append(target.worker_id)
                 try:
                     decisions = await self.routing.route_batch(

@@ -55,6 +55,7 @@ def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptio
         audit_linger_s=config.audit_linger_s,
         limits=settings.common.limits,
         resume_interrupted=config.resume_interrupted,
+        max_finishing_runs=config.max_finishing_runs,
     )
 
 

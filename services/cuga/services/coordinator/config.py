@@ -48,6 +48,11 @@ class CoordinatorConfig:
     max_streams_per_identity: int = 512
     """Most Orchestrate/Resume/Watch streams one caller identity may hold open at once on
     this replica, 1 to 100000; one more is refused with RESOURCE_EXHAUSTED."""
+    max_finishing_runs: int = 64
+    """Most runs, 1 to 100000, whose terminal event is out but whose last bookkeeping call
+    (the plan's final transition at planning, sent after the client has its answer) is
+    still in flight; while this many are, a new run waits to start. It bounds that
+    backlog, and the memory its runs hold, when planning answers slower than runs end."""
 
     def __post_init__(self) -> None:
         if self.run_store == "postgres" and not self.dsn.strip():
@@ -72,3 +77,5 @@ class CoordinatorConfig:
             raise ConfigError("retry_max_attempts", "must be between 1 and 20")
         if not 1 <= self.max_streams_per_identity <= 100_000:
             raise ConfigError("max_streams_per_identity", "must be between 1 and 100000")
+        if not 1 <= self.max_finishing_runs <= 100_000:
+            raise ConfigError("max_finishing_runs", "must be between 1 and 100000")
