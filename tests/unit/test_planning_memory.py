@@ -85,6 +85,23 @@ def test_key_replaces_and_cap_evicts_oldest(store_location: Location) -> None:  
     assert memory.count("q") == 1
 
 
+def test_cap_evicts_by_insertion_order_when_times_tie(store_location: Location) -> None:  # noqa: F811
+    memory = VectorMemory(
+        open_db(store_location, "m.db"),
+        HashingEmbedder(64),
+        clock=FakeClock(),
+        max_records_per_profile=3,
+    )
+    for i in range(6):  # the clock never moves: every record has the same created_at
+        memory.add("p", f"note {i}", {"v": i})
+        assert memory.count("p") == min(i + 1, 3)
+    assert sorted(h.text for h in memory.search("p", "note", limit=10)) == [
+        "note 3",
+        "note 4",
+        "note 5",
+    ]
+
+
 def test_records_of_another_embedder_are_not_compared(store_location: Location) -> None:  # noqa: F811
     conn = open_db(store_location, "m.db")
     VectorMemory(conn, HashingEmbedder(64)).add("p", "hello world", {})
