@@ -38,7 +38,6 @@ from tests.support.faults import (
     chain,
     check_guarantees,
     describe,
-    free_port,
     in_flight,
     netns_unavailable,
     network_namespace,
@@ -47,6 +46,7 @@ from tests.support.faults import (
     wait_runs,
     worker_status,
 )
+from tests.support.ports import free_port
 
 NETNS_MISSING = netns_unavailable()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from cuga.shared.authorities import AuditTrail
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import CallConfig
 from cuga.shared.messages import to_struct
+from tests.support.ports import free_port
 from tests.support.servers import as_identity, make_settings, running_service
 
 TRACE = "e" * 32
@@ -32,9 +32,7 @@ def rec(i: int, kind: str = "step_started") -> audit_pb2.AuditRecord:
 
 
 def dead_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 async def stored_ids(address: str) -> list[str]:

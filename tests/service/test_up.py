@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,19 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cuga.shared.config import SERVICE_NAMES
+from tests.support.ports import free_ports
 
 ROW = re.compile(r"│\s*(\w+)\s*│\s*(127\.0\.0\.1:\d+)\s*│\s*(\d+)\s*│")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture
@@ -39,7 +28,7 @@ async def up(
     env["CUGA_DATA_DIR"] = str(tmp_path / "data")
     env["CUGA_LOG_LEVEL"] = "WARNING"
     env["COLUMNS"] = "120"
-    for name, port in zip(SERVICE_NAMES, _free_ports(len(SERVICE_NAMES)), strict=True):
+    for name, port in zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True):
         env[f"CUGA_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -19,7 +19,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.messages import to_struct
+from tests.support.ports import free_port
 
 C = TypeVar("C", bound=BaseClient)
 
@@ -65,13 +65,6 @@ FAULT_ENV: Mapping[str, str] = {
     "CUGA_WORKER__REGISTRATION_BACKOFF_MAX_S": "0.5",
     "CUGA_WORKER__REGISTRATION_WAIT_S": "5",
 }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the services bind it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from tests.support.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,6 @@ class PostgresCluster:
     def dsn(self, dbname: str = "postgres") -> str:
         """A libpq DSN for one database of the cluster."""
         return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -73,7 +68,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         error: Exception | None = None
         port = 0
         for _ in range(3):  # another process may take the free port before we bind it
-            port = _free_port()
+            port = free_port()
             options = (
                 f"-k {root} -p {port} -c listen_addresses=127.0.0.1 "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
