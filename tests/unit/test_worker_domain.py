@@ -16,10 +16,12 @@ from cuga.services.worker.config import ProfileTools, WorkerConfig
 from cuga.services.worker.domain import LocalWorkerPool, ToolPolicy, WorkerAgent, WorkerLimits
 from cuga.services.worker.store import IdempotencyStore
 from cuga.shared.authorities import WorkerPool
+from cuga.shared.clock import FakeClock
 from cuga.shared.config import ConfigError, build_dataclass
 from cuga.shared.errors import (
     AlreadyExistsError,
     CugaError,
+    DeadlineExceededError,
     FailureMode,
     InvalidArgumentError,
     NotFoundError,
@@ -152,6 +154,7 @@ def _req(
         (lambda r: setattr(r.context, "profile", "bad profile"), "context.profile"),
         (lambda r: r.step.input.update({"blob": "x" * 600}), "step.input"),
         (lambda r: r.step.input.update({"n": -1}), "step.input.n"),
+        (lambda r: setattr(r.attempt_deadline, "seconds", -1), "attempt_deadline"),
     ],
 )
 async def test_invalid_requests_name_the_field(
@@ -257,6 +260,44 @@ async def test_past_run_deadline_does_not_run_the_tool(agent: WorkerAgent, tools
         await agent.execute(request)
     assert info.value.failure_mode is FailureMode.RESOURCE
     assert "raises" not in tools.calls
+
+
+async def test_request_arriving_after_its_attempt_deadline_does_not_run(
+    tmp_path: Path, tools: Tools
+) -> None:
+    clock = FakeClock()
+    agent = _agent(tmp_path, tools, clock=clock)
+    tools.release.set()  # the gated tool returns at once
+    try:
+        late = _req("gated", n=1)
+        late.attempt_deadline.CopyFrom(timestamp(clock.now() - 0.5))
+        with pytest.raises(DeadlineExceededError) as info:
+            await agent.execute(late)
+        assert info.value.reason == "ATTEMPT_DEADLINE_PASSED"
+        assert info.value.failure_mode.retryable
+        assert "gated" not in tools.calls
+        # Not stored: the next attempt with the same key, in time, runs the tool.
+        in_time = _req("gated", n=1)
+        in_time.attempt_deadline.CopyFrom(timestamp(clock.now() + 5))
+        assert not (await agent.execute(in_time)).replayed
+        # A finished step is still answered from the store after a deadline has passed.
+        assert (await agent.execute(late)).replayed
+        assert tools.calls["gated"] == 1
+    finally:
+        await agent.close()
+
+
+async def test_attempt_deadline_shortens_the_tool_timeout(tmp_path: Path, tools: Tools) -> None:
+    clock = FakeClock()
+    agent = _agent(tmp_path, tools, clock=clock)
+    try:
+        request = _req("hang")
+        request.attempt_deadline.CopyFrom(timestamp(clock.now() + 0.05))
+        with pytest.raises(ToolExecutionError, match=r"within 0\.0[0-9]+s"):
+            await agent.execute(request)
+    finally:
+        tools.release.set()
+        await agent.close()
 
 
 @pytest.mark.parametrize(

@@ -1425,10 +1425,11 @@ class CoordinatorAgent:
             ) as span:
                 started = self.clock.monotonic()
                 try:
+                    timeout = self._remaining_capped(r.context, "worker")
                     result = await self.workers.execute_step(
                         target,
-                        _execute_request(r, step, attempt),
-                        timeout=self._remaining_capped(r.context, "worker"),
+                        _execute_request(r, step, attempt, self.clock.now() + timeout),
+                        timeout=timeout,
                     )
                 except CugaError as exc:
                     self.metrics.step_duration.record(
@@ -1490,10 +1491,15 @@ def _policy_name(policy: int) -> str:
 
 
 def _execute_request(
-    r: _Run, step: common_pb2.PlanStep, attempt: int
+    r: _Run, step: common_pb2.PlanStep, attempt: int, deadline: float
 ) -> worker_pb2.ExecuteStepRequest:
+    """The worker call of one attempt; ``deadline`` is when this engine stops waiting."""
     return worker_pb2.ExecuteStepRequest(
-        step=step, context=r.context, idempotency_key=f"{r.run_id}/{step.step_id}", attempt=attempt
+        step=step,
+        context=r.context,
+        idempotency_key=f"{r.run_id}/{step.step_id}",
+        attempt=attempt,
+        attempt_deadline=timestamp(deadline),
     )
 
 

@@ -23,23 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from cuga.common.v1 import common_pb2 as cuga_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63uga/worker/v1/worker.proto\x12\x0e\x63uga.worker.v1\x1a\x1b\x63uga/common/v1/common.proto\"\x99\x01\n\x12\x45xecuteStepRequest\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x02 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"A\n\x13\x45xecuteStepResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.cuga.common.v1.StepResult\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.cuga.common.v1.ToolSpec\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb9\x01\n\rWorkerService\x12V\n\x0b\x45xecuteStep\x12\".cuga.worker.v1.ExecuteStepRequest\x1a#.cuga.worker.v1.ExecuteStepResponse\x12P\n\tListTools\x12 .cuga.worker.v1.ListToolsRequest\x1a!.cuga.worker.v1.ListToolsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63uga/worker/v1/worker.proto\x12\x0e\x63uga.worker.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\x12\x45xecuteStepRequest\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x02 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x34\n\x10\x61ttempt_deadline\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13\x45xecuteStepResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.cuga.common.v1.StepResult\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.cuga.common.v1.ToolSpec\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb9\x01\n\rWorkerService\x12V\n\x0b\x45xecuteStep\x12\".cuga.worker.v1.ExecuteStepRequest\x1a#.cuga.worker.v1.ExecuteStepResponse\x12P\n\tListTools\x12 .cuga.worker.v1.ListToolsRequest\x1a!.cuga.worker.v1.ListToolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuga.worker.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTESTEPREQUEST']._serialized_start=77
-  _globals['_EXECUTESTEPREQUEST']._serialized_end=230
-  _globals['_EXECUTESTEPRESPONSE']._serialized_start=232
-  _globals['_EXECUTESTEPRESPONSE']._serialized_end=297
-  _globals['_LISTTOOLSREQUEST']._serialized_start=299
-  _globals['_LISTTOOLSREQUEST']._serialized_end=356
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=358
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=443
-  _globals['_WORKERSERVICE']._serialized_start=446
-  _globals['_WORKERSERVICE']._serialized_end=631
+  _globals['_EXECUTESTEPREQUEST']._serialized_start=110
+  _globals['_EXECUTESTEPREQUEST']._serialized_end=317
+  _globals['_EXECUTESTEPRESPONSE']._serialized_start=319
+  _globals['_EXECUTESTEPRESPONSE']._serialized_end=384
+  _globals['_LISTTOOLSREQUEST']._serialized_start=386
+  _globals['_LISTTOOLSREQUEST']._serialized_end=443
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=445
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=530
+  _globals['_WORKERSERVICE']._serialized_start=533
+  _globals['_WORKERSERVICE']._serialized_end=718
 # @@protoc_insertion_point(module_scope)

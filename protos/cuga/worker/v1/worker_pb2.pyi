@@ -1,4 +1,7 @@
+import datetime
+
 from cuga.common.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,16 +11,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteStepRequest(_message.Message):
-    __slots__ = ("step", "context", "idempotency_key", "attempt")
+    __slots__ = ("step", "context", "idempotency_key", "attempt", "attempt_deadline")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     step: _common_pb2.PlanStep
     context: _common_pb2.ExecutionContext
     idempotency_key: str
     attempt: int
-    def __init__(self, step: _Optional[_Union[_common_pb2.PlanStep, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    attempt_deadline: _timestamp_pb2.Timestamp
+    def __init__(self, step: _Optional[_Union[_common_pb2.PlanStep, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ExecuteStepResponse(_message.Message):
     __slots__ = ("result",)

@@ -29,6 +29,7 @@ from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.errors import (
     AlreadyExistsError,
     CugaError,
+    DeadlineExceededError,
     FailureMode,
     InvalidArgumentError,
     PermissionDeniedError,
@@ -45,6 +46,7 @@ from cuga.shared.validation import (
     check_id,
     check_length,
     check_size,
+    check_timestamp,
     decode_page_token,
     encode_page_token,
     page_size,
@@ -232,6 +234,8 @@ class WorkerAgent:
         check_id("context.run_id", request.context.run_id, required=False, pattern=ID_PATTERN)
         check_id("context.profile", request.context.profile, required=False, pattern=ID_PATTERN)
         check_size("step.input", step.input, self._limits.max_input_bytes)
+        if request.HasField("attempt_deadline"):
+            check_timestamp("attempt_deadline", request.attempt_deadline)
         # Permission before existence: a profile learns nothing about tools it may not call.
         self._policy.check(request.context.profile or "default", step.tool)
         return self._registry.get(step.tool)
@@ -272,6 +276,19 @@ class WorkerAgent:
         if stored is not None:
             self._check_fingerprint(key, stored.fingerprint, fp)
             return self._replay(stored)
+        if (
+            request.HasField("attempt_deadline")
+            and seconds(request.attempt_deadline) <= self._clock.now()
+        ):
+            # Arrived after its caller stopped waiting (a partition held it): the caller
+            # may already have sent the step elsewhere, so it must not run here now.
+            # Not stored: a later attempt with the same key may still run it.
+            raise DeadlineExceededError(
+                f"step {request.step.step_id} arrived after its attempt deadline; not run",
+                reason="ATTEMPT_DEADLINE_PASSED",
+                domain=DOMAIN,
+                metadata={"step_id": request.step.step_id},
+            )
         inputs = _normalise(struct_to_dict(request.step.input))
         check_input(spec.validator, inputs, field="step.input")
         if len(self._inflight) >= self._limits.max_in_flight:
@@ -332,6 +349,8 @@ class WorkerAgent:
             budget = min(budget, timeout)
         if request.context.HasField("deadline"):
             budget = min(budget, seconds(request.context.deadline) - self._clock.now())
+        if request.HasField("attempt_deadline"):
+            budget = min(budget, seconds(request.attempt_deadline) - self._clock.now())
         return budget
 
     async def _run(
