@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from cuga.audit.v1 import audit_pb2
-from cuga.services.audit._sql import COLUMNS, SCHEMA
+from cuga.services.audit._sql import COLUMNS, SCHEMA, record_row
 from cuga.services.audit.domain import AuditLog
-from cuga.services.audit.records import PendingRecord, canonical_json, content_of, ts_to_ns
+from cuga.services.audit.records import PendingRecord, canonical_json, content_of
 from cuga.services.audit.sqlite_backend import SQLiteAuditTrail
 from cuga.shared.messages import to_struct
 from cuga.shared.sqlite import Transaction, open_sqlite
@@ -83,22 +83,7 @@ def _chained(path: Path, pending: list[PendingRecord], batch: int) -> tuple[floa
         elapsed = time.perf_counter() - t0
     finally:
         backend.close()
-    rows = [
-        (
-            r.record_id,
-            r.trace_id,
-            r.chain_index,
-            r.run_id,
-            r.profile,
-            r.kind,
-            ts_to_ns(r.timestamp),
-            r.actor,
-            canonical_json(content_of(r)["payload"]),
-            r.prev_hash,
-            r.hash,
-        )
-        for r in stored
-    ]
+    rows = [record_row(r, canonical_json(content_of(r)["payload"])) for r in stored]
     return len(pending) / elapsed, rows
 
 

@@ -111,6 +111,23 @@ def _row_for_query(row: Sequence[Any]) -> audit_pb2.AuditRecord:
     return item
 
 
+def record_row(record: audit_pb2.AuditRecord, payload_json: str) -> tuple[Any, ...]:
+    """The ``audit_records`` row of a chained record, in :data:`COLUMNS` order."""
+    return (
+        record.record_id,
+        record.trace_id,
+        record.chain_index,
+        record.run_id,
+        record.profile,
+        record.kind,
+        ts_to_ns(record.timestamp),
+        record.actor,
+        payload_json,
+        record.prev_hash,
+        record.hash,
+    )
+
+
 class SqlAuditBackend(AuditBackend):
     """An :class:`AuditBackend` over a DB-API connection; subclasses supply transactions."""
 
@@ -182,22 +199,7 @@ class SqlAuditBackend(AuditBackend):
             if batch.new:
                 cur.executemany(
                     self._insert_sql,
-                    [
-                        (
-                            r.record_id,
-                            r.trace_id,
-                            r.chain_index,
-                            r.run_id,
-                            r.profile,
-                            r.kind,
-                            ts_to_ns(r.timestamp),
-                            r.actor,
-                            payload_json,
-                            r.prev_hash,
-                            r.hash,
-                        )
-                        for r, payload_json in batch.new
-                    ],
+                    [record_row(r, payload_json) for r, payload_json in batch.new],
                 )
             if batch.heads:
                 cur.executemany(
