@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import zlib
 
 #: First port of worker 0's block; blocks stay below the ephemeral range (32768 on Linux).
 BASE = 20000
@@ -28,7 +29,13 @@ _handed_out = itertools.count()
 def _block_start() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-    return BASE + (index % BLOCKS) * BLOCK
+    # Workers of one session take consecutive blocks; where the session starts depends on
+    # its run id, so two sessions on one machine (a developer's and an agent's) usually
+    # take different blocks too. A clash between sessions is still caught by the bind check,
+    # only not in the moment between the check and the child's bind.
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getppid())
+    offset = zlib.crc32(session.encode()) % BLOCKS
+    return BASE + ((offset + index) % BLOCKS) * BLOCK
 
 
 def free_port(host: str = "127.0.0.1") -> int:
