@@ -1,22 +1,18 @@
 """Mutual TLS: identity from the client certificate's CN; no or a wrong certificate fails.
 
-A throwaway CA and certificates are made with ``cryptography`` for each test.
+A throwaway CA and certificates are made for each test by the same code as
+``cuga tls init`` (:mod:`cuga.cli.tls`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import ipaddress
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from cuga.cli.tls import KeyPair, issue, make_ca, write_pair
 from cuga.client import RoutingClient
 from cuga.routing.v1 import routing_pb2
 from cuga.services.routing.app import build
@@ -26,48 +22,16 @@ from cuga.shared.errors import CugaError, PermissionDeniedError, Unauthenticated
 from tests.support.servers import running_service
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+def _issue(folder: Path, cn: str, issuer: KeyPair) -> None:
+    """Write ``<cn>.pem`` and ``<cn>.key``, signed by ``issuer``, valid for localhost."""
+    write_pair(folder, cn, issue(issuer, cn, hosts=("localhost", "127.0.0.1")))
 
 
-def _issue(
-    folder: Path,
-    cn: str,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Write ``<cn>.pem`` and ``<cn>.key``; self-signed when ``issuer`` is None."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    signer_cert, signer_key = issuer if issuer else (None, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(signer_cert.subject if signer_cert else _name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(signer_key, hashes.SHA256())
-    (folder / f"{cn}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / f"{cn}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert, key
+def _ca(folder: Path, cn: str) -> KeyPair:
+    """Write a self-signed CA as ``<cn>.pem`` and ``<cn>.key``."""
+    ca = make_ca(cn)
+    write_pair(folder, cn, ca)
+    return ca
 
 
 @dataclasses.dataclass
@@ -87,10 +51,10 @@ class Pki:
 def pki(tmp_path: Path) -> Pki:
     folder = tmp_path / "pki"
     folder.mkdir()
-    ca = _issue(folder, "ca", None, ca=True)
+    ca = _ca(folder, "ca")
     for cn in ("routing", "worker-7", "stranger", "reviewer-cert"):
         _issue(folder, cn, ca)
-    rogue = _issue(folder, "rogue-ca", None, ca=True)
+    rogue = _ca(folder, "rogue-ca")
     _issue(folder, "impostor", rogue)  # signed by a CA the server does not trust
     return Pki(folder)
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from cuga.cli import approvals, audit, runs, tokens, up
+from cuga.cli import approvals, audit, runs, tls, tokens, up
 from cuga.shared.config import ConfigError, load_settings
 
 err = Console(stderr=True)
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="configuration file (default: $CUGA_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (up, runs, audit, approvals, tokens):
+    for module in (up, runs, audit, approvals, tokens, tls):
         module.register(sub)
     return parser
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +215,12 @@ async def start_run(
             return 1
 
 
-async def demo_run(settings: Settings, *, reviewer_token: str) -> int:
+async def demo_run(
+    settings: Settings, *, reviewer_token: str, env: Mapping[str, str] | None = None
+) -> int:
     """The sample orchestration ``cuga demo`` runs: it pauses for approval, and a reviewer
-    approves it from the CLI."""
+    approves it from the CLI (a process whose environment adds ``env``: the
+    ``CUGA_TLS__*`` variables of ``cuga demo --tls``)."""
     steps, budget = parse_plan(DEMO_PLAN, "demo plan")
     console.print(f"[bold]goal:[/bold] {DEMO_GOAL}")
 
@@ -233,13 +236,12 @@ async def demo_run(settings: Settings, *, reviewer_token: str) -> int:
             "demo reviewer checked the amount",
         ]
         console.print(f"[magenta]$ CUGA_TOKEN=<demo-reviewer token> {' '.join(command)}[/magenta]")
-        env = {**os.environ, "CUGA_TOKEN": reviewer_token}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "cuga.cli.main",
             *command[1:],
-            env=env,
+            env={**os.environ, **(env or {}), "CUGA_TOKEN": reviewer_token},
             stdin=asyncio.subprocess.DEVNULL,
         )
         if await proc.wait() != 0:

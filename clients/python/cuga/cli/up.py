@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from cuga.cli.tls import CLIENT, LocalTls, ensure_local_tls, shell_exports
 from cuga.cli.tokens import LocalTokens, ensure_local_tokens
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import Builder, serve
@@ -53,11 +54,35 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def wait_serving(address: str, deadline_s: float) -> bool:
-    """Wait until a server's health says SERVING (watching, not polling)."""
+def _channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, str]] = (),
+) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(address, credentials, options=list(options))
+
+
+async def wait_serving(
+    address: str,
+    deadline_s: float,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, str]] = (),
+) -> bool:
+    """Wait until a server's health says SERVING (watching, not polling).
+
+    Args:
+        address: ``host:port`` of the server.
+        deadline_s: how long to wait, seconds.
+        credentials: channel credentials for a TLS server (with mutual TLS, ones that
+            present a client certificate); None dials in plaintext.
+        options: channel options (``grpc.ssl_target_name_override``).
+    """
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with _channel(address, credentials, options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while loop.time() < end:
             try:
@@ -84,17 +109,40 @@ class Cluster:
     :meth:`token` (``cluster.token("client")`` for the coordinator) or ready call metadata
     with :meth:`metadata`. When ``env`` already sets ``CUGA_AUTH__TOKENS_FILE``, the caller
     manages tokens and nothing is generated.
+
+    With ``tls=True`` (``cuga up --tls``) it also makes (once) a local CA and certificates
+    under ``<data_dir>/tls/``: every service listens with mutual TLS on its own
+    certificate and requires client certificates from that CA, and :attr:`settings`
+    carries the ``client`` certificate, so callers built from it (the health wait, the
+    CLI's clients) present it. :meth:`client_env` gives the same as ``CUGA_TLS__*``
+    variables for other processes. Without ``tls`` but with TLS in ``settings`` (the
+    caller's own certificates), the health wait uses those.
     """
 
-    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: Settings, env: Mapping[str, str] | None = None, *, tls: bool = False
+    ) -> None:
         self.env = dict(os.environ if env is None else env)
+        if settings.source != "<defaults>" and not self.env.get("CUGA_CONFIG"):
+            # `cuga --config FILE up`: the children read the same file as this process, so
+            # they listen (and with `tls:` in it, speak TLS) as the health wait expects.
+            self.env["CUGA_CONFIG"] = settings.source
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.data_dir = Path(self.env.get("CUGA_DATA_DIR") or settings.common.data_dir)
         self.tokens: LocalTokens | None = None
         if not self.env.get("CUGA_AUTH__TOKENS_FILE"):
             self.tokens = ensure_local_tokens(self.data_dir)
             self.env["CUGA_AUTH__TOKENS_FILE"] = str(self.tokens.file)
+        self.tls: LocalTls | None = None
+        if tls:
+            self.tls = ensure_local_tls(self.data_dir / "tls")
+            settings = settings.with_overrides(tls=self.tls.config(CLIENT))
+        self.settings = settings
+
+    def client_env(self) -> dict[str, str]:
+        """``CUGA_TLS__*`` variables that make a CLI process present the local ``client``
+        certificate (empty without local TLS)."""
+        return self.tls.env(CLIENT) if self.tls is not None else {}
 
     def token(self, identity: str) -> str:
         """The local bearer token of ``identity``: ``client`` (CoordinatorService),
@@ -116,6 +164,8 @@ class Cluster:
         own = ("CUGA_AUTH__TOKEN", "CUGA_AUTH__TOKEN_FILE")
         if self.tokens is not None and not any(env.get(k) for k in own):
             env["CUGA_AUTH__TOKEN_FILE"] = str(self.tokens.token_file(name))
+        if self.tls is not None:
+            env.update(self.tls.env(name))  # its own certificate, as server and as client
         return env
 
     async def start(self, services: tuple[str, ...] = START_ORDER, timeout_s: float = 60.0) -> None:
@@ -128,9 +178,16 @@ class Cluster:
                 env=self._env_of(name),
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        tls = self.settings.common.tls
         for name in services:
             address = self.settings.common.addresses.of(name)
-            if not await wait_serving(address, timeout_s):
+            serving = await wait_serving(
+                address,
+                timeout_s,
+                credentials=tls.channel_credentials(),
+                options=tls.channel_options(),
+            )
+            if not serving:
                 raise RuntimeError(f"{name} did not become SERVING on {address}")
 
     def died(self) -> str | None:
@@ -158,10 +215,10 @@ class Cluster:
 
 @asynccontextmanager
 async def cluster(
-    settings: Settings, env: Mapping[str, str] | None = None
+    settings: Settings, env: Mapping[str, str] | None = None, *, tls: bool = False
 ) -> AsyncIterator[Cluster]:
-    """All services running for the duration of the block."""
-    c = Cluster(settings, env)
+    """All services running for the duration of the block (see :class:`Cluster`)."""
+    c = Cluster(settings, env, tls=tls)
     try:
         await c.start()
         yield c
@@ -185,12 +242,23 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    c = Cluster(settings)
+    try:
+        c = Cluster(settings, tls=args.tls)
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
     try:
         await c.start()
         console.print(_table(settings, c.procs))
         if c.tokens is not None:
             console.print(f"tokens (owner-only) in {c.tokens.folder}/; the CLI uses them")
+        if c.tls is not None:
+            console.print(
+                f"mutual TLS: CA and certificates in {c.tls.folder}/; for the CLI in another "
+                f"shell:\n  {shell_exports(c.client_env())}",
+                highlight=False,
+                soft_wrap=True,
+            )
         console.print("all services SERVING; Ctrl-C stops them")
         while not stop.is_set():
             waiters = [asyncio.ensure_future(p.wait()) for p in c.procs.values()]
@@ -221,9 +289,13 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     env.setdefault("CUGA_LOG_LEVEL", "WARNING")  # the demo's own output tells the story
     console.print(f"[bold]cuga demo[/bold]: starting six services (data in {data_dir}/)")
     with contextlib.suppress(KeyboardInterrupt):
-        async with cluster(settings, env) as c:  # makes the local tokens
+        async with cluster(settings, env, tls=args.tls) as c:  # makes the local credentials
             console.print(_table(c.settings, c.procs))
-            return await demo_run(settings, reviewer_token=c.token("reviewer"))
+            if c.tls is not None:
+                console.print(f"mutual TLS: certificates in {c.tls.folder}/", highlight=False)
+            return await demo_run(
+                c.settings, reviewer_token=c.token("reviewer"), env=c.client_env()
+            )
     return 1
 
 
@@ -233,7 +305,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("service", choices=SERVICE_NAMES)
     p.add_argument("--port", type=int, default=None, help="port to bind (default: configured)")
     p.set_defaults(handler=_serve)
+    tls_help = "mutual TLS between everything, with a local CA made once under <data_dir>/tls"
     p = sub.add_parser("up", help="run all six services, one process each, until Ctrl-C")
+    p.add_argument("--tls", action="store_true", help=tls_help)
     p.set_defaults(handler=_up)
     p = sub.add_parser("demo", help="start everything, run a sample orchestration, stop")
+    p.add_argument("--tls", action="store_true", help=tls_help)
     p.set_defaults(handler=_demo)
