@@ -219,13 +219,14 @@ def test_configuration_keys_are_real_and_addresses_resolve(
                 host, _, port = value.rpartition(":")
                 assert host in services, f"{overlay}/{name}: {key}={value} names no Service"
                 assert int(port) == DEFAULT_PORTS[host]
-        if overlay == "dev" or name not in ("coordinator", "planning", "audit"):
+        if overlay == "dev" or name not in ("coordinator", "planning", "audit", "approval"):
             assert "postgres" not in env.values(), f"{overlay}/{name} uses PostgreSQL"
     prod = rendered["prod"]
     assert _env_of(prod, "audit")["CUGA_AUDIT__BACKEND"] == "postgres"
     assert _env_of(prod, "coordinator")["CUGA_COORDINATOR__RUN_STORE"] == "postgres"
     assert _env_of(prod, "planning")["CUGA_PLANNING__STORE"] == "postgres"
-    for name in ("audit", "coordinator", "planning"):
+    assert _env_of(prod, "approval")["CUGA_APPROVAL__STORE"] == "postgres"
+    for name in ("audit", "coordinator", "planning", "approval"):
         key = f"CUGA_{name.upper()}__DSN"
         (container,) = _find(prod, "Deployment", name)["spec"]["template"]["spec"]["containers"]
         (dsn,) = [v for v in container["env"] if v["name"] == key]
@@ -286,12 +287,12 @@ def test_prod_replicates_stateless_services_with_budgets_and_worker_autoscaling(
     rendered: dict[str, list[Doc]],
 ) -> None:
     docs = rendered["prod"]
-    for name in ("coordinator", "planning", "audit", "worker"):
+    for name in ("coordinator", "planning", "audit", "approval", "worker"):
         assert _find(docs, "Deployment", name)["spec"]["replicas"] >= 2, name
         pdb = _find(docs, "PodDisruptionBudget", name)["spec"]
         assert pdb["selector"]["matchLabels"]["app.kubernetes.io/component"] == name
         assert pdb["minAvailable"] == 1
-    for name in ("routing", "approval"):
+    for name in ("routing",):
         # SQLite state: one replica on a claim, never two pods on the file at once.
         deployment = _find(docs, "Deployment", name)["spec"]
         assert deployment["replicas"] == 1 and deployment["strategy"] == {"type": "Recreate"}

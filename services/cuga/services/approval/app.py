@@ -9,14 +9,12 @@ from cuga.services.approval.config import ApprovalConfig
 from cuga.services.approval.domain import ApprovalManager
 from cuga.services.approval.policy import ApprovalPolicy, load_policy
 from cuga.services.approval.servicer import ApprovalServicer
-from cuga.services.approval.store import ApprovalStore
+from cuga.services.approval.store import open_approval_store
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
 from cuga.shared.metrics import ApprovalMetrics, observe_gauge
 from cuga.shared.telemetry import Telemetry
-
-DB_FILE = "approval.db"
 
 
 async def build(
@@ -39,7 +37,7 @@ async def build(
     else:
         policy = ApprovalPolicy.default(config.default_timeout_s)
     auth = settings.common.auth
-    store = ApprovalStore(settings.common.data_dir / DB_FILE)
+    store = open_approval_store(config.store, data_dir=settings.common.data_dir, dsn=config.dsn)
     manager = ApprovalManager(
         store,
         policy,
@@ -47,6 +45,7 @@ async def build(
         limits=settings.common.limits,
         max_pending_per_profile=config.max_pending_per_profile,
         metrics=ApprovalMetrics(telemetry.meter),
+        recheck_s=config.recheck_s,
     )
     servicer = ApprovalServicer(manager, auth_enabled=auth.enabled)
     telemetry.meter.create_observable_gauge(

@@ -11,6 +11,14 @@ Waiting costs nothing: each pending request has one :class:`asyncio.Event`; ever
 all of them. Expiry is driven by the injected :class:`~cuga.shared.clock.Clock`: one
 background task sleeps until the earliest ``expires_at`` (re-armed when a request arrives)
 and every read checks expiry lazily too, so a request is never seen PENDING past its time.
+
+Several replicas may share one (PostgreSQL) store: every write is a compare-and-swap on
+the stored request's version, so racing decisions and expiries are decided once and the
+loser is re-evaluated against the winner; decisions and new requests of other replicas
+arrive through :meth:`~cuga.services.approval.store.SqlApprovalStore.listen` and wake the
+local waiters and expiry task. Because a notification can be lost (a broken listening
+connection), waiters and the expiry task on a shared store also re-read every
+``recheck_s`` seconds: a lost notification delays, never hangs.
 """
 
 from __future__ import annotations
@@ -25,17 +33,17 @@ from typing import Any
 from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2
 from cuga.services.approval.policy import ApprovalPolicy
-from cuga.services.approval.store import ApprovalStore, StoredRequest
+from cuga.services.approval.store import REQUESTED, SqlApprovalStore, StoredRequest
 from cuga.shared.auth import Identity
 from cuga.shared.clock import Clock
 from cuga.shared.config import Limits
 from cuga.shared.errors import (
+    AbortedError,
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
-    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from cuga.shared.messages import seconds, struct_to_dict, timestamp
@@ -71,6 +79,11 @@ EXPIRED = common_pb2.APPROVAL_STATUS_EXPIRED
 DEFAULT_PROFILE = "default"
 MAX_REASON_CHARS = 1024
 MAX_USER_ID_CHARS = 256
+#: Compare-and-swap attempts of one decision or expiry before giving up with ABORTED
+#: (only ever reached under pathological contention from other replicas).
+_MAX_ATTEMPTS = 16
+#: How long start() waits for the listener of a shared store to be in place, seconds.
+_LISTEN_READY_S = 10.0
 
 
 def status_name(status: int) -> str:
@@ -83,21 +96,24 @@ class ApprovalManager:
 
     def __init__(
         self,
-        store: ApprovalStore,
+        store: SqlApprovalStore,
         policy: ApprovalPolicy,
         *,
         clock: Clock,
         limits: Limits | None = None,
         max_pending_per_profile: int = 1000,
         metrics: ApprovalMetrics | None = None,
+        recheck_s: float = 5.0,
     ) -> None:
         """Args:
-        store: durable storage of requests.
+        store: durable storage of requests (shared by replicas when ``store.shared``).
         policy: the rules.
         clock: time source for creation, expiry and the expiry task.
         limits: input limits (step input size, batch size, page size).
         max_pending_per_profile: PENDING requests one profile may hold.
         metrics: requested/decided/expired counters (no-op when ``None``).
+        recheck_s: on a shared store, how often (event-loop seconds) a waiter re-reads
+            its request and the expiry task sweeps, in case a notification was lost.
         """
         self._store = store
         self._policy = policy
@@ -109,8 +125,13 @@ class ApprovalManager:
         # not touch the SQLite connection.
         self._pending = store.count_all_pending()
         self._waiters: dict[str, asyncio.Event] = {}
+        # AwaitDecision calls per request: the last one leaving drops the request's event.
+        self._waiter_counts: dict[str, int] = {}
+        self._recheck_s: float | None = recheck_s if store.shared else None
         self._rearm = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
         self._closed = False
         self._waiting = 0
         self._waiting_changed = asyncio.Event()
@@ -139,21 +160,54 @@ class ApprovalManager:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start the expiry task (expires what fell due while the service was down)."""
+        """Start the expiry task (expires what fell due while the service was down) and,
+        on a shared store, listen for the other replicas' changes."""
+        if self._store.shared and self._listener_task is None:
+            self._listener_task = asyncio.create_task(
+                self._store.listen(self._on_change, self._on_listening), name="approval-listener"
+            )
+            # Serve once other replicas' decisions can reach the waiters; if the listener
+            # is slow to connect, the periodic re-check covers the gap.
+            try:
+                await asyncio.wait_for(self._listening.wait(), _LISTEN_READY_S)
+            except TimeoutError:
+                log.warning(
+                    "approval listener not ready after %gs; relying on re-checks", _LISTEN_READY_S
+                )
         if self._expiry_task is None:
             self._expiry_task = asyncio.create_task(self._expiry_loop(), name="approval-expiry")
 
     async def close(self) -> None:
-        """Stop the expiry task and release every waiter (they return the request as is)."""
+        """Stop the background tasks and release every waiter (they return the request
+        as is)."""
         self._closed = True
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
-            self._expiry_task = None
+        for task in (self._expiry_task, self._listener_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._expiry_task = self._listener_task = None
+        self._wake_all()
+
+    def _wake_all(self) -> None:
         for event in self._waiters.values():
             event.set()
         self._waiters.clear()
+
+    def _on_listening(self) -> None:
+        """The listener is (again) in place: what changed while it was not is unknown,
+        so every waiter re-reads its request and the expiry task sweeps."""
+        self._listening.set()
+        self._wake_all()
+        self._rearm.set()
+
+    def _on_change(self, payload: str) -> None:
+        """A notification from a replica (this one's own included)."""
+        if payload == REQUESTED:
+            self._rearm.set()
+            return
+        self._notify(payload)
+        self._pending = self._store.count_all_pending()
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -171,7 +225,11 @@ class ApprovalManager:
                 delay = earliest - self._clock.now()
                 waits.append(asyncio.ensure_future(self._clock.sleep(delay)))
             try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                # On a shared store, sweep every recheck_s anyway: another replica's
+                # request may expire first, and its notification may have been lost.
+                await asyncio.wait(
+                    waits, timeout=self._recheck_s, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 for waiter in waits:
                     waiter.cancel()
@@ -181,28 +239,42 @@ class ApprovalManager:
         for approval_id in self._store.due(now):
             stored = self._store.get(approval_id)
             if stored is not None:
-                self._expire(stored.request)
-
-    def _expire(self, request: ApprovalRequest) -> ApprovalRequest:
-        expired = ApprovalRequest()
-        expired.CopyFrom(request)
-        expired.status = EXPIRED
-        expired.decided_at.CopyFrom(request.expires_at)
-        if self._store.update(expired):
-            self._metrics.expired.add(1)
+                self._expire(stored)
+        if self._store.shared:
+            # Other replicas change the count too; keep the gauge near the truth.
             self._pending = self._store.count_all_pending()
-            log.info(
-                "approval expired: %s (run %s step %s, rule %s)",
-                expired.approval_id,
-                expired.run_id,
-                expired.step_id,
-                expired.rule,
-            )
-            self._notify(expired.approval_id)
-            return expired
-        # Someone decided it first; the stored state wins.
-        current = self._store.get(request.approval_id)
-        return current.request if current is not None else expired
+
+    def _expire(self, stored: StoredRequest) -> StoredRequest:
+        """Expire a PENDING request that fell due; exactly one writer (of all replicas)
+        succeeds, the others get the stored state."""
+        for _ in range(_MAX_ATTEMPTS):
+            request = stored.request
+            if request.status != PENDING:
+                return stored  # someone decided or expired it first: the stored state wins
+            expired = ApprovalRequest()
+            expired.CopyFrom(request)
+            expired.status = EXPIRED
+            expired.decided_at.CopyFrom(request.expires_at)
+            if self._store.update(expired, version=stored.version):
+                self._metrics.expired.add(1)
+                self._pending = self._store.count_all_pending()
+                log.info(
+                    "approval expired: %s (run %s step %s, rule %s)",
+                    expired.approval_id,
+                    expired.run_id,
+                    expired.step_id,
+                    expired.rule,
+                )
+                self._notify(expired.approval_id)
+                return StoredRequest(expired, stored.user_id, stored.request_id, stored.version + 1)
+            current = self._store.get(request.approval_id)
+            if current is None:
+                return stored
+            stored = current
+        raise AbortedError(
+            f"approval {stored.request.approval_id!r} kept changing while expiring; retry",
+            reason="CONCURRENT_DECISIONS",
+        )
 
     def _notify(self, approval_id: str) -> None:
         event = self._waiters.pop(approval_id, None)
@@ -216,7 +288,7 @@ class ApprovalManager:
             return None
         request = stored.request
         if request.status == PENDING and self._clock.now() >= seconds(request.expires_at):
-            return StoredRequest(self._expire(request), stored.user_id, stored.request_id)
+            return self._expire(stored)
         return stored
 
     # ------------------------------------------------------------------ requests
@@ -245,14 +317,7 @@ class ApprovalManager:
         if request.request_id:
             existing = self._store.by_request_id(request.request_id)
             if existing is not None:
-                if (existing.request.run_id, existing.request.step_id) != (
-                    ctx.run_id,
-                    request.step.step_id,
-                ):
-                    raise AlreadyExistsError(
-                        f"request_id {request.request_id!r} was used for another step",
-                        reason="REQUEST_ID_REUSED",
-                    )
+                _check_request_id(request.request_id, ctx.run_id, request.step.step_id, existing)
                 return self._reload(existing)
         results = self._decide_steps(
             ctx,
@@ -331,12 +396,7 @@ class ApprovalManager:
         for step in steps:
             existing = self._store.by_step(ctx.run_id, step.step_id)
             if existing is not None:
-                if existing.request.tool != step.tool:
-                    raise AlreadyExistsError(
-                        f"step {step.step_id!r} of run {ctx.run_id!r} was asked about tool "
-                        f"{existing.request.tool!r}, not {step.tool!r}",
-                        reason="STEP_REUSED",
-                    )
+                _check_same_step(step.tool, existing)
                 results.append(self._reload(existing))
                 continue
             decision = self._policy.decide(
@@ -370,18 +430,39 @@ class ApprovalManager:
             new.append((out, ctx.user_id, request_id))
             results.append(out)
         if new:
-            pending = self._store.count_pending(profile)
-            if pending + len(new) > self._max_pending:
-                raise ResourceExhaustedError(
-                    f"profile {profile!r} has {pending} pending approvals; the limit is "
-                    f"{self._max_pending}",
-                    reason="TOO_MANY_PENDING_APPROVALS",
-                )
-            self._store.insert(new)
-            self._metrics.requested.add(len(new))
+
+            def check(new_request: ApprovalRequest, existing: StoredRequest) -> None:
+                # Stored first by a concurrent call (maybe on another replica).
+                if (existing.request.run_id, existing.request.step_id) == (
+                    new_request.run_id,
+                    new_request.step_id,
+                ):
+                    _check_same_step(new_request.tool, existing)
+                else:
+                    _check_request_id(request_id, new_request.run_id, new_request.step_id, existing)
+
+            outcome = self._store.insert(
+                new, profile=profile, max_pending=self._max_pending, check=check
+            )
+            stored_first = {
+                req.approval_id: other
+                for (req, _, _), other in zip(new, outcome, strict=True)
+                if other is not None
+            }
+            if stored_first:
+                results = [
+                    self._reload(stored_first[r.approval_id])
+                    if r.approval_id in stored_first
+                    else r
+                    for r in results
+                ]
+            created = [req for req, _, _ in new if req.approval_id not in stored_first]
+            if not created:
+                return results
+            self._metrics.requested.add(len(created))
             self._pending = self._store.count_all_pending()
             self._rearm.set()
-            for req, _, _ in new:
+            for req in created:
                 log.info(
                     "approval requested: %s (run %s step %s tool %s, rule %s, %d approver(s)"
                     " until %s)",
@@ -413,18 +494,37 @@ class ApprovalManager:
             return stored.request
         if timeout is not None and timeout <= 0:
             return stored.request
-        event = self._waiters.get(approval_id)
-        if event is None:
-            event = self._waiters[approval_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        current = stored.request
         self._waiting += 1
+        self._waiter_counts[approval_id] = self._waiter_counts.get(approval_id, 0) + 1
         self._waiting_changed.set()
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+            while current.status == PENDING and not self._closed:
+                wait = None if deadline is None else deadline - loop.time()
+                if wait is not None and wait <= 0:
+                    break
+                if self._recheck_s is not None:
+                    wait = self._recheck_s if wait is None else min(wait, self._recheck_s)
+                # Registered right after the read with no await between: a decision
+                # committed after the read is notified after this point.
+                event = self._waiters.setdefault(approval_id, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), wait)
+                reloaded = self._load(approval_id)
+                if reloaded is None:
+                    break
+                current = reloaded.request
         finally:
             self._waiting -= 1
-        current = self._load(approval_id)
-        return (current or stored).request
+            left = self._waiter_counts[approval_id] - 1
+            if left:
+                self._waiter_counts[approval_id] = left
+            else:
+                del self._waiter_counts[approval_id]
+                self._waiters.pop(approval_id, None)
+        return current
 
     # ------------------------------------------------------------------ decisions
 
@@ -455,7 +555,8 @@ class ApprovalManager:
             PermissionDeniedError: no deciding role, wrong group or profile, own request.
             NotFoundError: unknown request.
             FailedPreconditionError: already decided or expired, or already approved by
-                this reviewer.
+                this reviewer (also when another replica decided it a moment earlier).
+            AbortedError: the request kept changing under concurrent writers (retry).
         """
         if reviewer is None:
             raise UnauthenticatedError(
@@ -474,6 +575,49 @@ class ApprovalManager:
             raise PermissionDeniedError(
                 f"{reviewer.name!r} holds no reviewer role", reason="NOT_A_REVIEWER"
             )
+        for _ in range(_MAX_ATTEMPTS):
+            attempt = self._try_decide(approval_id, verdict, reason, reviewer, request_id)
+            if attempt is None:
+                continue  # changed by another writer (another replica): decide again
+            if isinstance(attempt, ApprovalRequest):
+                return attempt
+            updated, approvals = attempt
+            break
+        else:
+            raise AbortedError(
+                f"approval {approval_id!r} kept changing while deciding; retry",
+                reason="CONCURRENT_DECISIONS",
+            )
+        log.info(
+            "approval decided: %s %s by %s (%d/%d approvals) reason=%r",
+            approval_id,
+            approval_pb2.Verdict.Name(verdict).removeprefix("VERDICT_").lower(),
+            reviewer.name,
+            approvals,
+            updated.required_approvals,
+            reason,
+        )
+        if updated.status != PENDING:
+            self._metrics.decided.add(1, {OUTCOME: status_name(updated.status)})
+            self._pending = self._store.count_all_pending()
+            self._notify(approval_id)
+        return updated
+
+    def _try_decide(
+        self,
+        approval_id: str,
+        verdict: int,
+        reason: str,
+        reviewer: Identity,
+        request_id: str,
+    ) -> tuple[ApprovalRequest, int] | ApprovalRequest | None:
+        """One attempt at recording a verdict against the request as stored now.
+
+        Returns:
+            ``(updated, approvals)`` when written; the current request for a repeated
+            ``request_id``; None when another writer changed the request since it was
+            read (the caller tries again against the new state).
+        """
         if request_id:
             decided = self._store.decision_key(request_id, reviewer.name)
             if decided is not None:
@@ -530,23 +674,9 @@ class ApprovalManager:
         if updated.status != PENDING:
             updated.decided_at.CopyFrom(timestamp(now))
         key = (request_id, reviewer.name) if request_id else None
-        if not self._store.update(updated, decision_key=key):
-            # Unreachable on one event loop; kept so a second writer cannot double-decide.
-            raise FailedPreconditionError(f"approval {approval_id!r} was decided meanwhile")
-        log.info(
-            "approval decided: %s %s by %s (%d/%d approvals) reason=%r",
-            approval_id,
-            approval_pb2.Verdict.Name(verdict).removeprefix("VERDICT_").lower(),
-            reviewer.name,
-            approvals,
-            updated.required_approvals,
-            reason,
-        )
-        if updated.status != PENDING:
-            self._metrics.decided.add(1, {OUTCOME: status_name(updated.status)})
-            self._pending = self._store.count_all_pending()
-            self._notify(approval_id)
-        return updated
+        if self._store.update(updated, version=stored.version, decision_key=key):
+            return updated, approvals
+        return None
 
     # ------------------------------------------------------------------ reads
 
@@ -596,6 +726,24 @@ class ApprovalManager:
             last = page[-1]
             token = encode_page_token(f"{seconds(last.created_at)!r}|{last.approval_id}")
         return page, token
+
+
+def _check_same_step(tool: str, existing: StoredRequest) -> None:
+    """A step asked about again must name the same tool."""
+    if existing.request.tool != tool:
+        raise AlreadyExistsError(
+            f"step {existing.request.step_id!r} of run {existing.request.run_id!r} was asked"
+            f" about tool {existing.request.tool!r}, not {tool!r}",
+            reason="STEP_REUSED",
+        )
+
+
+def _check_request_id(request_id: str, run_id: str, step_id: str, existing: StoredRequest) -> None:
+    """A RequestApproval request id names one step."""
+    if (existing.request.run_id, existing.request.step_id) != (run_id, step_id):
+        raise AlreadyExistsError(
+            f"request_id {request_id!r} was used for another step", reason="REQUEST_ID_REUSED"
+        )
 
 
 def _decode_position(token: str) -> tuple[float, str] | None:

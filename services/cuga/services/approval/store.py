@@ -1,24 +1,54 @@
-"""Durable storage of approval requests: one SQLite file, ``approval.db``.
+"""Durable storage of approval requests in SQLite or PostgreSQL.
 
 Each request is stored as its serialised ``ApprovalRequest`` message plus the columns the
-service queries by (status, profile, times, idempotency keys). Decisions live inside the
-message, so a request and its decisions change together in one transaction.
+service queries by (status, profile, times, idempotency keys) and a ``version`` that every
+write increments. Decisions live inside the message, so a request and its decisions change
+together in one statement.
+
+One body of SQL (:class:`SqlApprovalStore`, written against
+:class:`~cuga.shared.sqldb.Database`) and two backends:
+
+* :class:`SQLiteApprovalStore` (also known by its historic name :data:`ApprovalStore`) —
+  ``approval.db`` under the data directory: one process, the embedded default.
+* :class:`PostgresApprovalStore` — several approval replicas on one database. Nothing
+  relies on one process seeing every write:
+
+  - a new request is stored with ``INSERT ... ON CONFLICT DO NOTHING`` against the unique
+    ``(run_id, step_id)`` and ``request_id`` keys, so two replicas asked the same thing
+    store one request and both answer with it; the pending limit of a profile is counted
+    inside the insert's transaction under a transaction advisory lock on the profile;
+  - every change is a compare-and-swap on ``version`` (:meth:`SqlApprovalStore.update`),
+    so of two racing decisions, or a decision racing the expiry sweep of another replica,
+    exactly one is written and the other is re-evaluated against what won;
+  - a request leaving PENDING sends ``NOTIFY cuga_approvals, '<approval_id>'`` in the same
+    transaction (delivered at commit, after the state is durable); a new request sends
+    ``'+requested'``. :meth:`PostgresApprovalStore.listen` delivers them to the replica's
+    waiters and expiry task.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2
+from cuga.shared.errors import AbortedError, ResourceExhaustedError
 from cuga.shared.messages import seconds
-from cuga.shared.sqlite import Transaction, open_sqlite
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema
+from cuga.shared.sqlite import open_sqlite
+
+log = logging.getLogger("cuga.approval")
 
 PENDING = common_pb2.APPROVAL_STATUS_PENDING
 
-_SCHEMA = """
+_SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS approvals (
     approval_id TEXT PRIMARY KEY,
     request_id  TEXT,
@@ -30,6 +60,7 @@ CREATE TABLE IF NOT EXISTS approvals (
     created_at  REAL NOT NULL,
     expires_at  REAL NOT NULL,
     body        BLOB NOT NULL,
+    version     INTEGER NOT NULL DEFAULT 0,
     UNIQUE (run_id, step_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS approvals_request_id
@@ -45,6 +76,49 @@ CREATE TABLE IF NOT EXISTS decision_keys (
 );
 """
 
+_POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS approvals (
+    approval_id TEXT PRIMARY KEY,
+    request_id  TEXT,
+    run_id      TEXT NOT NULL,
+    step_id     TEXT NOT NULL,
+    profile     TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    created_at  DOUBLE PRECISION NOT NULL,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    body        BYTEA NOT NULL,
+    version     BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (run_id, step_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS approvals_request_id
+    ON approvals (request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS approvals_pending
+    ON approvals (status, created_at, approval_id);
+CREATE INDEX IF NOT EXISTS approvals_expiry ON approvals (status, expires_at);
+CREATE TABLE IF NOT EXISTS decision_keys (
+    request_id  TEXT NOT NULL,
+    reviewer    TEXT NOT NULL,
+    approval_id TEXT NOT NULL,
+    PRIMARY KEY (request_id, reviewer)
+);
+"""
+
+#: NOTIFY channel of approval changes: the payload is the id of a request that left
+#: PENDING, or :data:`REQUESTED` when new requests were stored.
+CHANGES_CHANNEL = "cuga_approvals"
+#: Payload announcing new requests (re-arms the other replicas' expiry tasks).
+REQUESTED = "+requested"
+#: Session advisory lock held while creating the tables (replicas start together).
+_SCHEMA_LOCK = 0x637567_6170
+#: First key of the transaction advisory lock that serialises pending-limit checks of one
+#: profile across replicas; the second is ``hashtext(profile)``. (``'appr'``: distinct
+#: from the coordinator's replica locks, ``'cuga'``, which may live in the same database.)
+_PROFILE_LOCK_CLASS = 0x61707072
+
+#: A new request: the message, the run's ``user_id`` and the RequestApproval request id.
+NewRequest = tuple[approval_pb2.ApprovalRequest, str, str]
+
 
 @dataclass(frozen=True)
 class StoredRequest:
@@ -53,59 +127,103 @@ class StoredRequest:
     request: approval_pb2.ApprovalRequest
     user_id: str
     request_id: str
+    version: int = 0
+    """Incremented by every write; :meth:`SqlApprovalStore.update` compares it."""
 
 
-class ApprovalStore:
-    """SQLite storage of approval requests (single writer: the service's event loop)."""
+class SqlApprovalStore:
+    """Approval requests in one database (SQLite or PostgreSQL; SQL written once).
 
-    def __init__(self, path: str | Path) -> None:
-        """Open (creating) the database at ``path`` (``:memory:`` for tests)."""
-        self._conn = open_sqlite(path)
-        self._conn.executescript(_SCHEMA)
+    The methods are synchronous: each is one short statement or transaction, run inline
+    on the service's event loop.
+
+    Args:
+        db: the connection; the tables are created if missing.
+    """
+
+    #: Whether other processes write the same tables (then waiters and the expiry task
+    #: also re-check periodically, in case a notification was lost).
+    shared = False
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        create_schema(db, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgres``."""
+        return self._db.dialect
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     @staticmethod
-    def _row(row: sqlite3.Row | None) -> StoredRequest | None:
+    def _row(row: Any) -> StoredRequest | None:
         if row is None:
             return None
         return StoredRequest(
-            approval_pb2.ApprovalRequest.FromString(row["body"]),
-            row["user_id"],
-            row["request_id"] or "",
+            approval_pb2.ApprovalRequest.FromString(bytes(row["body"])),
+            str(row["user_id"]),
+            str(row["request_id"] or ""),
+            int(row["version"]),
         )
+
+    def _select_one(
+        self, db: Database, where: str, args: tuple[object, ...]
+    ) -> StoredRequest | None:
+        row = db.execute(
+            "SELECT body, user_id, request_id, version FROM approvals WHERE " + where, args
+        ).fetchone()
+        return self._row(row)
 
     def get(self, approval_id: str) -> StoredRequest | None:
         """The request with ``approval_id``."""
-        row = self._conn.execute(
-            "SELECT * FROM approvals WHERE approval_id = ?", (approval_id,)
-        ).fetchone()
-        return self._row(row)
+        return self._select_one(self._db, "approval_id = ?", (approval_id,))
 
     def by_step(self, run_id: str, step_id: str) -> StoredRequest | None:
         """The request of one step of one run."""
-        row = self._conn.execute(
-            "SELECT * FROM approvals WHERE run_id = ? AND step_id = ?", (run_id, step_id)
-        ).fetchone()
-        return self._row(row)
+        return self._select_one(self._db, "run_id = ? AND step_id = ?", (run_id, step_id))
 
     def by_request_id(self, request_id: str) -> StoredRequest | None:
         """The request created by the RequestApproval call with ``request_id``."""
-        row = self._conn.execute(
-            "SELECT * FROM approvals WHERE request_id = ?", (request_id,)
-        ).fetchone()
-        return self._row(row)
+        return self._select_one(self._db, "request_id = ?", (request_id,))
 
-    def insert(self, items: list[tuple[approval_pb2.ApprovalRequest, str, str]]) -> None:
-        """Store new requests ``(request, user_id, request_id)`` in one transaction."""
-        with Transaction(self._conn) as conn:
+    def insert(
+        self,
+        items: list[NewRequest],
+        *,
+        profile: str,
+        max_pending: int,
+        check: Callable[[approval_pb2.ApprovalRequest, StoredRequest], None],
+    ) -> list[StoredRequest | None]:
+        """Store new requests of one profile in one transaction, unless already stored.
+
+        A request whose step (or request id) another call stored first, maybe on another
+        replica, is not stored again: ``check(new, stored)`` is called with the one that
+        is there (it raises when they disagree, e.g. another tool) and it is returned.
+
+        Returns:
+            Per item, None when it was stored, else the request already there.
+
+        Raises:
+            ResourceExhaustedError: the profile would hold more than ``max_pending``
+                PENDING requests (nothing is stored).
+            AbortedError: a conflicting request vanished meanwhile (retry).
+        """
+        results: list[StoredRequest | None] = []
+        with self._db.transaction() as db:
+            if db.dialect == "postgres":
+                # Replicas counting the same profile's pending requests take turns.
+                db.execute(
+                    "SELECT pg_advisory_xact_lock(?, hashtext(?))", (_PROFILE_LOCK_CLASS, profile)
+                )
+            stored = 0
             for request, user_id, request_id in items:
-                conn.execute(
+                cur = db.execute(
                     "INSERT INTO approvals (approval_id, request_id, run_id, step_id, profile,"
-                    " user_id, status, created_at, expires_at, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " user_id, status, created_at, expires_at, body, version)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING",
                     (
                         request.approval_id,
                         request_id or None,
@@ -119,43 +237,83 @@ class ApprovalStore:
                         request.SerializeToString(),
                     ),
                 )
+                if cur.rowcount == 1:
+                    stored += 1
+                    results.append(None)
+                    continue
+                # In READ COMMITTED the conflicting row, committed, is visible now.
+                existing = self._select_one(
+                    db, "run_id = ? AND step_id = ?", (request.run_id, request.step_id)
+                )
+                if existing is None and request_id:
+                    existing = self._select_one(db, "request_id = ?", (request_id,))
+                if existing is None:
+                    raise AbortedError(
+                        f"approval of step {request.step_id!r} changed meanwhile; retry",
+                        reason="CONCURRENT_REQUEST",
+                    )
+                check(request, existing)
+                results.append(existing)
+            if stored:
+                row = db.execute(
+                    "SELECT COUNT(*) AS n FROM approvals WHERE status = ? AND profile = ?",
+                    (PENDING, profile),
+                ).fetchone()
+                total = int(row["n"])
+                if total > max_pending:
+                    raise ResourceExhaustedError(
+                        f"profile {profile!r} has {total - stored} pending approvals; the"
+                        f" limit is {max_pending}",
+                        reason="TOO_MANY_PENDING_APPROVALS",
+                    )
+                self._notify(db, REQUESTED)
+        return results
 
     def update(
         self,
         request: approval_pb2.ApprovalRequest,
         *,
+        version: int,
         decision_key: tuple[str, str] | None = None,
-        only_if_pending: bool = True,
     ) -> bool:
-        """Write a request's new state (and the decision's idempotency key) atomically.
+        """Write a request's new state if it is still at ``version`` (compare-and-swap).
+
+        The decision's idempotency key ``(request_id, reviewer)`` is stored in the same
+        transaction; a request leaving PENDING is announced to the other replicas.
 
         Returns:
-            False when ``only_if_pending`` and the stored request had already left PENDING
-            (nothing is written then).
+            False when someone (another call, the expiry task, another replica) wrote the
+            request since it was read at ``version``; nothing is written then.
         """
-        with Transaction(self._conn) as conn:
-            sql = "UPDATE approvals SET status = ?, body = ? WHERE approval_id = ?"
-            args: tuple[object, ...] = (
-                request.status,
-                request.SerializeToString(),
-                request.approval_id,
+        with self._db.transaction() as db:
+            cur = db.execute(
+                "UPDATE approvals SET status = ?, body = ?, version = version + 1"
+                " WHERE approval_id = ? AND version = ?",
+                (request.status, request.SerializeToString(), request.approval_id, version),
             )
-            if only_if_pending:
-                sql += " AND status = ?"
-                args = (*args, PENDING)
-            if conn.execute(sql, args).rowcount != 1:
+            if cur.rowcount != 1:
                 return False
             if decision_key is not None:
-                conn.execute(
-                    "INSERT OR IGNORE INTO decision_keys (request_id, reviewer, approval_id)"
-                    " VALUES (?, ?, ?)",
+                db.execute(
+                    "INSERT INTO decision_keys (request_id, reviewer, approval_id)"
+                    " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                     (*decision_key, request.approval_id),
                 )
+            if request.status != PENDING:
+                self._notify(db, request.approval_id)
         return True
+
+    def _notify(self, db: Database, payload: str) -> None:
+        """Tell the other replicas (none share a SQLite file)."""
+
+    async def listen(
+        self, on_change: Callable[[str], object], on_connected: Callable[[], object]
+    ) -> None:
+        """Deliver the other replicas' notifications until cancelled (none on SQLite)."""
 
     def decision_key(self, request_id: str, reviewer: str) -> str | None:
         """The approval a reviewer's SubmitDecision with ``request_id`` decided."""
-        row = self._conn.execute(
+        row = self._db.execute(
             "SELECT approval_id FROM decision_keys WHERE request_id = ? AND reviewer = ?",
             (request_id, reviewer),
         ).fetchone()
@@ -163,14 +321,14 @@ class ApprovalStore:
 
     def count_all_pending(self) -> int:
         """PENDING requests of every profile (the pending gauge)."""
-        row = self._conn.execute(
+        row = self._db.execute(
             "SELECT COUNT(*) AS n FROM approvals WHERE status = ?", (PENDING,)
         ).fetchone()
         return int(row["n"])
 
     def count_pending(self, profile: str) -> int:
         """PENDING requests of one profile."""
-        row = self._conn.execute(
+        row = self._db.execute(
             "SELECT COUNT(*) AS n FROM approvals WHERE status = ? AND profile = ?",
             (PENDING, profile),
         ).fetchone()
@@ -191,20 +349,20 @@ class ApprovalStore:
         sql += " ORDER BY created_at, approval_id LIMIT ?"
         args.append(limit)
         return [
-            approval_pb2.ApprovalRequest.FromString(row["body"])
-            for row in self._conn.execute(sql, args)
+            approval_pb2.ApprovalRequest.FromString(bytes(row["body"]))
+            for row in self._db.execute(sql, args)
         ]
 
     def earliest_expiry(self) -> float | None:
         """When the next PENDING request expires."""
-        row = self._conn.execute(
+        row = self._db.execute(
             "SELECT MIN(expires_at) AS t FROM approvals WHERE status = ?", (PENDING,)
         ).fetchone()
         return None if row["t"] is None else float(row["t"])
 
     def due(self, now: float) -> list[str]:
         """Ids of PENDING requests whose expiry time has come."""
-        rows = self._conn.execute(
+        rows = self._db.execute(
             "SELECT approval_id FROM approvals WHERE status = ? AND expires_at <= ?"
             " ORDER BY expires_at",
             (PENDING, now),
@@ -212,4 +370,98 @@ class ApprovalStore:
         return [str(row["approval_id"]) for row in rows]
 
 
-__all__ = ["ApprovalStore", "StoredRequest"]
+class SQLiteApprovalStore(SqlApprovalStore):
+    """The embedded store: one SQLite file (WAL), one approval process.
+
+    Args:
+        path: the database file (``approval.db`` under the data directory; ``:memory:``
+            for tests).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        conn = open_sqlite(path)
+        # A file written before `version` existed: add it before the indexes need it.
+        tables = {r["name"] for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "approvals" in tables:
+            columns = {r["name"] for r in conn.execute("PRAGMA table_info(approvals)")}
+            if "version" not in columns:
+                conn.execute("ALTER TABLE approvals ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+        super().__init__(SQLiteDatabase(conn))
+
+
+#: The historic name of the SQLite store.
+ApprovalStore = SQLiteApprovalStore
+
+
+class PostgresApprovalStore(SqlApprovalStore):
+    """The store of several approval replicas sharing one PostgreSQL database.
+
+    Args:
+        dsn: libpq connection string or URI.
+        connect_timeout_s: connection timeout, seconds.
+
+    Raises:
+        psycopg.OperationalError: the database cannot be reached.
+    """
+
+    shared = True
+
+    def __init__(self, dsn: str, *, connect_timeout_s: int = 10) -> None:
+        self._pg = PostgresDatabase(dsn, connect_timeout_s=connect_timeout_s)
+        super().__init__(self._pg)
+
+    def _notify(self, db: Database, payload: str) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, payload))
+
+    async def listen(
+        self, on_change: Callable[[str], object], on_connected: Callable[[], object]
+    ) -> None:
+        """LISTEN on a connection of its own (re-opened after a failure) until cancelled.
+
+        ``on_connected`` runs each time the LISTEN is in place, so the caller re-checks
+        whatever may have changed while no notification could arrive; ``on_change`` runs
+        with each notification's payload.
+        """
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._pg.dsn, autocommit=True
+                ) as listener:
+                    await listener.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    delay = 0.5
+                    on_connected()
+                    async for note in listener.notifies():
+                        on_change(note.payload)
+            except psycopg.Error as exc:
+                log.warning("approval listener lost its connection (%s); reconnecting", exc)
+                await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
+                delay = min(delay * 2, 30.0)
+
+
+def open_approval_store(kind: str, *, data_dir: str | Path, dsn: str = "") -> SqlApprovalStore:
+    """The configured store: ``sqlite`` (``<data_dir>/approval.db``) or ``postgres``.
+
+    Raises:
+        ValueError: an unknown kind, or postgres without a DSN.
+    """
+    if kind == "sqlite":
+        return SQLiteApprovalStore(Path(data_dir) / "approval.db")
+    if kind == "postgres":
+        if not dsn.strip():
+            raise ValueError("approval store postgres needs a DSN (approval.dsn)")
+        return PostgresApprovalStore(dsn)
+    raise ValueError(f"approval store must be one of sqlite, postgres; got {kind!r}")
+
+
+__all__ = [
+    "CHANGES_CHANNEL",
+    "REQUESTED",
+    "ApprovalStore",
+    "NewRequest",
+    "PostgresApprovalStore",
+    "SQLiteApprovalStore",
+    "SqlApprovalStore",
+    "StoredRequest",
+    "open_approval_store",
+]
