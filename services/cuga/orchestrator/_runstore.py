@@ -476,9 +476,21 @@ class PostgresRunStore(SqlRunStore):
         db.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, run_id))
 
     def close(self) -> None:
-        """Stop listening for cancels and close the database."""
+        """Stop listening for cancels, give up the replica lock, close the database.
+
+        The lock is released explicitly: a closed connection's server process exits (and
+        drops its locks) a moment after the client has gone, and a successor started in
+        that moment would take this replica's runs for a live one's and leave them.
+        """
         if self._cancel_listener is not None:
             self._cancel_listener.cancel()
+        try:
+            self._db.execute(
+                "SELECT pg_advisory_unlock(?, hashtext(?))",
+                (_REPLICA_LOCK_CLASS, self.replica_id),
+            )
+        except psycopg.Error as exc:  # the connection is gone: so is the lock
+            log.info("replica lock of %s not released explicitly: %s", self.replica_id, exc)
         super().close()
 
     def request_cancel(self, run_id: str, reason: str) -> bool:
