@@ -39,7 +39,7 @@ import psycopg
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.errors import FailedPreconditionError
-from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema, listen
 from cuga.shared.sqlite import open_sqlite
 
 log = logging.getLogger("cuga.coordinator")
@@ -515,28 +515,19 @@ class PostgresRunStore(SqlRunStore):
 
     async def _cancel_loop(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
         cancels: set[asyncio.Task[object]] = set()
-        delay = 0.5
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._pg.dsn, autocommit=True
-                ) as listener:
-                    await listener.execute(f"LISTEN {CANCEL_CHANNEL}")
-                    delay = 0.5
-                    async for note in listener.notifies():
-                        request = json.loads(note.payload)
-                        if request.get("owner") != self.replica_id:
-                            continue
-                        # Not awaited here: a cancel waits for the run to wind down.
-                        task = asyncio.ensure_future(
-                            cancel(str(request["run_id"]), str(request.get("reason", "")))
-                        )
-                        cancels.add(task)
-                        task.add_done_callback(cancels.discard)
-            except psycopg.Error as exc:
-                log.warning("cancel listener lost its connection (%s); reconnecting", exc)
-                await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
-                delay = min(delay * 2, 30.0)
+
+        def on_note(payload: str) -> None:
+            request = json.loads(payload)
+            if request.get("owner") != self.replica_id:
+                return
+            # Not awaited here: a cancel waits for the run to wind down.
+            task = asyncio.ensure_future(
+                cancel(str(request["run_id"]), str(request.get("reason", "")))
+            )
+            cancels.add(task)
+            task.add_done_callback(cancels.discard)
+
+        await listen(self._pg.dsn, CANCEL_CHANNEL, on_note, what="cancel listener")
 
     def _owner_alive(self, owner: str) -> bool:
         if owner == self.replica_id:

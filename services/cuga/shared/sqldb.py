@@ -15,6 +15,8 @@ that broke (server restart, network) is re-opened before the next call.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +26,8 @@ from typing import Any, Literal, Protocol
 import psycopg
 
 from cuga.shared.sqlite import Transaction
+
+log = logging.getLogger("cuga.sqldb")
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -232,6 +236,43 @@ def as_database(conn: Database | sqlite3.Connection) -> Database:
     return conn
 
 
+async def listen(
+    dsn: str,
+    channel: str,
+    on_note: Callable[[str], object],
+    *,
+    on_connected: Callable[[], object] | None = None,
+    what: str = "listener",
+) -> None:
+    """LISTEN on ``channel`` on a PostgreSQL connection of its own until cancelled.
+
+    The connection is re-opened after a failure (backoff 0.5 s doubling to 30 s); each time
+    the LISTEN is in place ``on_connected`` runs, so the caller can re-read whatever may
+    have changed while no notification could arrive. ``on_note`` gets each payload.
+
+    Args:
+        dsn: the database.
+        channel: a constant channel name (it is spliced into the LISTEN statement).
+        on_note: called with each notification's payload.
+        on_connected: called after each (re)connection.
+        what: names the listener in the log line of a lost connection.
+    """
+    delay = 0.5
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {channel}")
+                delay = 0.5
+                if on_connected is not None:
+                    on_connected()
+                async for note in conn.notifies():
+                    on_note(note.payload)
+        except psycopg.Error as exc:
+            log.warning("%s lost its connection (%s); reconnecting", what, exc)
+            await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
+            delay = min(delay * 2, 30.0)
+
+
 __all__ = [
     "Cursor",
     "Database",
@@ -240,4 +281,5 @@ __all__ = [
     "SQLiteDatabase",
     "as_database",
     "create_schema",
+    "listen",
 ]

@@ -28,20 +28,17 @@ One body of SQL (:class:`SqlApprovalStore`, written against
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2
 from cuga.shared.errors import AbortedError, ResourceExhaustedError
 from cuga.shared.messages import seconds
-from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema, listen
 from cuga.shared.sqlite import open_sqlite
 
 log = logging.getLogger("cuga.approval")
@@ -422,21 +419,13 @@ class PostgresApprovalStore(SqlApprovalStore):
         whatever may have changed while no notification could arrive; ``on_change`` runs
         with each notification's payload.
         """
-        delay = 0.5
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._pg.dsn, autocommit=True
-                ) as listener:
-                    await listener.execute(f"LISTEN {CHANGES_CHANNEL}")
-                    delay = 0.5
-                    on_connected()
-                    async for note in listener.notifies():
-                        on_change(note.payload)
-            except psycopg.Error as exc:
-                log.warning("approval listener lost its connection (%s); reconnecting", exc)
-                await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
-                delay = min(delay * 2, 30.0)
+        await listen(
+            self._pg.dsn,
+            CHANGES_CHANNEL,
+            on_change,
+            on_connected=on_connected,
+            what="approval listener",
+        )
 
 
 def open_approval_store(kind: str, *, data_dir: str | Path, dsn: str = "") -> SqlApprovalStore:
