@@ -19,13 +19,12 @@ from cuga.services.audit.domain import AuditLog
 from cuga.services.audit.records import (
     canonical_content,
     content_of,
-    payload_to_dict,
     to_json_line,
 )
 from cuga.services.audit.sqlite_backend import SQLiteAuditTrail
 from cuga.shared.clock import FakeClock
 from cuga.shared.errors import InvalidArgumentError
-from cuga.shared.messages import timestamp, to_struct
+from cuga.shared.messages import struct_to_dict, timestamp, to_struct
 
 # Hashes computed by the implementation before the append path was made fast (the
 # MessageToDict + json.dumps of every record, a lookup per record): any change to them
@@ -156,7 +155,7 @@ def test_canonical_content_matches_the_reference_rule(
     )
     record.payload.CopyFrom(to_struct(payload))
     record.timestamp.FromNanoseconds(ns)
-    assert payload_to_dict(record.payload) == json_format.MessageToDict(record.payload)
+    assert struct_to_dict(record.payload) == json_format.MessageToDict(record.payload)
     assert canonical_content(record) == _reference(record)
     record.prev_hash, record.hash, record.chain_index = "f" * 64, actor, ns % 1000
     line = json.loads(_reference(record)[0])
@@ -172,7 +171,7 @@ def test_canonical_content_matches_the_reference_rule(
 def test_an_unset_value_is_null_like_message_to_dict() -> None:
     struct = struct_pb2.Struct()
     struct.fields["empty"].CopyFrom(struct_pb2.Value())
-    assert payload_to_dict(struct) == json_format.MessageToDict(struct) == {"empty": None}
+    assert struct_to_dict(struct) == json_format.MessageToDict(struct) == {"empty": None}
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -181,7 +180,7 @@ def test_nan_and_infinity_are_refused_naming_the_payload(bad: float) -> None:
         record_id="r/1", trace_id="e" * 32, kind="retry", payload=to_struct({"x": [{"y": bad}]})
     )
     with pytest.raises(ValueError):
-        payload_to_dict(record.payload)
+        struct_to_dict(record.payload)
     with pytest.raises(InvalidArgumentError, match=r"records\[0\]\.payload"):
         AuditLog(SQLiteAuditTrail(":memory:")).prepare(record, "records[0]")
 

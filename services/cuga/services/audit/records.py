@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from cuga.audit.v1 import audit_pb2
 from cuga.shared.errors import AlreadyExistsError
+from cuga.shared.messages import struct_to_dict
 
 KNOWN_KINDS: tuple[str, ...] = (
     "plan",
@@ -59,44 +59,11 @@ def ns_to_ts(ns: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def payload_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python: the same value ``json_format.MessageToDict`` returns.
-
-    Numbers stay floats (a Struct holds only doubles), a Value with nothing set is None.
-    Written out because it runs for every record: it walks the Struct once, without the
-    generic descriptor-driven converter.
-
-    Raises:
-        ValueError: a number is NaN or Infinity (as ``MessageToDict`` raises).
-    """
-    fields = struct.fields
-    # Keys then lookups: the map's items() view is a slow pure-Python generator.
-    return {key: _value_to_py(fields[key]) for key in fields}
-
-
-def _value_to_py(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        number = value.number_value
-        if not math.isfinite(number):
-            raise ValueError(f"a payload number is {number}, which JSON cannot carry")
-        return number
-    if kind == "struct_value":
-        return payload_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [_value_to_py(item) for item in value.list_value.values]
-    if kind == "bool_value":
-        return value.bool_value
-    return None  # null_value, or no kind set (MessageToDict writes null too)
-
-
 def content_of(record: audit_pb2.AuditRecord) -> dict[str, Any]:
     """The hashed content of a record as a JSON-like dict."""
     content: dict[str, Any] = {name: getattr(record, name) for name in _CONTENT_FIELDS}
     content["timestamp"] = record.timestamp.ToJsonString()
-    content["payload"] = payload_to_dict(record.payload)
+    content["payload"] = struct_to_dict(record.payload)
     return content
 
 
@@ -123,7 +90,7 @@ def canonical_content(record: audit_pb2.AuditRecord) -> tuple[str, str]:
     Raises:
         ValueError: when the payload holds NaN or Infinity.
     """
-    payload = canonical_json(payload_to_dict(record.payload))
+    payload = canonical_json(struct_to_dict(record.payload))
     enc = json_encoder.encode_basestring
     text = (
         f'{{"actor":{enc(record.actor)},"kind":{enc(record.kind)},"payload":{payload},'
@@ -160,7 +127,7 @@ def to_json_line(record: audit_pb2.AuditRecord, payload_json: str | None = None)
     the payload when the caller has it already (an append), so it is not made again.
     """
     if payload_json is None:
-        payload_json = canonical_json(payload_to_dict(record.payload))
+        payload_json = canonical_json(struct_to_dict(record.payload))
     enc = json_encoder.encode_basestring
     return (
         f'{{"actor":{enc(record.actor)},"chain_index":{int(record.chain_index)},'
@@ -494,7 +461,6 @@ __all__ = [
     "from_json_line",
     "ns_to_ts",
     "payload_from_json",
-    "payload_to_dict",
     "record_hash",
     "same_body",
     "to_json_dict",
