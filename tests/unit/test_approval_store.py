@@ -356,15 +356,6 @@ def test_racing_expiry_sweeps_expire_once(
         assert asyncio.run(b.get_request(approval_id)).status == S.APPROVAL_STATUS_EXPIRED
 
 
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Wait for a condition of a background task (it has no event to await)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 @asynccontextmanager
 async def started(
     store: SqlApprovalStore, clock: FakeClock, **kw: Any
@@ -397,7 +388,7 @@ async def test_b_expires_a_request_made_on_a(pg_stores: Callable[[], SqlApproval
     a = manager(pg_stores(), clock)  # never started: as if it died after asking
     async with started(pg_stores(), clock, recheck_s=300) as b:
         await b.request_approval(ask("s0"))  # 120 s: B's expiry task sleeps until then
-        await until(lambda: clock.sleepers == 1, "B's expiry task to sleep")
+        await asyncio.wait_for(clock.until_sleepers(1), 10)  # B's expiry task sleeps
         # Only A's notification can tell B's expiry task about this earlier one.
         req = await a.request_approval(ask("p", "pay", sensitive=False, amount=500))  # 30 s
         waiter = asyncio.ensure_future(b.await_decision(req.approval_id))

@@ -54,7 +54,7 @@ class FakeRouting:
         return routing_pb2.DeregisterWorkerResponse(removed=True)
 
 
-def _registrar(routing: FakeRouting, clock: NotifyingClock) -> Registrar:
+def _registrar(routing: FakeRouting, clock: FakeClock) -> Registrar:
     return Registrar(
         routing,
         worker_id="w1",
@@ -68,35 +68,14 @@ def _registrar(routing: FakeRouting, clock: NotifyingClock) -> Registrar:
     )
 
 
-class NotifyingClock(FakeClock):
-    """A FakeClock that lets the test wait until someone sleeps on it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.changed = asyncio.Condition()
-
-    async def sleep(self, seconds: float) -> None:
-        task = asyncio.ensure_future(super().sleep(seconds))
-        await asyncio.sleep(0)  # let the sleeper register before announcing it
-        async with self.changed:
-            self.changed.notify_all()
-        await task
-
-
-async def _sleeping(clock: NotifyingClock, n: int) -> None:
-    """Until ``n`` sleepers wait on the fake clock (the registrar is parked)."""
-    async with clock.changed:
-        await clock.changed.wait_for(lambda: clock.sleepers >= n)
-
-
 async def test_registration_retries_with_capped_backoff_then_heartbeats() -> None:
-    routing, clock = FakeRouting(), NotifyingClock()
+    routing, clock = FakeRouting(), FakeClock()
     routing.register_outcomes = [UnavailableError("down")] * 4
     registrar = _registrar(routing, clock)
     registrar.start("10.0.0.7:50056")
     for attempt in range(1, 5):
         await routing.wait_calls("register", attempt)
-        await asyncio.wait_for(_sleeping(clock, 1), 5)
+        await asyncio.wait_for(clock.until_sleepers(1), 5)
         clock.advance(clock.slept[-1])
     await routing.wait_calls("register", 5)
     await asyncio.wait_for(registrar.registered.wait(), 5)
@@ -108,7 +87,7 @@ async def test_registration_retries_with_capped_backoff_then_heartbeats() -> Non
         ["calculator", "echo"],
         ["math"],
     )
-    await asyncio.wait_for(_sleeping(clock, 1), 5)
+    await asyncio.wait_for(clock.until_sleepers(1), 5)
     assert clock.slept[-1] == 2.0  # the interval routing asked for
     clock.advance(2.0)
     await routing.wait_calls("heartbeat", 1)
@@ -119,12 +98,12 @@ async def test_registration_retries_with_capped_backoff_then_heartbeats() -> Non
 
 
 async def test_heartbeat_not_found_registers_again() -> None:
-    routing, clock = FakeRouting(), NotifyingClock()
+    routing, clock = FakeRouting(), FakeClock()
     routing.heartbeat_outcomes = [NotFoundError("unknown worker")]
     registrar = _registrar(routing, clock)
     registrar.start("h:1")
     await routing.wait_calls("register", 1)
-    await asyncio.wait_for(_sleeping(clock, 1), 5)
+    await asyncio.wait_for(clock.until_sleepers(1), 5)
     clock.advance(2.0)
     await routing.wait_calls("register", 2)
     assert registrar.registrations == 2 or await asyncio.wait_for(registrar.registered.wait(), 5)
@@ -132,7 +111,7 @@ async def test_heartbeat_not_found_registers_again() -> None:
 
 
 async def test_stop_before_registering_cancels_quietly_and_does_not_deregister() -> None:
-    routing, clock = FakeRouting(), NotifyingClock()
+    routing, clock = FakeRouting(), FakeClock()
     routing.register_outcomes = [UnavailableError("down")] * 10
     registrar = _registrar(routing, clock)
     registrar.start("h:1")

@@ -51,6 +51,7 @@ class FakeClock:
         self._ids = itertools.count()
         self.slept: list[float] = []
         self.auto_advance = False
+        self._parked: list[tuple[int, asyncio.Future[None]]] = []
 
     def now(self) -> float:
         return self._now
@@ -66,6 +67,7 @@ class FakeClock:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), next(self._ids), fut))
+        self._wake_parked()
         await fut
 
     def advance(self, seconds: float) -> None:
@@ -80,6 +82,27 @@ class FakeClock:
     def sleepers(self) -> int:
         """Sleepers not yet woken."""
         return sum(1 for *_, fut in self._sleepers if not fut.done())
+
+    async def until_sleepers(self, n: int) -> None:
+        """Return once at least ``n`` sleepers wait: a background task has parked on this
+        clock, so advancing it now reaches that task (tests wrap this in a deadline)."""
+        if self.sleepers >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parked.append((n, fut))
+        await fut
+
+    def _wake_parked(self) -> None:
+        count = self.sleepers
+        waiting = []
+        for n, fut in self._parked:
+            if fut.done():
+                continue
+            if count >= n:
+                fut.set_result(None)
+            else:
+                waiting.append((n, fut))
+        self._parked = waiting
 
 
 __all__ = ["Clock", "FakeClock", "SystemClock"]
