@@ -706,25 +706,20 @@ async def check_guarantees(
         assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
         assert S.LifecycleStage.Name(stored[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
         expected = {f"{log.run_id}/e{e.seq}" for e in stored if e.stage not in UNAUDITED}
-        missing = await _undelivered(cluster, log.trace_id, expected, audit_wait_s)
+        missing = set(expected)
+
+        async def delivered(trace_id: str = log.trace_id, missing: set[str] = missing) -> bool:
+            stored_ids = {r.record_id for r in await audit_records(cluster, trace_id)}
+            missing.difference_update(stored_ids)
+            return not missing
+
+        # The coordinator's buffer may still be working through an outage's backlog.
+        with contextlib.suppress(AssertionError):  # the assert below names what is missing
+            await until(delivered, timeout_s=audit_wait_s, what="the audit trail", every_s=0.2)
         assert not missing, f"run {log.tag}: audit records missing: {sorted(missing)}"
         verdict = await verify(cluster, log.trace_id)
         assert verdict.ok, f"run {log.tag}: Verify failed: {verdict.problem}"
         assert verdict.records_checked >= len(expected)
-
-
-async def _undelivered(
-    cluster: FaultCluster, trace_id: str, expected: set[str], timeout_s: float
-) -> set[str]:
-    """Record ids of ``expected`` still not in the audit trail after up to ``timeout_s``
-    (the coordinator's buffer may still be working through an outage's backlog)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while True:
-        missing = expected - {r.record_id for r in await audit_records(cluster, trace_id)}
-        if not missing or loop.time() > end:
-            return missing
-        await asyncio.sleep(0.2)  # the buffer's state is in another process: re-check
 
 
 async def worker_status(cluster: FaultCluster, worker_id: str) -> routing_pb2.WorkerStatus | None:
