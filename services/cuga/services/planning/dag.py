@@ -162,20 +162,6 @@ def _ancestors(steps: Sequence[common_pb2.PlanStep]) -> dict[str, set[str]]:
     return result
 
 
-def input_schema_errors(schema: dict[str, Any], instance: Any) -> list[str]:
-    """``"<json path>: <problem>"`` for each way ``instance`` fails ``schema``.
-
-    A string holding a ``{{steps...}}`` reference is only known at run time, so errors
-    about such a value are not counted.
-
-    Raises:
-        jsonschema.SchemaError: when the schema itself is invalid.
-    """
-    if not schema:
-        return []
-    return schema_errors(schema_validator(schema), instance)
-
-
 def schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
     """A validator for ``schema``, after checking the schema against its meta-schema.
 
@@ -188,7 +174,11 @@ def schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
 
 
 def schema_errors(validator: jsonschema.protocols.Validator, instance: Any) -> list[str]:
-    """``"<json path>: <problem>"`` for each way ``instance`` fails; template strings pass."""
+    """``"<json path>: <problem>"`` for each way ``instance`` fails ``validator``'s schema.
+
+    A string holding a ``{{steps...}}`` reference is only known at run time, so errors
+    about such a value are not counted.
+    """
     problems: list[str] = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
         if isinstance(error.instance, str) and TEMPLATE.search(error.instance):
@@ -227,6 +217,15 @@ class SchemaValidators:
         self._cache[key] = validator
         return validator
 
+    def errors(self, spec: common_pb2.ToolSpec, instance: Any) -> list[str]:
+        """:func:`schema_errors` of ``instance`` against the tool's input schema.
+
+        Raises:
+            jsonschema.SchemaError: when the schema is invalid.
+        """
+        validator = self.get(spec)
+        return [] if validator is None else schema_errors(validator, instance)
+
 
 def check_against_catalog(
     steps: Sequence[common_pb2.PlanStep],
@@ -255,13 +254,12 @@ def check_against_catalog(
                         " not one of its dependencies",
                     )
         try:
-            validator = validators.get(spec)
+            problems = validators.errors(spec, data)
         except jsonschema_exceptions.SchemaError as exc:
             raise FailedPreconditionError(
                 f"tool {step.tool!r} declares an invalid input schema: {exc.message}",
                 reason="INVALID_TOOL_SCHEMA",
             ) from None
-        problems = [] if validator is None else schema_errors(validator, data)
         if problems:
             raise InvalidArgumentError(
                 f"steps[{i}].input",
@@ -305,7 +303,6 @@ __all__ = [
     "check_against_catalog",
     "check_step_syntax",
     "find_cycle",
-    "input_schema_errors",
     "tool_cost",
     "topological_order",
     "validate_steps",

@@ -24,7 +24,6 @@ from cuga.services.planning.catalog import ToolCatalog
 from cuga.services.planning.config import PlanningConfig
 from cuga.services.planning.dag import (
     SchemaValidators,
-    input_schema_errors,
     tool_cost,
     validate_steps,
 )
@@ -40,7 +39,7 @@ from cuga.shared.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
-from cuga.shared.messages import struct_to_dict, timestamp, to_struct
+from cuga.shared.messages import timestamp, to_struct
 from cuga.shared.sqldb import Database
 from cuga.shared.validation import check_id, check_length
 
@@ -303,9 +302,7 @@ class Planner:
                 notes.append(f"skipped tool {name!r}: it {derived.problem}")
                 continue
             try:
-                problems = input_schema_errors(
-                    struct_to_dict(scored.tool.parameters), derived.value
-                )
+                problems = self._validators.errors(scored.tool, derived.value)
             except jsonschema_exceptions.SchemaError:
                 notes.append(f"skipped tool {name!r}: its input schema is invalid")
                 continue
