@@ -311,7 +311,7 @@ async def create_coordinator(
         closers=closers,
     )
     await agent_.recover()
-    store.listen_for_cancels(agent_.cancel_run)  # CancelRun sent to another replica
+    await store.listen_for_cancels(agent_.cancel_run)  # CancelRun sent to another replica
     return agent_
 
 

@@ -39,7 +39,14 @@ import psycopg
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.errors import FailedPreconditionError
-from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema, listen
+from cuga.shared.sqldb import (
+    LISTEN_READY_S,
+    Database,
+    PostgresDatabase,
+    SQLiteDatabase,
+    create_schema,
+    listen,
+)
 from cuga.shared.sqlite import open_sqlite
 
 log = logging.getLogger("cuga.coordinator")
@@ -203,9 +210,10 @@ class RunStore(Protocol):
         live replica drives it (then there is nobody to ask)."""
         ...
 
-    def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+    async def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
         """From now until :meth:`close`, call ``cancel(run_id, reason)`` for each cancel
-        another replica requests for a run this replica drives (needs a running loop)."""
+        another replica requests for a run this replica drives. Returns once such requests
+        can arrive, so a replica serves only when a cancel sent to it is not lost."""
         ...
 
 
@@ -401,7 +409,7 @@ class SqlRunStore:
         """No other process shares a SQLite store: nobody else to ask."""
         return False
 
-    def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+    async def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
         """No other process shares a SQLite store: no requests can come."""
 
 
@@ -505,15 +513,28 @@ class PostgresRunStore(SqlRunStore):
         self._db.execute("SELECT pg_notify(?, ?)", (CANCEL_CHANNEL, payload))
         return True
 
-    def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+    async def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
         """LISTEN for cancel requests addressed to this replica on a connection of its own
-        (re-opened after a failure) and run ``cancel`` for each."""
-        if self._cancel_listener is None:
-            self._cancel_listener = asyncio.create_task(
-                self._cancel_loop(cancel), name=f"cancel-listener-{self.replica_id}"
+        (re-opened after a failure) and run ``cancel`` for each; return once the LISTEN is
+        in place (or after :data:`~cuga.shared.sqldb.LISTEN_READY_S`, logged)."""
+        if self._cancel_listener is not None:
+            return
+        listening = asyncio.Event()
+        self._cancel_listener = asyncio.create_task(
+            self._cancel_loop(cancel, listening.set), name=f"cancel-listener-{self.replica_id}"
+        )
+        try:
+            await asyncio.wait_for(listening.wait(), LISTEN_READY_S)
+        except TimeoutError:
+            log.warning(
+                "cancel listener not ready after %gs; cancels sent from other replicas"
+                " are missed until it is",
+                LISTEN_READY_S,
             )
 
-    async def _cancel_loop(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+    async def _cancel_loop(
+        self, cancel: Callable[[str, str], Awaitable[object]], on_connected: Callable[[], object]
+    ) -> None:
         cancels: set[asyncio.Task[object]] = set()
 
         def on_note(payload: str) -> None:
@@ -527,7 +548,13 @@ class PostgresRunStore(SqlRunStore):
             cancels.add(task)
             task.add_done_callback(cancels.discard)
 
-        await listen(self._pg.dsn, CANCEL_CHANNEL, on_note, what="cancel listener")
+        await listen(
+            self._pg.dsn,
+            CANCEL_CHANNEL,
+            on_note,
+            on_connected=on_connected,
+            what="cancel listener",
+        )
 
     def _owner_alive(self, owner: str) -> bool:
         if owner == self.replica_id:

@@ -29,6 +29,9 @@ from cuga.shared.sqlite import Transaction
 
 log = logging.getLogger("cuga.sqldb")
 
+#: How long a replica waits at start for its first LISTEN before serving without it.
+LISTEN_READY_S = 10.0
+
 Dialect = Literal["sqlite", "postgres"]
 
 
@@ -274,6 +277,7 @@ async def listen(
 
 
 __all__ = [
+    "LISTEN_READY_S",
     "Cursor",
     "Database",
     "Dialect",

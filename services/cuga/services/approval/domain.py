@@ -48,6 +48,7 @@ from cuga.shared.errors import (
 )
 from cuga.shared.messages import seconds, struct_to_dict, timestamp
 from cuga.shared.metrics import OUTCOME, ApprovalMetrics
+from cuga.shared.sqldb import LISTEN_READY_S
 from cuga.shared.validation import (
     STEP_ID_PATTERN,
     TOOL_NAME_PATTERN,
@@ -82,8 +83,6 @@ MAX_USER_ID_CHARS = 256
 #: Compare-and-swap attempts of one decision or expiry before giving up with ABORTED
 #: (only ever reached under pathological contention from other replicas).
 _MAX_ATTEMPTS = 16
-#: How long start() waits for the listener of a shared store to be in place, seconds.
-_LISTEN_READY_S = 10.0
 
 
 def status_name(status: int) -> str:
@@ -169,10 +168,10 @@ class ApprovalManager:
             # Serve once other replicas' decisions can reach the waiters; if the listener
             # is slow to connect, the periodic re-check covers the gap.
             try:
-                await asyncio.wait_for(self._listening.wait(), _LISTEN_READY_S)
+                await asyncio.wait_for(self._listening.wait(), LISTEN_READY_S)
             except TimeoutError:
                 log.warning(
-                    "approval listener not ready after %gs; relying on re-checks", _LISTEN_READY_S
+                    "approval listener not ready after %gs; relying on re-checks", LISTEN_READY_S
                 )
         if self._expiry_task is None:
             self._expiry_task = asyncio.create_task(self._expiry_loop(), name="approval-expiry")

@@ -106,7 +106,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     async def started(address: str) -> None:
         await audit.start()
         await agent.recover()
-        store.listen_for_cancels(agent.cancel_run)  # CancelRun sent to another replica
+        await store.listen_for_cancels(agent.cancel_run)  # CancelRun sent to another replica
 
     async def stopped() -> None:
         await agent.close()
