@@ -198,6 +198,29 @@ async def test_continue_skips_dependants_and_reports_partial_success(env: Env) -
     assert count_of(env.sandbox, "child") == 0
 
 
+async def test_continue_skips_every_descendant_and_runs_the_rest(env: Env) -> None:
+    """A failure's whole subtree is skipped (a join of a skipped and a done step too); an
+    independent branch and its dependant run."""
+    events = await env.run(
+        [
+            step("bad", "flaky", name="bad", fail_times=5, error="value"),
+            step("other", "count", name="other"),
+            step("child", "count", ("bad",), name="child"),
+            step("after_other", "count", ("other",), name="after_other"),
+            step("grandchild", "count", ("child",), name="grandchild"),
+            step("join", "count", ("after_other", "grandchild"), name="join"),
+        ],
+        strategy=S.ERROR_PROPAGATION_CONTINUE,
+    )
+    assert stages(events)[-1] == "COMPLETE"
+    summary = events[-1].summary
+    assert (summary.completed_steps, summary.failed_steps, summary.skipped_steps) == (2, 1, 3)
+    assert {e.step_id for e in events if e.HasField("step_result")} == {"other", "after_other"}
+    for name in ("child", "grandchild", "join"):
+        assert count_of(env.sandbox, name) == 0
+    assert count_of(env.sandbox, "after_other") == 1
+
+
 async def test_resume_runs_only_what_is_left(env: Env) -> None:
     first = await env.run(
         [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import heapq
 import logging
 import random
 import uuid
@@ -1098,39 +1099,60 @@ class CoordinatorAgent:
     async def _run_steps(self, r: _Run) -> None:
         strategy = r.run.error_strategy or self.options.default_strategy
         parallelism = r.request.parallelism or self.options.parallelism
-        order = [s.step_id for s in r.plan.steps]
         steps = {s.step_id: s for s in r.plan.steps}
-        failed: set[str] = set()
+        position = {s.step_id: i for i, s in enumerate(r.plan.steps)}
+        # Readiness is tracked per dependency (not by rescanning every waiting step after
+        # each completion): a step is ready when its count of unfinished dependencies is 0.
+        unfinished: dict[str, int] = {}
+        dependants: dict[str, list[str]] = {}
+        ready: list[tuple[int, str]] = []  # heap by plan position: ties run in plan order
+        for s in r.plan.steps:
+            if s.step_id in r.results:
+                continue
+            unfinished[s.step_id] = sum(d not in r.results for d in s.depends_on)
+            for d in s.depends_on:
+                dependants.setdefault(d, []).append(s.step_id)
+            if not unfinished[s.step_id]:
+                heapq.heappush(ready, (position[s.step_id], s.step_id))
+
+        def skip_after(failed_sid: str) -> None:
+            # CONTINUE: dependants of a failure are skipped, and theirs in turn.
+            stack = list(dependants.get(failed_sid, ()))
+            while stack:
+                sid = stack.pop()
+                if sid in unfinished and sid not in r.skipped:
+                    r.skipped.add(sid)
+                    del unfinished[sid]
+                    stack.extend(dependants.get(sid, ()))
+
         running: dict[asyncio.Task[None], str] = {}
-        waiting = [sid for sid in order if sid not in r.results]
         try:
-            while waiting or running:
-                # CONTINUE: dependants of a failure are skipped, and theirs in turn (waiting
-                # is in topological order, so one pass reaches every descendant).
-                for sid in list(waiting):
-                    if any(d in failed or d in r.skipped for d in steps[sid].depends_on):
-                        r.skipped.add(sid)
-                        waiting.remove(sid)
-                ready = [
-                    sid for sid in waiting if all(d in r.results for d in steps[sid].depends_on)
-                ][: max(0, parallelism - len(running))]
-                for sid in ready:
-                    waiting.remove(sid)
-                    task = asyncio.create_task(self._step(r, steps[sid], strategy, waiting))
+            while ready or running:
+                while ready and len(running) < parallelism:
+                    _, sid = heapq.heappop(ready)
+                    if sid not in unfinished:  # skipped while it waited
+                        continue
+                    del unfinished[sid]
+                    task = asyncio.create_task(self._step(r, steps[sid], strategy, unfinished))
                     running[task] = sid
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                for task in sorted(done, key=lambda t: position[running[t]]):
                     sid = running.pop(task)
                     exc = task.exception()
                     if exc is None:
+                        for later in dependants.get(sid, ()):
+                            if later in unfinished:
+                                unfinished[later] -= 1
+                                if not unfinished[later]:
+                                    heapq.heappush(ready, (position[later], later))
                         continue
                     if isinstance(exc, _StepFailed):
                         action = self.handle_error(exc.error, strategy)
                         if action is ErrorAction.CONTINUE:
-                            failed.add(sid)
                             r.failures.append(_error_detail(exc.error, sid))
+                            skip_after(sid)
                             continue
                     raise exc
         finally:
@@ -1208,7 +1230,7 @@ class CoordinatorAgent:
         return table
 
     async def _step(
-        self, r: _Run, step: common_pb2.PlanStep, strategy: int, upcoming: list[str]
+        self, r: _Run, step: common_pb2.PlanStep, strategy: int, upcoming: Iterable[str]
     ) -> None:
         sid = step.step_id
         with self.tracer.start_as_current_span(
