@@ -1,4 +1,10 @@
-"""B0: the floor — one bare grpc.aio unary call to a separate server process."""
+"""B0: the floor — one bare grpc.aio unary call to a separate server process.
+
+Besides its latency and calls/s, B0 measures what the gRPC traffic of one orchestration
+step costs in CPU at the least: one unary call (the worker call) and one server-stream
+message sent on its own (each event a run streams), both ends together, with nothing of
+ours in the way. B1's CPU per step is set against it in the report.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from typing import Any
 
 import grpc
 
-from bench._floor_server import METHOD
+from bench._floor_server import METHOD, STREAM_METHOD, paced_request
+from bench.cluster import cpu_seconds
 from bench.stats import summarize_rounds
 
 PAYLOAD = b"x" * 16  # a tiny message: the floor is per-call cost, not bandwidth
@@ -30,6 +37,10 @@ class FloorSizes:
     """Concurrent callers for the calls/s ceiling."""
     concurrent_seconds: float = 4.0
     """How long the concurrent callers run."""
+    stream_messages: int = 1500
+    """Messages of the paced server stream (and waits of its control run)."""
+    stream_pace_s: float = 0.001
+    """Wait before each paced message: they go one at a time, as a run's events do."""
 
 
 async def _sequential(call: Any, n: int) -> list[float]:
@@ -55,6 +66,16 @@ async def _concurrent(call: Any, callers: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
+async def _paced_cpu(channel: grpc.aio.Channel, pid: int, sizes: FloorSizes, send: bool) -> float:
+    """CPU seconds both processes spend on one paced stream (``send``) or its control."""
+    call = channel.unary_stream(STREAM_METHOD)
+    client, server = time.process_time(), cpu_seconds(pid)
+    request = paced_request(sizes.stream_messages, sizes.stream_pace_s, send=send)
+    async for _ in call(request, timeout=60 + 10 * sizes.stream_messages * sizes.stream_pace_s):
+        pass
+    return time.process_time() - client + cpu_seconds(pid) - server
+
+
 async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
     """Start the floor server as a process, measure, stop it; return B0's figures."""
     proc = await asyncio.create_subprocess_exec(
@@ -70,9 +91,15 @@ async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(METHOD)
             await _sequential(call, sizes.warmup)
+            cpu = time.process_time(), cpu_seconds(proc.pid)
             rounds = [await _sequential(call, sizes.calls_per_round) for _ in range(sizes.rounds)]
+            unary_cpu = time.process_time() - cpu[0] + cpu_seconds(proc.pid) - cpu[1]
             latency = summarize_rounds(rounds, scale=1e6)
             calls_per_s = await _concurrent(call, sizes.concurrency, sizes.concurrent_seconds)
+            # The paced stream's CPU less its control's (same waits, no messages): the
+            # messages' own cost, without the timers that pace them.
+            paced = await _paced_cpu(channel, proc.pid, sizes, send=True)
+            control = await _paced_cpu(channel, proc.pid, sizes, send=False)
     finally:
         proc.stdin.close()
         try:
@@ -87,6 +114,9 @@ async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
         "samples": latency["n"],
         "calls_per_s": calls_per_s,
         "concurrency": sizes.concurrency,
+        "unary_cpu_us": 1e6 * unary_cpu / (sizes.rounds * sizes.calls_per_round),
+        "stream_msg_cpu_us": 1e6 * max(0.0, paced - control) / sizes.stream_messages,
+        "stream_pace_s": sizes.stream_pace_s,
     }
 
 

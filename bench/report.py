@@ -16,6 +16,14 @@ FIGURE_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
     ("b0", "unary_p50_us", "B0 bare grpc.aio unary call, p50", "µs", "{:,.0f}"),
     ("b0", "unary_p99_us", "B0 bare grpc.aio unary call, p99", "µs", "{:,.0f}"),
     ("b0", "calls_per_s", "B0 bare unary calls/s, 200 concurrent callers", "calls/s", "{:,.0f}"),
+    ("b0", "unary_cpu_us", "B0 CPU of one bare unary call, both processes", "µs", "{:,.0f}"),
+    (
+        "b0",
+        "stream_msg_cpu_us",
+        "B0 CPU of one bare server-stream message sent on its own, both processes",
+        "µs",
+        "{:,.0f}",
+    ),
     ("b1", "step_p50_us", "B1 per step, 50-step sequential run, p50", "µs", "{:,.0f}"),
     ("b1", "step_p99_us", "B1 per step, 50-step sequential run, p99", "µs", "{:,.0f}"),
     ("b1", "e2e_1step_p50_ms", "B1 end-to-end 1-step run, p50", "ms", "{:,.2f}"),
@@ -225,6 +233,16 @@ def compute_ratios(figures: Figures) -> list[Ratio]:
     return ratios
 
 
+def step_traffic_floor_us(figures: Figures) -> float | None:
+    """CPU of one step's gRPC traffic with nothing of ours in it: one bare unary call (the
+    worker call) and two bare stream messages (the ROUTE and EXECUTE events), from B0."""
+    unary = _get(figures, "b0", "unary_cpu_us")
+    message = _get(figures, "b0", "stream_msg_cpu_us")
+    if unary is None or message is None:
+        return None
+    return unary + 2 * message
+
+
 def _mark(met: bool | None) -> str:
     return "n/a" if met is None else ("**met**" if met else "**not met**")
 
@@ -265,6 +283,18 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ]
         for name, value in sorted(breakdown.items(), key=lambda kv: -float(kv[1])):
             lines.append(f"| {name} | {float(value):,.0f} |")
+        total = sum(float(v) for v in breakdown.values())
+        lines += ["| all | " + f"{total:,.0f} |"]
+        floor = step_traffic_floor_us(figures)
+        if floor is not None and total > 0:
+            lines += [
+                "",
+                f"The gRPC traffic of one step — the worker call and two events streamed"
+                f" (ROUTE, EXECUTE) — costs {floor:,.0f} µs of CPU when bare (B0): "
+                f"{floor / total:.0%} of B1's CPU per step. On {meta.get('cpus', 2)} cores"
+                f" that traffic alone bounds a step to at least"
+                f" {floor / float(meta.get('cpus', 2) or 2):,.0f} µs.",
+            ]
     notes = results.get("notes", [])
     if notes:
         lines += ["", "Notes:", ""]
@@ -305,5 +335,6 @@ __all__ = [
     "build_results",
     "compute_ratios",
     "render_markdown",
+    "step_traffic_floor_us",
     "write_results",
 ]

@@ -53,7 +53,13 @@ class Sizes:
     def quick(cls) -> Sizes:
         """Seconds, not minutes: for trying the harness, never for figures to quote."""
         return cls(
-            b0=FloorSizes(warmup=50, rounds=2, calls_per_round=200, concurrent_seconds=1.0),
+            b0=FloorSizes(
+                warmup=50,
+                rounds=2,
+                calls_per_round=200,
+                concurrent_seconds=1.0,
+                stream_messages=100,
+            ),
             b1=StepSizes(warmup=1, rounds=2, e2e_warmup=1, e2e_runs=5),
             b2=GraphSizes(warmup=1, rounds=2),
             b3=ConcurrencySizes(streams=20, warmup_streams=5, rounds=1),

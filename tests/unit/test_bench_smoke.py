@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from bench.profile import summarize_collapsed
-from bench.report import Ratio, build_results, compute_ratios, render_markdown, write_results
+from bench.report import (
+    Ratio,
+    build_results,
+    compute_ratios,
+    render_markdown,
+    step_traffic_floor_us,
+    write_results,
+)
 from bench.run import Sizes
 from bench.stats import intervals, percentile, summarize_rounds
 
@@ -37,7 +44,12 @@ def test_intervals_and_rounds() -> None:
 
 
 FIGURES: dict[str, dict[str, Any]] = {
-    "b0": {"unary_p50_us": 500.0, "calls_per_s": 4000.0},
+    "b0": {
+        "unary_p50_us": 500.0,
+        "calls_per_s": 4000.0,
+        "unary_cpu_us": 600.0,
+        "stream_msg_cpu_us": 250.0,
+    },
     "b1": {"step_p50_us": 700.0, "cpu_us_per_step": {"coordinator": 300.0}, "auth_enforced": False},
     "b2": {"sqlite_node_p50_us": 800.0},
     "b3": {"errors": 0, "steps_per_s": 900.0, "streams": 200},
@@ -76,6 +88,9 @@ def test_report_writer(tmp_path: Path) -> None:
     assert "| B0 bare grpc.aio unary call, p50 | 500 | µs |" in markdown
     assert "**not met**" in markdown and "**met**" in markdown
     assert "| coordinator | 300 |" in markdown
+    assert step_traffic_floor_us(FIGURES) == 1100.0  # 600 + 2 * 250
+    assert "costs 1,100 µs of CPU when bare (B0): 367% of B1's CPU per step" in markdown
+    assert "bounds a step to at least 550 µs" in markdown
     assert "- a note" in markdown
 
 
