@@ -28,6 +28,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
+from cuga.shared.errors import status_code
 from cuga.worker.v1 import worker_pb2
 from tests.support.fuzzing import messages
 from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
@@ -125,8 +126,11 @@ def _call(
         try:
             if method.server_streaming:
                 stream = call(payload, timeout=3, metadata=CREDENTIALS)
-                next(iter(stream), None)
+                first = next(iter(stream), None)
                 stream.cancel()
+                if isinstance(first, worker_pb2.ExecuteStepsResponse) and first.HasField("error"):
+                    # A step stream answers a refused step in its response, as a status.
+                    return status_code(first.error.code)
             else:
                 call(payload, timeout=3, metadata=CREDENTIALS)
         except grpc.RpcError as exc:

@@ -227,10 +227,15 @@ async def test_a_run_is_one_whole_trace_across_all_six_services(observed: Observ
     # Stages: plan, routing windows, approval requests and the wait sit under the run.
     names = {s.name for s in spans}
     assert {"cuga.plan", "cuga.route", "cuga.approval.request", "cuga.approval.wait"} <= names
-    # Each downstream call of a step sits under that step's attempt span.
-    for s in spans:
-        if s.kind == SERVER and s.name.endswith("/ExecuteStep"):
-            assert by_id[by_id[s.parent_span_id].parent_span_id].name == "cuga.step.attempt"
+    # Each step's call to the worker (a message of the ExecuteSteps stream) has its
+    # client span under the step's attempt span and the worker's server span under that.
+    executed = [s for s in spans if s.kind == SERVER and s.name.endswith("/ExecuteSteps")]
+    assert len(executed) == len([s for s in spans if s.name == "cuga.step.attempt"])
+    for s in executed:
+        assert s.service == "cuga-worker"
+        client = by_id[s.parent_span_id]
+        assert client.kind == CLIENT and client.service == "cuga-coordinator"
+        assert by_id[client.parent_span_id].name == "cuga.step.attempt"
     # Audit writes join the run: the audit service's server spans are in this trace.
     assert any(s.service == "cuga-audit" and s.name.endswith("/RecordBatch") for s in spans)
 

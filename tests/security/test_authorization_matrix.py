@@ -52,7 +52,11 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
         "SubmitDecision": {"reviewer"},
         "ListPending": {"reviewer"},
     },
-    "worker": {"ExecuteStep": COORDINATOR_ONLY, "ListTools": {"coordinator", "planning"}},
+    "worker": {
+        "ExecuteStep": COORDINATOR_ONLY,
+        "ExecuteSteps": COORDINATOR_ONLY,
+        "ListTools": {"coordinator", "planning"},
+    },
     "audit": {
         # Every service may record (its own access_denied refusals).
         "Record": {"coordinator", "planning", "routing", "audit", "approval", "worker"},

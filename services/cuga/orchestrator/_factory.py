@@ -123,7 +123,12 @@ async def create_coordinator(
     workers: WorkerPool
     local_tools: list[Any] = []
     if "worker" in addresses:
-        pool = RemoteWorkerPool(lambda address: WorkerClient(address, **opts("worker")))
+        pool = RemoteWorkerPool(
+            lambda address: WorkerClient(address, **opts("worker")),
+            retry=common.calls.worker.retry,
+            default_timeout_s=common.calls.worker.timeout_s,
+            clock=clock,
+        )
         closers.append(pool.close)
         workers = pool
     else:

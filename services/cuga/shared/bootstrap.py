@@ -142,6 +142,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return call
 
+    def _wrap_bidi(
+        self, behavior: Callable[..., Awaitable[Any]], deserialize: Callable[[bytes], Any] | None
+    ) -> Callable[..., Any]:
+        async def parsed(raw: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for message in raw:
+                yield self._parse(deserialize, message)
+
+        async def call(raw: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(parsed(raw), context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._abort(context, exc)
+
+        return call
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -156,6 +173,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             handler,
             lambda behavior: self._wrap_unary(behavior, deserialize),
             lambda behavior: self._wrap_stream(behavior, deserialize),
+            bidi=lambda behavior: self._wrap_bidi(behavior, deserialize),
             request_deserializer=None,
         )
         return wrapped or handler  # client-streaming RPCs are not part of the contract

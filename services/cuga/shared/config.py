@@ -48,6 +48,9 @@ GRPC_SERVICE_NAMES: Mapping[str, str] = {
     "approval": "cuga.approval.v1.ApprovalService",
     "worker": "cuga.worker.v1.WorkerService",
 }
+#: The bidirectional stream steps travel on (worker side and coordinator side name its
+#: per-message spans after it).
+EXECUTE_STEPS_METHOD = f"/{GRPC_SERVICE_NAMES['worker']}/ExecuteSteps"
 
 T = TypeVar("T")
 
@@ -388,6 +391,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 __all__ = [
     "DEFAULT_PORTS",
+    "EXECUTE_STEPS_METHOD",
     "GRPC_SERVICE_NAMES",
     "SERVICE_NAMES",
     "Addresses",

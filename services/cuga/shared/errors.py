@@ -68,6 +68,14 @@ FAILURE_MODE_STATUS: Mapping[FailureMode, grpc.StatusCode] = {
 }
 
 
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The status code of a number (google.rpc.Code); UNKNOWN for one gRPC lacks."""
+    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def failure_mode_for_status(code: grpc.StatusCode) -> FailureMode:
     """The failure mode of a status code (UNSPECIFIED for OK and CANCELLED)."""
     return STATUS_FAILURE_MODES.get(code, FailureMode.UNSPECIFIED)
@@ -200,6 +208,12 @@ class CancelledError(CugaError):
     code = grpc.StatusCode.CANCELLED
 
 
+class UnimplementedError(CugaError):
+    """The peer does not serve the method (an older version of it, say)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class ToolExecutionError(CugaError):
     """A tool raised; ``failure_mode`` says how (see :func:`classify_failure`)."""
 
@@ -227,6 +241,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CugaError]] = {
         InternalError,
         UnknownError,
         CancelledError,
+        UnimplementedError,
     )
 }
 
@@ -260,20 +275,24 @@ def classify_failure(exc: BaseException) -> FailureMode:
     return FailureMode.AGENT
 
 
-def to_status(error: CugaError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
-    """Code, message and trailing metadata (with ErrorInfo) for an error."""
-    code = wire_code(error)
+def error_info(error: CugaError) -> error_details_pb2.ErrorInfo:
+    """The ``google.rpc.ErrorInfo`` an error crosses the wire with."""
     metadata = dict(error.metadata)
     if (
-        error.failure_mode is not failure_mode_for_status(code)
+        error.failure_mode is not failure_mode_for_status(wire_code(error))
         and error.reason != error.failure_mode.name
     ):
         # A mode other than the table's default for this status (e.g. "no eligible worker
         # *right now*" is SYSTEM, though FAILED_PRECONDITION): say so, so it survives the wire.
         metadata[FAILURE_MODE_KEY] = error.failure_mode.name
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error.domain, metadata=metadata)
+    return error_details_pb2.ErrorInfo(reason=error.reason, domain=error.domain, metadata=metadata)
+
+
+def to_status(error: CugaError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+    """Code, message and trailing metadata (with ErrorInfo) for an error."""
+    code = wire_code(error)
     detail = any_pb2.Any()
-    detail.Pack(info)
+    detail.Pack(error_info(error))
     status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
     return code, error.message, ((GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),)
 
@@ -295,7 +314,14 @@ def from_rpc_error(
     code: grpc.StatusCode, details: str | None, trailing_metadata: object
 ) -> CugaError:
     """Rebuild the typed error a peer sent (its class, reason and failure mode)."""
-    info = _error_info(trailing_metadata)
+    return from_error_info(code, details, _error_info(trailing_metadata))
+
+
+def from_error_info(
+    code: grpc.StatusCode, details: str | None, info: error_details_pb2.ErrorInfo | None
+) -> CugaError:
+    """The typed error of a status code, message and ErrorInfo (what :func:`error_info`
+    and :func:`wire_code` made of it on the other side)."""
     cls = _BY_CODE.get(code, UnknownError)
     message = details or code.name
     mode = failure_mode_for_status(code)
@@ -343,11 +369,15 @@ __all__ = [
     "ToolExecutionError",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
     "UnknownError",
     "classify_failure",
+    "error_info",
     "failure_mode_for_status",
+    "from_error_info",
     "from_exception",
     "from_rpc_error",
+    "status_code",
     "to_status",
     "wire_code",
 ]

@@ -18,15 +18,19 @@ def rewrap(
     unary: Wrap,
     stream: Wrap,
     *,
+    bidi: Wrap | None = None,
     request_deserializer: Callable[[bytes], Any] | None = _KEEP,
 ) -> grpc.RpcMethodHandler | None:
-    """``handler`` with its behaviour passed through ``unary`` or ``stream``.
+    """``handler`` with its behaviour passed through ``unary``, ``stream`` or ``bidi``.
 
     Unary calls, and streams written as coroutines calling ``context.write()`` (the health
     service's Watch), go through ``unary``; streams written as async generators through
-    ``stream``. ``request_deserializer`` replaces the handler's (``None``: raw bytes).
-    Returns None for client-streaming handlers, which the contract does not have: the
-    caller decides what to do with them.
+    ``stream``. Bidirectional streams written as coroutines reading the request iterator
+    and writing the context (ExecuteSteps) go through ``bidi``, or ``unary`` when none is
+    given: their "request" is then the request iterator. ``request_deserializer`` replaces
+    the handler's (``None``: raw bytes). Returns None for client-streaming handlers, which
+    the contract does not have, and for bidirectional ones written as async generators
+    (server reflection's): the caller decides what to do with them.
     """
     kwargs = {
         "request_deserializer": handler.request_deserializer
@@ -40,6 +44,10 @@ def rewrap(
         behavior = handler.unary_stream
         wrapped = stream(behavior) if inspect.isasyncgenfunction(behavior) else unary(behavior)
         return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
+    if handler.stream_stream and not inspect.isasyncgenfunction(handler.stream_stream):
+        return grpc.stream_stream_rpc_method_handler(
+            (bidi or unary)(handler.stream_stream), **kwargs
+        )
     return None
 
 

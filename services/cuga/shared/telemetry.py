@@ -30,7 +30,7 @@ from opentelemetry.instrumentation.grpc import (
 )
 from opentelemetry.instrumentation.grpc._aio_client import UnaryUnaryAioClientInterceptor
 from opentelemetry.instrumentation.logging.handler import LoggingHandler
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.propagate import extract, inject
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk._logs import LoggerProvider
@@ -163,11 +163,11 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     of a worker's CPU per ExecuteStep (docs/performance.md).
     """
 
-    def __init__(self, tracer: Tracer, meter: Meter, service_name: str) -> None:
+    def __init__(
+        self, tracer: Tracer, meter: Meter, service_name: str, duration: Histogram
+    ) -> None:
         self._tracer = tracer
-        self._duration = meter.create_histogram(
-            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
-        )
+        self._duration = duration
         self._streams = meter.create_up_down_counter(
             "cuga.rpc.server.active_streams",
             unit="{stream}",
@@ -267,6 +267,23 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return call
 
+    def _wrap_bidi(
+        self, method: str, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Any]:
+        """A bidirectional stream is a transport of calls (ExecuteSteps: one step a
+        message) that lives across runs: it is counted as an open stream, and its
+        messages get the spans and durations (:class:`StreamedCalls`), not the stream."""
+        attributes = {"rpc.method": method}
+
+        async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._streams.add(1, attributes)
+            try:
+                return await behavior(requests, context)
+            finally:
+                self._streams.add(-1, attributes)
+
+        return call
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -280,8 +297,85 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             handler,
             lambda behavior: self._wrap_unary(method, behavior),
             lambda behavior: self._wrap_stream(method, behavior),
+            bidi=lambda behavior: self._wrap_bidi(method, behavior),
         )
         return wrapped or handler
+
+
+class StreamedCalls:
+    """Spans and durations of calls that travel as messages of a long-lived stream.
+
+    ``ExecuteSteps`` carries one step attempt per request message and its outcome in one
+    response message. Each such call gets what a unary call gets from the interceptors:
+    at the sender a CLIENT span whose W3C context (and baggage) travels in the message's
+    ``trace_context`` map; at the receiver a SERVER span, its child, with the same name,
+    attributes and status rules as :class:`RpcServerInterceptor`'s, and one
+    ``rpc.server.duration`` sample. The stream itself has no span: it outlives runs.
+
+    Args:
+        tracer: the service's instrumentation tracer.
+        method: the full method, ``/package.Service/Rpc`` (the span name).
+        duration: the service's ``rpc.server.duration`` histogram (receivers only).
+    """
+
+    def __init__(self, tracer: Tracer, method: str, duration: Histogram | None = None) -> None:
+        self._tracer = tracer
+        self.method = method
+        self._duration = duration
+        service, _, name = method.lstrip("/").partition("/")
+        self._attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+    def start_client(self) -> tuple[Span, dict[str, str]]:
+        """Start the sender's span (child of the current one); its context to send."""
+        span = self._tracer.start_span(
+            self.method, kind=SpanKind.CLIENT, attributes=self._attributes
+        )
+        carrier: dict[str, str] = {}
+        inject(carrier, context=trace.set_span_in_context(span))
+        return span, carrier
+
+    @staticmethod
+    def end_client(span: Span, code: grpc.StatusCode, message: str = "") -> None:
+        """End a sender's span with the call's outcome (``CANCELLED``: given up on)."""
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+        span.end()
+
+    def start_server(
+        self, carrier: Mapping[str, str]
+    ) -> tuple[Span, contextvars.Token[otel_context.Context]]:
+        """Start the receiver's span under the context in ``carrier`` and make it current
+        (its baggage too, so log lines carry the run id)."""
+        parent = extract(carrier) if carrier else None
+        span = self._tracer.start_span(
+            self.method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={**self._attributes, "rpc.grpc.status_code": 0},
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def end_server(
+        self,
+        span: Span,
+        token: contextvars.Token[otel_context.Context],
+        code: grpc.StatusCode,
+        message: str,
+        started: float,
+    ) -> None:
+        """End a receiver's span, detach its context, record the call's duration."""
+        if code is not grpc.StatusCode.OK:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in _SERVER_ERROR_CODES:
+                span.set_status(Status(StatusCode.ERROR, f"{code}:{message}"))
+        span.end()
+        otel_context.detach(token)
+        if self._duration is not None:
+            self._duration.record(
+                (time.perf_counter() - started) * 1000.0,
+                {"rpc.method": self.method, "rpc.grpc.status_code": code.name},
+            )
 
 
 class _UnaryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -371,15 +465,29 @@ class Telemetry:
     def __post_init__(self) -> None:
         self.tracer = self.tracer_provider.get_tracer("cuga")
         self.meter = self.meter_provider.get_meter("cuga")
+        #: The tracer of RPC spans (named as OpenTelemetry's gRPC instrumentation names it).
+        self.rpc_tracer = self.tracer_provider.get_tracer(
+            "opentelemetry.instrumentation.grpc",
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        #: ``rpc.server.duration``: one sample per inbound call, streamed calls included.
+        self.rpc_server_duration = self.meter.create_histogram(
+            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
+        )
 
     def server_interceptors(self) -> list[Any]:
         """The server span and metrics interceptor (health checks excluded); it is the
         outermost, so a refused or failed call is still recorded in the call's trace."""
-        tracer = self.tracer_provider.get_tracer(
-            "opentelemetry.instrumentation.grpc",
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
-        )
-        return [RpcServerInterceptor(tracer, self.meter, self.service_name)]
+        return [
+            RpcServerInterceptor(
+                self.rpc_tracer, self.meter, self.service_name, self.rpc_server_duration
+            )
+        ]
+
+    def streamed_calls(self, method: str, *, server: bool) -> StreamedCalls:
+        """Spans (and, for the ``server`` side, durations) of the calls carried as
+        messages of the bidirectional stream ``method``."""
+        return StreamedCalls(self.rpc_tracer, method, self.rpc_server_duration if server else None)
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         """Export every finished span, log record and metric value now (tests, drains)."""
@@ -408,15 +516,14 @@ class Telemetry:
                 tracer_provider=self.tracer_provider, filter_=_not_health
             )
         )
-        tracer = self.tracer_provider.get_tracer(
-            "opentelemetry.instrumentation.grpc",
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
-        )
-        # OpenTelemetry's streaming interceptors; the unary one (every step's worker call)
-        # replaced by ours.
+        # OpenTelemetry's server-streaming interceptor; the unary one replaced by ours; none
+        # for bidirectional streams: their messages are the calls (StreamedCalls).
         return [
-            _UnaryClientInterceptor(tracer) if isinstance(i, UnaryUnaryAioClientInterceptor) else i
+            _UnaryClientInterceptor(self.rpc_tracer)
+            if isinstance(i, UnaryUnaryAioClientInterceptor)
+            else i
             for i in found
+            if not isinstance(i, grpc.aio.StreamStreamClientInterceptor)
         ]
 
     def shutdown(self) -> None:
@@ -551,6 +658,7 @@ __all__ = [
     "RUN_ID_BAGGAGE",
     "ContextFilter",
     "RpcServerInterceptor",
+    "StreamedCalls",
     "Telemetry",
     "configure_logging",
     "current_run_id",

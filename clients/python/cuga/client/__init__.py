@@ -8,7 +8,7 @@ transport retry policy and raises :class:`CugaError` subclasses instead of
         plan = (await planning.get_plan(GetPlanRequest(plan_id=pid))).plan
 """
 
-from cuga.client._base import BaseClient, Metadata
+from cuga.client._base import BaseClient, BidiStream, Metadata
 from cuga.client._clients import (
     ApprovalClient,
     AuditClient,
@@ -23,6 +23,7 @@ __all__ = [
     "ApprovalClient",
     "AuditClient",
     "BaseClient",
+    "BidiStream",
     "CoordinatorClient",
     "CugaError",
     "FailureMode",

@@ -13,6 +13,49 @@ from cuga.shared.errors import from_rpc_error
 Metadata = Sequence[tuple[str, str]]
 
 
+class BidiStream:
+    """An open bidirectional stream whose failures are typed errors, not ``grpc.RpcError``.
+
+    One writer at a time (gRPC allows one outstanding write per call); any number of
+    readers is not allowed either: one task reads.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def write(self, request: Any) -> None:
+        """Send one message.
+
+        Raises:
+            CugaError: the stream has failed (its status, typed).
+            asyncio.InvalidStateError: the stream is finished or half-closed.
+        """
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata()) from None
+
+    async def read(self) -> Any | None:
+        """The next message, or None once the server has ended the stream with OK.
+
+        Raises:
+            CugaError: the stream ended with an error status (typed).
+        """
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        return None if message is grpc.aio.EOF else message
+
+    async def done_writing(self) -> None:
+        """Half-close: no more messages from this side."""
+        await self._call.done_writing()
+
+    def cancel(self) -> None:
+        """Abandon the stream."""
+        self._call.cancel()
+
+
 class BaseClient:
     """Owns one channel to one service.
 
@@ -100,6 +143,11 @@ class BaseClient:
             raise from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata()) from None
         finally:
             call.cancel()
+
+    def _bidi(
+        self, rpc: str, method: Any, timeout: float | None, metadata: Metadata | None
+    ) -> BidiStream:
+        return BidiStream(method(timeout=self._deadline(rpc, timeout), metadata=self._md(metadata)))
 
     async def close(self) -> None:
         """Close the channel."""

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from cuga.approval.v1 import approval_pb2, approval_pb2_grpc
 from cuga.audit.v1 import audit_pb2, audit_pb2_grpc
-from cuga.client._base import BaseClient, Metadata
+from cuga.client._base import BaseClient, BidiStream, Metadata
 from cuga.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cuga.planning.v1 import planning_pb2, planning_pb2_grpc
 from cuga.routing.v1 import routing_pb2, routing_pb2_grpc
@@ -393,6 +393,7 @@ class WorkerClient(BaseClient):
 
     SERVICE: ClassVar[str] = "worker"
     STUB: ClassVar[type] = worker_pb2_grpc.WorkerServiceStub
+    DEFAULT_TIMEOUTS: ClassVar[dict[str, float]] = {"execute_steps": 3600.0}
 
     async def execute_step(
         self,
@@ -406,6 +407,14 @@ class WorkerClient(BaseClient):
             "execute_step", self._stub.ExecuteStep, request, timeout, metadata
         )
         return response
+
+    def execute_steps(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> BidiStream:
+        """ExecuteSteps (bidirectional stream): write ``ExecuteStepsRequest``s, read
+        ``ExecuteStepsResponse``s; ``timeout`` bounds the whole stream (default one hour).
+        :class:`~cuga.client.remote.RemoteWorkerPool` multiplexes steps over it."""
+        return self._bidi("execute_steps", self._stub.ExecuteSteps, timeout, metadata)
 
     async def list_tools(
         self,

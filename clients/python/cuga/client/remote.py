@@ -6,14 +6,34 @@ these; embedded use passes the services' local domain objects instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc.error_details_pb2 import ErrorInfo
 
 from cuga.approval.v1 import approval_pb2
+from cuga.client._base import BidiStream
 from cuga.client._clients import ApprovalClient, PlanningClient, RoutingClient, WorkerClient
 from cuga.common.v1 import common_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
-from cuga.shared.errors import DeadlineExceededError
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.config import TransportRetry
+from cuga.shared.errors import (
+    CancelledError,
+    CugaError,
+    DeadlineExceededError,
+    UnavailableError,
+    from_error_info,
+    status_code,
+)
+from cuga.shared.messages import timestamp
+from cuga.shared.telemetry import StreamedCalls
 from cuga.worker.v1 import worker_pb2
 
 
@@ -78,18 +98,209 @@ class RemoteApprovalManager:
             return response2.request
 
 
-class RemoteWorkerPool:
-    """``WorkerPool`` over the workers' ``WorkerService``; one channel per worker address."""
+class _Broken(Exception):
+    """A stream ended (or could not take a request) before the request was answered."""
 
-    def __init__(self, connect: Callable[[str], WorkerClient]) -> None:
+    def __init__(self, error: CugaError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _Expired(Exception):
+    """The caller's deadline for one request passed."""
+
+
+def _expire(future: asyncio.Future[worker_pb2.ExecuteStepsResponse]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+class _StepStream:
+    """One ExecuteSteps stream: requests written under a lock (one write at a time), one
+    reader task resolving each request's future by call id."""
+
+    def __init__(self, call: BidiStream, expires: float) -> None:
+        self.call = call
+        self.expires = expires
+        """Monotonic time by which every request sent on it has its answer or was given
+        up on; a request with a later deadline goes on a newer stream."""
+        self.open = True
+        self.pending: dict[int, asyncio.Future[worker_pb2.ExecuteStepsResponse]] = {}
+        self._lock = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read(), name="worker-step-stream")
+
+    async def _read(self) -> None:
+        failure: CugaError = UnavailableError(
+            "the worker ended the step stream before answering", reason="STREAM_ENDED"
+        )
+        try:
+            while True:
+                response = await self.call.read()
+                if response is None:
+                    break
+                future = self.pending.pop(response.call_id, None)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except CugaError as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            failure = CancelledError("the step stream was closed", reason="STREAM_CLOSED")
+            raise
+        finally:
+            self.open = False
+            pending, self.pending = self.pending, {}
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(_Broken(failure))
+
+    async def send(
+        self, call_id: int, request: worker_pb2.ExecuteStepsRequest
+    ) -> asyncio.Future[worker_pb2.ExecuteStepsResponse]:
+        """Write one request; the future of its response (or of the stream's failure)."""
+        future: asyncio.Future[worker_pb2.ExecuteStepsResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.pending[call_id] = future
+        try:
+            async with self._lock:
+                await self.call.write(request)
+        except (CugaError, asyncio.InvalidStateError) as exc:  # failed, or finished meanwhile
+            self.open = False
+            self.forget(call_id, future)
+            if isinstance(exc, CugaError):
+                raise _Broken(exc) from None
+            raise _Broken(
+                UnavailableError("the step stream closed", reason="STREAM_ENDED")
+            ) from None
+        except asyncio.CancelledError:
+            self.forget(call_id, future)
+            raise
+        return future
+
+    def forget(self, call_id: int, future: asyncio.Future[worker_pb2.ExecuteStepsResponse]) -> None:
+        """Stop waiting for a request's answer (a late one is dropped)."""
+        self.pending.pop(call_id, None)
+        if future.done():
+            if not future.cancelled():
+                future.exception()  # retrieved: the caller has its own error to raise
+        else:
+            future.cancel()
+
+    async def retire(self) -> None:
+        """Take no new request; half-close, so the worker ends the stream once it has
+        answered the ones sent."""
+        self.open = False
+        with contextlib.suppress(Exception):
+            async with self._lock:
+                await self.call.done_writing()
+
+    async def close(self) -> None:
+        """Abandon the stream (pending requests fail as broken)."""
+        self.open = False
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@dataclass
+class _Worker:
+    """What the pool keeps per worker address."""
+
+    client: WorkerClient
+    stream: _StepStream | None = None
+    retired: set[_StepStream] = field(default_factory=set)
+    unary_until: float = 0.0
+    """Until then (monotonic) steps go as unary ExecuteStep calls: the worker answered
+    UNIMPLEMENTED to ExecuteSteps (an older worker, mid rolling upgrade)."""
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class RemoteWorkerPool:
+    """``WorkerPool`` over the workers' ``WorkerService``; one channel per worker address.
+
+    Steps go over one long-lived ``ExecuteSteps`` stream per worker, many at a time, each
+    request answered by call id: a message on an open stream costs a fraction of a unary
+    call (docs/worker.md, "The step stream"). Per step it does what the channel and the
+    interceptors do for a unary call:
+
+    - **deadline**: the request carries its absolute ``attempt_deadline`` (the worker never
+      runs it past that) and the pool stops waiting then (DEADLINE_EXCEEDED);
+    - **transport retries**: a request the stream could not deliver or answer (the stream
+      broke, or the worker answered WORKER_DRAINING) is sent again on a new stream, with the
+      worker's ``retry`` policy (attempts, backoff with full jitter, as gRPC's
+      ``retryPolicy``); its idempotency key makes that safe. A tool's own failure is the
+      engine's to retry, never the pool's;
+    - **tracing**: a CLIENT span per request, its W3C context in ``trace_context``.
+
+    A stream lives ``stream_lifetime_s``: a request whose deadline falls later goes on a new
+    one and the old is half-closed, so every stream ends within its own gRPC deadline. A
+    worker that answers UNIMPLEMENTED to ExecuteSteps gets unary ``ExecuteStep`` calls for
+    ``unary_fallback_s``.
+
+    Args:
+        connect: makes the client of a worker address.
+        retry: transport retry policy for steps (the worker channel's).
+        default_timeout_s: a step's deadline when the caller gives none.
+        calls: client spans of the streamed calls (``None``: no spans).
+        clock: monotonic time and backoff sleeps.
+        rng: backoff jitter.
+        stream_lifetime_s: how long one stream takes new requests.
+        unary_fallback_s: how long a worker without ExecuteSteps gets unary calls.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[str], WorkerClient],
+        *,
+        retry: TransportRetry | None = None,
+        default_timeout_s: float = 60.0,
+        calls: StreamedCalls | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        stream_lifetime_s: float = 600.0,
+        unary_fallback_s: float = 300.0,
+    ) -> None:
         self._connect = connect
-        self._clients: dict[str, WorkerClient] = {}
+        self._retry = retry or TransportRetry()
+        self._default_timeout = default_timeout_s
+        self._calls = calls
+        self._clock: Clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self._lifetime = stream_lifetime_s
+        self._unary_fallback = unary_fallback_s
+        self._retryable = frozenset(self._retry.retryable_status_codes)
+        self._workers: dict[str, _Worker] = {}
+
+    def _worker(self, address: str) -> _Worker:
+        worker = self._workers.get(address)
+        if worker is None:
+            worker = self._workers[address] = _Worker(self._connect(address))
+        return worker
 
     def _client(self, address: str) -> WorkerClient:
-        client = self._clients.get(address)
-        if client is None:
-            client = self._clients[address] = self._connect(address)
-        return client
+        return self._worker(address).client
+
+    def _stream(self, worker: _Worker, deadline: float, now: float) -> _StepStream:
+        stream = worker.stream
+        if stream is not None and stream.open and deadline <= stream.expires:
+            return stream
+        if stream is not None:
+            worker.stream = None
+            if stream.open:  # outlived by this request's deadline: retire it
+                worker.retired.add(stream)
+                task = asyncio.create_task(stream.retire())
+                task.add_done_callback(lambda _: worker.retired.discard(stream))
+        expires = now + max(self._lifetime, deadline - now)
+        # The gRPC deadline of the stream: after its last request's, with room to answer.
+        call = worker.client.execute_steps(timeout=expires - now + 30.0)
+        worker.stream = _StepStream(call, expires)
+        return worker.stream
+
+    def _backoff(self, attempt: int) -> float:
+        """gRPC's retryPolicy backoff: uniform in [0, min(initial * mult^(n-1), max)]."""
+        r = self._retry
+        ceiling = min(r.initial_backoff_s * r.backoff_multiplier ** (attempt - 1), r.max_backoff_s)
+        return self._rng.uniform(0.0, ceiling)
 
     async def execute_step(
         self,
@@ -98,8 +309,91 @@ class RemoteWorkerPool:
         *,
         timeout: float | None = None,
     ) -> common_pb2.StepResult:
-        response = await self._client(target.address).execute_step(request, timeout=timeout)
-        return response.result
+        worker = self._worker(target.address)
+        now = self._clock.monotonic()
+        deadline = now + (self._default_timeout if timeout is None else timeout)
+        if worker.unary_until > now:
+            return await self._unary(worker, request, deadline)
+        message = worker_pb2.ExecuteStepsRequest(request=request)
+        if not request.HasField("attempt_deadline"):
+            message.request.attempt_deadline.CopyFrom(
+                timestamp(self._clock.now() + (deadline - now))
+            )
+        span = None
+        if self._calls is not None:
+            span, carrier = self._calls.start_client()
+            message.trace_context.update(carrier)
+        code = grpc.StatusCode.CANCELLED
+        try:
+            result = await self._streamed(worker, message, deadline)
+            code = grpc.StatusCode.OK
+            return result
+        except CugaError as exc:
+            code = exc.code
+            raise
+        finally:
+            if span is not None:
+                StreamedCalls.end_client(span, code)
+
+    async def _streamed(
+        self, worker: _Worker, message: worker_pb2.ExecuteStepsRequest, deadline: float
+    ) -> common_pb2.StepResult:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            now = self._clock.monotonic()
+            if deadline <= now:
+                raise DeadlineExceededError("the worker did not answer in time")
+            stream = self._stream(worker, deadline, now)
+            call_id = next(worker.ids)
+            message.call_id = call_id
+            future = None
+            try:
+                future = await stream.send(call_id, message)
+                handle = loop.call_later(deadline - self._clock.monotonic(), _expire, future)
+                try:
+                    response = await future
+                finally:
+                    handle.cancel()
+            except _Broken as broken:
+                error = broken.error
+                if error.code is grpc.StatusCode.UNIMPLEMENTED:
+                    worker.unary_until = self._clock.monotonic() + self._unary_fallback
+                    return await self._unary(worker, message.request, deadline)
+                if error.code.name not in self._retryable or error.reason == "STREAM_CLOSED":
+                    raise error from None
+            except _Expired:
+                stream.pending.pop(call_id, None)
+                raise DeadlineExceededError("the worker did not answer in time") from None
+            except asyncio.CancelledError:
+                if future is not None:
+                    stream.forget(call_id, future)
+                raise
+            else:
+                if response.HasField("result"):
+                    return response.result
+                e = response.error
+                error = from_error_info(
+                    status_code(e.code),
+                    e.message,
+                    ErrorInfo(reason=e.reason, domain=e.domain, metadata=e.metadata),
+                )
+                if error.reason != "WORKER_DRAINING":
+                    raise error
+            # Not delivered, or refused unrun: send it again, as gRPC's retryPolicy would.
+            if attempt >= self._retry.max_attempts:
+                raise error
+            delay = self._backoff(attempt)
+            if self._clock.monotonic() + delay >= deadline:
+                raise error
+            await self._clock.sleep(delay)
+
+    async def _unary(
+        self, worker: _Worker, request: worker_pb2.ExecuteStepRequest, deadline: float
+    ) -> common_pb2.StepResult:
+        timeout = max(0.0, deadline - self._clock.monotonic())
+        return (await worker.client.execute_step(request, timeout=timeout)).result
 
     async def list_tools(
         self, target: common_pb2.WorkerTarget, *, timeout: float | None = None
@@ -116,10 +410,13 @@ class RemoteWorkerPool:
                 return tools
 
     async def close(self) -> None:
-        """Close every worker channel."""
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        """Close every step stream and worker channel."""
+        for worker in self._workers.values():
+            for stream in [worker.stream, *worker.retired]:
+                if stream is not None:
+                    await stream.close()
+            await worker.client.close()
+        self._workers.clear()
 
 
 __all__ = [

@@ -40,6 +40,11 @@ class WorkerServiceStub:
                 request_serializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepRequest.SerializeToString,
                 response_deserializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepResponse.FromString,
                 _registered_method=True)
+        self.ExecuteSteps = channel.stream_stream(
+                '/cuga.worker.v1.WorkerService/ExecuteSteps',
+                request_serializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepsRequest.SerializeToString,
+                response_deserializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepsResponse.FromString,
+                _registered_method=True)
         self.ListTools = channel.unary_unary(
                 '/cuga.worker.v1.WorkerService/ListTools',
                 request_serializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ListToolsRequest.SerializeToString,
@@ -59,6 +64,18 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteSteps(self, request_iterator, context):
+        """The same as ExecuteStep, for many steps over one long-lived stream: each request
+        message is one attempt, each response message answers one request by call_id, in the
+        order the steps finish. What the coordinator uses: a message on an open stream costs
+        a fraction of a new call (docs/worker.md, "The step stream"). A worker that starts
+        draining answers new requests UNAVAILABLE (reason WORKER_DRAINING), finishes the ones
+        it runs, then ends the stream with OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTools(self, request, context):
         """Lists the tools this worker runs, with their schemas.
         """
@@ -73,6 +90,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ExecuteStep,
                     request_deserializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepRequest.FromString,
                     response_serializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepResponse.SerializeToString,
+            ),
+            'ExecuteSteps': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteSteps,
+                    request_deserializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepsRequest.FromString,
+                    response_serializer=cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepsResponse.SerializeToString,
             ),
             'ListTools': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTools,
@@ -108,6 +130,33 @@ class WorkerService:
             '/cuga.worker.v1.WorkerService/ExecuteStep',
             cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepRequest.SerializeToString,
             cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteSteps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cuga.worker.v1.WorkerService/ExecuteSteps',
+            cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepsRequest.SerializeToString,
+            cuga_dot_worker_dot_v1_dot_worker__pb2.ExecuteStepsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ from cuga.orchestrator import (
 from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.coordinator.servicer import CoordinatorServicer
 from cuga.shared.bootstrap import ServiceDefinition
-from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.config import EXECUTE_STEPS_METHOD, GRPC_SERVICE_NAMES, Settings
 from cuga.shared.metrics import observe_gauge
 from cuga.shared.telemetry import Telemetry
 
@@ -87,7 +87,12 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         unit="{record}",
         description="Audit records not yet acknowledged by the audit service",
     )
-    workers = RemoteWorkerPool(lambda address: WorkerClient(address, **options("worker")))  # type: ignore[arg-type]
+    workers = RemoteWorkerPool(
+        lambda address: WorkerClient(address, **options("worker")),  # type: ignore[arg-type]
+        retry=common.calls.worker.retry,
+        default_timeout_s=common.calls.worker.timeout_s,
+        calls=telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=False),
+    )
     store = open_run_store(
         config.run_store, data_dir=common.data_dir, dsn=config.dsn, replica_id=config.replica_id
     )

@@ -16,7 +16,12 @@ from cuga.services.worker.servicer import WorkerServicer
 from cuga.services.worker.store import IdempotencyStore
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
-from cuga.shared.config import GRPC_SERVICE_NAMES, ConfigError, Settings
+from cuga.shared.config import (
+    EXECUTE_STEPS_METHOD,
+    GRPC_SERVICE_NAMES,
+    ConfigError,
+    Settings,
+)
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolRegistry, ToolSpec
 from cuga.worker.v1 import worker_pb2_grpc
@@ -89,18 +94,24 @@ async def build_worker(
     registry = build_registry(config, tools)
     agent = build_agent(settings, config, registry, clock=clock)
     log.info("worker %s runs tools: %s", config.worker_id, ", ".join(registry.names()))
+    servicer = WorkerServicer(
+        agent, calls=telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=True)
+    )
 
     definition = ServiceDefinition(
         name="worker",
         registrations=[
             (
                 worker_pb2_grpc.add_WorkerServiceServicer_to_server,
-                WorkerServicer(agent),
+                servicer,
                 GRPC_SERVICE_NAMES["worker"],
             )
         ],
         telemetry=telemetry,
     )
+    # Before the grace period: open step streams stop taking steps (callers send them to
+    # another worker) and end once the steps they took are answered.
+    definition.on_stopping.append(servicer.drain)
 
     if config.register_with_routing:
         # One registrar per routing replica: each keeps its own soft-state registry.

@@ -2,22 +2,186 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
 import grpc
 
-from cuga.services.worker.domain import WorkerAgent, remaining
+from cuga.services.worker.domain import DOMAIN, WorkerAgent, remaining
+from cuga.shared.errors import (
+    CugaError,
+    InvalidArgumentError,
+    UnavailableError,
+    error_info,
+    from_exception,
+    wire_code,
+)
+from cuga.shared.telemetry import StreamedCalls
+from cuga.shared.validation import check_count, check_length
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
+
+#: Most entries of a request's ``trace_context``, and longest value (characters).
+MAX_TRACE_CONTEXT_ENTRIES = 8
+MAX_TRACE_CONTEXT_CHARS = 1024
+
+
+def step_error(error: CugaError) -> worker_pb2.StepError:
+    """An error as ExecuteSteps answers it: the status a unary call would carry."""
+    info = error_info(error)
+    return worker_pb2.StepError(
+        code=wire_code(error).value[0],
+        message=error.message,
+        reason=info.reason,
+        domain=info.domain,
+        metadata=info.metadata,
+    )
+
+
+class _StepStream:
+    """One open ExecuteSteps stream: requests run concurrently, answers go out as they end.
+
+    It ends (OK) when the caller has half-closed and every request is answered, or when
+    the worker drains and every request it had taken is answered; a request that breaks
+    the protocol (no call id, or one still in use) ends it with INVALID_ARGUMENT.
+    """
+
+    def __init__(
+        self,
+        agent: WorkerAgent,
+        calls: StreamedCalls | None,
+        context: grpc.aio.ServicerContext,
+        draining: bool,
+    ) -> None:
+        self._agent = agent
+        self._calls = calls
+        self._context = context
+        self._draining = draining
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._eof = False
+        self._error: CugaError | None = None
+        self._finished = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+
+    def drain(self) -> None:
+        """Take no new request; end once the ones taken are answered."""
+        self._draining = True
+        self._check_finished()
+
+    def _check_finished(self) -> None:
+        if self._error is not None or ((self._eof or self._draining) and not self._running):
+            self._finished.set()
+
+    async def serve(self, requests: AsyncIterator[worker_pb2.ExecuteStepsRequest]) -> None:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            await self._finished.wait()
+        finally:
+            reader.cancel()
+            for task in self._running.values():
+                task.cancel()  # the executions themselves go on (WorkerAgent shields them)
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
+        if self._error is not None:
+            raise self._error
+
+    async def _read(self, requests: AsyncIterator[worker_pb2.ExecuteStepsRequest]) -> None:
+        try:
+            async for request in requests:
+                self._take(request)
+                if self._finished.is_set():
+                    return
+        except BaseException:
+            self._finished.set()
+            raise
+        self._eof = True
+        self._check_finished()
+
+    def _take(self, request: worker_pb2.ExecuteStepsRequest) -> None:
+        call_id = request.call_id
+        if call_id == 0 or call_id in self._running:
+            self._error = InvalidArgumentError(
+                "call_id",
+                "is required (1 or more)" if call_id == 0 else f"{call_id} is still in use",
+            )
+            self._check_finished()
+            return
+        task = asyncio.create_task(self._answer(request))
+        self._running[call_id] = task
+        task.add_done_callback(lambda _: self._done(call_id))
+
+    def _done(self, call_id: int) -> None:
+        self._running.pop(call_id, None)
+        self._check_finished()
+
+    async def _answer(self, request: worker_pb2.ExecuteStepsRequest) -> None:
+        response = worker_pb2.ExecuteStepsResponse(call_id=request.call_id)
+        started = time.perf_counter()
+        span = token = None
+        if self._calls is not None:
+            span, token = self._calls.start_server(request.trace_context)
+        code = grpc.StatusCode.OK
+        message = ""
+        try:
+            if self._draining:
+                raise UnavailableError(
+                    "worker is draining; send the step to another worker or retry",
+                    reason="WORKER_DRAINING",
+                    domain=DOMAIN,
+                )
+            check_count("trace_context", request.trace_context, MAX_TRACE_CONTEXT_ENTRIES)
+            for value in request.trace_context.values():
+                check_length("trace_context", value, MAX_TRACE_CONTEXT_CHARS)
+            if not request.request.HasField("attempt_deadline"):
+                raise InvalidArgumentError(
+                    "request.attempt_deadline", "is required on ExecuteSteps"
+                )
+            response.result.CopyFrom(await self._agent.execute(request.request))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            error = from_exception(exc, DOMAIN)
+            if error.domain == "cuga":
+                error.domain = DOMAIN
+            code, message = wire_code(error), error.message
+            response.error.CopyFrom(step_error(error))
+        finally:
+            if span is not None and token is not None and self._calls is not None:
+                self._calls.end_server(span, token, code, message, started)
+        async with self._write_lock:
+            try:
+                await self._context.write(response)
+            except Exception:  # the stream is gone; the outcome is in the idempotency store
+                self._finished.set()
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Thin mapping onto a :class:`WorkerAgent`."""
+    """Thin mapping onto a :class:`WorkerAgent`.
 
-    def __init__(self, agent: WorkerAgent) -> None:
+    Args:
+        agent: runs the steps.
+        calls: spans and durations of the calls carried by ExecuteSteps (``None``: none).
+    """
+
+    def __init__(self, agent: WorkerAgent, *, calls: StreamedCalls | None = None) -> None:
         self._agent = agent
+        self._calls = calls
+        self._streams: set[_StepStream] = set()
+        #: Set once the worker drains (tests and probes wait on it).
+        self.draining = asyncio.Event()
 
     @property
     def agent(self) -> WorkerAgent:
         """The agent calls run on."""
         return self._agent
+
+    async def drain(self) -> None:
+        """The worker is stopping: open step streams take no new request and end once the
+        requests they took are answered (new ones are answered UNAVAILABLE)."""
+        self.draining.set()
+        for stream in list(self._streams):
+            stream.drain()
 
     async def ExecuteStep(
         self, request: worker_pb2.ExecuteStepRequest, context: grpc.aio.ServicerContext
@@ -25,6 +189,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Run one step (or replay its stored outcome)."""
         result = await self._agent.execute(request, timeout=remaining(context.time_remaining()))
         return worker_pb2.ExecuteStepResponse(result=result)
+
+    async def ExecuteSteps(
+        self,
+        request_iterator: AsyncIterator[worker_pb2.ExecuteStepsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Run the steps of a stream's requests; answer each by its call id."""
+        stream = _StepStream(self._agent, self._calls, context, self.draining.is_set())
+        self._streams.add(stream)
+        try:
+            await stream.serve(request_iterator)
+        finally:
+            self._streams.discard(stream)
 
     async def ListTools(
         self, request: worker_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
