@@ -26,6 +26,9 @@ WAITING = (
     "Thread.run (threading.py)",
     "_worker (concurrent/futures/thread.py)",
 )
+#: Native leaf functions where a thread blocks (``--native``: py-spy pauses the process and
+#: cannot tell idle threads, so their samples land here).
+NATIVE_WAITS = ("epoll_wait ", "epoll_pwait ", "poll ", "ppoll ", "select ", "syscall ")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 PROFILED = ("coordinator", "audit", "worker", "routing", "approval")
 
@@ -40,6 +43,9 @@ class ProfileSizes:
     """Samples per second."""
     steps: int = 50
     """Steps per run of the load."""
+    native: bool = False
+    """Sample native frames too (``py-spy --native``): where the C parts of a Python frame's
+    self time go."""
 
 
 def _short(frame: str) -> tuple[str, bool]:
@@ -77,7 +83,7 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
             continue
         total += count
         leaf = frames[-1][0]
-        if leaf in WAITING:
+        if leaf in WAITING or leaf.startswith(NATIVE_WAITS):
             continue
         busy += count
         self_counts[leaf] += count
@@ -113,7 +119,9 @@ async def run_profile(cluster: BenchCluster, sizes: ProfileSizes, out_dir: Path)
             str(int(sizes.seconds)),
             "--format",
             "raw",
-            "--nonblocking",
+            # --native must pause the process to unwind its C stack; otherwise py-spy
+            # reads the Python stacks without stopping it.
+            *(["--native"] if sizes.native else ["--nonblocking"]),
             "--full-filenames",
             "--output",
             str(out_dir / f"{name}.collapsed"),

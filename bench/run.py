@@ -1,6 +1,6 @@
 """``make bench``: run B0 to B5, print the figures, the ratios and which targets are met.
 
-Usage: ``python -m bench.run [--quick] [--only b0,b1,...] [--b4-runs N] [--profile]``.
+Usage: ``python -m bench.run [--quick] [--only b0,b1,...] [--b4-runs N] [--profile [--native]]``.
 Results go to ``bench/results/`` as JSON and Markdown (``latest.*`` and a timestamped
 copy). The exit status is 1 when a benchmark could not run, 0 otherwise: targets that are
 not met are reported, not treated as failures.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -168,6 +169,8 @@ async def _timed(
 async def main_async(args: argparse.Namespace) -> int:
     """Run the chosen benchmarks, write and print the report."""
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.native:
+        sizes = dataclasses.replace(sizes, profile=dataclasses.replace(sizes.profile, native=True))
     if args.b4_runs:
         sizes = Sizes(
             sizes.b0,
@@ -220,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile", action="store_true", help="also sample the services with py-spy"
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="with --profile: sample native frames too (gRPC core, protobuf, SQLite)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     return asyncio.run(main_async(parser.parse_args(argv)))
