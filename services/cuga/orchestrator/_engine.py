@@ -131,8 +131,11 @@ class EngineOptions:
     """ErrorPropagation when a request leaves it UNSPECIFIED."""
     retry: ExponentialBackoffPolicy = field(default_factory=ExponentialBackoffPolicy)
     """Step retry policy (overridable per request)."""
-    window: int = 16
+    window: int = 64
     """Steps whose routes and approvals are asked for in one batch call."""
+    route_ttl_s: float = 5.0
+    """A route asked this long before its step runs is asked again (seconds): routing
+    learns worker load once per heartbeat, so an older decision may be a stale one."""
     call_timeouts: dict[str, float] = field(default_factory=dict)
     """Per-authority default call deadline in seconds (capped by the run's remaining time)."""
     tool_cache_ttl_s: float = 30.0
@@ -191,7 +194,8 @@ class _Run:
         self.skipped: set[str] = set()
         self.spent = sum(r.cost for r in results.values())
         self.warned: set[str] = set()
-        self.routes: dict[str, common_pb2.RoutingDecision] = {}
+        # Routes asked ahead of their steps, with when they were asked (monotonic).
+        self.routes: dict[str, tuple[float, common_pb2.RoutingDecision]] = {}
         self.approvals: dict[str, approval_pb2.ApprovalRequest] = {}
         self.finished = asyncio.Event()
         self.prepare_lock = asyncio.Lock()
@@ -1164,12 +1168,16 @@ class CoordinatorAgent:
     async def _prepare(self, r: _Run, step_id: str, upcoming: Iterable[str]) -> None:
         """Route (and ask approval for) a window of steps in one call each."""
         async with r.prepare_lock:  # parallel steps share one batch instead of racing
-            if step_id not in r.routes:
+            if not self._fresh_route(r, step_id):
                 await self._prepare_window(r, step_id, upcoming)
+
+    def _fresh_route(self, r: _Run, step_id: str) -> bool:
+        route = r.routes.get(step_id)
+        return route is not None and self.clock.monotonic() - route[0] < self.options.route_ttl_s
 
     async def _prepare_window(self, r: _Run, step_id: str, upcoming: Iterable[str]) -> None:
         steps = {s.step_id: s for s in r.plan.steps}
-        ahead = [sid for sid in upcoming if sid != step_id and sid not in r.routes]
+        ahead = [sid for sid in upcoming if sid != step_id and not self._fresh_route(r, sid)]
         window = [step_id, *ahead[: self.options.window - 1]]
         with self.tracer.start_as_current_span(
             "cuga.route", attributes={"cuga.run_id": r.run_id, "cuga.steps": len(window)}
@@ -1182,10 +1190,15 @@ class CoordinatorAgent:
                 ),
                 timeout=self._remaining_capped(r.context, "routing"),
             )
+        asked = self.clock.monotonic()
         for decision in decisions:
-            r.routes[decision.step_id] = decision
+            r.routes[decision.step_id] = (asked, decision)
         # Approval needs resolved inputs: steps that refer to earlier outputs ask later.
-        askable = [steps[sid] for sid in window if not template_references(steps[sid])]
+        askable = [
+            steps[sid]
+            for sid in window
+            if sid not in r.approvals and not template_references(steps[sid])
+        ]
         if askable:
             await self._ask_approvals(r, askable, {d.step_id: d.target for d in decisions})
 
@@ -1285,7 +1298,7 @@ class CoordinatorAgent:
         """Route one step and pass its approval; the decision and the resolved step."""
         sid = step.step_id
         await self._prepare(r, sid, upcoming)
-        decision = r.routes.pop(sid)
+        _, decision = r.routes.pop(sid)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision)
         resolved = common_pb2.PlanStep()
         resolved.CopyFrom(step)

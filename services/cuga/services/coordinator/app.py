@@ -46,6 +46,7 @@ def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptio
             max_attempts=config.retry_max_attempts,
         ),
         window=config.window,
+        route_ttl_s=config.route_ttl_s,
         call_timeouts={
             name: calls.of(name).timeout_s
             for name in ("planning", "routing", "approval", "audit", "worker")

@@ -26,8 +26,12 @@ class CoordinatorConfig:
     """Step retry: largest delay, seconds."""
     retry_max_attempts: int = 3
     """Step retry: attempts in all, including the first (1 to 20)."""
-    window: int = 16
+    window: int = 64
     """Steps routed (and asked approval for) per batch call, 1 to 256."""
+    route_ttl_s: float = 5.0
+    """A route asked longer ago than this when its step comes up is asked again, seconds
+    (> 0). Routing learns worker load once per heartbeat (``worker.heartbeat_interval_s``,
+    5 s), so a younger decision is as informed as a new one would be."""
     tool_cache_ttl_s: float = 30.0
     """How long a worker's tool list is cached, seconds."""
     audit_batch: int = 64
@@ -67,6 +71,8 @@ class CoordinatorConfig:
             raise ConfigError("audit_linger_s", "must be between 0 and 5")
         if not 1 <= self.window <= 256:
             raise ConfigError("window", "must be between 1 and 256")
+        if self.route_ttl_s <= 0:
+            raise ConfigError("route_ttl_s", "must be > 0")
         if self.retry_base_delay_s <= 0:
             raise ConfigError("retry_base_delay_s", "must be > 0")
         if self.retry_multiplier < 1:
