@@ -129,6 +129,33 @@ def test_events_steps_and_state_are_written_together(opener: Opener) -> None:
     assert [e.seq for e in store.events_after("r1", 0)] == [1, 2, 3, 4]
 
 
+def test_a_runs_progress_is_its_newest_event_wherever_it_is_read(opener: Opener) -> None:
+    store = opener()
+    run = create(store, "r1")
+    for seq, stage in enumerate(
+        (
+            common_pb2.LIFECYCLE_STAGE_INITIALIZE,
+            common_pb2.LIFECYCLE_STAGE_PLAN,
+            common_pb2.LIFECYCLE_STAGE_ROUTE,
+        ),
+        start=1,
+    ):
+        store.append_event(run, event("r1", seq, stage, "s1" if seq == 3 else ""))
+    want = (3, common_pb2.LIFECYCLE_STAGE_ROUTE, T0 + 3, RUNNING)
+
+    def progress(r: coordinator_pb2.Run | None) -> tuple[int, int, float, int]:
+        assert r is not None
+        return (r.last_seq, r.stage, r.updated_at.ToNanoseconds() / 1e9, r.state)
+
+    other = opener()  # another process (or replica) reading the same store
+    for reader in (store, other):
+        assert progress(reader.get_run("r1")) == want
+        assert progress(reader.list_runs(after=None, limit=5, state=0, profile="")[0][1]) == want
+    store.close()
+    third = opener()  # a restarted coordinator finds the run where it was
+    assert [progress(r) for r in third.running_runs()] == [want]
+
+
 def test_list_runs_pages_newest_first_with_filters(opener: Opener) -> None:
     store = opener()
     for i in range(5):

@@ -115,6 +115,11 @@ _STATE_BY_STAGE = {
 }
 
 _TERMINAL_STAGES = frozenset(_STATE_BY_STAGE)
+#: The newest event of the run of a ``runs`` row, as column ``last_event``.
+_LAST_EVENT = (
+    "(SELECT e.event FROM events e WHERE e.run_id = runs.run_id"
+    " ORDER BY e.seq DESC LIMIT 1) AS last_event"
+)
 
 #: NOTIFY channel of event writes; the payload is the run id.
 EVENTS_CHANNEL = "cuga_run_events"
@@ -225,6 +230,9 @@ class SqlRunStore:
         replica_id: who stamps the runs it creates or updates.
     """
 
+    #: Whether event writes NOTIFY other replicas (they must then be transactions).
+    _notifies = False
+
     def __init__(self, db: Database, replica_id: str) -> None:
         self._db = db
         self.replica_id = replica_id
@@ -269,8 +277,10 @@ class SqlRunStore:
 
     def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
         """A run, or None."""
-        row = self._db.execute("SELECT run FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return coordinator_pb2.Run.FromString(row["run"]) if row else None
+        row = self._db.execute(
+            f"SELECT run, {_LAST_EVENT} FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return self._progressed(row["run"], row["last_event"]) if row else None
 
     def get_request(self, run_id: str) -> coordinator_pb2.OrchestrateRequest:
         """The request a run was started with."""
@@ -331,28 +341,49 @@ class SqlRunStore:
         event: common_pb2.OrchestrationEvent,
         step_result: common_pb2.StepResult | None = None,
     ) -> None:
-        """Write an event (and the step result it reports) and the run's new state at once."""
+        """Write an event (and the step result it reports) and the run's new state at once.
+
+        The stored run record is rewritten only when its state changes (a terminal event):
+        its progress (``last_seq``, ``stage``, ``updated_at``) is read from its newest
+        event instead (:meth:`_progressed`), so a step's events are one small insert each
+        and not a rewrite of a record that holds the whole request and plan.
+        """
         run.last_seq = event.seq
         run.stage = event.stage
         run.updated_at.CopyFrom(event.timestamp)
-        if event.stage in _STATE_BY_STAGE:
-            run.state = _STATE_BY_STAGE[event.stage]
+        state = _STATE_BY_STAGE.get(event.stage)
+        insert = (event.run_id, event.seq, event.SerializeToString())
+        if state is None and step_result is None and not self._notifies:
+            # One statement is its own transaction: committed before it returns.
+            self._db.execute("INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)", insert)
+            return
+        if state is not None:
+            run.state = state
         with self._db.transaction() as db:
-            db.execute(
-                "INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)",
-                (event.run_id, event.seq, event.SerializeToString()),
-            )
+            db.execute("INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)", insert)
             if step_result is not None:
                 db.execute(
                     "INSERT INTO steps (run_id, step_id, result) VALUES (?, ?, ?)"
                     " ON CONFLICT (run_id, step_id) DO UPDATE SET result = excluded.result",
                     (event.run_id, step_result.step_id, step_result.SerializeToString()),
                 )
-            db.execute(
-                "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
-                (run.state, run.SerializeToString(), run.run_id),
-            )
+            if state is not None:
+                db.execute(
+                    "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
+                    (run.state, run.SerializeToString(), run.run_id),
+                )
             self._notify(db, run.run_id)
+
+    def _progressed(self, run_blob: bytes, last_event: bytes | None) -> coordinator_pb2.Run:
+        """A stored run record brought up to its newest event (see :meth:`append_event`)."""
+        run = coordinator_pb2.Run.FromString(run_blob)
+        if last_event:
+            event = common_pb2.OrchestrationEvent.FromString(last_event)
+            if event.seq > run.last_seq:
+                run.last_seq = event.seq
+                run.stage = event.stage
+                run.updated_at.CopyFrom(event.timestamp)
+        return run
 
     def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
         """Stored step results by step id."""
@@ -372,7 +403,7 @@ class SqlRunStore:
         self, *, after: tuple[int, str] | None, limit: int, state: int, profile: str
     ) -> list[tuple[int, coordinator_pb2.Run]]:
         """Runs newest first, with their sort key, after a (created_ns, run_id) position."""
-        sql = "SELECT created_ns, run FROM runs WHERE 1 = 1"
+        sql = f"SELECT created_ns, run, {_LAST_EVENT} FROM runs WHERE 1 = 1"
         args: list[object] = []
         if after is not None:
             sql += " AND (created_ns, run_id) < (?, ?)"
@@ -386,16 +417,17 @@ class SqlRunStore:
         sql += " ORDER BY created_ns DESC, run_id DESC LIMIT ?"
         args.append(limit)
         return [
-            (int(r["created_ns"]), coordinator_pb2.Run.FromString(r["run"]))
+            (int(r["created_ns"]), self._progressed(r["run"], r["last_event"]))
             for r in self._db.execute(sql, args)
         ]
 
     def running_runs(self) -> Iterator[coordinator_pb2.Run]:
         """Runs stored as RUNNING (in flight when the coordinator stopped)."""
         rows = self._db.execute(
-            "SELECT run FROM runs WHERE state = ?", (coordinator_pb2.RUN_STATE_RUNNING,)
+            f"SELECT run, {_LAST_EVENT} FROM runs WHERE state = ?",
+            (coordinator_pb2.RUN_STATE_RUNNING,),
         ).fetchall()
-        return (coordinator_pb2.Run.FromString(r["run"]) for r in rows)
+        return (self._progressed(r["run"], r["last_event"]) for r in rows)
 
     async def follow(
         self, run_id: str, after_seq: int
@@ -479,6 +511,8 @@ class PostgresRunStore(SqlRunStore):
         if not held:
             log.error("replica id %s is held by another session", self.replica_id)
         return held
+
+    _notifies = True
 
     def _notify(self, db: Database, run_id: str) -> None:
         db.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, run_id))
@@ -586,9 +620,10 @@ class PostgresRunStore(SqlRunStore):
         # This replica's own id first (runs of this process, which the engine skips as
         # live, or of its earlier life under a stable id), then the dead replicas' runs.
         rows = self._db.execute(
-            "SELECT run FROM runs WHERE state = ? AND owner = ?", (running, self.replica_id)
+            f"SELECT run, {_LAST_EVENT} FROM runs WHERE state = ? AND owner = ?",
+            (running, self.replica_id),
         ).fetchall()
-        claimed = [coordinator_pb2.Run.FromString(r["run"]) for r in rows]
+        claimed = [self._progressed(r["run"], r["last_event"]) for r in rows]
         for owner in owners:
             got = self._db.execute(
                 "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
@@ -598,10 +633,11 @@ class PostgresRunStore(SqlRunStore):
             try:
                 with self._db.transaction() as db:  # not idempotent: never resent
                     rows = db.execute(
-                        "UPDATE runs SET owner = ? WHERE state = ? AND owner = ? RETURNING run",
+                        "UPDATE runs SET owner = ? WHERE state = ? AND owner = ?"
+                        f" RETURNING run, {_LAST_EVENT}",
                         (self.replica_id, running, owner),
                     ).fetchall()
-                claimed += [coordinator_pb2.Run.FromString(r["run"]) for r in rows]
+                claimed += [self._progressed(r["run"], r["last_event"]) for r in rows]
             finally:
                 self._db.execute(
                     "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
