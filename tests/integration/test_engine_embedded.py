@@ -244,6 +244,43 @@ async def test_resume_runs_only_what_is_left(env: Env) -> None:
         [e async for e in env.agent.resume(run_id)]
 
 
+async def test_a_run_whose_events_cannot_be_stored_stops_and_resumes_running_nothing_twice(
+    env: Env, tmp_path: Path
+) -> None:
+    GATES["st"] = asyncio.Event()
+    ENTERED["st"] = asyncio.Event()
+    plan = [
+        step("a", "count", name="a"),
+        step("g", "gate", ("a",), name="st"),
+        step("c", "count", ("g",), name="c"),
+    ]
+    events: list[S.OrchestrationEvent] = []
+
+    async def follow() -> None:
+        async for e in env.agent.orchestrate("g", plan=plan):
+            events.append(e)
+
+    client = asyncio.create_task(follow())
+    await asyncio.wait_for(ENTERED["st"].wait(), 10)
+    # The run store starts refusing writes (a read-only database) while g runs: g's
+    # EXECUTE and c's ROUTE are written, together, only after c was sent to the worker.
+    db = env.agent.store._db.conn  # type: ignore[attr-defined]
+    db.execute("PRAGMA query_only = 1")
+    GATES["st"].set()
+    await asyncio.wait_for(client, 10)
+    run_id = events[0].run_id
+    assert stages(events)[-1] == "ROUTE" and events[-1].step_id == "g"  # nothing unstored
+    db.execute("PRAGMA query_only = 0")
+    assert [e.seq for e in env.agent.store.events_after(run_id, 0)] == [e.seq for e in events]
+    assert env.agent.store.get_run(run_id).state == 1  # left RUNNING: its task stopped
+    assert await env.agent.recover() == [run_id]  # as a restarted coordinator finds it
+    resumed = [e async for e in env.agent.resume(run_id)]
+    assert stages(resumed)[-1] == "COMPLETE"
+    replayed = {e.step_id: e.step_result.replayed for e in resumed if e.HasField("step_result")}
+    assert replayed == {"g": True, "c": True}  # sent again: the worker's stored results
+    assert [count_of(env.sandbox, n) for n in ("a", "st", "c")] == [1, 1, 1]
+
+
 async def test_watch_after_a_dropped_stream_misses_nothing(env: Env) -> None:
     GATES["w1"] = asyncio.Event()
     ENTERED["w1"] = asyncio.Event()

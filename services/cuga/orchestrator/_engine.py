@@ -38,7 +38,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input, template_references
-from cuga.orchestrator._runstore import RunStore
+from cuga.orchestrator._runstore import EventWrite, RunStore
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.authorities import (
@@ -201,6 +201,8 @@ class _Run:
         self.prepare_lock = asyncio.Lock()
         self.executing: asyncio.Task[None] | None = None
         self.deadline_passed = False
+        # Set when a deferred write of this run's events failed: the run stops there.
+        self.store_failed: BaseException | None = None
 
     @property
     def run_id(self) -> str:
@@ -367,6 +369,10 @@ class CoordinatorAgent:
         self._finishing = 0
         self._finishing_room = asyncio.Event()
         self._finishing_room.set()
+        # Events assigned a seq but not yet stored, in order (see _emit).
+        self._outbox: list[EventWrite] = []
+        self._outbox_runs: list[_Run] = []
+        self._flush_scheduled = False
 
     # ------------------------------------------------------------------ public API
 
@@ -814,8 +820,20 @@ class CoordinatorAgent:
         *,
         step_id: str = "",
         step_result: common_pb2.StepResult | None = None,
+        defer: bool = False,
         **payload: Any,
     ) -> common_pb2.OrchestrationEvent:
+        """Number, store and publish an event: stored before anyone can see it.
+
+        ``defer`` (a step's ROUTE and its successful EXECUTE) leaves the write pending
+        until the caller's :meth:`_flush_soon` runs, once the next step's request is on its
+        way to its worker: the write (one transaction for every event pending then, of
+        every run) happens while the worker runs it. Any other event is written at once,
+        after those pending. A deferred event is published only once stored, like any
+        other; a coordinator that dies before the flush has published none of them, and a
+        resumed run sends the unrecorded steps again under their idempotency keys (the
+        workers replay them, no tool runs twice).
+        """
         r.seq += 1
         event = common_pb2.OrchestrationEvent(
             run_id=r.run_id,
@@ -828,12 +846,48 @@ class CoordinatorAgent:
         )
         if step_result is not None:
             event.step_result.CopyFrom(step_result)
-        # Durable before visible: the store write comes first.
-        self.store.append_event(r.run, event, step_result)
-        for queue in r.subscribers:
-            queue.put_nowait(event)
-        self._queue_audit(r, event)
+        self._outbox.append((r.run, event, step_result))
+        self._outbox_runs.append(r)
+        if not defer:
+            self._flush()
         return event
+
+    def _flush_soon(self) -> None:
+        """Write the pending events once the running callback yields to the loop."""
+        if self._outbox and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_deferred)
+
+    def _flush_deferred(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self._flush()
+        except Exception:
+            log.exception("run store refused a write; the runs it held stop")
+
+    def _flush(self) -> None:
+        """Store every pending event in one transaction, then publish them in order.
+
+        When the store refuses, the events are dropped unpublished and their runs stop
+        (left RUNNING in the store: a restart marks them INTERRUPTED, resumable).
+        """
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        runs, self._outbox_runs = self._outbox_runs, []
+        try:
+            self.store.append_events(batch)
+        except BaseException as exc:
+            current = asyncio.current_task()
+            for r in dict.fromkeys(runs):
+                r.store_failed = exc
+                if r.task is not None and r.task is not current and not r.task.done():
+                    r.task.cancel()
+            raise
+        for r, (_, event, _) in zip(runs, batch, strict=True):
+            for queue in r.subscribers:
+                queue.put_nowait(event)
+            self._queue_audit(r, event)
 
     def _queue_audit(self, r: _Run, event: common_pb2.OrchestrationEvent) -> None:
         kind = _audit_kind(event)
@@ -897,6 +951,9 @@ class CoordinatorAgent:
                 )
                 await self._drive_in_span(r, span)
         finally:
+            if r.store_failed is None and r in self._outbox_runs:
+                with contextlib.suppress(Exception):  # logged; the run stops either way
+                    self._flush()
             self.metrics.runs_active.add(-1)
             otel_context.detach(bag)
             current_run_id.reset(token)
@@ -945,6 +1002,9 @@ class CoordinatorAgent:
             await self._transition(plan_id, common_pb2.PLAN_STATE_FAILED, r, failed.error.message)
             return
         except asyncio.CancelledError:
+            if r.store_failed is not None:
+                log.error("run %s stopped: its events could not be stored", r.run_id)
+                raise
             if r.deadline_passed and not r.cancel_reason:
                 self._finish_failed(r, DeadlineExceededError("the run's deadline passed"), "")
                 await self._transition(plan_id, common_pb2.PLAN_STATE_FAILED, r, "deadline passed")
@@ -954,6 +1014,7 @@ class CoordinatorAgent:
                 await self._transition(plan_id, common_pb2.PLAN_STATE_CANCELLED, r, r.cancel_reason)
                 return
             # The coordinator is stopping: leave the run resumable.
+            self._flush()
             r.run.state = coordinator_pb2.RUN_STATE_INTERRUPTED
             self.store.update_run(r.run)
             raise
@@ -1141,6 +1202,9 @@ class CoordinatorAgent:
                     running[task] = sid
                 if not running:
                     break
+                # A finished step's EXECUTE, deferred: written once the steps just started
+                # have sent their requests (their tasks run before this callback).
+                self._flush_soon()
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=lambda t: position[running[t]]):
                     sid = running.pop(task)
@@ -1299,7 +1363,9 @@ class CoordinatorAgent:
         sid = step.step_id
         await self._prepare(r, sid, upcoming)
         _, decision = r.routes.pop(sid)
-        self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision)
+        # Written (with the previous step's EXECUTE) once this step's request is sent.
+        self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision, defer=True)
+        self._flush_soon()
         resolved = common_pb2.PlanStep()
         resolved.CopyFrom(step)
         references = template_references(step)
@@ -1480,7 +1546,11 @@ class CoordinatorAgent:
                     result.attempt = attempt
                     r.results[sid] = result
                     self._emit(
-                        r, common_pb2.LIFECYCLE_STAGE_EXECUTE, step_id=sid, step_result=result
+                        r,
+                        common_pb2.LIFECYCLE_STAGE_EXECUTE,
+                        step_id=sid,
+                        step_result=result,
+                        defer=True,
                     )
                     return
             action = self.handle_error(

@@ -30,9 +30,9 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import psycopg
 
@@ -115,6 +115,10 @@ _STATE_BY_STAGE = {
 }
 
 _TERMINAL_STAGES = frozenset(_STATE_BY_STAGE)
+#: One event to write: the run it belongs to, the event, the step result it reports.
+EventWrite: TypeAlias = tuple[
+    coordinator_pb2.Run, common_pb2.OrchestrationEvent, common_pb2.StepResult | None
+]
 #: The newest event of the run of a ``runs`` row, as column ``last_event``.
 _LAST_EVENT = (
     "(SELECT e.event FROM events e WHERE e.run_id = runs.run_id"
@@ -183,6 +187,11 @@ class RunStore(Protocol):
         step_result: common_pb2.StepResult | None = None,
     ) -> None:
         """Write an event (and the step result it reports) and the run's new state at once."""
+        ...
+
+    def append_events(self, items: Sequence[EventWrite]) -> None:
+        """Write several events, of one run or several, in order and in one transaction:
+        each as :meth:`append_event` would (a group commit)."""
         ...
 
     def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
@@ -341,38 +350,54 @@ class SqlRunStore:
         event: common_pb2.OrchestrationEvent,
         step_result: common_pb2.StepResult | None = None,
     ) -> None:
-        """Write an event (and the step result it reports) and the run's new state at once.
+        """Write an event (and the step result it reports) and the run's new state at once."""
+        self.append_events(((run, event, step_result),))
 
-        The stored run record is rewritten only when its state changes (a terminal event):
-        its progress (``last_seq``, ``stage``, ``updated_at``) is read from its newest
-        event instead (:meth:`_progressed`), so a step's events are one small insert each
-        and not a rewrite of a record that holds the whole request and plan.
+    def append_events(self, items: Sequence[EventWrite]) -> None:
+        """Write events in order, in one transaction (a group commit).
+
+        A run's record is rewritten only when its state changes (a terminal event): its
+        progress (``last_seq``, ``stage``, ``updated_at``) is read from its newest event
+        instead (:meth:`_progressed`), so a step's events are small inserts and not a
+        rewrite of a record that holds the whole request and plan. A lone event without a
+        step result or state change is one autocommit insert on SQLite.
         """
-        run.last_seq = event.seq
-        run.stage = event.stage
-        run.updated_at.CopyFrom(event.timestamp)
-        state = _STATE_BY_STAGE.get(event.stage)
-        insert = (event.run_id, event.seq, event.SerializeToString())
-        if state is None and step_result is None and not self._notifies:
-            # One statement is its own transaction: committed before it returns.
-            self._db.execute("INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)", insert)
-            return
-        if state is not None:
-            run.state = state
-        with self._db.transaction() as db:
-            db.execute("INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)", insert)
-            if step_result is not None:
-                db.execute(
-                    "INSERT INTO steps (run_id, step_id, result) VALUES (?, ?, ?)"
-                    " ON CONFLICT (run_id, step_id) DO UPDATE SET result = excluded.result",
-                    (event.run_id, step_result.step_id, step_result.SerializeToString()),
-                )
+        changed: dict[str, coordinator_pb2.Run] = {}
+        for run, event, _ in items:
+            run.last_seq = event.seq
+            run.stage = event.stage
+            run.updated_at.CopyFrom(event.timestamp)
+            state = _STATE_BY_STAGE.get(event.stage)
             if state is not None:
+                run.state = state
+                changed[run.run_id] = run
+        if len(items) == 1 and not changed and items[0][2] is None and not self._notifies:
+            event = items[0][1]
+            # One statement is its own transaction: committed before it returns.
+            self._db.execute(
+                "INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)",
+                (event.run_id, event.seq, event.SerializeToString()),
+            )
+            return
+        with self._db.transaction() as db:
+            for _, event, step_result in items:
+                db.execute(
+                    "INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)",
+                    (event.run_id, event.seq, event.SerializeToString()),
+                )
+                if step_result is not None:
+                    db.execute(
+                        "INSERT INTO steps (run_id, step_id, result) VALUES (?, ?, ?)"
+                        " ON CONFLICT (run_id, step_id) DO UPDATE SET result = excluded.result",
+                        (event.run_id, step_result.step_id, step_result.SerializeToString()),
+                    )
+            for run in changed.values():
                 db.execute(
                     "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
                     (run.state, run.SerializeToString(), run.run_id),
                 )
-            self._notify(db, run.run_id)
+            for run_id in dict.fromkeys(event.run_id for _, event, _ in items):
+                self._notify(db, run_id)
 
     def _progressed(self, run_blob: bytes, last_event: bytes | None) -> coordinator_pb2.Run:
         """A stored run record brought up to its newest event (see :meth:`append_event`)."""
@@ -710,6 +735,7 @@ def open_run_store(
 __all__ = [
     "CANCEL_CHANNEL",
     "EVENTS_CHANNEL",
+    "EventWrite",
     "PostgresRunStore",
     "RunStore",
     "SQLiteRunStore",
