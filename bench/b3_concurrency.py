@@ -3,7 +3,8 @@
 All streams start together over one client channel. Errors are streams that broke or
 ended in anything but COMPLETE, or saw fewer EXECUTE events than steps. Steps/s is all
 steps over the wall time from the first call to the last terminal event; the time per
-step is the gap between consecutive EXECUTE events within each run.
+step is the gap between consecutive EXECUTE events within each run. Also each process's CPU
+per step over the measured rounds (per-run work — planning, four run events — included).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.cluster import BenchCluster, RunTrace, chain_plan, orchestrate
+from bench.cluster import BenchCluster, RunTrace, chain_plan, cpu_seconds, orchestrate
 from bench.stats import intervals, percentile
 
 
@@ -43,6 +44,9 @@ async def _round(cluster: BenchCluster, streams: int, steps: int) -> tuple[float
 async def run_b3(cluster: BenchCluster, sizes: ConcurrencySizes) -> dict[str, Any]:
     """A warm-up round, then the measured rounds."""
     await _round(cluster, sizes.warmup_streams, sizes.steps)
+    pids = cluster.pids()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
     rates: list[float] = []
     gaps: list[float] = []
     errors = 0
@@ -56,7 +60,11 @@ async def run_b3(cluster: BenchCluster, sizes: ConcurrencySizes) -> dict[str, An
                 if len(examples) < 3:
                     examples.append(t.error or f"terminal stage {t.terminal}")
             gaps += intervals(t.executes)
+    steps_done = sizes.rounds * sizes.streams * sizes.steps
+    cpu = {name: (cpu_seconds(pid) - before[name]) * 1e6 / steps_done for name, pid in pids.items()}
+    cpu["client (bench)"] = (time.process_time() - client_before) * 1e6 / steps_done
     return {
+        "cpu_us_per_step": cpu,
         "errors": errors,
         "error_examples": examples,
         "steps_per_s": sorted(rates)[len(rates) // 2],

@@ -234,13 +234,13 @@ def compute_ratios(figures: Figures) -> list[Ratio]:
 
 
 def step_traffic_floor_us(figures: Figures) -> float | None:
-    """CPU of one step's gRPC traffic with nothing of ours in it: one bare unary call (the
-    worker call) and two bare stream messages (the ROUTE and EXECUTE events), from B0."""
-    unary = _get(figures, "b0", "unary_cpu_us")
+    """CPU of one step's gRPC traffic with nothing of ours in it, from B0: four bare stream
+    messages sent one at a time — the step's request to its worker and the answer (both
+    on the ExecuteSteps stream), and the ROUTE and EXECUTE events to the client."""
     message = _get(figures, "b0", "stream_msg_cpu_us")
-    if unary is None or message is None:
+    if message is None:
         return None
-    return unary + 2 * message
+    return 4 * message
 
 
 def _mark(met: bool | None) -> str:
@@ -272,28 +272,43 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(
             f"| {r['name']} ({r['detail']}) | {value} | {r['target']} | {_mark(r['met'])} |"
         )
-    breakdown = figures.get("b1", {}).get("cpu_us_per_step")
-    if isinstance(breakdown, Mapping) and breakdown:
+    columns = [
+        (label, breakdown)
+        for bench, label in (
+            ("b1", "B1, 50-step sequential runs"),
+            ("b3", "B3, 200 concurrent runs"),
+        )
+        if isinstance(breakdown := figures.get(bench, {}).get("cpu_us_per_step"), Mapping)
+        and breakdown
+    ]
+    if columns:
+        first = columns[0][1]
+        names = sorted({n for _, b in columns for n in b}, key=lambda n: -float(first.get(n, 0)))
         lines += [
             "",
-            "CPU per step of the 50-step runs, by process (µs, from /proc utime+stime):",
+            "CPU per step by process (µs, from /proc utime+stime; B3's includes each run's"
+            " own work: plan, run events, transitions):",
             "",
-            "| process | CPU µs per step |",
-            "|---|---:|",
+            "| process | " + " | ".join(label for label, _ in columns) + " |",
+            "|---|" + "---:|" * len(columns),
         ]
-        for name, value in sorted(breakdown.items(), key=lambda kv: -float(kv[1])):
-            lines.append(f"| {name} | {float(value):,.0f} |")
-        total = sum(float(v) for v in breakdown.values())
-        lines += ["| all | " + f"{total:,.0f} |"]
+        for name in names:
+            cells = [f"{float(b[name]):,.0f}" if name in b else "—" for _, b in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        totals = [sum(float(v) for v in b.values()) for _, b in columns]
+        lines.append("| all | " + " | ".join(f"{t:,.0f}" for t in totals) + " |")
         floor = step_traffic_floor_us(figures)
-        if floor is not None and total > 0:
+        b1 = figures.get("b1", {}).get("cpu_us_per_step")
+        if floor is not None and isinstance(b1, Mapping) and b1:
+            total = sum(float(v) for v in b1.values())
+            cpus = float(meta.get("cpus", 2) or 2)
             lines += [
                 "",
-                f"The gRPC traffic of one step — the worker call and two events streamed"
-                f" (ROUTE, EXECUTE) — costs {floor:,.0f} µs of CPU when bare (B0): "
-                f"{floor / total:.0%} of B1's CPU per step. On {meta.get('cpus', 2)} cores"
-                f" that traffic alone bounds a step to at least"
-                f" {floor / float(meta.get('cpus', 2) or 2):,.0f} µs.",
+                "The gRPC traffic of one step — its request and answer on the worker stream"
+                " and the ROUTE and EXECUTE events to the client, four messages — costs"
+                f" {floor:,.0f} µs of CPU when bare (B0): {floor / total:.0%} of B1's CPU per"
+                f" step. On {cpus:g} cores that traffic alone bounds a step to at least"
+                f" {floor / cpus:,.0f} µs.",
             ]
     notes = results.get("notes", [])
     if notes:

@@ -52,7 +52,12 @@ FIGURES: dict[str, dict[str, Any]] = {
     },
     "b1": {"step_p50_us": 700.0, "cpu_us_per_step": {"coordinator": 300.0}, "auth_enforced": False},
     "b2": {"sqlite_node_p50_us": 800.0},
-    "b3": {"errors": 0, "steps_per_s": 900.0, "streams": 200},
+    "b3": {
+        "errors": 0,
+        "steps_per_s": 900.0,
+        "streams": 200,
+        "cpu_us_per_step": {"coordinator": 500.0, "worker": 200.0},
+    },
     "b4": {"rss_small_mib": 70.0, "rss_large_mib": 95.0, "runs_small": 1000, "runs_large": 10000},
     "b5": {"chained_per_s": 600.0, "plain_per_s": 1000.0},
 }
@@ -87,10 +92,14 @@ def test_report_writer(tmp_path: Path) -> None:
     assert markdown == render_markdown(results) == (tmp_path / "latest.md").read_text()
     assert "| B0 bare grpc.aio unary call, p50 | 500 | µs |" in markdown
     assert "**not met**" in markdown and "**met**" in markdown
-    assert "| coordinator | 300 |" in markdown
-    assert step_traffic_floor_us(FIGURES) == 1100.0  # 600 + 2 * 250
-    assert "costs 1,100 µs of CPU when bare (B0): 367% of B1's CPU per step" in markdown
-    assert "bounds a step to at least 550 µs" in markdown
+    assert "| process | B1, 50-step sequential runs | B3, 200 concurrent runs |" in markdown
+    assert "| coordinator | 300 | 500 |" in markdown and "| worker | — | 200 |" in markdown
+    assert "| all | 300 | 700 |" in markdown
+    assert (
+        step_traffic_floor_us(FIGURES) == 1000.0
+    )  # 4 * 250: two worker-stream messages, two events
+    assert "costs 1,000 µs of CPU when bare (B0): 333% of B1's CPU per step" in markdown
+    assert "bounds a step to at least 500 µs" in markdown
     assert "- a note" in markdown
 
 
