@@ -179,3 +179,29 @@ async def test_audit_outage_during_a_run_loses_and_doubles_nothing(tmp_path: Pat
     seqs = [struct_to_dict(r.payload)["seq"] for r in records]
     expected = [e.seq for e in events if e.stage != S.LIFECYCLE_STAGE_AGGREGATE]
     assert seqs == expected
+
+
+async def test_an_embedded_engine_drives_remote_authorities_with_its_credentials(
+    tmp_path: Path,
+) -> None:
+    from cuga.orchestrator import create_coordinator
+    from tests.support.servers import as_service
+
+    async with running_cluster(make_settings(tmp_path / "data")) as cluster:
+        remote = {n: cluster.address(n) for n in ("planning", "routing", "approval", "worker")}
+        # This process calls as the coordinator (auth is on in the cluster).
+        settings = as_service(make_settings(tmp_path / "embedded"), "coordinator")
+        agent = await create_coordinator(
+            settings=settings, addresses=remote, planning_mode="explicit", audit_backend="none"
+        )
+        try:
+            events = [
+                e
+                async for e in agent.orchestrate(
+                    "two steps", plan=[_step("a", "echo", text="x"), _step("b", "echo", ("a",))]
+                )
+            ]
+        finally:
+            await agent.close()
+    assert events[-1].stage == S.LIFECYCLE_STAGE_COMPLETE
+    assert [e.step_id for e in events if e.HasField("step_result")] == ["a", "b"]

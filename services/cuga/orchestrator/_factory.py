@@ -117,6 +117,9 @@ async def create_coordinator(
         return {
             "call": common.calls.of(service),
             "max_message_bytes": common.limits.max_message_bytes,
+            # Calls as the configured identity (auth.token / token_file, TLS client
+            # certificate): remote authorities refuse anonymous callers.
+            **common.client_security(),
         }
 
     # Worker pool and its tools.
