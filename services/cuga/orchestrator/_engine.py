@@ -1190,9 +1190,42 @@ class CoordinatorAgent:
                     del unfinished[sid]
                     stack.extend(dependants.get(sid, ()))
 
+        def finished(sid: str, exc: BaseException | None) -> None:
+            if exc is None:
+                for later in dependants.get(sid, ()):
+                    if later in unfinished:
+                        unfinished[later] -= 1
+                        if not unfinished[later]:
+                            heapq.heappush(ready, (position[later], later))
+                return
+            if isinstance(exc, _StepFailed):
+                action = self.handle_error(exc.error, strategy)
+                if action is ErrorAction.CONTINUE:
+                    r.failures.append(_error_detail(exc.error, sid))
+                    skip_after(sid)
+                    return
+            raise exc
+
         running: dict[asyncio.Task[None], str] = {}
         try:
             while ready or running:
+                if not running and len(ready) == 1:
+                    # The only step that can run: run it here, without a task of its own
+                    # (the common case of a chain; nothing else can become ready meanwhile).
+                    _, sid = heapq.heappop(ready)
+                    if sid not in unfinished:  # skipped while it waited
+                        continue
+                    del unfinished[sid]
+                    # A finished step's EXECUTE, deferred: written once this step's request
+                    # is sent (this task runs until then before the callback does).
+                    self._flush_soon()
+                    try:
+                        await self._step(r, steps[sid], strategy, unfinished)
+                    except _StepFailed as failed:
+                        finished(sid, failed)
+                    else:
+                        finished(sid, None)
+                    continue
                 while ready and len(running) < parallelism:
                     _, sid = heapq.heappop(ready)
                     if sid not in unfinished:  # skipped while it waited
@@ -1202,27 +1235,10 @@ class CoordinatorAgent:
                     running[task] = sid
                 if not running:
                     break
-                # A finished step's EXECUTE, deferred: written once the steps just started
-                # have sent their requests (their tasks run before this callback).
-                self._flush_soon()
+                self._flush_soon()  # after the tasks just started have sent their requests
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=lambda t: position[running[t]]):
-                    sid = running.pop(task)
-                    exc = task.exception()
-                    if exc is None:
-                        for later in dependants.get(sid, ()):
-                            if later in unfinished:
-                                unfinished[later] -= 1
-                                if not unfinished[later]:
-                                    heapq.heappush(ready, (position[later], later))
-                        continue
-                    if isinstance(exc, _StepFailed):
-                        action = self.handle_error(exc.error, strategy)
-                        if action is ErrorAction.CONTINUE:
-                            r.failures.append(_error_detail(exc.error, sid))
-                            skip_after(sid)
-                            continue
-                    raise exc
+                    finished(running.pop(task), task.exception())
         finally:
             for task in running:
                 task.cancel()

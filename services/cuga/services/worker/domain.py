@@ -114,7 +114,8 @@ class WorkerLimits:
 @dataclass
 class _InFlight:
     fingerprint: str
-    task: asyncio.Task[common_pb2.StepResult]
+    done: asyncio.Future[common_pb2.StepResult]
+    """The execution's outcome, for callers that join it (and for :meth:`close`)."""
     joined: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -241,7 +242,11 @@ class WorkerAgent:
         return self._registry.get(step.tool)
 
     async def execute(
-        self, request: worker_pb2.ExecuteStepRequest, *, timeout: float | None = None
+        self,
+        request: worker_pb2.ExecuteStepRequest,
+        *,
+        timeout: float | None = None,
+        in_caller_task: bool = False,
     ) -> common_pb2.StepResult:
         """Run the step's tool, or answer from the idempotency store.
 
@@ -249,6 +254,9 @@ class WorkerAgent:
             request: the step, its context, the idempotency key and the attempt.
             timeout: seconds left of the caller's deadline (``None``: none); the tool runs
                 under the shortest of this, the tool's timeout and the run's deadline.
+            in_caller_task: run the tool in the calling task instead of a task of its own.
+                Only for a caller that is never cancelled before this returns (the step
+                stream's per-request tasks): a cancelled execution writes no record.
 
         Raises:
             InvalidArgumentError: a malformed request or an input failing the tool's schema
@@ -267,7 +275,7 @@ class WorkerAgent:
         if running is not None:
             self._check_fingerprint(key, running.fingerprint, fp)
             running.joined.set()
-            result = await asyncio.shield(running.task)
+            result = await asyncio.shield(running.done)
             joined = common_pb2.StepResult()
             joined.CopyFrom(result)
             joined.replayed = True  # this caller did not run the tool
@@ -298,17 +306,52 @@ class WorkerAgent:
                 reason="WORKER_BUSY",
                 domain=DOMAIN,
             )
+        done: asyncio.Future[common_pb2.StepResult] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = _InFlight(fp, done)
+        run = self._run(spec, request, inputs, fp, timeout)
+        if in_caller_task:
+            try:
+                result = await run
+            except BaseException as exc:
+                self._settle(key, done, exc)
+                raise
+            self._settle(key, done, result)
+            return result
         # The execution is a task of its own: a caller that goes away (deadline, dropped
         # connection) does not cancel it half-way, and its record is still written.
-        task = asyncio.create_task(self._run(spec, request, inputs, fp, timeout))
-        self._inflight[key] = _InFlight(fp, task)
-        task.add_done_callback(functools.partial(self._finished, key))
+        task = asyncio.create_task(run)
+        task.add_done_callback(functools.partial(self._finished, key, done))
         return await asyncio.shield(task)
 
-    def _finished(self, key: str, task: asyncio.Task[common_pb2.StepResult]) -> None:
+    def _finished(
+        self,
+        key: str,
+        done: asyncio.Future[common_pb2.StepResult],
+        task: asyncio.Task[common_pb2.StepResult],
+    ) -> None:
+        if task.cancelled():
+            self._settle(key, done, asyncio.CancelledError())
+        else:
+            error = task.exception()
+            self._settle(key, done, task.result() if error is None else error)
+
+    def _settle(
+        self,
+        key: str,
+        done: asyncio.Future[common_pb2.StepResult],
+        outcome: common_pb2.StepResult | BaseException,
+    ) -> None:
+        """End an execution: joiners get its outcome; it no longer counts as in flight."""
         self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here so an abandoned failure is not logged as lost
+        if done.done():
+            return
+        if isinstance(outcome, asyncio.CancelledError):
+            done.cancel()
+        elif isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+            done.exception()  # retrieved: a failure nobody joined is not logged as lost
+        else:
+            done.set_result(outcome)
 
     @staticmethod
     def _check_fingerprint(key: str, stored: str, current: str) -> None:
@@ -508,9 +551,9 @@ class WorkerAgent:
 
     async def close(self) -> None:
         """Wait for running executions (so their records are written), then close the store."""
-        tasks = [entry.task for entry in self._inflight.values()]
-        if tasks:
-            await asyncio.wait(tasks)
+        running = [entry.done for entry in self._inflight.values()]
+        if running:
+            await asyncio.wait(running)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._store.close()
 

@@ -78,8 +78,8 @@ class _StepStream:
             await self._finished.wait()
         finally:
             reader.cancel()
-            for task in self._running.values():
-                task.cancel()  # the executions themselves go on (WorkerAgent shields them)
+            # Requests still running finish (their records are written); their answers
+            # have nowhere to go once the stream is gone.
         if reader.done() and not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
         if self._error is not None:
@@ -136,7 +136,10 @@ class _StepStream:
                 raise InvalidArgumentError(
                     "request.attempt_deadline", "is required on ExecuteSteps"
                 )
-            response.result.CopyFrom(await self._agent.execute(request.request))
+            # This task is never cancelled before it answers: the tool runs in it.
+            response.result.CopyFrom(
+                await self._agent.execute(request.request, in_caller_task=True)
+            )
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
