@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
-from google.protobuf import json_format
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.metrics import Meter
@@ -37,6 +36,7 @@ from cuga.approval.v1 import approval_pb2
 from cuga.audit.v1 import audit_pb2
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
+from cuga.orchestrator._audit_payload import event_payload
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input, template_references
 from cuga.orchestrator._runstore import EventWrite, RunStore
 from cuga.planning.v1 import planning_pb2
@@ -61,7 +61,7 @@ from cuga.shared.errors import (
     PermissionDeniedError,
     classify_failure,
 )
-from cuga.shared.messages import timestamp, to_struct, value_to_python
+from cuga.shared.messages import timestamp, value_to_python
 from cuga.shared.metrics import EngineMetrics
 from cuga.shared.telemetry import RUN_ID_BAGGAGE, current_run_id
 from cuga.shared.validation import (
@@ -269,18 +269,10 @@ class _PendingAudit:
     def record(self) -> audit_pb2.AuditRecord:
         """The record; its id ``<run>/e<seq>`` makes a resend idempotent."""
         event = self.event
-        payload: dict[str, Any] = {"seq": event.seq, "stage": Stage.Name(event.stage)}
-        if event.step_id:
-            payload["step_id"] = event.step_id
-        payload_name = event.WhichOneof("payload")
-        if payload_name:
-            payload[payload_name] = json_format.MessageToDict(
-                getattr(event, payload_name), preserving_proto_field_name=True
-            )
         actor = "cuga-coordinator"
         if self.kind == "approval_decided" and event.approval.decided_by:
             actor = event.approval.decided_by
-        return audit_pb2.AuditRecord(
+        record = audit_pb2.AuditRecord(
             record_id=f"{self.run_id}/e{event.seq}",
             trace_id=self.trace_id,
             run_id=self.run_id,
@@ -288,8 +280,9 @@ class _PendingAudit:
             kind=self.kind,
             timestamp=event.timestamp,
             actor=actor,
-            payload=to_struct(payload),
         )
+        event_payload(event, record.payload)
+        return record
 
 
 def _audit_kind(event: common_pb2.OrchestrationEvent) -> str | None:
