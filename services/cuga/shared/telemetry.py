@@ -302,6 +302,44 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapped or handler
 
 
+_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parent_context(carrier: Mapping[str, str]) -> otel_context.Context | None:
+    """The context a W3C carrier names; the common case (a version-00 ``traceparent``,
+    perhaps a ``tracestate``, nothing else) parsed directly, anything else by the global
+    propagator. An invalid ``traceparent`` names no parent, as the propagator has it."""
+    if not carrier:
+        return None
+    header = carrier.get("traceparent", "")
+    if not carrier.keys() <= _TRACE_KEYS or len(header) != 55:
+        return extract(carrier)
+    version, trace_hex, span_hex, flags = header[:2], header[3:35], header[36:52], header[53:]
+    if (
+        version != "00"
+        or header[2] != "-"
+        or header[35] != "-"
+        or header[52] != "-"
+        or not _HEX.issuperset(trace_hex + span_hex + flags)
+    ):
+        return extract(carrier)
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return extract(carrier)
+    state = carrier.get("tracestate")
+    parent = trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id,
+            span_id,
+            is_remote=True,
+            trace_flags=trace.TraceFlags(int(flags, 16)),
+            trace_state=trace.TraceState.from_header([state]) if state else None,
+        )
+    )
+    return trace.set_span_in_context(parent)
+
+
 class StreamedCalls:
     """Spans and durations of calls that travel as messages of a long-lived stream.
 
@@ -326,12 +364,23 @@ class StreamedCalls:
         self._attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
     def start_client(self) -> tuple[Span, dict[str, str]]:
-        """Start the sender's span (child of the current one); its context to send."""
+        """Start the sender's span (child of the current one); its context to send.
+
+        Only the W3C trace context travels (``traceparent``, ``tracestate``), written
+        directly: a streamed call's message names its run itself, so the run-id baggage
+        the global propagator would add (and the receiver parse) is not needed.
+        """
         span = self._tracer.start_span(
             self.method, kind=SpanKind.CLIENT, attributes=self._attributes
         )
+        sc = span.get_span_context()
         carrier: dict[str, str] = {}
-        inject(carrier, context=trace.set_span_in_context(span))
+        if sc.is_valid:
+            carrier["traceparent"] = (
+                f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+            )
+            if sc.trace_state:
+                carrier["tracestate"] = sc.trace_state.to_header()
         return span, carrier
 
     @staticmethod
@@ -346,8 +395,8 @@ class StreamedCalls:
         self, carrier: Mapping[str, str]
     ) -> tuple[Span, contextvars.Token[otel_context.Context]]:
         """Start the receiver's span under the context in ``carrier`` and make it current
-        (its baggage too, so log lines carry the run id)."""
-        parent = extract(carrier) if carrier else None
+        (with its baggage, when the carrier has any)."""
+        parent = _parent_context(carrier)
         span = self._tracer.start_span(
             self.method,
             context=parent,

@@ -17,7 +17,7 @@ from cuga.shared.errors import (
     from_exception,
     wire_code,
 )
-from cuga.shared.telemetry import StreamedCalls
+from cuga.shared.telemetry import StreamedCalls, current_run_id
 from cuga.shared.validation import check_count, check_length
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -122,6 +122,7 @@ class _StepStream:
             span, token = self._calls.start_server(request.trace_context)
         code = grpc.StatusCode.OK
         message = ""
+        run = current_run_id.set(request.request.context.run_id)  # log lines name the run
         try:
             if self._draining:
                 raise UnavailableError(
@@ -150,6 +151,7 @@ class _StepStream:
             code, message = wire_code(error), error.message
             response.error.CopyFrom(step_error(error))
         finally:
+            current_run_id.reset(run)
             if span is not None and token is not None and self._calls is not None:
                 self._calls.end_server(span, token, code, message, started)
         async with self._write_lock:
