@@ -58,4 +58,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    from cuga.shared.bootstrap import run
+
+    run(main())  # on the services' loop, as B0's client

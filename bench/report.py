@@ -256,7 +256,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(
             ", ".join(
                 f"{k} {meta[k]}"
-                for k in ("python", "grpcio", "protobuf", "langgraph", "cpus", "loadavg")
+                for k in (
+                    "python",
+                    "grpcio",
+                    "protobuf",
+                    "event loop",
+                    "langgraph",
+                    "cpus",
+                    "loadavg",
+                )
                 if k in meta
             )
         )

@@ -23,9 +23,9 @@ import gc
 import logging
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,11 +35,12 @@ from opentelemetry import trace
 
 from cuga.audit.v1 import audit_pb2
 from cuga.shared.auth import AuthInterceptor, Denial, DenialSink
-from cuga.shared.config import CommonConfig, Settings
+from cuga.shared.config import CommonConfig, ConfigError, Settings
 from cuga.shared.errors import CugaError, InvalidArgumentError, from_exception, to_status
 from cuga.shared.handlers import rewrap
 from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
 
+T = TypeVar("T")
 log = logging.getLogger("cuga.bootstrap")
 
 Hook = Callable[[], Awaitable[None]]
@@ -381,6 +382,25 @@ async def start_server(
     return running
 
 
+def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
+    """Run ``main`` to completion on a new event loop, as ``asyncio.run`` does.
+
+    ``event_loop`` is ``common.event_loop``: ``uvloop`` (an error when it is not
+    installed), ``asyncio``, or ``auto`` (uvloop when installed). Every service process,
+    the CLI and the benchmarks start through here, so they run on the same loop.
+    """
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise ConfigError("event_loop", "is uvloop, which is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 async def serve(
     name: str,
     builder: Builder,
@@ -419,6 +439,7 @@ __all__ = [
     "ErrorMappingInterceptor",
     "RunningServer",
     "ServiceDefinition",
+    "run",
     "serve",
     "start_server",
 ]

@@ -227,6 +227,10 @@ class CommonConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Mutual TLS for servers and outgoing calls (see :mod:`cuga.shared.auth`); off unless
     ``tls.cert_file`` is set."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop of service processes and the CLI: ``uvloop`` (about a tenth less CPU
+    per step, docs/performance.md), ``asyncio`` (the standard library's), or ``auto``:
+    uvloop when it is installed (it is a dependency on Linux and macOS), else asyncio."""
 
     def client_security(self) -> dict[str, Any]:
         """Keyword arguments that make a typed client call as this service: its bearer

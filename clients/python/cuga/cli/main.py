@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 
 from cuga.cli import approvals, audit, runs, tls, tokens, up
+from cuga.shared.bootstrap import run
 from cuga.shared.config import ConfigError, load_settings
 
 err = Console(stderr=True)
@@ -36,7 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(f"[red]error:[/red] {exc}")
         return 2
     try:
-        return int(asyncio.run(args.handler(args, settings)))
+        # A served service runs on the configured loop; the other commands are clients
+        # (some spawn processes: on uvloop its fork trips gRPC's fork handlers' warning).
+        loop = settings.common.event_loop if args.command == "serve" else "asyncio"
+        return int(run(args.handler(args, settings), loop))
     except KeyboardInterrupt:
         return 130
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from cuga.services.approval.app import build
-from cuga.shared.bootstrap import serve
+from cuga.shared.bootstrap import run, serve
 from cuga.shared.config import load_settings
 
 if __name__ == "__main__":
-    asyncio.run(serve("approval", build, load_settings()))
+    settings = load_settings()
+    run(serve("approval", build, settings), settings.common.event_loop)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from cuga.services.audit.app import build
-from cuga.shared.bootstrap import serve
+from cuga.shared.bootstrap import run, serve
 from cuga.shared.config import load_settings
 
-asyncio.run(serve("audit", build, load_settings()))
+if __name__ == "__main__":
+    settings = load_settings()
+    run(serve("audit", build, settings), settings.common.event_loop)
