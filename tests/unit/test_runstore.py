@@ -109,9 +109,13 @@ def test_events_steps_and_state_are_written_together(opener: Opener) -> None:
     run = create(store, "r1")
     store.append_event(run, event("r1", 1, common_pb2.LIFECYCLE_STAGE_INITIALIZE))
     first = common_pb2.StepResult(step_id="s1", cost=1.0)
-    store.append_event(run, event("r1", 2, common_pb2.LIFECYCLE_STAGE_EXECUTE, "s1"), first)
+    executed = event("r1", 2, common_pb2.LIFECYCLE_STAGE_EXECUTE, "s1")
+    executed.step_result.CopyFrom(first)
+    store.append_event(run, executed)
     again = common_pb2.StepResult(step_id="s1", cost=2.0)  # a retried step's final result
-    store.append_event(run, event("r1", 3, common_pb2.LIFECYCLE_STAGE_EXECUTE, "s1"), again)
+    executed = event("r1", 3, common_pb2.LIFECYCLE_STAGE_EXECUTE, "s1")
+    executed.step_result.CopyFrom(again)
+    store.append_event(run, executed)
     stored = store.get_run("r1")
     assert stored is not None
     assert (stored.last_seq, stored.stage, stored.state) == (
@@ -127,6 +131,30 @@ def test_events_steps_and_state_are_written_together(opener: Opener) -> None:
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
         store.append_event(run, event("r1", 4, common_pb2.LIFECYCLE_STAGE_COMPLETE))
     assert [e.seq for e in store.events_after("r1", 0)] == [1, 2, 3, 4]
+
+
+def test_a_group_commit_writes_several_runs_events_at_once(opener: Opener) -> None:
+    store = opener()
+    a, b = create(store, "ra"), create(store, "rb")
+    many = [(a, event("ra", seq, common_pb2.LIFECYCLE_STAGE_ROUTE, "s")) for seq in range(1, 1201)]
+    store.append_events(many)  # more rows than one INSERT statement takes
+    done = event("rb", 2, common_pb2.LIFECYCLE_STAGE_COMPLETE)
+    store.append_events(
+        [
+            (b, event("rb", 1, common_pb2.LIFECYCLE_STAGE_PLAN)),
+            (a, event("ra", 1201, common_pb2.LIFECYCLE_STAGE_ROUTE, "s")),
+            (b, done),
+        ]
+    )
+    assert [e.seq for e in store.events_after("ra", 0)] == list(range(1, 1202))
+    assert [e.seq for e in store.events_after("rb", 0)] == [1, 2]
+    stored_a, stored_b = store.get_run("ra"), store.get_run("rb")
+    assert stored_a is not None and stored_b is not None
+    assert (stored_a.last_seq, stored_a.state) == (1201, RUNNING)
+    assert (stored_b.last_seq, stored_b.state) == (2, coordinator_pb2.RUN_STATE_COMPLETED)
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        store.append_events([(b, event("rb", 3, common_pb2.LIFECYCLE_STAGE_PLAN)), (b, done)])
+    assert [e.seq for e in store.events_after("rb", 0)] == [1, 2]  # all or nothing
 
 
 def test_a_runs_progress_is_its_newest_event_wherever_it_is_read(opener: Opener) -> None:

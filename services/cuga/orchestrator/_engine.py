@@ -839,7 +839,7 @@ class CoordinatorAgent:
         )
         if step_result is not None:
             event.step_result.CopyFrom(step_result)
-        self._outbox.append((r.run, event, step_result))
+        self._outbox.append((r.run, event))
         self._outbox_runs.append(r)
         if not defer:
             self._flush()
@@ -877,7 +877,7 @@ class CoordinatorAgent:
                 if r.task is not None and r.task is not current and not r.task.done():
                     r.task.cancel()
             raise
-        for r, (_, event, _) in zip(runs, batch, strict=True):
+        for r, (_, event) in zip(runs, batch, strict=True):
             for queue in r.subscribers:
                 queue.put_nowait(event)
             self._queue_audit(r, event)

@@ -65,12 +65,6 @@ CREATE TABLE IF NOT EXISTS runs (
     owner       TEXT NOT NULL DEFAULT ''   -- replica id of the coordinator driving it
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_ns DESC, run_id DESC);
-CREATE TABLE IF NOT EXISTS steps (
-    run_id  TEXT NOT NULL,
-    step_id TEXT NOT NULL,
-    result  BLOB NOT NULL,          -- common.v1.StepResult
-    PRIMARY KEY (run_id, step_id)
-);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     seq    INTEGER NOT NULL,
@@ -94,12 +88,6 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_ns DESC, run_id DESC);
 CREATE INDEX IF NOT EXISTS runs_running ON runs (owner) WHERE state = 1;
-CREATE TABLE IF NOT EXISTS steps (
-    run_id  TEXT NOT NULL,
-    step_id TEXT NOT NULL,
-    result  BYTEA NOT NULL,
-    PRIMARY KEY (run_id, step_id)
-);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     seq    INTEGER NOT NULL,
@@ -115,10 +103,10 @@ _STATE_BY_STAGE = {
 }
 
 _TERMINAL_STAGES = frozenset(_STATE_BY_STAGE)
-#: One event to write: the run it belongs to, the event, the step result it reports.
-EventWrite: TypeAlias = tuple[
-    coordinator_pb2.Run, common_pb2.OrchestrationEvent, common_pb2.StepResult | None
-]
+#: Events per INSERT statement (3 parameters each, well under SQLite's limit).
+_ROWS_PER_INSERT = 500
+#: One event to write and the run it belongs to (its record is kept up to date).
+EventWrite: TypeAlias = tuple[coordinator_pb2.Run, common_pb2.OrchestrationEvent]
 #: The newest event of the run of a ``runs`` row, as column ``last_event``.
 _LAST_EVENT = (
     "(SELECT e.event FROM events e WHERE e.run_id = runs.run_id"
@@ -180,13 +168,9 @@ class RunStore(Protocol):
         """The run's plan, once planned."""
         ...
 
-    def append_event(
-        self,
-        run: coordinator_pb2.Run,
-        event: common_pb2.OrchestrationEvent,
-        step_result: common_pb2.StepResult | None = None,
-    ) -> None:
-        """Write an event (and the step result it reports) and the run's new state at once."""
+    def append_event(self, run: coordinator_pb2.Run, event: common_pb2.OrchestrationEvent) -> None:
+        """Write an event and the run's new state at once (a step's result is the
+        ``step_result`` of its EXECUTE event)."""
         ...
 
     def append_events(self, items: Sequence[EventWrite]) -> None:
@@ -344,26 +328,23 @@ class SqlRunStore:
         row = self._db.execute("SELECT plan FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return common_pb2.Plan.FromString(row["plan"]) if row and row["plan"] else None
 
-    def append_event(
-        self,
-        run: coordinator_pb2.Run,
-        event: common_pb2.OrchestrationEvent,
-        step_result: common_pb2.StepResult | None = None,
-    ) -> None:
-        """Write an event (and the step result it reports) and the run's new state at once."""
-        self.append_events(((run, event, step_result),))
+    def append_event(self, run: coordinator_pb2.Run, event: common_pb2.OrchestrationEvent) -> None:
+        """Write an event and the run's new state at once (a step's result is the
+        ``step_result`` of its EXECUTE event)."""
+        self.append_events(((run, event),))
 
     def append_events(self, items: Sequence[EventWrite]) -> None:
         """Write events in order, in one transaction (a group commit).
 
         A run's record is rewritten only when its state changes (a terminal event): its
         progress (``last_seq``, ``stage``, ``updated_at``) is read from its newest event
-        instead (:meth:`_progressed`), so a step's events are small inserts and not a
-        rewrite of a record that holds the whole request and plan. A lone event without a
-        step result or state change is one autocommit insert on SQLite.
+        instead (:meth:`_progressed`), and a step's result from its EXECUTE event
+        (:meth:`completed_steps`), so a step's events are rows of one insert, not a
+        rewrite of a record that holds the whole request and plan. Without a state change
+        that insert is the whole write (on SQLite one statement is its own transaction).
         """
         changed: dict[str, coordinator_pb2.Run] = {}
-        for run, event, _ in items:
+        for run, event in items:
             run.last_seq = event.seq
             run.stage = event.stage
             run.updated_at.CopyFrom(event.timestamp)
@@ -371,32 +352,28 @@ class SqlRunStore:
             if state is not None:
                 run.state = state
                 changed[run.run_id] = run
-        if len(items) == 1 and not changed and items[0][2] is None and not self._notifies:
-            event = items[0][1]
-            # One statement is its own transaction: committed before it returns.
-            self._db.execute(
-                "INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)",
-                (event.run_id, event.seq, event.SerializeToString()),
+        inserts = [
+            (
+                "INSERT INTO events (run_id, seq, event) VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(chunk)),
+                [v for _, e in chunk for v in (e.run_id, e.seq, e.SerializeToString())],
             )
+            for chunk in (
+                items[i : i + _ROWS_PER_INSERT] for i in range(0, len(items), _ROWS_PER_INSERT)
+            )
+        ]
+        if len(inserts) == 1 and not changed and not self._notifies:
+            self._db.execute(*inserts[0])
             return
         with self._db.transaction() as db:
-            for _, event, step_result in items:
-                db.execute(
-                    "INSERT INTO events (run_id, seq, event) VALUES (?, ?, ?)",
-                    (event.run_id, event.seq, event.SerializeToString()),
-                )
-                if step_result is not None:
-                    db.execute(
-                        "INSERT INTO steps (run_id, step_id, result) VALUES (?, ?, ?)"
-                        " ON CONFLICT (run_id, step_id) DO UPDATE SET result = excluded.result",
-                        (event.run_id, step_result.step_id, step_result.SerializeToString()),
-                    )
+            for sql, args in inserts:
+                db.execute(sql, args)
             for run in changed.values():
                 db.execute(
                     "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
                     (run.state, run.SerializeToString(), run.run_id),
                 )
-            for run_id in dict.fromkeys(event.run_id for _, event, _ in items):
+            for run_id in dict.fromkeys(event.run_id for _, event in items):
                 self._notify(db, run_id)
 
     def _progressed(self, run_blob: bytes, last_event: bytes | None) -> coordinator_pb2.Run:
@@ -411,10 +388,16 @@ class SqlRunStore:
         return run
 
     def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
-        """Stored step results by step id."""
-        rows = self._db.execute("SELECT result FROM steps WHERE run_id = ?", (run_id,))
-        results = (common_pb2.StepResult.FromString(r["result"]) for r in rows)
-        return {r.step_id: r for r in results}
+        """Stored step results by step id: each step's latest successful EXECUTE event.
+
+        (Stores written before 2026-12 also kept them in a ``steps`` table, no longer read:
+        their events carry the same results.)
+        """
+        results: dict[str, common_pb2.StepResult] = {}
+        for event in self.events_after(run_id, 0):
+            if event.HasField("step_result"):
+                results[event.step_result.step_id] = event.step_result
+        return results
 
     def events_after(self, run_id: str, after_seq: int) -> list[common_pb2.OrchestrationEvent]:
         """Stored events with seq > after_seq, in order."""
