@@ -264,9 +264,10 @@ async def test_a_stream_is_retired_after_its_lifetime_and_ends_cleanly(
             await pool.execute_step(target, _req("calculator", key="k2", expression="2"), timeout=5)
             second = pool._workers[server.address].stream
             assert second is not None and second is not first and second.open
-            await asyncio.wait_for(first._reader, 5)  # half-closed; the worker ended it
+            await asyncio.wait_for(first.reader, 5)  # half-closed; the worker ended it
             assert not first.open and not first.pending
             assert len(_servicer(server)._streams) == 1
+            assert not pool._workers[server.address].retired  # forgotten once it ended
         finally:
             await pool.close()
 
@@ -306,7 +307,7 @@ async def test_a_step_in_flight_when_its_worker_restarts_is_sent_again_and_repla
         assert stream is not None
         # The worker stops without grace: the stream is cut with the step still running.
         stopping = asyncio.create_task(first.stop(grace=0))
-        await asyncio.wait_for(asyncio.shield(stream._reader), 5)
+        await asyncio.wait_for(asyncio.shield(stream.reader), 5)
         tools.release.set()  # the execution ends and is stored while the worker stops
         await asyncio.wait_for(stopping, 10)
         second = await start_server(

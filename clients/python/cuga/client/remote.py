@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from cuga.shared.errors import (
 from cuga.shared.messages import timestamp
 from cuga.shared.telemetry import StreamedCalls
 from cuga.worker.v1 import worker_pb2
+
+log = logging.getLogger("cuga.client")
 
 
 class RemotePlanningAuthority:
@@ -127,7 +130,7 @@ class _StepStream:
         self.open = True
         self.pending: dict[int, asyncio.Future[worker_pb2.ExecuteStepsResponse]] = {}
         self._lock = asyncio.Lock()
-        self._reader = asyncio.create_task(self._read(), name="worker-step-stream")
+        self.reader = asyncio.create_task(self._read(), name="worker-step-stream")
 
     async def _read(self) -> None:
         failure: CugaError = UnavailableError(
@@ -146,6 +149,8 @@ class _StepStream:
         except asyncio.CancelledError:
             failure = CancelledError("the step stream was closed", reason="STREAM_CLOSED")
             raise
+        except Exception:  # not a status: a bug; the requests go to a new stream
+            log.exception("the step stream's reader failed")
         finally:
             self.open = False
             pending, self.pending = self.pending, {}
@@ -198,8 +203,8 @@ class _StepStream:
         """Abandon the stream (pending requests fail as broken)."""
         self.open = False
         self.call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
 
 
 @dataclass
@@ -270,6 +275,7 @@ class RemoteWorkerPool:
         self._unary_fallback = unary_fallback_s
         self._retryable = frozenset(self._retry.retryable_status_codes)
         self._workers: dict[str, _Worker] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def _worker(self, address: str) -> _Worker:
         worker = self._workers.get(address)
@@ -287,9 +293,12 @@ class RemoteWorkerPool:
         if stream is not None:
             worker.stream = None
             if stream.open:  # outlived by this request's deadline: retire it
+                # Kept (for close) until its reader ends: the worker ends the stream once
+                # it has answered what was sent on it.
                 worker.retired.add(stream)
-                task = asyncio.create_task(stream.retire())
-                task.add_done_callback(lambda _: worker.retired.discard(stream))
+                stream.reader.add_done_callback(lambda _: worker.retired.discard(stream))
+                self._retiring.add(task := asyncio.create_task(stream.retire()))
+                task.add_done_callback(self._retiring.discard)
         expires = now + max(self._lifetime, deadline - now)
         # The gRPC deadline of the stream: after its last request's, with room to answer.
         call = worker.client.execute_steps(timeout=expires - now + 30.0)
@@ -411,8 +420,10 @@ class RemoteWorkerPool:
 
     async def close(self) -> None:
         """Close every step stream and worker channel."""
+        for task in list(self._retiring):
+            task.cancel()
         for worker in self._workers.values():
-            for stream in [worker.stream, *worker.retired]:
+            for stream in [worker.stream, *list(worker.retired)]:
                 if stream is not None:
                     await stream.close()
             await worker.client.close()
