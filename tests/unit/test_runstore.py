@@ -88,12 +88,13 @@ def test_run_round_trips(opener: Opener) -> None:
     assert store.get_request("r1").goal == run.goal
     assert store.trace_context("r1") == f"{'a' * 32}:{'b' * 16}"
     assert store.trace_context("nope") == ""
-    assert store.get_plan("r1") is None
+    assert store.get_plan("r1") is None  # created without one
     plan = common_pb2.Plan(plan_id="plan-1", steps=[common_pb2.PlanStep(step_id="s1", tool="t")])
-    run.plan_id = "plan-1"
-    store.save_plan(run, plan)
-    assert store.get_plan("r1") == plan
-    assert store.get_run("r1").plan_id == "plan-1"  # type: ignore[union-attr]
+    planned = new_run("r2")
+    planned.plan_id = "plan-1"
+    store.create_run(planned, coordinator_pb2.OrchestrateRequest(goal="g"), "", plan)
+    assert store.get_plan("r2") == plan
+    assert store.get_run("r2").plan_id == "plan-1"  # type: ignore[union-attr]
 
 
 def test_duplicate_run_id_is_refused(opener: Opener) -> None:

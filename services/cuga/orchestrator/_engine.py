@@ -555,12 +555,12 @@ class CoordinatorAgent:
         stored_request.CopyFrom(request)
         stored_request.context.CopyFrom(ctx)
         trace_ctx = f"{ctx.trace_id}:{format(sc.span_id, '016x')}"
-        self.store.create_run(run, stored_request, trace_ctx)
-        self.store.save_plan(run, plan)
+        self.store.create_run(run, stored_request, trace_ctx, plan)
         r = _Run(run, stored_request, plan, {}, sc)
         self._live[run_id] = r
         self.metrics.runs_started.add(1)
-        self._emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=ctx)
+        # Written together (the PLAN write takes the INITIALIZE with it).
+        self._emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=ctx, defer=True)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_PLAN, plan=plan)
         r.task = asyncio.create_task(self._drive(r, span), name=f"run-{run_id}")
         return run_id
@@ -818,11 +818,11 @@ class CoordinatorAgent:
     ) -> common_pb2.OrchestrationEvent:
         """Number, store and publish an event: stored before anyone can see it.
 
-        ``defer`` (a step's ROUTE and its successful EXECUTE) leaves the write pending
-        until the caller's :meth:`_flush_soon` runs, once the next step's request is on its
-        way to its worker: the write (one transaction for every event pending then, of
-        every run) happens while the worker runs it. Any other event is written at once,
-        after those pending. A deferred event is published only once stored, like any
+        ``defer`` leaves the write pending: a step's ROUTE and its successful EXECUTE until
+        the caller's :meth:`_flush_soon` runs, once the next step's request is on its way
+        to its worker, so the write (one transaction for every event pending then, of every
+        run) happens while the worker runs it; INITIALIZE and AGGREGATE until the event
+        right after them. Any other event is written at once, after those pending. A deferred event is published only once stored, like any
         other; a coordinator that dies before the flush has published none of them, and a
         resumed run sends the unrecorded steps again under their idempotency keys (the
         workers replay them, no tool runs twice).
@@ -1023,7 +1023,8 @@ class CoordinatorAgent:
             await self._transition(plan_id, common_pb2.PLAN_STATE_FAILED, r, error.message)
             return
         summary = self._summary(r)
-        self._emit(r, common_pb2.LIFECYCLE_STAGE_AGGREGATE, summary=summary)
+        # Written together (the COMPLETE write takes the AGGREGATE with it).
+        self._emit(r, common_pb2.LIFECYCLE_STAGE_AGGREGATE, summary=summary, defer=True)
         self._emit(r, common_pb2.LIFECYCLE_STAGE_COMPLETE, summary=summary)
         self.metrics.runs_completed.add(1)
         await self._transition(plan_id, common_pb2.PLAN_STATE_COMPLETED, r, "run completed")

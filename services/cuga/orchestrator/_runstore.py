@@ -136,8 +136,9 @@ class RunStore(Protocol):
         run: coordinator_pb2.Run,
         request: coordinator_pb2.OrchestrateRequest,
         trace_ctx: str,
+        plan: common_pb2.Plan | None = None,
     ) -> None:
-        """Store a new run (driven by this coordinator)."""
+        """Store a new run (driven by this coordinator), with its plan when it has one."""
         ...
 
     def run_for_request(self, request_id: str) -> str | None:
@@ -158,10 +159,6 @@ class RunStore(Protocol):
 
     def update_run(self, run: coordinator_pb2.Run) -> None:
         """Replace a run's record (this coordinator now owns it)."""
-        ...
-
-    def save_plan(self, run: coordinator_pb2.Run, plan: common_pb2.Plan) -> None:
-        """Store the run's plan."""
         ...
 
     def get_plan(self, run_id: str) -> common_pb2.Plan | None:
@@ -242,24 +239,25 @@ class SqlRunStore:
         run: coordinator_pb2.Run,
         request: coordinator_pb2.OrchestrateRequest,
         trace_ctx: str,
+        plan: common_pb2.Plan | None = None,
     ) -> None:
-        """Store a new run."""
-        with self._db.transaction() as db:
-            db.execute(
-                "INSERT INTO runs (run_id, request_id, profile, state, created_ns, run, request,"
-                " trace_ctx, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run.run_id,
-                    request.request_id or None,
-                    run.context.profile,
-                    run.state,
-                    run.created_at.ToNanoseconds(),
-                    run.SerializeToString(),
-                    request.SerializeToString(),
-                    trace_ctx,
-                    self.replica_id,
-                ),
-            )
+        """Store a new run, with its plan when it has one (one statement)."""
+        self._db.execute(
+            "INSERT INTO runs (run_id, request_id, profile, state, created_ns, run, request,"
+            " plan, trace_ctx, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run.run_id,
+                request.request_id or None,
+                run.context.profile,
+                run.state,
+                run.created_at.ToNanoseconds(),
+                run.SerializeToString(),
+                request.SerializeToString(),
+                plan.SerializeToString() if plan is not None else None,
+                trace_ctx,
+                self.replica_id,
+            ),
+        )
 
     def run_for_request(self, request_id: str) -> str | None:
         """The run started by an idempotency key, if any."""
@@ -314,14 +312,6 @@ class SqlRunStore:
                     f"run {run.run_id} is already running on another coordinator replica"
                 )
             self._notify(db, run.run_id)
-
-    def save_plan(self, run: coordinator_pb2.Run, plan: common_pb2.Plan) -> None:
-        """Store the run's plan."""
-        with self._db.transaction() as db:
-            db.execute(
-                "UPDATE runs SET plan = ?, run = ? WHERE run_id = ?",
-                (plan.SerializeToString(), run.SerializeToString(), run.run_id),
-            )
 
     def get_plan(self, run_id: str) -> common_pb2.Plan | None:
         """The run's plan, once planned."""
