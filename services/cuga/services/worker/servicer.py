@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,8 @@ from cuga.shared.errors import (
 from cuga.shared.telemetry import StreamedCalls, current_run_id
 from cuga.shared.validation import check_count, check_length
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("cuga.worker")
 
 #: Most entries of a request's ``trace_context``, and longest value (characters).
 MAX_TRACE_CONTEXT_ENTRIES = 8
@@ -145,6 +148,8 @@ class _StepStream:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
+            if not isinstance(exc, CugaError):  # a bug: answered INTERNAL, told in full here
+                log.exception("step %s failed unexpectedly", request.request.idempotency_key)
             error = from_exception(exc, DOMAIN)
             if error.domain == "cuga":
                 error.domain = DOMAIN
