@@ -38,7 +38,7 @@ from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._audit_payload import event_payload
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input, template_references
-from cuga.orchestrator._runstore import EventWrite, RunStore
+from cuga.orchestrator._runstore import RunStore
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.authorities import (
@@ -363,8 +363,7 @@ class CoordinatorAgent:
         self._finishing_room = asyncio.Event()
         self._finishing_room.set()
         # Events assigned a seq but not yet stored, in order (see _emit).
-        self._outbox: list[EventWrite] = []
-        self._outbox_runs: list[_Run] = []
+        self._outbox: list[tuple[_Run, common_pb2.OrchestrationEvent]] = []
         self._flush_scheduled = False
 
     # ------------------------------------------------------------------ public API
@@ -839,8 +838,7 @@ class CoordinatorAgent:
         )
         if step_result is not None:
             event.step_result.CopyFrom(step_result)
-        self._outbox.append((r.run, event))
-        self._outbox_runs.append(r)
+        self._outbox.append((r, event))
         if not defer:
             self._flush()
         return event
@@ -867,17 +865,16 @@ class CoordinatorAgent:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
-        runs, self._outbox_runs = self._outbox_runs, []
         try:
-            self.store.append_events(batch)
+            self.store.append_events([(r.run, event) for r, event in batch])
         except BaseException as exc:
             current = asyncio.current_task()
-            for r in dict.fromkeys(runs):
+            for r in dict.fromkeys(r for r, _ in batch):
                 r.store_failed = exc
                 if r.task is not None and r.task is not current and not r.task.done():
                     r.task.cancel()
             raise
-        for r, (_, event) in zip(runs, batch, strict=True):
+        for r, event in batch:
             for queue in r.subscribers:
                 queue.put_nowait(event)
             self._queue_audit(r, event)
@@ -944,9 +941,11 @@ class CoordinatorAgent:
                 )
                 await self._drive_in_span(r, span)
         finally:
-            if r.store_failed is None and r in self._outbox_runs:
-                with contextlib.suppress(Exception):  # logged; the run stops either way
+            if r.store_failed is None and any(p is r for p, _ in self._outbox):
+                try:
                     self._flush()
+                except Exception:  # the run stops either way
+                    log.exception("run %s: its last events could not be stored", r.run_id)
             self.metrics.runs_active.add(-1)
             otel_context.detach(bag)
             current_run_id.reset(token)

@@ -7,7 +7,6 @@ these; embedded use passes the services' local domain objects instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -195,9 +194,11 @@ class _StepStream:
         """Take no new request; half-close, so the worker ends the stream once it has
         answered the ones sent."""
         self.open = False
-        with contextlib.suppress(Exception):
+        try:
             async with self._lock:
                 await self.call.done_writing()
+        except Exception as exc:  # the stream failed already: its reader fails its requests
+            log.debug("could not half-close a retired step stream: %s", exc)
 
     async def close(self) -> None:
         """Abandon the stream (pending requests fail as broken)."""

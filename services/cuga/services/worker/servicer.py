@@ -162,7 +162,8 @@ class _StepStream:
         async with self._write_lock:
             try:
                 await self._context.write(response)
-            except Exception:  # the stream is gone; the outcome is in the idempotency store
+            except Exception as exc:  # the stream is gone; the outcome is in the store
+                log.debug("answer to call %d not sent: %s", request.call_id, exc)
                 self._finished.set()
 
 
