@@ -7,6 +7,8 @@ import asyncio
 import functools
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -47,16 +49,21 @@ def tools() -> Tools:
     return Tools()
 
 
-def _pool(
+@asynccontextmanager
+async def _pool(
     address: str, *, channel_options: Any = (), **kwargs: Any
-) -> tuple[RemoteWorkerPool, common_pb2.WorkerTarget]:
+) -> AsyncIterator[tuple[RemoteWorkerPool, common_pb2.WorkerTarget]]:
+    """A pool calling as the coordinator, and the target of the worker at ``address``."""
     pool = RemoteWorkerPool(
         lambda a: WorkerClient(
             a, metadata=as_identity("coordinator"), channel_options=channel_options
         ),
         **kwargs,
     )
-    return pool, TARGET(worker_id="worker-1", address=address)
+    try:
+        yield pool, TARGET(worker_id="worker-1", address=address)
+    finally:
+        await pool.close()
 
 
 def _servicer(server: RunningServer) -> WorkerServicer:
@@ -73,30 +80,27 @@ def _streamed(call_id: int, request: worker_pb2.ExecuteStepRequest) -> Any:
 async def test_steps_share_one_stream_and_are_answered_as_they_finish(
     settings: Settings, tools: Tools
 ) -> None:
-    async with _worker(_settings(settings), tools) as (_, server):
-        pool, target = _pool(server.address)
-        try:
-            slow = asyncio.create_task(
-                pool.execute_step(target, _req("gated", key="run-1/slow", n=3), timeout=10)
-            )
-            await asyncio.wait_for(tools.entered.wait(), 5)
-            # A later, quick step is answered while the first still runs: same stream.
-            quick = await pool.execute_step(
-                target, _req("calculator", key="run-1/quick", expression="6*7"), timeout=10
-            )
-            assert value_to_python(quick.output)["result"] == 42
-            assert not slow.done()
-            assert len(_servicer(server)._streams) == 1
-            tools.release.set()
-            result = await asyncio.wait_for(slow, 5)
-            assert value_to_python(result.output)["n"] == 3 and not result.replayed
-            # The same key again: the stored result, the tool not run again.
-            again = await pool.execute_step(
-                target, _req("gated", key="run-1/slow", n=3), timeout=10
-            )
-            assert again.replayed and again.output == result.output and tools.calls == 1
-        finally:
-            await pool.close()
+    async with (
+        _worker(_settings(settings), tools) as (_, server),
+        _pool(server.address) as (pool, target),
+    ):
+        slow = asyncio.create_task(
+            pool.execute_step(target, _req("gated", key="run-1/slow", n=3), timeout=10)
+        )
+        await asyncio.wait_for(tools.entered.wait(), 5)
+        # A later, quick step is answered while the first still runs: same stream.
+        quick = await pool.execute_step(
+            target, _req("calculator", key="run-1/quick", expression="6*7"), timeout=10
+        )
+        assert value_to_python(quick.output)["result"] == 42
+        assert not slow.done()
+        assert len(_servicer(server)._streams) == 1
+        tools.release.set()
+        result = await asyncio.wait_for(slow, 5)
+        assert value_to_python(result.output)["n"] == 3 and not result.replayed
+        # The same key again: the stored result, the tool not run again.
+        again = await pool.execute_step(target, _req("gated", key="run-1/slow", n=3), timeout=10)
+        assert again.replayed and again.output == result.output and tools.calls == 1
 
 
 @pytest.mark.parametrize(
@@ -129,21 +133,17 @@ async def test_a_failed_step_crosses_the_stream_as_its_typed_error(
     needle: str,
 ) -> None:
     cfg = _settings(settings, profile_tools={"restricted": {"allow": ["echo"]}})
-    async with _worker(cfg, tools) as (_, server):
-        pool, target = _pool(server.address)
-        try:
-            with pytest.raises(error, match=needle) as info:
-                await pool.execute_step(target, request_of(), timeout=10)
-            assert info.value.failure_mode is mode and info.value.domain == "cuga.worker"
-            assert "Traceback" not in info.value.message
-            # The stream outlives a failed step.
-            ok = await pool.execute_step(
-                target, _req("calculator", key="k2", expression="1+1"), timeout=10
-            )
-            assert value_to_python(ok.output)["result"] == 2
-            assert len(_servicer(server)._streams) == 1
-        finally:
-            await pool.close()
+    async with _worker(cfg, tools) as (_, server), _pool(server.address) as (pool, target):
+        with pytest.raises(error, match=needle) as info:
+            await pool.execute_step(target, request_of(), timeout=10)
+        assert info.value.failure_mode is mode and info.value.domain == "cuga.worker"
+        assert "Traceback" not in info.value.message
+        # The stream outlives a failed step.
+        ok = await pool.execute_step(
+            target, _req("calculator", key="k2", expression="1+1"), timeout=10
+        )
+        assert value_to_python(ok.output)["result"] == 2
+        assert len(_servicer(server)._streams) == 1
 
 
 async def test_a_step_without_attempt_deadline_is_refused_and_the_stream_goes_on(
@@ -234,42 +234,40 @@ async def test_a_draining_worker_answers_what_it_took_refuses_more_and_ends_the_
 async def test_the_pool_stops_waiting_at_the_deadline_and_drops_the_late_answer(
     settings: Settings, tools: Tools
 ) -> None:
-    async with _worker(_settings(settings), tools) as (_, server):
-        pool, target = _pool(server.address)
-        try:
-            with pytest.raises(DeadlineExceededError) as info:
-                await pool.execute_step(target, _req("gated", key="run-1/late", n=1), timeout=0.2)
-            assert info.value.failure_mode is FailureMode.RESOURCE
-            tools.release.set()
-            ok = await pool.execute_step(
-                target, _req("calculator", key="run-1/next", expression="2*2"), timeout=10
-            )
-            assert value_to_python(ok.output)["result"] == 4
-            assert not pool._workers[server.address].stream.pending  # the late answer dropped
-        finally:
-            await pool.close()
+    async with (
+        _worker(_settings(settings), tools) as (_, server),
+        _pool(server.address) as (pool, target),
+    ):
+        with pytest.raises(DeadlineExceededError) as info:
+            await pool.execute_step(target, _req("gated", key="run-1/late", n=1), timeout=0.2)
+        assert info.value.failure_mode is FailureMode.RESOURCE
+        tools.release.set()
+        ok = await pool.execute_step(
+            target, _req("calculator", key="run-1/next", expression="2*2"), timeout=10
+        )
+        assert value_to_python(ok.output)["result"] == 4
+        assert not pool._workers[server.address].stream.pending  # the late answer dropped
 
 
 async def test_a_stream_is_retired_after_its_lifetime_and_ends_cleanly(
     settings: Settings, tools: Tools
 ) -> None:
     clock = FakeClock(start=time.time())
-    async with _worker(_settings(settings), tools) as (_, server):
-        pool, target = _pool(server.address, clock=clock, stream_lifetime_s=60.0)
-        try:
-            await pool.execute_step(target, _req("calculator", key="k1", expression="1"), timeout=5)
-            first = pool._workers[server.address].stream
-            assert first is not None
-            clock.advance(58.0)  # a 5 s step would end after the stream's 60 s: a new one
-            await pool.execute_step(target, _req("calculator", key="k2", expression="2"), timeout=5)
-            second = pool._workers[server.address].stream
-            assert second is not None and second is not first and second.open
-            await asyncio.wait_for(first.reader, 5)  # half-closed; the worker ended it
-            assert not first.open and not first.pending
-            assert len(_servicer(server)._streams) == 1
-            assert not pool._workers[server.address].retired  # forgotten once it ended
-        finally:
-            await pool.close()
+    async with (
+        _worker(_settings(settings), tools) as (_, server),
+        _pool(server.address, clock=clock, stream_lifetime_s=60.0) as (pool, target),
+    ):
+        await pool.execute_step(target, _req("calculator", key="k1", expression="1"), timeout=5)
+        first = pool._workers[server.address].stream
+        assert first is not None
+        clock.advance(58.0)  # a 5 s step would end after the stream's 60 s: a new one
+        await pool.execute_step(target, _req("calculator", key="k2", expression="2"), timeout=5)
+        second = pool._workers[server.address].stream
+        assert second is not None and second is not first and second.open
+        await asyncio.wait_for(first.reader, 5)  # half-closed; the worker ended it
+        assert not first.open and not first.pending
+        assert len(_servicer(server)._streams) == 1
+        assert not pool._workers[server.address].retired  # forgotten once it ended
 
 
 class _MaxRandom(random.Random):
@@ -287,7 +285,7 @@ async def test_a_step_in_flight_when_its_worker_restarts_is_sent_again_and_repla
     first = await start_server(
         await builder(cfg, setup_telemetry("cuga-worker", env={})), cfg.common, port=0
     )
-    pool, target = _pool(
+    async with _pool(
         first.address,
         retry=TransportRetry(max_attempts=5, initial_backoff_s=0.2, max_backoff_s=1.0),
         rng=_MaxRandom(),
@@ -297,8 +295,7 @@ async def test_a_step_in_flight_when_its_worker_restarts_is_sent_again_and_repla
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 200),
         ],
-    )
-    try:
+    ) as (pool, target):
         step = asyncio.create_task(
             pool.execute_step(target, _req("gated", key="run-1/s", n=5), timeout=30)
         )
@@ -322,8 +319,6 @@ async def test_a_step_in_flight_when_its_worker_restarts_is_sent_again_and_repla
             assert tools.calls == 1
         finally:
             await second.stop(grace=1.0)
-    finally:
-        await pool.close()
 
 
 async def test_a_worker_without_the_stream_gets_unary_calls(settings: Settings) -> None:
@@ -359,19 +354,18 @@ async def test_a_worker_without_the_stream_gets_unary_calls(settings: Settings) 
         definition.registrations[0] = (register_without_stream, servicer, name)
         return definition
 
-    async with running_service("worker", build_old, _settings(settings)) as server:
-        pool, target = _pool(server.address, clock=FakeClock(start=time.time()))
-        try:
-            for i in range(2):
-                out = await pool.execute_step(
-                    target, _req("calculator", key=f"k{i}", expression="3*3"), timeout=10
-                )
-                assert value_to_python(out.output)["result"] == 9
-            # The first step found no stream and went unary; the second went unary at once.
-            assert unary == 2
-            assert pool._workers[server.address].unary_until == 300.0
-        finally:
-            await pool.close()
+    async with (
+        running_service("worker", build_old, _settings(settings)) as server,
+        _pool(server.address, clock=FakeClock(start=time.time())) as (pool, target),
+    ):
+        for i in range(2):
+            out = await pool.execute_step(
+                target, _req("calculator", key=f"k{i}", expression="3*3"), timeout=10
+            )
+            assert value_to_python(out.output)["result"] == 9
+        # The first step found no stream and went unary; the second went unary at once.
+        assert unary == 2
+        assert pool._workers[server.address].unary_until == 300.0
 
 
 async def test_each_streamed_step_has_a_client_span_and_a_worker_span_under_it(
@@ -382,28 +376,27 @@ async def test_each_streamed_step_has_a_client_span_and_a_worker_span_under_it(
         "cuga-test-client", span_processors=[SimpleSpanProcessor(client_spans)], env={}
     )
     builder = functools.partial(build_worker, tools=tools.specs())
-    async with running_service(
-        "worker",
-        builder,
-        _settings(settings),
-        span_processors=[SimpleSpanProcessor(server_spans)],
-        telemetry_env={},
-    ) as server:
-        pool, target = _pool(
+    async with (
+        running_service(
+            "worker",
+            builder,
+            _settings(settings),
+            span_processors=[SimpleSpanProcessor(server_spans)],
+            telemetry_env={},
+        ) as server,
+        _pool(
             server.address,
             calls=client_telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=False),
-        )
-        try:
-            with client_telemetry.tracer.start_as_current_span("cuga.step.attempt"):
-                await pool.execute_step(
-                    target, _req("calculator", key="k1", expression="1"), timeout=10
-                )
-            with pytest.raises(InvalidArgumentError):
-                await pool.execute_step(target, _req("gated", key="k2", n=-1), timeout=10)
-            with pytest.raises(InternalError):
-                await pool.execute_step(target, _req("raises", key="k3", kind="other"), timeout=10)
-        finally:
-            await pool.close()
+        ) as (pool, target),
+    ):
+        with client_telemetry.tracer.start_as_current_span("cuga.step.attempt"):
+            await pool.execute_step(
+                target, _req("calculator", key="k1", expression="1"), timeout=10
+            )
+        with pytest.raises(InvalidArgumentError):
+            await pool.execute_step(target, _req("gated", key="k2", n=-1), timeout=10)
+        with pytest.raises(InternalError):
+            await pool.execute_step(target, _req("raises", key="k3", kind="other"), timeout=10)
     sent = [s for s in client_spans.get_finished_spans() if s.name == EXECUTE_STEPS_METHOD]
     served = [s for s in server_spans.get_finished_spans() if s.name == EXECUTE_STEPS_METHOD]
     assert len(sent) == len(served) == 3  # one pair per step; the stream itself has none
