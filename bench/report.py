@@ -261,6 +261,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     "grpcio",
                     "protobuf",
                     "event loop",
+                    "GRPC_EXPERIMENTS",
                     "langgraph",
                     "cpus",
                     "loadavg",

@@ -24,16 +24,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.b0_floor import FloorSizes, run_b0
-from bench.b1_steps import StepSizes, run_b1
-from bench.b2_langgraph import GraphSizes, run_b2
-from bench.b3_concurrency import ConcurrencySizes, run_b3
-from bench.b4_memory import MemorySizes, run_b4
-from bench.b5_audit import AuditSizes, run_b5
-from bench.cluster import bench_cluster
-from bench.profile import ProfileSizes, render_profile, run_profile
-from bench.report import build_results, render_markdown, write_results
-from cuga.shared.bootstrap import run
+from cuga.shared import grpc_env
+
+grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
+
+from bench.b0_floor import FloorSizes, run_b0  # noqa: E402
+from bench.b1_steps import StepSizes, run_b1  # noqa: E402
+from bench.b2_langgraph import GraphSizes, run_b2  # noqa: E402
+from bench.b3_concurrency import ConcurrencySizes, run_b3  # noqa: E402
+from bench.b4_memory import MemorySizes, run_b4  # noqa: E402
+from bench.b5_audit import AuditSizes, run_b5  # noqa: E402
+from bench.cluster import bench_cluster  # noqa: E402
+from bench.profile import ProfileSizes, render_profile, run_profile  # noqa: E402
+from bench.report import build_results, render_markdown, write_results  # noqa: E402
+from cuga.shared.bootstrap import run  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALL = ("b0", "b1", "b2", "b3", "b4", "b5")
@@ -90,6 +94,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "grpcio": _version("grpcio"),
         "protobuf": _version("protobuf"),
         "event loop": _loop_name(),
+        "GRPC_EXPERIMENTS": os.environ.get("GRPC_EXPERIMENTS", ""),
         "langgraph": _version("langgraph"),
         "langgraph-checkpoint-sqlite": _version("langgraph-checkpoint-sqlite"),
         "cpus": os.cpu_count(),
@@ -103,7 +108,8 @@ def _notes(figures: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
         "Services run as separate processes (cuga.cli.up.Cluster) on free ports; run store"
         " and audit on SQLite (WAL, synchronous=NORMAL); tracing SDK on, no exporter. The"
         " services, B0's floor server and this client run on the same event loop"
-        " (event_loop: auto, uvloop when installed).",
+        " (event_loop: auto, uvloop when installed) and with the same gRPC core settings"
+        f" (GRPC_EXPERIMENTS={os.environ.get('GRPC_EXPERIMENTS', '')!r}; cuga.shared.grpc_env).",
     ]
     b1 = figures.get("b1", {})
     if "auth_enforced" in b1:

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cuga.shared.config import Settings
-from tests.support.servers import make_settings
+from cuga.shared import grpc_env
+
+grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
+
+from cuga.shared.config import Settings  # noqa: E402
+from tests.support.servers import make_settings  # noqa: E402
 
 
 @pytest.fixture

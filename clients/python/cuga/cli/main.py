@@ -8,9 +8,13 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from cuga.cli import approvals, audit, runs, tls, tokens, up
-from cuga.shared.bootstrap import run
-from cuga.shared.config import ConfigError, load_settings
+from cuga.shared import grpc_env
+
+grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
+
+from cuga.cli import approvals, audit, runs, tls, tokens, up  # noqa: E402
+from cuga.shared.bootstrap import run  # noqa: E402
+from cuga.shared.config import ConfigError, load_settings  # noqa: E402
 
 err = Console(stderr=True)
 

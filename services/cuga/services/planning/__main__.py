@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from cuga.services.planning.app import build
-from cuga.shared.bootstrap import run, serve
-from cuga.shared.config import load_settings
-
 if __name__ == "__main__":
+    from cuga.shared import grpc_env
+
+    grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
+
+    from cuga.services.planning.app import build
+    from cuga.shared.bootstrap import run, serve
+    from cuga.shared.config import load_settings
+
     settings = load_settings()
     run(serve("planning", build, settings), settings.common.event_loop)
