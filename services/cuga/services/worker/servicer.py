@@ -127,44 +127,48 @@ class _StepStream:
         message = ""
         run = current_run_id.set(request.request.context.run_id)  # log lines name the run
         try:
-            if self._draining:
-                raise UnavailableError(
-                    "worker is draining; send the step to another worker or retry",
-                    reason="WORKER_DRAINING",
-                    domain=DOMAIN,
+            try:
+                if self._draining:
+                    raise UnavailableError(
+                        "worker is draining; send the step to another worker or retry",
+                        reason="WORKER_DRAINING",
+                        domain=DOMAIN,
+                    )
+                check_count("trace_context", request.trace_context, MAX_TRACE_CONTEXT_ENTRIES)
+                for value in request.trace_context.values():
+                    check_length("trace_context", value, MAX_TRACE_CONTEXT_CHARS)
+                if not request.request.HasField("attempt_deadline"):
+                    raise InvalidArgumentError(
+                        "request.attempt_deadline", "is required on ExecuteSteps"
+                    )
+                # This task is never cancelled before it answers: the tool runs in it.
+                response.result.CopyFrom(
+                    await self._agent.execute(request.request, in_caller_task=True)
                 )
-            check_count("trace_context", request.trace_context, MAX_TRACE_CONTEXT_ENTRIES)
-            for value in request.trace_context.values():
-                check_length("trace_context", value, MAX_TRACE_CONTEXT_CHARS)
-            if not request.request.HasField("attempt_deadline"):
-                raise InvalidArgumentError(
-                    "request.attempt_deadline", "is required on ExecuteSteps"
-                )
-            # This task is never cancelled before it answers: the tool runs in it.
-            response.result.CopyFrom(
-                await self._agent.execute(request.request, in_caller_task=True)
-            )
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            if not isinstance(exc, CugaError):  # a bug: answered INTERNAL, told in full here
-                log.exception("step %s failed unexpectedly", request.request.idempotency_key)
-            error = from_exception(exc, DOMAIN)
-            if error.domain == "cuga":
-                error.domain = DOMAIN
-            code, message = wire_code(error), error.message
-            response.error.CopyFrom(step_error(error))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if not isinstance(exc, CugaError):  # a bug: answered INTERNAL, told in full here
+                    log.exception("step %s failed unexpectedly", request.request.idempotency_key)
+                error = from_exception(exc, DOMAIN)
+                if error.domain == "cuga":
+                    error.domain = DOMAIN
+                code, message = wire_code(error), error.message
+                response.error.CopyFrom(step_error(error))
+            finally:
+                current_run_id.reset(run)
+            # The answer first, the span's end after it: the caller waits on the answer,
+            # and a server span covers sending it, as a unary call's does.
+            async with self._write_lock:
+                try:
+                    await self._context.write(response)
+                except Exception as exc:  # the stream is gone; the outcome is in the store
+                    log.debug("answer to call %d not sent: %s", request.call_id, exc)
+                    self._finished.set()
         finally:
-            current_run_id.reset(run)
             if span is not None and token is not None and self._calls is not None:
                 self._calls.end_server(span, token, code, message, started)
-        async with self._write_lock:
-            try:
-                await self._context.write(response)
-            except Exception as exc:  # the stream is gone; the outcome is in the store
-                log.debug("answer to call %d not sent: %s", request.call_id, exc)
-                self._finished.set()
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
