@@ -119,9 +119,10 @@ class _InFlight:
     joined: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def fingerprint(step: common_pb2.PlanStep) -> str:
-    """What makes two executions "the same step": tool, step id and canonical input."""
-    canonical = json.dumps(struct_to_dict(step.input), sort_keys=True, separators=(",", ":"))
+def fingerprint(step: common_pb2.PlanStep, data: dict[str, Any]) -> str:
+    """What makes two executions "the same step": tool, step id and canonical input
+    (``data``: the step's input as :func:`struct_to_dict` gives it)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{step.tool}\0{step.step_id}\0{canonical}".encode()).hexdigest()
 
 
@@ -270,7 +271,8 @@ class WorkerAgent:
         """
         spec = self._validate(request)
         key = request.idempotency_key
-        fp = fingerprint(request.step)
+        data = struct_to_dict(request.step.input)  # converted once: fingerprint and inputs
+        fp = fingerprint(request.step, data)
         running = self._inflight.get(key)
         if running is not None:
             self._check_fingerprint(key, running.fingerprint, fp)
@@ -297,7 +299,7 @@ class WorkerAgent:
                 domain=DOMAIN,
                 metadata={"step_id": request.step.step_id},
             )
-        inputs = _normalise(struct_to_dict(request.step.input))
+        inputs = _normalise(data)
         check_input(spec.validator, inputs, field="step.input")
         if len(self._inflight) >= self._limits.max_in_flight:
             raise ResourceExhaustedError(
