@@ -28,6 +28,7 @@ from cuga.shared.authorities import (
 )
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import Settings, build_dataclass, load_settings
+from cuga.shared.files import private_dir
 from cuga.tools import ToolSpec
 
 ROUTING_POLICIES = ("round_robin", "capability", "load_balanced")
@@ -91,7 +92,7 @@ async def create_coordinator(
     if data_dir is not None:
         settings = settings.with_overrides(data_dir=Path(data_dir))
     common = settings.common
-    common.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(common.data_dir)
     clock = clock or SystemClock()
     closers: list[Closer] = []
 

@@ -1,20 +1,37 @@
-"""Embedded SQLite storage: one connection per store, WAL, fsync at checkpoints."""
+"""Embedded SQLite storage: one connection per store, WAL, fsync at checkpoints.
+
+Database files are owner-only (0600) in an owner-only directory (0700), whatever the
+umask: the file is created 0600 before SQLite opens it, and SQLite gives the ``-wal`` and
+``-shm`` files it creates the main file's mode (checked in
+``tests/security/test_file_permissions.py``). Side files an older version left behind
+are tightened too.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
+from cuga.shared.files import private_dir, private_file, tighten
+
+#: Files SQLite keeps beside a database, named ``<database><suffix>``.
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
 
 def open_sqlite(path: str | Path) -> sqlite3.Connection:
-    """Open (creating its directory) a SQLite database tuned for a single-writer service.
+    """Open (creating it and its directory, owner-only) a SQLite database tuned for a
+    single-writer service.
 
     WAL with ``synchronous=NORMAL`` keeps every committed transaction across a process
     crash (only an OS crash can lose the last commits), at a fraction of FULL's fsyncs.
     Autocommit is off at the Python level; callers use ``with conn:`` transactions.
     """
     if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        file = Path(path)
+        private_dir(file.parent)
+        private_file(file)
+        for suffix in SIDE_FILES:
+            tighten(file.with_name(file.name + suffix))
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from typing import TextIO
+from typing import IO
 
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
@@ -19,6 +19,7 @@ from cuga.client import AuditClient
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
 from cuga.shared.errors import CugaError
+from cuga.shared.files import open_private
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,10 +151,11 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     client = _client(settings)
-    target: TextIO = sys.stdout
+    target: IO[str] = sys.stdout
     try:
         if args.output:
-            target = open(args.output, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below
+            # Owner-only (0600): an export is the audit trail itself. Closed below.
+            target = open_private(args.output, "w", encoding="utf-8")
         count = 0
         async for line in client.export(audit_pb2.ExportRequest(filter=flt)):
             target.write(line.json_line + "\n")

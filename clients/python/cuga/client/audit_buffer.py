@@ -41,6 +41,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.client._clients import AuditClient
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.errors import CugaError
+from cuga.shared.files import open_private, private_dir, tighten
 from cuga.shared.telemetry import RUN_ID_BAGGAGE
 
 log = logging.getLogger("cuga.client.audit")
@@ -63,7 +64,8 @@ class BufferedAuditTrail:
 
     Args:
         client: the audit client; owned (closed by :meth:`close` or :meth:`retarget`).
-        spill_dir: where records beyond ``max_buffered`` go (created).
+        spill_dir: where records beyond ``max_buffered`` go (created owner-only, 0700;
+            the files in it are 0600).
         clock: drives the retry backoff.
         batch_size: most records per RecordBatch call (1 to 1000).
         max_buffered: most records held in memory before spilling to disk.
@@ -108,7 +110,7 @@ class BufferedAuditTrail:
         self._spill_dir = Path(spill_dir)
         self._tracer = tracer or trace.get_tracer("cuga.client.audit")
         self._parents: collections.OrderedDict[str, SpanContext] = collections.OrderedDict()
-        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._spill_dir)
         # Order invariant: every record in memory is older than every record on disk.
         self._memory: collections.deque[audit_pb2.AuditRecord] = collections.deque()
         self._segments: collections.deque[Path] = collections.deque(self._existing_segments())
@@ -213,7 +215,10 @@ class BufferedAuditTrail:
     # -- queue ---------------------------------------------------------------------------
 
     def _existing_segments(self) -> list[Path]:
-        return sorted(p for p in self._spill_dir.iterdir() if _SPILL.match(p.name))
+        segments = sorted(p for p in self._spill_dir.iterdir() if _SPILL.match(p.name))
+        for segment in segments:
+            tighten(segment)  # left by an older version, maybe readable by others
+        return segments
 
     def _enqueue(self, record: audit_pb2.AuditRecord) -> None:
         if self._spilled == 0 and len(self._memory) < self._max_buffered:
@@ -223,7 +228,7 @@ class BufferedAuditTrail:
             path = self._spill_dir / f"spill-{self._next_seq:012d}.jsonl"
             self._next_seq += 1
             self._segments.append(path)
-            self._writer = path.open("a", encoding="utf-8")
+            self._writer = open_private(path, "a", encoding="utf-8")
         self._writer.write(_dump(record) + "\n")
         self._writer.flush()
         self._spilled += 1
@@ -360,7 +365,7 @@ class BufferedAuditTrail:
         self._next_seq += 1
         tmp = path.with_suffix(".tmp")
         old = list(self._segments)
-        with tmp.open("w", encoding="utf-8") as out:
+        with open_private(tmp, "w", encoding="utf-8") as out:
             for record in self._memory:
                 out.write(_dump(record) + "\n")
             if self._reader is not None:

@@ -39,6 +39,7 @@ from cuga.services.audit.records import (
     verify_chain,
 )
 from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.files import open_private, private_dir, tighten
 
 _NAME = re.compile(r"^audit-(\d{8})-(\d{4,})\.jsonl$")
 _TRACE_IN_LINE = re.compile(r'"trace_id"\s*:\s*"([^"]*)"')
@@ -63,7 +64,8 @@ class JSONAuditTrail(AuditBackend):
     """Audit records in append-only JSON-lines files.
 
     Args:
-        directory: where the files live (created).
+        directory: where the files live (created owner-only, 0700; files are 0600, and
+            looser ones found at start are tightened).
         rotate_bytes: start a new file once the current one would pass this size.
         fsync: ``always`` (after each record), ``batch`` (once per append) or ``never``.
         clock: decides the day of the current file.
@@ -78,7 +80,7 @@ class JSONAuditTrail(AuditBackend):
         clock: Clock | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         self._rotate_bytes = rotate_bytes
         self._fsync = fsync
         self._clock = clock or SystemClock()
@@ -118,6 +120,8 @@ class JSONAuditTrail(AuditBackend):
     def _rebuild(self) -> None:
         self._index.clear()
         self._heads.clear()
+        for path in self.files():
+            tighten(path)  # written by an older version, maybe readable by others
         for line in self._all_lines():
             if isinstance(line.item, CorruptEntry):
                 continue
@@ -176,7 +180,7 @@ class JSONAuditTrail(AuditBackend):
                 return results
             lines = [(to_json_line(r, pj) + "\n").encode("utf-8") for r, pj in batch.new]
             path = self._target(sum(len(b) for b in lines))
-            with path.open("ab") as f:
+            with open_private(path, "ab") as f:
                 offset = f.tell()
                 for rec, data in zip(new, lines, strict=True):
                     f.write(data)
@@ -253,7 +257,7 @@ class JSONAuditTrail(AuditBackend):
                 removed += dropped
                 # Rewrite beside and rename: a crash leaves either the old or the new file.
                 tmp = path.with_suffix(".jsonl.tmp")
-                with tmp.open("wb") as f:
+                with open_private(tmp, "wb") as f:
                     f.writelines(kept)
                     f.flush()
                     os.fsync(f.fileno())

@@ -22,6 +22,7 @@ from cuga.shared.config import (
     ConfigError,
     Settings,
 )
+from cuga.shared.files import private_dir
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolRegistry, ToolSpec
 from cuga.worker.v1 import worker_pb2_grpc
@@ -66,7 +67,7 @@ def build_agent(
         registry,
         IdempotencyStore(data_dir / f"worker-{config.worker_id}.db"),
         worker_id=config.worker_id,
-        sandbox_dir=config.sandbox(data_dir),
+        sandbox_dir=private_dir(config.sandbox(data_dir)),  # owner-only, made here
         policy=ToolPolicy(config.profile_tools),
         limits=WorkerLimits(
             max_input_bytes=limits.max_input_bytes,
