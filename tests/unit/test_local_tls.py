@@ -115,7 +115,8 @@ def test_the_client_certificate_is_client_only(local: LocalTls) -> None:
     _verify_client(ca, cert)
     with pytest.raises(VerificationError):
         _verify_server(ca, cert, "localhost")
-    server_only = issue(read_pair(local.folder, "ca"), "web", hosts=("localhost",), client=False)
+    ca_pair = read_pair(local.folder, "ca", key_folder=local.ca_key_file.parent)
+    server_only = issue(ca_pair, "web", hosts=("localhost",), client=False)
     with pytest.raises(VerificationError):  # the client check does look at the EKU
         _verify_client(ca, server_only[0])
 
@@ -126,24 +127,38 @@ def test_a_certificate_from_another_ca_does_not_verify(local: LocalTls) -> None:
         _verify_server(_ca(local), stranger, "localhost")
 
 
-def test_keys_are_owner_only_in_an_owner_only_folder(local: LocalTls) -> None:
+def test_every_file_is_owner_only_and_the_ca_key_apart(local: LocalTls) -> None:
     assert stat.S_IMODE(local.folder.stat().st_mode) == 0o700
-    assert stat.S_IMODE((local.folder / "ca.key").stat().st_mode) == 0o600
+    assert local.ca_key_file.parent == local.folder / "ca"
+    assert stat.S_IMODE(local.ca_key_file.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(local.ca_key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(local.ca_file.stat().st_mode) == 0o600
     for name in NAMES:
         assert stat.S_IMODE(local.key_file(name).stat().st_mode) == 0o600
+        assert stat.S_IMODE(local.cert_file(name).stat().st_mode) == 0o600
         cert, key = read_pair(local.folder, name)
         assert cert.public_key() == key.public_key()  # each key matches its certificate
+    ca_cert, ca_key = read_pair(local.folder, "ca", key_folder=local.ca_key_file.parent)
+    assert ca_cert.public_key() == ca_key.public_key()
+    # Beside the services' files: certificates and their keys, and the CA's certificate.
     assert sorted(p.name for p in local.folder.iterdir()) == sorted(
-        f"{n}.{ext}" for n in ("ca", *NAMES) for ext in ("pem", "key")
+        ["ca", "ca.pem", *(f"{n}.{ext}" for n in NAMES for ext in ("pem", "key"))]
     )
+    assert [p.name for p in local.ca_key_file.parent.iterdir()] == ["ca.key"]
+    for name in NAMES:  # no process is configured with a path in the CA key's folder
+        assert all(
+            local.ca_key_file.parent not in Path(p).parents for p in local.env(name).values()
+        )
 
 
 def test_init_is_idempotent_and_force_makes_everything_anew(local: LocalTls) -> None:
     assert local.written == ("ca", *NAMES)
-    before = {p.name: p.read_bytes() for p in local.folder.iterdir()}
+    before = {p.name: p.read_bytes() for p in local.folder.iterdir() if p.is_file()}
+    ca_key = local.ca_key_file.read_bytes()
     again = ensure_local_tls(local.folder)
     assert again.written == ()
-    assert {p.name: p.read_bytes() for p in local.folder.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in local.folder.iterdir() if p.is_file()} == before
+    assert local.ca_key_file.read_bytes() == ca_key
 
     local.cert_file("worker").unlink()  # a missing certificate is issued by the same CA
     mended = ensure_local_tls(local.folder)
@@ -152,10 +167,11 @@ def test_init_is_idempotent_and_force_makes_everything_anew(local: LocalTls) -> 
     _verify_server(_ca(local), _cert(local, "worker"), "worker")
     assert local.cert_file("routing").read_bytes() == before["routing.pem"]
 
-    (local.folder / "ca.key").chmod(0o644)
+    local.ca_key_file.chmod(0o644)
     forced = ensure_local_tls(local.folder, force=True)
     assert forced.written == ("ca", *NAMES)
-    assert stat.S_IMODE((local.folder / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(local.ca_key_file.stat().st_mode) == 0o600
+    assert local.ca_key_file.read_bytes() != ca_key
     for name in NAMES:
         assert local.cert_file(name).read_bytes() != before[f"{name}.pem"]
         _verify_client(_ca(local), _cert(local, name))
@@ -174,6 +190,7 @@ def test_cuga_tls_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["tls", "init", "--dir", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "CUGA_TLS__CA_FILE=" in out and f"{folder}/client.pem" in out
+    assert "ca/ca.key" in out and f"{folder}/ca/ca.key" not in out.split("export")[1]
     assert out.count("(written)") == len(NAMES) + 1
     assert main(["tls", "init", "--dir", str(folder)]) == 0
     out = capsys.readouterr().out

@@ -2,16 +2,20 @@
 
 ``cuga tls init`` makes, once, under ``<data_dir>/tls/`` (or ``--dir``):
 
-* ``ca.pem`` / ``ca.key``: a local certificate authority (EC P-256, one year,
-  ``CA:true``, key usage certSign);
+* ``ca.pem``: a local certificate authority (EC P-256, one year, ``CA:true``, key usage
+  certSign), and its key ``ca/ca.key`` in a directory of its own: services are given
+  ``ca.pem`` to verify their peers, and no service's configuration points into ``ca/``
+  (only this command signs, so only it reads the key);
 * ``<service>.pem`` / ``<service>.key`` for each of the six services: server *and* client
   certificates (a service listens with it and dials the others with it), SANs
   ``localhost``, ``127.0.0.1`` and the service's name;
 * ``client.pem`` / ``client.key``: a client-only certificate for the CLI and SDK callers.
 
-Keys are written owner-only (0600, directory 0700). Existing files are kept, so running
-services keep working; ``--force`` makes a new CA and reissues everything. This module is
-the one place that makes certificates: the security tests use :func:`make_ca` and
+Every file is written owner-only (0600, directories 0700). Existing files are kept (and
+tightened if an older version left them readable by others), so running services keep
+working; a CA key an older version left beside the services' keys (``<dir>/ca.key``) is
+moved into ``ca/``. ``--force`` makes a new CA and reissues everything. This module is the
+one place that makes certificates: the security tests use :func:`make_ca` and
 :func:`issue` too.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import logging
 import os
 import shlex
 from collections.abc import Iterable, Mapping
@@ -34,6 +39,9 @@ from rich.console import Console
 
 from cuga.shared.auth import TlsConfig
 from cuga.shared.config import SERVICE_NAMES, Settings
+from cuga.shared.files import private_dir, tighten, write_private
+
+log = logging.getLogger("cuga.cli.tls")
 
 #: A certificate with its private key.
 KeyPair = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
@@ -46,6 +54,8 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1")
 CLIENT = "client"
 #: Name of the CA's files (``ca.pem``, ``ca.key``).
 CA = "ca"
+#: The directory of its own, under the TLS folder, holding the CA's key.
+CA_KEY_DIR = "ca"
 #: The configuration keys (``CUGA_TLS__*``) a process sets to use a certificate.
 ENV_CERT, ENV_KEY, ENV_CA = "CUGA_TLS__CERT_FILE", "CUGA_TLS__KEY_FILE", "CUGA_TLS__CA_FILE"
 
@@ -175,46 +185,45 @@ def issue(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    # A fresh file replaced into place: the mode is the one asked for even when the file
-    # existed (O_CREAT's mode applies only to new files), and readers never see half a key.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def write_pair(
+    folder: Path, name: str, pair: KeyPair, *, key_folder: Path | None = None
+) -> tuple[Path, Path]:
+    """Write ``<name>.pem`` and ``<name>.key`` (PKCS#8, unencrypted), both 0600, each
+    replaced atomically.
 
-
-def write_pair(folder: Path, name: str, pair: KeyPair) -> tuple[Path, Path]:
-    """Write ``<name>.pem`` (0644) and ``<name>.key`` (PKCS#8, unencrypted, 0600).
+    Args:
+        folder: where the certificate goes.
+        name: the files' stem.
+        pair: the certificate and its key.
+        key_folder: where the key goes (default ``folder``).
 
     Returns:
         The certificate's and the key's paths.
     """
     cert, key = pair
-    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path, key_path = folder / f"{name}.pem", (key_folder or folder) / f"{name}.key"
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(key_path, pem, 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_private(key_path, pem)
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 
-def read_pair(folder: Path, name: str) -> KeyPair:
+def read_pair(folder: Path, name: str, *, key_folder: Path | None = None) -> KeyPair:
     """Load ``<name>.pem`` and ``<name>.key`` written by :func:`write_pair`.
 
     Raises:
         OSError: a file cannot be read.
         ValueError: a file is not a PEM certificate / EC private key.
     """
+    key_path = (key_folder or folder) / f"{name}.key"
     cert = x509.load_pem_x509_certificate((folder / f"{name}.pem").read_bytes())
-    key = serialization.load_pem_private_key((folder / f"{name}.key").read_bytes(), None)
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{folder / name}.key is not an EC private key")
+        raise ValueError(f"{key_path} is not an EC private key")
     return cert, key
 
 
@@ -237,6 +246,12 @@ class LocalTls:
     def ca_file(self) -> Path:
         """The CA certificate every process trusts (``tls.ca_file``)."""
         return self.folder / f"{CA}.pem"
+
+    @property
+    def ca_key_file(self) -> Path:
+        """The CA's private key, in a directory no process is configured with: only
+        :func:`ensure_local_tls` reads it, to issue certificates."""
+        return self.folder / CA_KEY_DIR / f"{CA}.key"
 
     def cert_file(self, name: str) -> Path:
         """``name``'s certificate (a service name or ``client``)."""
@@ -266,31 +281,55 @@ def ensure_local_tls(folder: Path, *, force: bool = False) -> LocalTls:
 
     Existing files are kept; a missing certificate is issued by the existing CA. Without
     a CA (or with ``force``) a new CA is made and every certificate is reissued, since
-    the old ones would no longer verify.
+    the old ones would no longer verify. The CA's key goes to
+    :attr:`LocalTls.ca_key_file`, apart from the files processes are given. Everything
+    is owner-only: kept files that are not, and a CA key found beside the service keys
+    (an older layout), are fixed with a WARNING naming them.
 
     Raises:
         OSError: the folder or a file cannot be written or read.
         ValueError: an existing CA file is not a PEM certificate / EC key.
     """
-    folder = folder.absolute()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
+    local = LocalTls(folder=private_dir(folder.absolute()))
+    folder = local.folder
+    key_folder = private_dir(local.ca_key_file.parent)
+    _move_old_ca_key(folder / f"{CA}.key", local.ca_key_file)
     written: list[str] = []
-    have_ca = (folder / f"{CA}.pem").exists() and (folder / f"{CA}.key").exists()
-    if force or not have_ca:
+    if force or not (local.ca_file.exists() and local.ca_key_file.exists()):
         ca = make_ca()
-        write_pair(folder, CA, ca)
+        write_pair(folder, CA, ca, key_folder=key_folder)
         written.append(CA)
     else:
-        ca = read_pair(folder, CA)
+        ca = read_pair(folder, CA, key_folder=key_folder)
     renew = bool(written)  # a new CA: the old leaves no longer chain to it
     for name, hosts in local_identities().items():
-        exists = (folder / f"{name}.pem").exists() and (folder / f"{name}.key").exists()
-        if renew or not exists:
+        if renew or not (local.cert_file(name).exists() and local.key_file(name).exists()):
             pair = issue(ca, name, hosts=hosts, server=bool(hosts), client=True)
             write_pair(folder, name, pair)
             written.append(name)
+    for path in (*folder.iterdir(), *key_folder.iterdir()):
+        tighten(path)  # kept files an older version wrote 0644
     return LocalTls(folder=folder, written=tuple(written))
+
+
+def _move_old_ca_key(old: Path, new: Path) -> None:
+    """Move a CA key an older version wrote beside the services' keys to its own folder."""
+    if not old.exists():
+        return
+    if new.exists():
+        log.warning(
+            "%s is a CA key left beside the services' keys; the CA key in use is %s. "
+            "Delete %s (or move it to %s if it is the one matching %s)",
+            old,
+            new,
+            old,
+            new,
+            old.with_suffix(".pem"),
+        )
+        return
+    tighten(old)
+    os.replace(old, new)
+    log.warning("moved the CA key %s to %s, apart from the services' keys", old, new)
 
 
 def shell_exports(variables: Mapping[str, str]) -> str:
@@ -309,10 +348,12 @@ async def _init(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     out = Console()
     kept = [n for n in (CA, *local_identities()) if n not in made.written]
-    out.print(f"local CA and certificates in {made.folder}/ (keys owner-only):", highlight=False)
+    out.print(f"local CA and certificates in {made.folder}/ (owner-only):", highlight=False)
     for name in (CA, *local_identities()):
         state = "written" if name in made.written else "kept"
-        out.print(f"  {name}.pem  {name}.key  ({state})", highlight=False)
+        key = made.ca_key_file.relative_to(made.folder) if name == CA else f"{name}.key"
+        out.print(f"  {name}.pem  {key}  ({state})", highlight=False)
+    out.print(f"only this command needs {made.ca_key_file.parent}/; give it to no service")
     if kept and not args.force:
         out.print("existing files were kept; --force makes a new CA and reissues everything")
     out.print("each service (its own pair, e.g. routing):", highlight=False)
@@ -338,6 +379,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 __all__ = [
+    "CA_KEY_DIR",
     "CLIENT",
     "ENV_CA",
     "ENV_CERT",

@@ -22,6 +22,7 @@ from cuga.cli.tokens import LocalTokens, ensure_local_tokens
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import Builder, serve
 from cuga.shared.config import SERVICE_NAMES, Settings
+from cuga.shared.files import private_dir
 
 console = Console()
 err = Console(stderr=True)
@@ -112,7 +113,8 @@ class Cluster:
 
     With ``tls=True`` (``cuga up --tls``) it also makes (once) a local CA and certificates
     under ``<data_dir>/tls/``: every service listens with mutual TLS on its own
-    certificate and requires client certificates from that CA, and :attr:`settings`
+    certificate and requires client certificates from that CA (each gets its own pair and
+    ``ca.pem``, never the CA's key, which stays in ``tls/ca/``), and :attr:`settings`
     carries the ``client`` certificate, so callers built from it (the health wait, the
     CLI's clients) present it. :meth:`client_env` gives the same as ``CUGA_TLS__*``
     variables for other processes. Without ``tls`` but with TLS in ``settings`` (the
@@ -128,7 +130,8 @@ class Cluster:
             # they listen (and with `tls:` in it, speak TLS) as the health wait expects.
             self.env["CUGA_CONFIG"] = settings.source
         self.procs: dict[str, asyncio.subprocess.Process] = {}
-        self.data_dir = Path(self.env.get("CUGA_DATA_DIR") or settings.common.data_dir)
+        # Owner-only before anything is written in it (tokens, keys, databases).
+        self.data_dir = private_dir(Path(self.env.get("CUGA_DATA_DIR") or settings.common.data_dir))
         self.tokens: LocalTokens | None = None
         if not self.env.get("CUGA_AUTH__TOKENS_FILE"):
             self.tokens = ensure_local_tokens(self.data_dir)
