@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +12,7 @@ from google.protobuf import struct_pb2
 from cuga.common.v1 import common_pb2
 from cuga.shared.errors import InvalidArgumentError
 from cuga.shared.messages import struct_to_dict, to_struct
+from cuga.shared.templates import Reference, references
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,6 @@ class ExponentialBackoffPolicy:
 #: The public name of the policy type (DESIGN: ``RetryPolicy`` / ``ExponentialBackoffPolicy``).
 RetryPolicy = ExponentialBackoffPolicy
 
-_TEMPLATE = re.compile(r"\{\{\s*steps\.([A-Za-z0-9_.\-]+?)\.output((?:\.[A-Za-z0-9_\-]+)*)\s*\}\}")
-
 
 def template_references(step: common_pb2.PlanStep) -> set[str]:
     """Step ids a step's input refers to with ``{{steps.<id>.output...}}``."""
@@ -81,7 +79,7 @@ def template_references(step: common_pb2.PlanStep) -> set[str]:
 
     def walk(value: Any) -> None:
         if isinstance(value, str):
-            found.update(m.group(1) for m in _TEMPLATE.finditer(value))
+            found.update(ref.step_id for ref in references(value))
         elif isinstance(value, dict):
             for v in value.values():
                 walk(v)
@@ -107,33 +105,44 @@ def resolve_input(step: common_pb2.PlanStep, outputs: dict[str, Any]) -> struct_
 
     A string that is exactly one reference takes the referenced value with its type; a
     reference inside a longer string is formatted into it. Not code: only dotted lookups.
+    References are found by the scanner planning checks plans with
+    (:mod:`cuga.shared.templates`), so both agree on which step a reference names; one
+    planning accepts but no dotted lookup can resolve (``output[0]``) is refused here.
     """
+    field = f"steps[{step.step_id}].input"
 
-    def lookup(match: re.Match[str]) -> Any:
-        step_id, path = match.group(1), match.group(2)
-        if step_id not in outputs:
+    def lookup(text: str, ref: Reference) -> Any:
+        shown = text[ref.start : ref.end]
+        if ref.step_id not in outputs:
+            raise InvalidArgumentError(field, f"refers to {ref.step_id!r}, which has no output")
+        keys = ref.keys()
+        if keys is None:
             raise InvalidArgumentError(
-                f"steps[{step.step_id}].input", f"refers to {step_id!r}, which has no output"
+                field, f"{shown} is not a dotted path (.key or .index after output)"
             )
-        value = outputs[step_id]
-        for key in filter(None, path.split(".")):
+        value = outputs[ref.step_id]
+        for key in keys:
             if isinstance(value, dict) and key in value:
                 value = value[key]
             elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
                 value = value[int(key)]
             else:
                 raise InvalidArgumentError(
-                    f"steps[{step.step_id}].input",
-                    f"{match.group(0)} has no key {key!r} in the output of {step_id!r}",
+                    field, f"{shown} has no key {key!r} in the output of {ref.step_id!r}"
                 )
         return value
 
     def fill(value: Any) -> Any:
         if isinstance(value, str):
-            whole = _TEMPLATE.fullmatch(value.strip())
-            if whole:
-                return lookup(whole)
-            return _TEMPLATE.sub(lambda m: _text(lookup(m)), value)
+            refs = list(references(value))
+            if len(refs) == 1 and refs[0].is_whole(value):
+                return lookup(value, refs[0])
+            parts: list[str] = []
+            done = 0
+            for ref in refs:
+                parts += (value[done : ref.start], _text(lookup(value, ref)))
+                done = ref.end
+            return "".join(parts) + value[done:]
         if isinstance(value, dict):
             return {k: fill(v) for k, v in value.items()}
         if isinstance(value, list):

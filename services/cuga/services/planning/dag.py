@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,10 +18,9 @@ from cuga.common.v1 import common_pb2
 from cuga.shared.config import Limits
 from cuga.shared.errors import FailedPreconditionError, InvalidArgumentError
 from cuga.shared.messages import struct_to_dict
+from cuga.shared.templates import has_reference, references
 from cuga.shared.validation import STEP_ID_PATTERN, TOOL_NAME_PATTERN, check_id, check_size
 
-#: ``{{steps.<step_id>.output[.<key>...]}}`` inside a string input value.
-TEMPLATE = re.compile(r"\{\{\s*steps\.([A-Za-z0-9_.\-]{1,64}?)\.output(?:[.\[][^}]*)?\s*\}\}")
 MAX_CAPABILITY_CHARS = 128
 MAX_REASON_CHARS = 1024
 
@@ -181,7 +179,7 @@ def schema_errors(validator: jsonschema.protocols.Validator, instance: Any) -> l
     """
     problems: list[str] = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
-        if isinstance(error.instance, str) and TEMPLATE.search(error.instance):
+        if isinstance(error.instance, str) and has_reference(error.instance):
             continue
         problems.append(f"{error.json_path}: {error.message}")
     return problems
@@ -245,12 +243,11 @@ def check_against_catalog(
             )
         data = struct_to_dict(step.input)
         for text in _strings(data):
-            for match in TEMPLATE.finditer(text):
-                ref = match.group(1)
-                if ref not in ancestors[step.step_id]:
+            for ref in references(text):
+                if ref.step_id not in ancestors[step.step_id]:
                     raise InvalidArgumentError(
                         f"steps[{i}].input",
-                        f"step {step.step_id!r} references the output of {ref!r}, which is"
+                        f"step {step.step_id!r} references the output of {ref.step_id!r}, which is"
                         " not one of its dependencies",
                     )
         try:
@@ -298,7 +295,6 @@ def validate_steps(
 
 
 __all__ = [
-    "TEMPLATE",
     "SchemaValidators",
     "check_against_catalog",
     "check_step_syntax",
