@@ -17,7 +17,7 @@ from cuga.tools._registry import (
     in_namespaces,
     to_proto,
 )
-from cuga.tools._schema import check_input, json_path, validate_input
+from cuga.tools._schema import InputSchema, SchemaProblem, check_input, json_path, validate_input
 from cuga.tools._spec import (
     TOOL_NAME_PATTERN,
     ToolContext,
@@ -30,6 +30,8 @@ from cuga.tools._spec import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "TOOL_NAME_PATTERN",
+    "InputSchema",
+    "SchemaProblem",
     "ToolContext",
     "ToolDefinitionError",
     "ToolHandler",

@@ -12,6 +12,8 @@ from typing import Any
 
 import jsonschema
 
+from cuga.tools._schema import InputSchema
+
 #: Tool names: 1 to 128 characters of ``[A-Za-z0-9_.-]`` (the contract's limit).
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 #: Capabilities and keywords: short lowercase-ish tokens routing and planning match on.
@@ -60,7 +62,10 @@ class ToolSpec:
     Attributes:
         name: unique tool name, 1 to 128 characters of ``[A-Za-z0-9_.-]``.
         description: what it does, for planners and people.
-        parameters: JSON schema (Draft 2020-12) of the input object.
+        parameters: JSON schema of the input object (Draft 2020-12 unless its ``$schema``
+            names another); ``pattern`` is an ECMA-262 regular expression, matched in linear
+            time, so lookaround and backreferences are refused (see
+            :class:`~cuga.tools.InputSchema`).
         handler: ``(inputs, context) -> result``; a plain function runs in a worker thread,
             an ``async def`` on the event loop. The result must be JSON-serialisable.
         capabilities: capabilities it provides (routing matches on them).
@@ -80,7 +85,7 @@ class ToolSpec:
     cost: float = 1.0
     timeout: float = 30.0
     keywords: tuple[str, ...] = ()
-    validator: Any = field(init=False, repr=False, compare=False)
+    validator: InputSchema = field(init=False, repr=False, compare=False)
     """The compiled input validator (made once here, not on every call)."""
 
     def __post_init__(self) -> None:
@@ -95,15 +100,13 @@ class ToolSpec:
         if self.parameters.get("type", "object") != "object":
             raise ToolDefinitionError(f"tool {self.name!r}: parameters must describe an object")
         try:
-            jsonschema.Draft202012Validator.check_schema(dict(self.parameters))
+            validator = InputSchema(self.parameters)
         except jsonschema.SchemaError as exc:
             raise ToolDefinitionError(
                 f"tool {self.name!r}: parameters is not a valid JSON schema: {exc.message}"
             ) from None
         # Frozen dataclass: set once, here, like a field the constructor computes.
-        object.__setattr__(
-            self, "validator", jsonschema.Draft202012Validator(dict(self.parameters))
-        )
+        object.__setattr__(self, "validator", validator)
         for what, values in (("capabilities", self.capabilities), ("keywords", self.keywords)):
             for value in values:
                 if not isinstance(value, str) or not TOKEN_PATTERN.fullmatch(value):

@@ -11,7 +11,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import jsonschema
 from jsonschema import exceptions as jsonschema_exceptions
 
 from cuga.common.v1 import common_pb2
@@ -20,6 +19,7 @@ from cuga.shared.errors import FailedPreconditionError, InvalidArgumentError
 from cuga.shared.messages import struct_to_dict
 from cuga.shared.templates import has_reference, references
 from cuga.shared.validation import STEP_ID_PATTERN, TOOL_NAME_PATTERN, check_id, check_size
+from cuga.tools import InputSchema
 
 MAX_CAPABILITY_CHARS = 128
 MAX_REASON_CHARS = 1024
@@ -160,35 +160,24 @@ def _ancestors(steps: Sequence[common_pb2.PlanStep]) -> dict[str, set[str]]:
     return result
 
 
-def schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
-    """A validator for ``schema``, after checking the schema against its meta-schema.
-
-    Raises:
-        jsonschema.SchemaError: when the schema itself is invalid.
-    """
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
-def schema_errors(validator: jsonschema.protocols.Validator, instance: Any) -> list[str]:
+def schema_errors(validator: InputSchema, instance: Any) -> list[str]:
     """``"<json path>: <problem>"`` for each way ``instance`` fails ``validator``'s schema.
 
     A string holding a ``{{steps...}}`` reference is only known at run time, so errors
     about such a value are not counted.
     """
-    problems: list[str] = []
-    for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
-        if isinstance(error.instance, str) and has_reference(error.instance):
-            continue
-        problems.append(f"{error.json_path}: {error.message}")
-    return problems
+    return [
+        f"{problem.json_path}: {problem.message}"
+        for problem in validator.problems(instance)
+        if not (isinstance(problem.instance, str) and has_reference(problem.instance))
+    ]
 
 
 class SchemaValidators:
     """Compiled input validators by tool schema, each schema checked against its
     meta-schema once: that check costs far more than validating an input, and plans call
-    the same few tools over and over.
+    the same few tools over and over. They are the workers' validator
+    (:class:`cuga.tools.InputSchema`), so a plan is held to what the worker will check.
 
     Args:
         limit: most schemas kept; the cache starts over when it is full (a catalog has a
@@ -197,9 +186,9 @@ class SchemaValidators:
 
     def __init__(self, limit: int = 1024) -> None:
         self._limit = limit
-        self._cache: dict[bytes, jsonschema.protocols.Validator | None] = {}
+        self._cache: dict[bytes, InputSchema | None] = {}
 
-    def get(self, spec: common_pb2.ToolSpec) -> jsonschema.protocols.Validator | None:
+    def get(self, spec: common_pb2.ToolSpec) -> InputSchema | None:
         """The validator of ``spec.parameters`` (None for an empty schema).
 
         Raises:
@@ -209,7 +198,7 @@ class SchemaValidators:
         if key in self._cache:
             return self._cache[key]
         schema = struct_to_dict(spec.parameters)
-        validator = schema_validator(schema) if schema else None
+        validator = InputSchema(schema) if schema else None
         if len(self._cache) >= self._limit:
             self._cache.clear()
         self._cache[key] = validator
