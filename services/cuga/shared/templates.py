@@ -68,58 +68,44 @@ class Reference(NamedTuple):
         return self.start == len(text) - len(text.lstrip()) and self.end == len(text.rstrip())
 
 
-class _Closer:
-    """Where the first ``}`` at or after a position is, remembering the last answer.
-
-    The scanner asks for positions that only move forward, so one remembered answer makes
-    all its questions cost one pass over the text in all (a fresh ``find`` per question
-    is what made the old regex quadratic).
-    """
-
-    __slots__ = ("_at", "_from", "_text")
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._from = len(text) + 1
-        self._at = -1
-
-    def find(self, i: int) -> int:
-        if not (self._from <= i and (self._at == -1 or i <= self._at)):
-            self._from, self._at = i, self._text.find("}", i)
-        return self._at
-
-
-def _reference_at(text: str, head: re.Match[str], closer: _Closer) -> Reference | None:
-    """The reference that starts with ``head``, or None."""
-    start, id_start, id_end = head.start(), head.start(1), head.end(1)
-    # The id is the shortest run of id characters followed by ".output" and a valid end;
-    # find() jumps from one ".output" to the next (at most nine in 64 characters).
-    limit = id_end + len(_OUTPUT)
-    at = text.find(_OUTPUT, id_start + 1, limit)
-    while at != -1:
-        after = at + len(_OUTPUT)
-        if after < len(text) and text[after] in ".[":
-            close = closer.find(after + 1)
-            if close != -1 and text.startswith("}", close + 1):
-                return Reference(start, close + 2, text[id_start:at], text[after:close].rstrip())
-        else:
-            space = _SPACE.match(text, after)
-            close = space.end() if space else after
-            if text.startswith("}}", close):
-                return Reference(start, close + 2, text[id_start:at], "")
-        at = text.find(_OUTPUT, at + 1, limit)
-    return None
-
-
 def references(text: str) -> Iterator[Reference]:
     """Every reference in ``text``, left to right, none overlapping."""
-    closer = _Closer(text)
+    # Where the first "}" at or after close_from is (-1: nowhere). The scanner only asks
+    # about positions further on, so one remembered answer makes all of its questions one
+    # pass over the text (a fresh search per candidate is what made the old regex
+    # quadratic). One loop, no helper calls: a long input may hold thousands of candidates.
+    close_from, close_at = len(text) + 1, -1
     head = _HEAD.search(text)
     while head is not None:
-        ref = _reference_at(text, head, closer)
-        if ref is not None:
-            yield ref
-        head = _HEAD.search(text, head.start() + 1 if ref is None else ref.end)
+        start = head.start()
+        id_start, id_end = head.span(1)
+        found = None
+        # The id is the shortest run of id characters followed by ".output" and a valid
+        # end; find() jumps from one ".output" to the next (at most nine in 64 characters).
+        limit = id_end + len(_OUTPUT)
+        at = text.find(_OUTPUT, id_start + 1, limit)
+        while at != -1:
+            after = at + len(_OUTPUT)
+            nxt = text[after : after + 1]
+            if nxt in (".", "["):  # a path: up to the first "}", which must start "}}"
+                if not (close_from <= after + 1 and (close_at == -1 or after + 1 <= close_at)):
+                    close_from, close_at = after + 1, text.find("}", after + 1)
+                if close_at != -1 and text.startswith("}", close_at + 1):
+                    path = text[after:close_at].rstrip()
+                    found = Reference(start, close_at + 2, text[id_start:at], path)
+                    break
+            elif nxt == "}" or nxt.isspace():  # no path: white space, then "}}"
+                space = _SPACE.match(text, after)
+                close = space.end() if space else after
+                if text.startswith("}}", close):
+                    found = Reference(start, close + 2, text[id_start:at], "")
+                    break
+            at = text.find(_OUTPUT, at + 1, limit)
+        if found is None:
+            head = _HEAD.search(text, start + 1)
+        else:
+            yield found
+            head = _HEAD.search(text, found.end)
 
 
 def has_reference(text: str) -> bool:
