@@ -30,7 +30,7 @@ from tests.support.servers import (
     builders,
     make_settings,
     running_service,
-    token_of,
+    service_env,
     with_address,
     write_tokens_file,
 )
@@ -62,7 +62,7 @@ async def _coordinator(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
     env["CUGA_DATA_DIR"] = str(data_dir)
     env["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
-    env["CUGA_AUTH__TOKEN"] = token_of("coordinator")
+    env.update(service_env("coordinator"))  # signs its calls as the coordinator
     for name in ("planning", "routing", "audit", "approval", "worker"):
         env[f"CUGA_ADDRESSES__{name.upper()}"] = settings.common.addresses.of(name)
     proc = await asyncio.create_subprocess_exec(

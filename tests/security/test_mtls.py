@@ -61,7 +61,7 @@ def pki(tmp_path: Path) -> Pki:
 
 def _server_settings(settings: Settings, pki: Pki) -> Settings:
     identities = {
-        "worker-7": CertIdentity(roles=("worker",)),
+        "worker-7": CertIdentity(roles=("worker",), worker_ids=("worker-1",)),
         "reviewer-cert": CertIdentity(roles=("reviewer",)),
         "impostor": CertIdentity(roles=("worker",)),
     }

@@ -36,12 +36,14 @@ def dead_address() -> str:
 
 
 async def stored_ids(address: str) -> list[str]:
+    """The ids of every stored record, without their writer's namespace (``tester/``)."""
     client = AuditClient(address, metadata=as_identity("tester"))
     ids: list[str] = []
     token = ""
     while True:
         resp = await client.query(audit_pb2.QueryRequest(page_size=1000, page_token=token))
-        ids += [r.record_id for r in resp.records]
+        assert all(r.record_id.startswith("tester/") for r in resp.records)
+        ids += [r.record_id.removeprefix("tester/") for r in resp.records]
         token = resp.next_page_token
         if not token:
             break

@@ -50,7 +50,11 @@ async def test_query_export_verify(
         args = parse(["audit", "query", "--trace-id", TRACE, "--json"])
         assert await args.handler(args, settings) == 0
         lines = capsys.readouterr().out.splitlines()
-        assert [json.loads(line)["record_id"] for line in lines] == ["r0", "r1", "r2"]
+        assert [json.loads(line)["record_id"] for line in lines] == [
+            "tester/r0",
+            "tester/r1",
+            "tester/r2",
+        ]
 
         out = tmp_path / "export.jsonl"
         args = parse(["audit", "export", "--kind", "plan", "-o", str(out)])

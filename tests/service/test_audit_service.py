@@ -140,7 +140,10 @@ async def test_bad_batch_writes_nothing(client: AuditClient) -> None:
             audit_pb2.RecordBatchRequest(records=[rec("new"), rec("r0", kind="retry")])
         )
     resp = await client.query(audit_pb2.QueryRequest())
-    assert [r.record_id for r in resp.records] == ["r0"]
+    # Ids live in the writer's namespace; the refused write left an alarm, nothing else.
+    assert [r.record_id for r in resp.records if r.kind != "audit_alarm"] == ["tester/r0"]
+    (alarm,) = [r for r in resp.records if r.kind == "audit_alarm"]
+    assert alarm.payload["record_id"] == "tester/r0" and alarm.payload["writer"] == "tester"
 
 
 async def test_query_paging_filters_and_validation(client: AuditClient) -> None:
@@ -160,11 +163,11 @@ async def test_query_paging_filters_and_validation(client: AuditClient) -> None:
         token = resp.next_page_token
         if not token:
             break
-    assert ids == ["a0", "a1", "a2", "b0", "b1", "b2", "b3"]
+    assert ids == [f"tester/{i}" for i in ("a0", "a1", "a2", "b0", "b1", "b2", "b3")]
     resp = await client.query(
         audit_pb2.QueryRequest(filter=audit_pb2.RecordFilter(trace_id=T2, kinds=["retry"]))
     )
-    assert [r.record_id for r in resp.records] == ["b1", "b3"]
+    assert [r.record_id for r in resp.records] == ["tester/b1", "tester/b3"]
     bad = [
         (audit_pb2.QueryRequest(page_size=1001), "page_size"),
         (audit_pb2.QueryRequest(page_token="!!!"), "page_token"),
@@ -192,7 +195,7 @@ async def test_query_paging_filters_and_validation(client: AuditClient) -> None:
 async def test_export_streams_json_lines(client: AuditClient) -> None:
     await client.record_batch(audit_pb2.RecordBatchRequest(records=[rec("x1"), rec("x2", T2)]))
     lines = [r.json_line async for r in client.export(audit_pb2.ExportRequest())]
-    assert [json.loads(line)["record_id"] for line in lines] == ["x1", "x2"]
+    assert [json.loads(line)["record_id"] for line in lines] == ["tester/x1", "tester/x2"]
     assert from_json_line(lines[0]).chain_index == 1
     only = [
         r.json_line
@@ -223,11 +226,13 @@ async def test_verify_ok_not_found_and_broken(tmp_path: Path) -> None:
             await client.verify(audit_pb2.VerifyRequest(trace_id="not-hex"))
         conn = sqlite3.connect(tmp_path / "data" / "audit.db")
         with conn:
-            conn.execute("UPDATE audit_records SET payload='{\"id\":\"v9\"}' WHERE record_id='v2'")
+            conn.execute(
+                "UPDATE audit_records SET payload='{\"id\":\"v9\"}' WHERE record_id='tester/v2'"
+            )
         conn.close()
         broken = await client.verify(audit_pb2.VerifyRequest(trace_id=T1))
         assert not broken.ok
-        assert (broken.first_broken_record_id, broken.first_broken_index) == ("v2", 3)
+        assert (broken.first_broken_record_id, broken.first_broken_index) == ("tester/v2", 3)
         assert broken.problem
         await client.close()
 
@@ -251,7 +256,7 @@ async def test_other_backends_serve_the_same_contract(
             with pytest.raises(NotFoundError):
                 await client.verify(audit_pb2.VerifyRequest(trace_id=T1))
         else:
-            assert [r.record_id for r in stored.records] == ["k1", "k2"]
+            assert [r.record_id for r in stored.records] == ["tester/k1", "tester/k2"]
             assert (await client.verify(audit_pb2.VerifyRequest(trace_id=T1))).ok
         await client.close()
 

@@ -24,6 +24,7 @@ from tests.support.servers import (
     as_identity,
     make_settings,
     running_cluster,
+    service_env,
     token_of,
     write_tokens_file,
 )
@@ -64,7 +65,7 @@ async def _start(service: str, env: dict[str, str]) -> tuple[asyncio.subprocess.
 
 @pytest.fixture
 async def approval_process(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    proc, address = await _start("approval", _env(tmp_path / "data"))
+    proc, address = await _start("approval", {**_env(tmp_path / "data"), **service_env("approval")})
     try:
         yield proc, address
     finally:

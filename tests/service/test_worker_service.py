@@ -36,7 +36,12 @@ from cuga.shared.messages import to_struct, value_to_python
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolContext, ToolLoadError, ToolSpec
 from cuga.worker.v1 import worker_pb2
-from tests.support.servers import as_identity, running_service, with_address
+from tests.support.servers import (
+    CoordinatorWorkerClient,
+    as_identity,
+    running_service,
+    with_address,
+)
 from tests.support.servers import make_settings as make_settings
 
 #: Test tools live in this module: its top-level package must be allowlisted.
@@ -102,7 +107,7 @@ async def _worker(
     builder = functools.partial(build_worker, tools=tools.specs())
     async with (
         running_service("worker", builder, settings) as server,
-        WorkerClient(server.address, metadata=as_identity("coordinator")) as client,
+        CoordinatorWorkerClient(server.address) as client,
     ):
         yield client, server
 

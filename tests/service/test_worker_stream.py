@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from cuga.client import WorkerClient
 from cuga.client.remote import RemoteWorkerPool
 from cuga.common.v1 import common_pb2
 from cuga.services.worker.app import build_worker
@@ -39,7 +38,13 @@ from cuga.shared.messages import timestamp, value_to_python
 from cuga.shared.telemetry import Telemetry, setup_telemetry
 from cuga.worker.v1 import worker_pb2
 from tests.service.test_worker_service import Tools, _req, _settings, _worker
-from tests.support.servers import as_identity, as_service, running_service
+from tests.support.servers import (
+    CoordinatorWorkerClient,
+    as_identity,
+    as_service,
+    running_service,
+    signer_of,
+)
 
 TARGET = common_pb2.WorkerTarget  # the pool needs only the address
 
@@ -55,9 +60,10 @@ async def _pool(
 ) -> AsyncIterator[tuple[RemoteWorkerPool, common_pb2.WorkerTarget]]:
     """A pool calling as the coordinator, and the target of the worker at ``address``."""
     pool = RemoteWorkerPool(
-        lambda a: WorkerClient(
-            a, metadata=as_identity("coordinator"), channel_options=channel_options
+        lambda target: CoordinatorWorkerClient(
+            target.address, target.worker_id, channel_options=channel_options
         ),
+        grants=signer_of("coordinator"),
         **kwargs,
     )
     try:
@@ -188,7 +194,7 @@ async def test_breaking_the_protocol_ends_the_stream_with_invalid_argument(
                 pass
         tools.release.set()
         # The execution the stream had started still finishes and is stored.
-        async with WorkerClient(server.address, metadata=as_identity("coordinator")) as again:
+        async with CoordinatorWorkerClient(server.address) as again:
             if second is not None:
                 replay = await again.execute_step(_req("gated", key="run-1/a", n=1))
                 assert replay.result.replayed and tools.calls == 1
@@ -246,7 +252,9 @@ async def test_the_pool_stops_waiting_at_the_deadline_and_drops_the_late_answer(
             target, _req("calculator", key="run-1/next", expression="2*2"), timeout=10
         )
         assert value_to_python(ok.output)["result"] == 4
-        assert not pool._workers[server.address].stream.pending  # the late answer dropped
+        assert not pool._workers[
+            "worker-1", server.address
+        ].stream.pending  # the late answer dropped
 
 
 async def test_a_stream_is_retired_after_its_lifetime_and_ends_cleanly(
@@ -258,16 +266,16 @@ async def test_a_stream_is_retired_after_its_lifetime_and_ends_cleanly(
         _pool(server.address, clock=clock, stream_lifetime_s=60.0) as (pool, target),
     ):
         await pool.execute_step(target, _req("calculator", key="k1", expression="1"), timeout=5)
-        first = pool._workers[server.address].stream
+        first = pool._workers["worker-1", server.address].stream
         assert first is not None
         clock.advance(58.0)  # a 5 s step would end after the stream's 60 s: a new one
         await pool.execute_step(target, _req("calculator", key="k2", expression="2"), timeout=5)
-        second = pool._workers[server.address].stream
+        second = pool._workers["worker-1", server.address].stream
         assert second is not None and second is not first and second.open
         await asyncio.wait_for(first.reader, 5)  # half-closed; the worker ended it
         assert not first.open and not first.pending
         assert len(_servicer(server)._streams) == 1
-        assert not pool._workers[server.address].retired  # forgotten once it ended
+        assert not pool._workers["worker-1", server.address].retired  # forgotten once it ended
 
 
 class _MaxRandom(random.Random):
@@ -300,7 +308,7 @@ async def test_a_step_in_flight_when_its_worker_restarts_is_sent_again_and_repla
             pool.execute_step(target, _req("gated", key="run-1/s", n=5), timeout=30)
         )
         await asyncio.wait_for(tools.entered.wait(), 5)
-        stream = pool._workers[first.address].stream
+        stream = pool._workers["worker-1", first.address].stream
         assert stream is not None
         # The worker stops without grace: the stream is cut with the step still running.
         stopping = asyncio.create_task(first.stop(grace=0))
@@ -365,7 +373,7 @@ async def test_a_worker_without_the_stream_gets_unary_calls(settings: Settings) 
             assert value_to_python(out.output)["result"] == 9
         # The first step found no stream and went unary; the second went unary at once.
         assert unary == 2
-        assert pool._workers[server.address].unary_until == 300.0
+        assert pool._workers["worker-1", server.address].unary_until == 300.0
 
 
 async def test_each_streamed_step_has_a_client_span_and_a_worker_span_under_it(

@@ -39,6 +39,7 @@ from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.messages import to_struct
+from cuga.shared.signing import ServiceSigner, load_private_key
 from tests.support.ports import free_port
 
 C = TypeVar("C", bound=BaseClient)
@@ -144,7 +145,7 @@ class FaultCluster:
             address=address,
             env={
                 **self.base_env(),
-                "CUGA_AUTH__TOKEN_FILE": str(self.tokens.token_file(kind)),
+                **self.tokens.service_env(kind),  # its own signing key
                 **(env or {}),
             },
             log=self.root / f"{name}.log",
@@ -252,10 +253,15 @@ class FaultCluster:
         """A typed client of ``name`` (default: the service ``cls`` talks to).
 
         The one place credentials are attached: ``identity`` defaults to ``auditor`` for
-        the audit service and ``client`` for everything else.
+        the audit service and ``client`` for everything else; a service identity signs a
+        token with its local key, as that service would.
         """
         name = name or _SERVICE_OF[cls.__name__]
         identity = identity or ("auditor" if cls is AuditClient else "client")
+        if identity in self.tokens.keys:  # a service: signs its token with its own key
+            key = load_private_key(self.tokens.key_file(identity).read_text())
+            signer = ServiceSigner(identity, key)
+            return cls(self.services[name].address, signer=signer, **kw)
         return cls(self.services[name].address, metadata=self.metadata(identity), **kw)
 
     def fd_count(self, name: str) -> int:
@@ -705,7 +711,10 @@ async def check_guarantees(
         stored = await all_events(cluster, log.run_id)
         assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
         assert S.LifecycleStage.Name(stored[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
-        expected = {f"{log.run_id}/e{e.seq}" for e in stored if e.stage not in UNAUDITED}
+        # Stored in the coordinator identity's namespace of the audit log.
+        expected = {
+            f"coordinator/{log.run_id}/e{e.seq}" for e in stored if e.stage not in UNAUDITED
+        }
         missing = set(expected)
 
         async def delivered(trace_id: str = log.trace_id, missing: set[str] = missing) -> bool:

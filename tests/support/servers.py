@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opentelemetry.sdk.trace import SpanProcessor
 
+from cuga.client import WorkerClient
+from cuga.client._base import BidiStream
 from cuga.shared.auth import (
     ROLE_AUDITOR,
     ROLE_CLIENT,
@@ -19,12 +25,20 @@ from cuga.shared.auth import (
     ROLE_WORKER,
     ROLES,
     AuthConfig,
+    SignerEntry,
     TokenEntry,
     bearer_metadata,
     hash_token,
 )
 from cuga.shared.bootstrap import Builder, RunningServer, start_server
 from cuga.shared.config import Settings, load_settings
+from cuga.shared.signing import (
+    ServiceSigner,
+    private_key_pem,
+    public_key_text,
+    step_digest,
+    worker_audience,
+)
 from cuga.shared.telemetry import setup_telemetry
 
 #: Identities every test cluster knows (auth is ON in tests, as in production):
@@ -53,6 +67,41 @@ TEST_IDENTITIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+#: Service identities that sign their calls (as in production): name -> (roles, worker
+#: ids). The six services run as the identity of their name; ``worker-a``/``worker-b``
+#: are workers that own only their own id (the attack tests' workers).
+TEST_SIGNERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "coordinator": ((ROLE_COORDINATOR, ROLE_SERVICE), ()),
+    "planning": ((ROLE_PLANNER, ROLE_SERVICE), ()),
+    "routing": ((ROLE_SERVICE,), ()),
+    "audit": ((ROLE_SERVICE,), ()),
+    "approval": ((ROLE_SERVICE,), ()),
+    # Test clusters start workers with many ids under this one identity.
+    "worker": ((ROLE_WORKER, ROLE_SERVICE), ("*",)),
+    "worker-a": ((ROLE_WORKER, ROLE_SERVICE), ("worker-a",)),
+    "worker-b": ((ROLE_WORKER, ROLE_SERVICE), ("worker-b",)),
+}
+
+
+def signing_key_of(identity: str) -> Ed25519PrivateKey:
+    """The (fixed, test-only) signing key of one of :data:`TEST_SIGNERS`."""
+    if identity not in TEST_SIGNERS:
+        raise KeyError(identity)
+    seed = hashlib.sha256(f"cuga-test-signer-{identity}".encode()).digest()
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def signer_of(identity: str) -> ServiceSigner:
+    """A signer minting ``identity``'s tokens, as its service would."""
+    return ServiceSigner(identity, signing_key_of(identity))
+
+
+def signed_as(identity: str, audience: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata with a token ``identity`` signed for ``audience`` (``planning``,
+    ``worker:worker-1`` ...)."""
+    return signer_of(identity).metadata(audience)
+
+
 def token_of(identity: str) -> str:
     """The (fixed, test-only) bearer token of one of :data:`TEST_IDENTITIES`."""
     if identity not in TEST_IDENTITIES:
@@ -70,8 +119,14 @@ def auth_config() -> AuthConfig:
     return AuthConfig(
         enabled=True,
         tokens={
-            hash_token(token_of(name)): TokenEntry(name, roles, profiles)
+            hash_token(token_of(name)): TokenEntry(
+                name, roles, profiles, ("*",) if ROLE_WORKER in roles else ()
+            )
             for name, (roles, profiles) in TEST_IDENTITIES.items()
+        },
+        signers={
+            name: SignerEntry(public_key_text(signing_key_of(name)), roles, (), worker_ids)
+            for name, (roles, worker_ids) in TEST_SIGNERS.items()
         },
     )
 
@@ -86,11 +141,28 @@ def write_tokens_file(path: Path) -> Path:
             "identity": name,
             "roles": list(roles),
             "profiles": list(profiles),
+            "worker_ids": ["*"] if ROLE_WORKER in roles else [],
         }
         for name, (roles, profiles) in TEST_IDENTITIES.items()
     }
-    path.write_text(yaml.safe_dump({"tokens": tokens}), encoding="utf-8")
+    signers = {
+        name: {
+            "public_key": public_key_text(signing_key_of(name)),
+            "roles": list(roles),
+            "worker_ids": list(worker_ids),
+        }
+        for name, (roles, worker_ids) in TEST_SIGNERS.items()
+    }
+    path.write_text(yaml.safe_dump({"tokens": tokens, "signers": signers}), encoding="utf-8")
     return path
+
+
+def service_env(identity: str) -> dict[str, str]:
+    """``CUGA_AUTH__*`` variables that make a service process sign as ``identity``."""
+    return {
+        "CUGA_AUTH__IDENTITY": identity,
+        "CUGA_AUTH__SIGNING_KEY": private_key_pem(signing_key_of(identity)),
+    }
 
 
 def make_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings:
@@ -101,18 +173,31 @@ def make_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings
     """
     settings = load_settings(env=env or {})
     auth = settings.common.auth
-    if auth.enabled and not auth.tokens and auth.tokens_file is None:
-        auth = dataclasses.replace(auth_config(), token=auth.token, token_file=auth.token_file)
+    if auth.enabled and not auth.tokens and not auth.signers and auth.tokens_file is None:
+        auth = dataclasses.replace(
+            auth_config(),
+            identity=auth.identity,
+            signing_key=auth.signing_key,
+            signing_key_file=auth.signing_key_file,
+        )
     return settings.with_overrides(data_dir=data_dir, grace_period_s=5.0, auth=auth)
 
 
-def as_service(settings: Settings, name: str) -> Settings:
-    """``settings`` for service ``name``: it sends its own test token, unless one is set."""
+def as_service(settings: Settings, name: str, identity: str | None = None) -> Settings:
+    """``settings`` for service ``name``: it signs as ``identity`` (default: its own name)
+    with its test key, unless the test set a key itself."""
     auth = settings.common.auth
-    known = auth.tokens.get(hash_token(token_of(name))) if name in TEST_IDENTITIES else None
-    if auth.token or auth.token_file is not None or known is None:
-        return settings  # not the test identities' setup, or a token chosen by the test
-    return settings.with_overrides(auth=dataclasses.replace(auth, token=token_of(name)))
+    identity = identity or auth.identity or name
+    if auth.signing_key or auth.signing_key_file is not None or identity not in TEST_SIGNERS:
+        return settings  # a key chosen by the test, or not a test service identity
+    trusted = identity in auth.signers or auth.tokens_file is not None
+    if settings.common.tls.enabled and not trusted:
+        return settings  # certificates alone identify the services of this test
+    return settings.with_overrides(
+        auth=dataclasses.replace(
+            auth, identity=identity, signing_key=private_key_pem(signing_key_of(identity))
+        )
+    )
 
 
 def with_address(settings: Settings, service: str, address: str) -> Settings:
@@ -237,3 +322,47 @@ async def running_cluster(
             servers[name] = server
             settings = with_address(settings, name, server.address)
         yield Cluster(servers, settings)
+
+
+def grant(request: Any, worker_id: str = "worker-1", identity: str = "coordinator") -> Any:
+    """Sign ``request``'s step grant for ``worker_id`` as ``identity``, as the coordinator's
+    worker pool does; returns the request."""
+    request.grant = ""
+    request.grant = signer_of(identity).step_grant(
+        worker_audience(worker_id), request.idempotency_key, step_digest(request), time.time() + 60
+    )
+    return request
+
+
+class _GrantingStream:
+    """A step stream whose requests are granted as they are written."""
+
+    def __init__(self, stream: BidiStream, worker_id: str) -> None:
+        self._stream = stream
+        self._worker_id = worker_id
+
+    async def write(self, message: Any) -> None:
+        if message.HasField("request") and not message.request.grant:
+            grant(message.request, self._worker_id)
+        await self._stream.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class CoordinatorWorkerClient(WorkerClient):
+    """A worker client that calls as the coordinator: a token signed for the worker's
+    audience on every call and a grant on every step that has none."""
+
+    def __init__(self, address: str, worker_id: str = "worker-1", **kwargs: Any) -> None:
+        kwargs.setdefault("signer", signer_of("coordinator"))
+        super().__init__(address, audience=worker_audience(worker_id), **kwargs)
+        self.worker_id = worker_id
+
+    async def execute_step(self, request: Any, **kwargs: Any) -> Any:
+        if not request.grant:
+            grant(request, self.worker_id)
+        return await super().execute_step(request, **kwargs)
+
+    def execute_steps(self, **kwargs: Any) -> Any:
+        return _GrantingStream(super().execute_steps(**kwargs), self.worker_id)

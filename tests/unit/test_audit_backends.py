@@ -217,8 +217,13 @@ async def test_same_id_other_body_is_already_exists_and_writes_nothing(audit: Au
         await audit.append([rec("r2", at=T0), rec("r1", at=T0, payload={"x": 1})])
     with pytest.raises(AlreadyExistsError):
         await audit.append([rec("r3", at=T0), rec("r3", at=T0, kind="retry")])
-    records, _ = await audit.query(audit_pb2.RecordFilter())
+    records, _ = await audit.query(audit_pb2.RecordFilter(trace_id=T1))
     assert [r.record_id for r in records] == ["r1"]
+    # Each refusal is an alarm, written by the audit service in a trace of its own.
+    alarms, _ = await audit.query(audit_pb2.RecordFilter(kinds=["audit_alarm"]))
+    assert sorted(a.payload["record_id"] for a in alarms) == ["r1", "r3"]
+    assert {a.trace_id for a in alarms}.isdisjoint({T1, T2})
+    assert all(a.record_id.startswith("audit/alarm-") for a in alarms)
 
 
 async def test_resend_mixed_with_new_records_over_several_traces(audit: AuditLog) -> None:

@@ -152,15 +152,17 @@ def test_every_service_has_account_config_service_and_hardened_deployment(
         assert security["capabilities"]["drop"] == ["ALL"], where
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert {"/var/lib/cuga", "/tmp"} <= mounts, where
-        # Auth is on by default: each pod reads the digests and its own token, read-only,
-        # from the `cuga-auth` Secret that `cuga tokens init` prepares.
+        # Auth is on by default: each pod reads the trust file and its own signing key,
+        # read-only, and no other service's key: the Secrets `cuga tokens init` prepares.
         auth = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/cuga/auth")
         assert auth["readOnly"] is True, where
         volume = next(v for v in pod["volumes"] if v["name"] == auth["name"])
-        assert volume["secret"]["secretName"] == "cuga-auth", where
+        sources = [s["secret"]["name"] for s in volume["projected"]["sources"]]
+        assert sources == ["cuga-trust", f"cuga-key-{name}"], where
         env = _env_of(docs, name)
         assert env["CUGA_AUTH__TOKENS_FILE"] == "/etc/cuga/auth/tokens.yaml", where
-        assert env["CUGA_AUTH__TOKEN_FILE"] == f"/etc/cuga/auth/{name}.token", where
+        assert env["CUGA_AUTH__IDENTITY"] == name, where
+        assert env["CUGA_AUTH__SIGNING_KEY_FILE"] == f"/etc/cuga/auth/{name}.key", where
         assert name in LOCAL_IDENTITIES, where
 
 
@@ -329,9 +331,15 @@ def test_compose_runs_the_six_services_hardened_with_real_configuration() -> Non
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source == "./cuga-auth":  # credentials: made by `cuga tokens init`, never committed
+            if source.startswith("./cuga-auth/"):  # made by `cuga tokens init`, never committed
                 assert volume.endswith(":ro") and "deploy/cuga-auth/" in gitignored, name
-                assert service["environment"]["CUGA_AUTH__TOKEN_FILE"].endswith(f"/{name}.token")
+                # The trust file and this service's own key: never another service's.
+                assert source in (
+                    "./cuga-auth/tokens/tokens.yaml",
+                    f"./cuga-auth/tokens/{name}.key",
+                ), f"{name}: {source}"
+                key = service["environment"]["CUGA_AUTH__SIGNING_KEY_FILE"]
+                assert key == f"/etc/cuga/auth/{name}.key", name
             elif source.startswith("."):  # a bind mount must name a file of the repository
                 assert (DEPLOY / source).is_file(), f"{name}: {source}"
 

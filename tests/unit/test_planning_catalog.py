@@ -55,7 +55,15 @@ class FakeWorker:
 def _catalog(
     routing: FakeRouting, workers: dict[str, FakeWorker], clock: FakeClock
 ) -> RemoteToolCatalog:
-    return RemoteToolCatalog(routing, workers.__getitem__, ttl_s=5, clock=clock)  # type: ignore[arg-type]
+    asked: list[tuple[str, str]] = []
+
+    def client(worker_id: str, address: str) -> FakeWorker:
+        asked.append((worker_id, address))
+        return workers[address]
+
+    catalog = RemoteToolCatalog(routing, client, ttl_s=5, clock=clock)  # type: ignore[arg-type]
+    catalog.asked = asked  # type: ignore[attr-defined]
+    return catalog
 
 
 async def test_merges_tools_of_available_workers_and_caches() -> None:
@@ -76,7 +84,9 @@ async def test_merges_tools_of_available_workers_and_caches() -> None:
     catalog = _catalog(routing, workers, clock)
     tools = await catalog.tools()
     assert sorted(tools) == sorted(t.name for t in TOOLS[:4])
-    assert workers["h1:1"].calls == 1  # two workers at one address are asked once
+    # Each worker is asked with its own id (its audience), even two at one address.
+    assert catalog.asked == [("w1", "h1:1"), ("w2", "h2:1"), ("w4", "h1:1")]  # type: ignore[attr-defined]
+    assert workers["h1:1"].calls == 2
     await catalog.tools()
     assert routing.calls == 2  # cached: still the first fetch's two pages
     clock.advance(5)

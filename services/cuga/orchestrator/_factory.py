@@ -29,6 +29,7 @@ from cuga.shared.authorities import (
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import Settings, build_dataclass, load_settings
 from cuga.shared.files import private_dir
+from cuga.shared.signing import worker_audience
 from cuga.tools import ToolSpec
 
 ROUTING_POLICIES = ("round_robin", "capability", "load_balanced")
@@ -114,13 +115,15 @@ async def create_coordinator(
         RemoteWorkerPool,
     )
 
+    # Calls as the configured identity (auth.identity + signing key, TLS client
+    # certificate): remote authorities refuse anonymous callers.
+    security = common.client_security("coordinator") if addresses else {}
+
     def opts(service: str) -> dict[str, Any]:
         return {
             "call": common.calls.of(service),
             "max_message_bytes": common.limits.max_message_bytes,
-            # Calls as the configured identity (auth.token / token_file, TLS client
-            # certificate): remote authorities refuse anonymous callers.
-            **common.client_security(),
+            **security,
         }
 
     # Worker pool and its tools.
@@ -128,10 +131,13 @@ async def create_coordinator(
     local_tools: list[Any] = []
     if "worker" in addresses:
         pool = RemoteWorkerPool(
-            lambda address: WorkerClient(address, **opts("worker")),
+            lambda target: WorkerClient(
+                target.address, audience=worker_audience(target.worker_id), **opts("worker")
+            ),
             retry=common.calls.worker.retry,
             default_timeout_s=common.calls.worker.timeout_s,
             clock=clock,
+            grants=security.get("signer"),
         )
         closers.append(pool.close)
         workers = pool
@@ -164,7 +170,9 @@ async def create_coordinator(
         worker_registry = WorkerRegistry(clock, heartbeat_timeout_s=math.inf)
         local_routing = PolicyBasedRoutingAuthority(worker_registry, config=routing_config)
         if "worker" in addresses:
-            tool_names = sorted({s.name for s in await workers.list_tools(_target(addresses))})
+            tool_names = sorted(
+                {s.name for s in await workers.list_tools(_target(addresses, settings))}
+            )
             caps: set[str] = set()
         else:
             tool_names = sorted(s.name for s in local_tools)
@@ -172,7 +180,9 @@ async def create_coordinator(
         await local_routing.register_worker(
             routing_pb2.RegisterWorkerRequest(
                 worker=routing_pb2.WorkerInfo(
-                    worker_id="local" if "worker" not in addresses else "remote",
+                    worker_id=_target(addresses, settings).worker_id
+                    if "worker" in addresses
+                    else "local",
                     address=addresses.get("worker", "in-process:1"),  # never dialled
                     tools=tool_names,
                     capabilities=sorted(caps),
@@ -195,7 +205,7 @@ async def create_coordinator(
         from cuga.services.planning.store import PlanStore, open_database
 
         planning_config = section(PlanningConfig, "planning", default_mode=planning_mode)
-        specs = local_tools or await workers.list_tools(_target(addresses))
+        specs = local_tools or await workers.list_tools(_target(addresses, settings))
         conn = open_database(planning_config, common.data_dir)
         memory = VectorMemory(
             conn,
@@ -324,8 +334,13 @@ async def create_coordinator(
     return agent_
 
 
-def _target(addresses: Mapping[str, str]) -> common_pb2.WorkerTarget:
-    return common_pb2.WorkerTarget(worker_id="remote", address=addresses["worker"])
+def _target(addresses: Mapping[str, str], settings: Settings) -> common_pb2.WorkerTarget:
+    """The remote worker: its address, and its id as ``worker.worker_id`` configures it
+    (its audience: the worker refuses tokens and step grants for any other id)."""
+    from cuga.services.worker.config import WorkerConfig
+
+    config = build_dataclass(WorkerConfig, settings.sections.get("worker", {}), "worker")
+    return common_pb2.WorkerTarget(worker_id=config.worker_id, address=addresses["worker"])
 
 
 __all__ = [

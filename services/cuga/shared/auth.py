@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fnmatch
 import hashlib
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from typing import Any
 import grpc
 import yaml
 
+from cuga.shared.clock import Clock
 from cuga.shared.errors import (
     CugaError,
     PermissionDeniedError,
@@ -52,6 +55,16 @@ from cuga.shared.errors import (
     to_status,
 )
 from cuga.shared.handlers import rewrap
+from cuga.shared.signing import (
+    STEP_CLAIM,
+    ServiceSigner,
+    TokenError,
+    TokenVerifier,
+    load_private_key,
+    load_public_key,
+    looks_like_jwt,
+    step_digest,
+)
 
 log = logging.getLogger("cuga.auth")
 
@@ -78,6 +91,8 @@ class Identity:
     name: str
     roles: tuple[str, ...] = ()
     profiles: tuple[str, ...] = ()
+    worker_ids: tuple[str, ...] = ()
+    """Worker ids (shell-style globs) this identity may register and heartbeat."""
 
     def has_role(self, role: str) -> bool:
         """Whether the identity holds ``role``."""
@@ -87,23 +102,64 @@ class Identity:
         """Whether the identity may act on ``profile`` (an empty list allows all)."""
         return not self.profiles or profile in self.profiles
 
+    def owns_worker(self, worker_id: str) -> bool:
+        """Whether the identity may register, heartbeat and deregister ``worker_id``."""
+        return any(fnmatch.fnmatchcase(worker_id, pattern) for pattern in self.worker_ids)
+
+
+#: What an identity's name may be: it prefixes the ids of the audit records it writes
+#: (``<name>/<record_id>``), so no ``/``; no spaces or control characters either.
+IDENTITY_NAME = re.compile(r"^[A-Za-z0-9._@+:\-]{1,128}$")
+
+
+def _check_name(name: str, key: str) -> None:
+    from cuga.shared.config import ConfigError  # config imports this module
+
+    if not IDENTITY_NAME.fullmatch(name):
+        raise ConfigError(
+            key, f"{name[:40]!r} is not a valid identity name (1 to 128 of A-Z a-z 0-9 . _ @ + : -)"
+        )
+
 
 @dataclass(frozen=True)
 class TokenEntry:
     """The identity one token hash stands for."""
 
     identity: str = ""
-    """Identity name, 1 to 256 characters. Required."""
+    """Identity name (1 to 128 of ``A-Z a-z 0-9 . _ @ + : -``). Required."""
     roles: tuple[str, ...] = ()
     """Roles the identity holds (``reviewer`` may decide approvals)."""
     profiles: tuple[str, ...] = ()
     """Profiles the identity may act on; empty means all."""
+    worker_ids: tuple[str, ...] = ()
+    """Worker ids (globs) it may register with routing; services use signing keys instead."""
+
+    def __post_init__(self) -> None:
+        _check_name(self.identity, "identity")
+
+
+@dataclass(frozen=True)
+class SignerEntry:
+    """A service identity that authenticates with signed tokens (``auth.signers``)."""
+
+    public_key: str = ""
+    """Its Ed25519 public key: base64url of the 32 raw bytes (``cuga tokens init`` writes
+    it). Required."""
+    roles: tuple[str, ...] = ()
+    """Roles the identity holds (``coordinator``, ``planner``, ``worker``, ``service`` ...)."""
+    profiles: tuple[str, ...] = ()
+    """Profiles it may act on; empty means all."""
+    worker_ids: tuple[str, ...] = ()
+    """Worker ids (shell-style globs) it may register, heartbeat and deregister: a worker
+    identity owns exactly the workers it runs (``[worker-1]``)."""
 
     def __post_init__(self) -> None:
         from cuga.shared.config import ConfigError  # config imports this module
 
-        if not self.identity or len(self.identity) > 256:
-            raise ConfigError("identity", "is required (1 to 256 characters)")
+        try:
+            load_public_key(self.public_key)
+        except ValueError as exc:
+            raise ConfigError("public_key", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -114,6 +170,8 @@ class CertIdentity:
     """Roles the certificate's holder has."""
     profiles: tuple[str, ...] = ()
     """Profiles it may act on; empty means all."""
+    worker_ids: tuple[str, ...] = ()
+    """Worker ids (globs) it may register with routing."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +200,8 @@ class TlsConfig:
 
         if self.cert_file is not None and (self.key_file is None or self.ca_file is None):
             raise ConfigError("tls", "cert_file needs key_file and ca_file")
+        for cn in self.identities:
+            _check_name(cn, f"identities.{cn[:40]}")
 
     @property
     def enabled(self) -> bool:
@@ -187,23 +247,43 @@ def _read(path: Path) -> bytes:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Authentication and authorisation settings (the common ``auth:`` section)."""
+    """Authentication and authorisation settings (the common ``auth:`` section).
+
+    People (and other clients) present bearer tokens, whose SHA-256 digests are in
+    ``tokens``. Services present tokens they sign for one callee at a time with their own
+    key (``identity`` + ``signing_key_file``), verified with the public keys in
+    ``signers``: see :mod:`cuga.shared.signing`.
+    """
 
     enabled: bool = True
     """Authenticate every call and enforce the authorisation matrix. On by default;
     ``false`` is an explicit development setting that every service logs as a WARNING."""
     tokens: dict[str, TokenEntry] = field(default_factory=dict)
-    """SHA-256 hex digest of a token (64 lowercase hex characters) -> its identity."""
+    """SHA-256 hex digest of a bearer token (64 lowercase hex characters) -> its identity."""
+    signers: dict[str, SignerEntry] = field(default_factory=dict)
+    """Service identity name -> its public key, roles, profiles and worker ids."""
     tokens_file: Path | None = None
-    """Optional YAML file with more tokens under a top-level ``tokens:`` key (read at start)."""
-    token: str = ""
-    """This service's own bearer token, sent on every call it makes (a secret: prefer
-    ``token_file`` or ``CUGA_AUTH__TOKEN``)."""
-    token_file: Path | None = None
-    """File holding this service's own bearer token (first line); used when ``token`` is
-    empty."""
+    """Optional YAML file with more ``tokens:`` and ``signers:`` (same shapes; read at start)."""
+    identity: str = ""
+    """This service's identity: the name its signed tokens carry (``iss``), as the servers'
+    ``signers`` list it. Default: the service's own name."""
+    signing_key: str = ""
+    """This service's Ed25519 private key, PKCS#8 PEM (a secret: prefer
+    ``signing_key_file``; ``CUGA_AUTH__SIGNING_KEY`` for a secret in the environment)."""
+    signing_key_file: Path | None = None
+    """File holding ``signing_key`` (mode 0600); used when ``signing_key`` is empty."""
+    token_ttl_s: float = 300.0
+    """Lifetime of the call tokens this service signs, seconds (30 to 3600); a token is
+    reused for half of it."""
+    max_token_lifetime_s: float = 3600.0
+    """Longest lifetime (``exp - iat``) of a signed token this server accepts, seconds."""
+    clock_skew_s: float = 30.0
+    """Clock difference tolerated between signer and server, seconds (0 to 300)."""
     audit_denials: bool = True
-    """Send an ``access_denied`` audit record for every refused call."""
+    """Send ``access_denied`` audit records (counted per caller, RPC and interval)."""
+    denial_interval_s: float = 10.0
+    """Refusals are counted per (caller, RPC, code) over this interval and written as one
+    ``access_denied`` record each, seconds (0.1 to 3600)."""
 
     def __post_init__(self) -> None:
         from cuga.shared.config import ConfigError  # config imports this module
@@ -213,46 +293,93 @@ class AuthConfig:
                 raise ConfigError(
                     f"tokens.{digest[:12]}", "keys must be SHA-256 hex digests (64 hex chars)"
                 )
+        for name in self.signers:
+            _check_name(name, f"signers.{name[:40]}")
+        if self.identity:
+            _check_name(self.identity, "identity")
+        if not 30 <= self.token_ttl_s <= 3600:
+            raise ConfigError("token_ttl_s", "must be between 30 and 3600")
+        if self.max_token_lifetime_s < 60:
+            raise ConfigError("max_token_lifetime_s", "must be at least 60")
+        if not 0 <= self.clock_skew_s <= 300:
+            raise ConfigError("clock_skew_s", "must be between 0 and 300")
+        if not 0.1 <= self.denial_interval_s <= 3600:
+            raise ConfigError("denial_interval_s", "must be between 0.1 and 3600")
 
     def identities(self) -> dict[str, Identity]:
-        """Every configured token digest -> identity, the tokens file merged in.
+        """Every configured bearer token digest -> identity, the tokens file merged in.
 
         Raises:
             ConfigError: the tokens file is unreadable or malformed (the message names it).
         """
         entries = dict(self.tokens)
         if self.tokens_file is not None:
-            entries.update(_load_tokens_file(self.tokens_file))
+            entries.update(_load_tokens_file(self.tokens_file)[0])
         return {
-            digest: Identity(e.identity, tuple(e.roles), tuple(e.profiles))
+            digest: Identity(e.identity, tuple(e.roles), tuple(e.profiles), tuple(e.worker_ids))
             for digest, e in entries.items()
         }
 
-    def own_token(self) -> str:
-        """This service's bearer token (``token``, else ``token_file``); empty if none.
+    def signer_entries(self) -> dict[str, SignerEntry]:
+        """Every signer (service identity) by name, the tokens file merged in.
 
         Raises:
-            ConfigError: ``token_file`` cannot be read.
+            ConfigError: the tokens file is unreadable or malformed.
+        """
+        entries = dict(self.signers)
+        if self.tokens_file is not None:
+            entries.update(_load_tokens_file(self.tokens_file)[1])
+        return entries
+
+    def verifier(self, audiences: frozenset[str], clock: Clock | None = None) -> TokenVerifier:
+        """A verifier of signed tokens for a server whose audiences are ``audiences``."""
+        return TokenVerifier(
+            {name: load_public_key(e.public_key) for name, e in self.signer_entries().items()},
+            audiences,
+            clock=clock,
+            leeway_s=self.clock_skew_s,
+            max_lifetime_s=self.max_token_lifetime_s,
+        )
+
+    def signer(
+        self, default_identity: str = "", clock: Clock | None = None
+    ) -> ServiceSigner | None:
+        """What signs this service's outgoing calls; None without a signing key.
+
+        Args:
+            default_identity: the name used when ``identity`` is not set (the service's).
+            clock: wall time.
+
+        Raises:
+            ConfigError: the key file is unreadable or holds no Ed25519 private key, or no
+                identity is known.
         """
         from cuga.shared.config import ConfigError  # config imports this module
 
-        if self.token or self.token_file is None:
-            return self.token
+        text, where = self.signing_key, "auth.signing_key"
+        if not text and self.signing_key_file is not None:
+            where = "auth.signing_key_file"
+            try:
+                text = self.signing_key_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(where, f"cannot read {self.signing_key_file}") from exc
+        if not text:
+            return None
         try:
-            return self.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError("auth.token_file", f"cannot read {self.token_file}") from exc
-
-    def call_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Metadata every outgoing call of this service carries (its bearer token)."""
-        return bearer_metadata(self.own_token())
+            key = load_private_key(text)
+        except ValueError as exc:
+            raise ConfigError(where, str(exc)) from None
+        identity = self.identity or default_identity
+        if not identity:
+            raise ConfigError("auth.identity", "is required with a signing key")
+        return ServiceSigner(identity, key, ttl_s=self.token_ttl_s, clock=clock)
 
 
 def _is_digest(value: str) -> bool:
     return len(value) == 64 and set(value) <= _HEX
 
 
-def _load_tokens_file(path: Path) -> dict[str, TokenEntry]:
+def _load_tokens_file(path: Path) -> tuple[dict[str, TokenEntry], dict[str, SignerEntry]]:
     from cuga.shared.config import ConfigError, build_dataclass  # config imports this module
 
     key = "auth.tokens_file"
@@ -262,10 +389,15 @@ def _load_tokens_file(path: Path) -> dict[str, TokenEntry]:
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("tokens"), dict):
-        raise ConfigError(key, f"{path} must hold a mapping under a top-level 'tokens:' key")
+    if (
+        not isinstance(loaded, dict)
+        or not isinstance(loaded.get("tokens", {}), dict)
+        or not isinstance(loaded.get("signers", {}), dict)
+        or not ({"tokens", "signers"} & set(loaded))
+    ):
+        raise ConfigError(key, f"{path} must hold mappings under 'tokens:' and/or 'signers:'")
     entries: dict[str, TokenEntry] = {}
-    for digest, raw in loaded["tokens"].items():
+    for digest, raw in (loaded.get("tokens") or {}).items():
         digest = str(digest)
         if not _is_digest(digest):
             raise ConfigError(key, f"{path}: key {digest[:12]!r} is not a SHA-256 hex digest")
@@ -273,7 +405,15 @@ def _load_tokens_file(path: Path) -> dict[str, TokenEntry]:
             entries[digest] = build_dataclass(TokenEntry, raw or {}, f"tokens.{digest[:12]}")
         except ConfigError as exc:
             raise ConfigError(key, f"{path}: {exc}") from None
-    return entries
+    signers: dict[str, SignerEntry] = {}
+    for name, raw in (loaded.get("signers") or {}).items():
+        name = str(name)
+        try:
+            _check_name(name, f"signers.{name[:40]}")
+            signers[name] = build_dataclass(SignerEntry, raw or {}, f"signers.{name}")
+        except ConfigError as exc:
+            raise ConfigError(key, f"{path}: {exc}") from None
+    return entries, signers
 
 
 def hash_token(token: str) -> str:
@@ -318,6 +458,24 @@ def is_visible(profile: str) -> bool:
     return identity is None or identity.may_access_profile(profile or DEFAULT_PROFILE)
 
 
+def check_worker_owned(worker_id: str) -> None:
+    """Refuse acting on a worker entry the caller does not own.
+
+    With credentials, a caller may register, heartbeat or deregister only the worker ids its
+    identity lists (``worker_ids``); without (auth off, or in process) nothing is checked.
+
+    Raises:
+        PermissionDeniedError: the caller does not own ``worker_id`` (WORKER_NOT_OWNED).
+    """
+    identity = current_identity()
+    if identity is not None and not identity.owns_worker(worker_id):
+        raise PermissionDeniedError(
+            f"{identity.name!r} may not act for worker {worker_id!r}: its identity owns "
+            f"{', '.join(identity.worker_ids) or 'no worker id'} (worker_ids)",
+            reason="WORKER_NOT_OWNED",
+        )
+
+
 def profile_filter(requested: str, field: str = "profile") -> str:
     """The profile a listing of a scoped caller is limited to.
 
@@ -360,6 +518,9 @@ ROLE_AUDITOR = "auditor"
 """A person (or tool) reading and verifying the audit trail."""
 ROLE_SERVICE = "service"
 """Any of the six services: may append audit records (its ``access_denied`` refusals)."""
+ROLE_DELEGATE = "delegate"
+"""A client acting for end users (a gateway, the web console): it may start runs on behalf of
+the ``user_id`` it names. Anyone else is the requester of the runs it starts."""
 ROLES = (
     ROLE_CLIENT,
     ROLE_COORDINATOR,
@@ -368,7 +529,10 @@ ROLES = (
     ROLE_REVIEWER,
     ROLE_AUDITOR,
     ROLE_SERVICE,
+    ROLE_DELEGATE,
 )
+#: Roles only services hold; a bearer token (replayable by whoever receives it) should not.
+SERVICE_ROLES = frozenset({ROLE_COORDINATOR, ROLE_PLANNER, ROLE_WORKER, ROLE_SERVICE})
 
 _COORDINATOR = "cuga.coordinator.v1.CoordinatorService"
 _PLANNING = "cuga.planning.v1.PlanningService"
@@ -471,6 +635,100 @@ class Denial:
 DenialSink = Callable[[Denial], Awaitable[None]]
 
 
+class DenialReporter:
+    """Where a servicer reports a refusal it decides itself (a step grant, say), as the
+    interceptor reports its own; the bootstrap connects it to the service's denial sink."""
+
+    def __init__(self) -> None:
+        self.sink: DenialSink | None = None
+
+    async def report(self, method: str, error: CugaError, peer: str = "") -> None:
+        """Hand one refusal of the current caller to the sink (errors are logged)."""
+        if self.sink is None:
+            return
+        try:
+            await self.sink(Denial(method, current_identity(), error, peer))
+        except Exception:
+            log.exception("could not report a refused call to %s", method)
+
+
+#: Longest step grant accepted, characters.
+MAX_GRANT_CHARS = 4096
+
+
+class StepGrantCheck:
+    """A worker's check that a step request carries a grant for exactly that request.
+
+    The grant must be signed by an identity holding the ``coordinator`` role, for this
+    worker's audience, and name the request's idempotency key and digest
+    (:func:`cuga.shared.signing.step_digest`). A call token alone never runs a step.
+
+    Args:
+        verifier: knows the signers' public keys.
+        signers: signer name -> its entry (roles).
+        audience: this worker's audience, ``worker:<worker_id>``.
+    """
+
+    def __init__(
+        self, verifier: TokenVerifier, signers: Mapping[str, SignerEntry], audience: str
+    ) -> None:
+        self._verifier = verifier
+        self._coordinators = frozenset(
+            name for name, e in signers.items() if ROLE_COORDINATOR in e.roles
+        )
+        self._audiences = frozenset({audience})
+
+    @classmethod
+    def from_config(
+        cls, config: AuthConfig, audience: str, clock: Clock | None = None
+    ) -> StepGrantCheck | None:
+        """The check a worker with ``config`` applies; None when auth is off."""
+        if not config.enabled:
+            return None
+        return cls(config.verifier(frozenset({audience}), clock), config.signer_entries(), audience)
+
+    def check(self, request: Any) -> None:
+        """Refuse ``request`` (an ``ExecuteStepRequest``) unless its grant covers it.
+
+        Raises:
+            UnauthenticatedError: no grant, or one that is malformed, forged, expired or for
+                another worker (STEP_GRANT_INVALID / STEP_GRANT_REQUIRED).
+            PermissionDeniedError: a valid grant for another request, or from an identity
+                that may not run steps (STEP_NOT_GRANTED).
+        """
+        grant = request.grant
+        if not grant:
+            raise UnauthenticatedError(
+                "a step needs a grant signed by the coordinator for this worker and this"
+                " request (field grant)",
+                reason="STEP_GRANT_REQUIRED",
+            )
+        if len(grant) > MAX_GRANT_CHARS:
+            raise UnauthenticatedError("grant is too long", reason="STEP_GRANT_INVALID")
+        try:
+            verified = self._verifier.check(grant, self._audiences)
+        except TokenError as exc:
+            raise UnauthenticatedError(
+                f"the step grant is not valid: {exc}", reason="STEP_GRANT_INVALID"
+            ) from None
+        if verified.signer not in self._coordinators:
+            raise PermissionDeniedError(
+                f"the step grant is signed by {verified.signer!r}, which may not run steps",
+                reason="STEP_NOT_GRANTED",
+            )
+        claim = verified.claims.get(STEP_CLAIM)
+        if (
+            not isinstance(claim, dict)
+            or claim.get("key") != request.idempotency_key
+            or claim.get("sha256") != step_digest(request)
+        ):
+            raise PermissionDeniedError(
+                "the step grant was issued for another request: a grant covers exactly the"
+                " step, input, context, key and attempt it was signed for",
+                reason="STEP_NOT_GRANTED",
+            )
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates every call, then authorises it against the matrix.
 
@@ -489,13 +747,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cert_identities: Mapping[str, CertIdentity] | None = None,
         matrix: Sequence[Grant] | None = AUTHORIZATION_MATRIX,
         on_denied: DenialSink | None = None,
+        verifier: TokenVerifier | None = None,
+        signers: Mapping[str, SignerEntry] | None = None,
     ) -> None:
         """Args:
-        identities: token SHA-256 hex digest -> identity.
+        identities: bearer token SHA-256 hex digest -> identity.
         enabled: refuse unauthenticated calls and enforce ``matrix``.
         cert_identities: client certificate CN -> roles/profiles (mutual TLS).
         matrix: the authorisation matrix; None authenticates without authorising.
         on_denied: awaited with every refusal (an audit record); its failures are logged.
+        verifier: checks signed service tokens for this server's audiences.
+        signers: signer name -> its roles, profiles and worker ids.
         """
         self._table: Sequence[tuple[bytes, Identity]] = [
             (bytes.fromhex(digest), identity) for digest, identity in identities.items()
@@ -504,6 +766,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._certs = dict(cert_identities or {})
         self._matrix = matrix
         self._on_denied = on_denied
+        self._verifier = verifier
+        self._signers = {
+            name: Identity(name, tuple(e.roles), tuple(e.profiles), tuple(e.worker_ids))
+            for name, e in (signers or {}).items()
+        }
 
     @classmethod
     def from_config(
@@ -512,13 +779,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         tls: TlsConfig | None = None,
         *,
         on_denied: DenialSink | None = None,
+        audiences: frozenset[str] = frozenset(),
+        clock: Clock | None = None,
     ) -> AuthInterceptor:
-        """Build from configuration (reads the tokens file)."""
+        """Build from configuration (reads the tokens file).
+
+        Args:
+            config: the ``auth:`` section.
+            tls: the ``tls:`` section (certificate identities).
+            on_denied: awaited with every refusal.
+            audiences: the server's audiences (its service name; a worker's
+                ``worker:<id>``): signed tokens for anyone else are refused.
+            clock: wall time for token lifetimes.
+        """
+        signers = config.signer_entries()
         return cls(
             config.identities(),
             enabled=config.enabled,
             cert_identities=tls.identities if tls is not None else None,
             on_denied=on_denied,
+            verifier=config.verifier(audiences, clock) if signers else None,
+            signers=signers,
         )
 
     def authenticate(
@@ -539,13 +820,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         values = [v for k, v in metadata or () if k.lower() == AUTHORIZATION_KEY]
         if values:
             identity = None
+            problem = ""
             if len(values) == 1 and isinstance(values[0], str):
                 scheme, _, token = values[0].strip().partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    identity = self._lookup(token.strip())
+                token = token.strip()
+                if scheme.lower() == "bearer" and token:
+                    if looks_like_jwt(token):
+                        identity, problem = self._verify_signed(token)
+                    else:
+                        identity = self._lookup(token)
             if identity is None and self._enabled:
                 raise UnauthenticatedError(
-                    "the call's credentials are not valid", reason="INVALID_CREDENTIALS"
+                    "the call's credentials are not valid" + (f": {problem}" if problem else ""),
+                    reason="INVALID_CREDENTIALS",
                 )
             return identity
         names = (auth_context or {}).get("x509_common_name") or []
@@ -553,7 +840,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             cn = names[0].decode("utf-8", "replace")
             entry = self._certs.get(cn)
             if entry is not None:
-                return Identity(cn, tuple(entry.roles), tuple(entry.profiles))
+                return Identity(cn, tuple(entry.roles), tuple(entry.profiles), entry.worker_ids)
             if self._enabled:
                 raise UnauthenticatedError(
                     f"client certificate {cn!r} is not mapped to an identity",
@@ -582,6 +869,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"{identity.name!r} (roles: {held}) may not call {method}",
                 reason="ROLE_NOT_ALLOWED",
             )
+
+    def _verify_signed(self, token: str) -> tuple[Identity | None, str]:
+        """The identity of a signed service token, or None and why it was refused."""
+        if self._verifier is None:
+            return None, "no signed tokens are accepted here (no auth.signers)"
+        try:
+            verified = self._verifier.verify(token)
+        except TokenError as exc:
+            return None, f"signed token refused ({exc})"
+        identity = self._signers.get(verified.signer)
+        return identity, "" if identity is not None else "signed by an unknown identity"
 
     def _lookup(self, token: str) -> Identity | None:
         presented = hashlib.sha256(token.encode("utf-8")).digest()
@@ -701,26 +999,33 @@ async def _abort(context: grpc.aio.ServicerContext, error: CugaError) -> None:
 __all__ = [
     "AUTHORIZATION_KEY",
     "AUTHORIZATION_MATRIX",
+    "IDENTITY_NAME",
     "ROLES",
     "ROLE_AUDITOR",
     "ROLE_CLIENT",
     "ROLE_COORDINATOR",
+    "ROLE_DELEGATE",
     "ROLE_PLANNER",
     "ROLE_REVIEWER",
     "ROLE_SERVICE",
     "ROLE_WORKER",
+    "SERVICE_ROLES",
     "AuthConfig",
     "AuthInterceptor",
     "CertIdentity",
     "Denial",
+    "DenialReporter",
     "DenialSink",
     "Grant",
     "Identity",
+    "SignerEntry",
+    "StepGrantCheck",
     "TlsConfig",
     "TokenEntry",
     "allowed_roles",
     "bearer_metadata",
     "check_profile_access",
+    "check_worker_owned",
     "current_identity",
     "hash_token",
     "is_open_method",

@@ -8,12 +8,13 @@ runs one service until SIGTERM/SIGINT: health turns NOT_SERVING at once, the ser
 accepting and in-flight calls get the grace period to finish.
 
 Every service gets the same :class:`~cuga.shared.auth.AuthInterceptor` (the authorisation
-matrix), listens with mutual TLS when ``tls:`` is configured, and reports each refused
-call as an ``access_denied`` audit record: the audit service writes its own refusals
-straight into its log (``ServiceDefinition.record_denial``); every other service sends
-them through its own :class:`~cuga.client.audit_buffer.BufferedAuditTrail`, with its own
-token. Refusals by the audit service are never sent over the network, so there is no
-dependency loop, and a refusal never waits on audit (records are queued).
+matrix, bearer tokens for people, signed tokens for services, checked against the
+service's audiences), listens with mutual TLS when ``tls:`` is configured, and counts each
+refused call into ``access_denied`` audit records (:mod:`cuga.shared.denials`): the audit
+service writes its own straight into its log (``ServiceDefinition.record_denials``);
+every other service sends them through its own buffered trail, signed as itself. Refusals
+by the audit service are never sent over the network, so there is no dependency loop, and
+a refusal never waits on audit (records are queued).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import asyncio
 import gc
 import logging
 import signal
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,11 +31,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry import trace
 
-from cuga.audit.v1 import audit_pb2
-from cuga.shared.auth import AuthInterceptor, Denial, DenialSink
+from cuga.shared.auth import SERVICE_ROLES, AuthInterceptor, DenialReporter
 from cuga.shared.config import CommonConfig, ConfigError, Settings
+from cuga.shared.denials import DenialCounter, RecordWriter, RemoteDenials
 from cuga.shared.errors import CugaError, InvalidArgumentError, from_exception, to_status
 from cuga.shared.handlers import rewrap
 from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
@@ -59,8 +58,12 @@ class ServiceDefinition:
             before health turns SERVING (e.g. a worker registering itself).
         on_stopping: called when draining starts, before the grace period (deregister).
         on_stopped: called after the server stopped (close stores and channels).
-        record_denial: how a refused call becomes an audit record; None sends it to the
-            audit service (the audit service itself sets this to write locally).
+        record_denials: where ``access_denied`` records go; None sends them to the audit
+            service (the audit service itself sets this to write locally).
+        audiences: the audiences of signed tokens this server accepts; default its name
+            (a worker's is ``worker:<worker_id>``).
+        denial_reporter: how the servicers report refusals they decide themselves (the
+            bootstrap connects it to the same records).
     """
 
     name: str
@@ -70,7 +73,9 @@ class ServiceDefinition:
     on_started: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
     on_stopping: list[Hook] = field(default_factory=list)
     on_stopped: list[Hook] = field(default_factory=list)
-    record_denial: DenialSink | None = None
+    record_denials: RecordWriter | None = None
+    audiences: tuple[str, ...] = ()
+    denial_reporter: DenialReporter | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -79,6 +84,14 @@ class ServiceDefinition:
 
 
 Builder = Callable[[Settings, Telemetry], Awaitable[ServiceDefinition]]
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer() or "")
+    except Exception:  # not every context exposes one
+        return ""
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -87,18 +100,25 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     A :class:`CugaError` keeps its code and reason; anything else is logged with its
     traceback here and answered INTERNAL with a generic message (nothing leaks). It also
     parses requests itself, so bytes that are not a valid message are INVALID_ARGUMENT
-    instead of gRPC's UNKNOWN.
+    instead of gRPC's UNKNOWN. A refusal a handler decides (PERMISSION_DENIED or
+    UNAUTHENTICATED: another profile, a worker id not owned, a record kind not allowed) is
+    reported to ``denials`` like the interceptor's own refusals.
     """
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, denials: DenialReporter | None = None) -> None:
         self._domain = domain
+        self._denials = denials
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, exc: BaseException, method: str = ""
+    ) -> None:
         error = from_exception(exc, self._domain)
         if not isinstance(exc, CugaError):
             log.exception("unhandled error in %s handler", self._domain, exc_info=exc)
         if error.domain == "cuga":
             error.domain = self._domain
+        if self._denials is not None and error.code in _REFUSALS:
+            await self._denials.report(method, error, _peer(context))
         code, message, trailing = to_status(error)
         await context.abort(code, message, trailing_metadata=trailing)
 
@@ -115,7 +135,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise InvalidArgumentError("request", f"is not a valid {name} message") from None
 
     def _wrap_unary(
-        self, behavior: Callable[..., Awaitable[Any]], deserialize: Callable[[bytes], Any] | None
+        self,
+        behavior: Callable[..., Awaitable[Any]],
+        deserialize: Callable[[bytes], Any] | None,
+        method: str,
     ) -> Callable[..., Any]:
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
@@ -123,7 +146,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await self._abort(context, exc)
+                await self._abort(context, exc, method)
 
         return call
 
@@ -131,6 +154,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self,
         behavior: Callable[..., AsyncIterator[Any]],
         deserialize: Callable[[bytes], Any] | None,
+        method: str,
     ) -> Callable[..., Any]:
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
@@ -139,12 +163,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await self._abort(context, exc)
+                await self._abort(context, exc, method)
 
         return call
 
     def _wrap_bidi(
-        self, behavior: Callable[..., Awaitable[Any]], deserialize: Callable[[bytes], Any] | None
+        self,
+        behavior: Callable[..., Awaitable[Any]],
+        deserialize: Callable[[bytes], Any] | None,
+        method: str,
     ) -> Callable[..., Any]:
         async def parsed(raw: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for message in raw:
@@ -156,7 +183,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await self._abort(context, exc)
+                await self._abort(context, exc, method)
 
         return call
 
@@ -170,75 +197,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         # The wrapped handler takes raw bytes (no deserializer) and parses them itself.
         deserialize = handler.request_deserializer
+        method = handler_call_details.method or ""
         wrapped = rewrap(
             handler,
-            lambda behavior: self._wrap_unary(behavior, deserialize),
-            lambda behavior: self._wrap_stream(behavior, deserialize),
-            bidi=lambda behavior: self._wrap_bidi(behavior, deserialize),
+            lambda behavior: self._wrap_unary(behavior, deserialize, method),
+            lambda behavior: self._wrap_stream(behavior, deserialize, method),
+            bidi=lambda behavior: self._wrap_bidi(behavior, deserialize, method),
             request_deserializer=None,
         )
         return wrapped or handler  # client-streaming RPCs are not part of the contract
-
-
-def denial_record(denial: Denial, service: str) -> audit_pb2.AuditRecord:
-    """The ``access_denied`` audit record of one refused call.
-
-    It joins the trace of the refused call (the server span the telemetry interceptor
-    opened), or a fresh trace when there is none.
-    """
-    context = trace.get_current_span().get_span_context()
-    trace_id = format(context.trace_id, "032x") if context.is_valid else uuid.uuid4().hex
-    record = audit_pb2.AuditRecord(
-        record_id=f"denied-{uuid.uuid4().hex}",
-        trace_id=trace_id,
-        kind="access_denied",
-        actor=(denial.identity.name if denial.identity else "anonymous")[:256],
-    )
-    record.timestamp.GetCurrentTime()
-    record.payload.update(
-        {
-            "service": service,
-            "method": denial.method,
-            "code": denial.error.code.name,
-            "reason": denial.error.reason,
-            "roles": list(denial.identity.roles) if denial.identity else [],
-            "peer": denial.peer[:256],
-        }
-    )
-    return record
-
-
-class _RemoteDenials:
-    """Sends refusals to the audit service through a buffered trail (made once bound)."""
-
-    def __init__(self, service: str) -> None:
-        self._service = service
-        self._trail: Any = None
-
-    def open(self, common: CommonConfig, port: int) -> None:
-        # The client package depends on this one; import it only where it is used.
-        from cuga.client import AuditClient
-        from cuga.client.audit_buffer import BufferedAuditTrail
-
-        client = AuditClient(
-            common.addresses.audit,
-            call=common.calls.audit,
-            **common.client_security(),
-        )
-        spill = common.data_dir / "audit-spill" / f"denials-{self._service}-{port}"
-        self._trail = BufferedAuditTrail(client, spill_dir=spill)
-
-    async def __call__(self, denial: Denial) -> None:
-        if self._trail is not None:
-            await self._trail.record_batch([denial_record(denial, self._service)])
-
-    async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every refusal so far is stored; False if ``timeout`` passed first."""
-        return True if self._trail is None else bool(await self._trail.flush(timeout))
-
-    async def close(self) -> None:
-        if self._trail is not None:
-            await self._trail.close(timeout=1.0)
 
 
 @dataclass
@@ -253,11 +220,15 @@ class RunningServer:
     grace_period_s: float
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _log_handler: logging.Handler | None = None
-    _denials: _RemoteDenials | None = None
+    _denials: RemoteDenials | DenialCounter | None = None
 
     async def flush_denials(self, timeout: float | None = None) -> bool:
-        """Wait until the audit service has every refusal this server sent it."""
-        return True if self._denials is None else await self._denials.flush(timeout)
+        """Write the refusals counted so far and wait until the audit log has them."""
+        if isinstance(self._denials, RemoteDenials):
+            return await self._denials.flush(timeout)
+        if self._denials is not None:
+            await self._denials.flush()
+        return True
 
     @property
     def address(self) -> str:
@@ -324,22 +295,34 @@ async def start_server(
         ("grpc.max_send_message_length", common.limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    remote_denials: _RemoteDenials | None = None
-    sink = definition.record_denial
-    if sink is None and common.auth.audit_denials:
-        sink = remote_denials = _RemoteDenials(definition.name)
+    remote_denials: RemoteDenials | None = None
+    counter: DenialCounter | None = None
+    interval = common.auth.denial_interval_s
+    if common.auth.audit_denials:
+        if definition.record_denials is not None:
+            counter = DenialCounter(definition.name, definition.record_denials, interval_s=interval)
+        else:
+            remote_denials = RemoteDenials(definition.name, interval_s=interval)
+            counter = remote_denials.counter
+    if definition.denial_reporter is None:
+        definition.denial_reporter = DenialReporter()
+    definition.denial_reporter.sink = counter
     if not common.auth.enabled:
         log.warning(
             "%s: authentication is OFF (auth.enabled: false): every caller may call every"
             " RPC; never run like this outside a development machine",
             definition.name,
         )
+    _warn_replayable(definition.name, common)
+    audiences = frozenset(definition.audiences or (definition.name,))
     interceptors: Sequence[grpc.aio.ServerInterceptor] = [
-        # Telemetry first (the server span, so a refusal is recorded in the call's trace),
-        # then auth, so a refused caller learns nothing, not even whether its bytes parse.
+        # Telemetry first (the server span of every call, refused ones included), then
+        # auth, so a refused caller learns nothing, not even whether its bytes parse.
         *definition.telemetry.server_interceptors(),
-        AuthInterceptor.from_config(common.auth, common.tls, on_denied=sink),
-        ErrorMappingInterceptor(f"cuga.{definition.name}"),
+        AuthInterceptor.from_config(
+            common.auth, common.tls, on_denied=counter, audiences=audiences
+        ),
+        ErrorMappingInterceptor(f"cuga.{definition.name}", definition.denial_reporter),
         *definition.interceptors,
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -362,10 +345,22 @@ async def start_server(
     if bound == 0:
         raise OSError(f"cannot bind {definition.name} to {host}:{port}")
     if remote_denials is not None:
-        remote_denials.open(common, bound)
-        definition.on_stopped.append(remote_denials.close)
+        # The client package depends on this one; import it only where it is used.
+        from cuga.client import AuditClient
+
+        client = AuditClient(
+            common.addresses.audit,
+            call=common.calls.audit,
+            **common.client_security(definition.name),
+        )
+        spill = common.data_dir / "audit-spill" / f"denials-{definition.name}-{bound}"
+        remote_denials.open(client, spill)
+        # First of the stop hooks: the last refusals are written before stores close.
+        definition.on_stopped.insert(0, remote_denials.close)
+    elif counter is not None:
+        definition.on_stopped.insert(0, counter.close)
     running = RunningServer(definition, server, health, bound, host, common.grace_period_s)
-    running._denials = remote_denials
+    running._denials = remote_denials or counter
     running._log_handler = definition.telemetry.log_handler()  # OTLP logs, when configured
     if running._log_handler is not None:
         logging.getLogger().addHandler(running._log_handler)
@@ -380,6 +375,22 @@ async def start_server(
     await running.set_serving(True)
     log.info("%s serving on %s", definition.name, running.address)
     return running
+
+
+def _warn_replayable(service: str, common: CommonConfig) -> None:
+    """Warn about bearer tokens that carry service roles: whoever receives one can replay it."""
+    if not common.auth.enabled:
+        return
+    replayable = sorted(
+        {i.name for i in common.auth.identities().values() if SERVICE_ROLES & set(i.roles)}
+    )
+    if replayable:
+        log.warning(
+            "%s: bearer tokens hold service roles (%s): any service that receives such a"
+            " token can replay it; give services signing keys instead (docs/security.md)",
+            service,
+            ", ".join(replayable[:5]) + (" ..." if len(replayable) > 5 else ""),
+        )
 
 
 def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:

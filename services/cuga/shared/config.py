@@ -232,11 +232,25 @@ class CommonConfig:
     per step, docs/performance.md), ``asyncio`` (the standard library's), or ``auto``:
     uvloop when it is installed (it is a dependency on Linux and macOS), else asyncio."""
 
-    def client_security(self) -> dict[str, Any]:
-        """Keyword arguments that make a typed client call as this service: its bearer
-        token on every call and, with TLS, its client certificate."""
+    def client_security(self, service: str) -> dict[str, Any]:
+        """Keyword arguments that make a typed client call as service ``service``: a token
+        it signs for each callee (``auth.signing_key_file``) and, with TLS, its client
+        certificate (which alone identifies it when there is no key: ``tls.identities``).
+        Make them once per process: the signer caches its tokens.
+
+        Raises:
+            ConfigError: auth is on, without mutual TLS, and no signing key is configured
+                (the service could not authenticate its calls), or the key cannot be read.
+        """
+        signer = self.auth.signer(service)
+        if signer is None and self.auth.enabled and not self.tls.enabled:
+            raise ConfigError(
+                "auth.signing_key_file",
+                f"is required: {service} calls other services and signs a token for each"
+                " (cuga tokens init DIR writes one key per service; docs/security.md)",
+            )
         return {
-            "metadata": self.auth.call_metadata(),
+            "signer": signer,
             "credentials": self.tls.channel_credentials(),
             "channel_options": self.tls.channel_options(),
         }

@@ -118,6 +118,25 @@ class ApprovalMetrics:
         )
 
 
+class AuditMetrics:
+    """Alarms of the audit trail: writes refused for good, on either side of the call."""
+
+    def __init__(self, meter: Meter | None = None) -> None:
+        m = _meter(meter)
+        self.conflicts = m.create_counter(
+            "cuga.audit.conflicts",
+            unit="{record}",
+            description="Records refused by the audit log because their id was already stored"
+            " with another body (an alarm: someone wrote first under that id), by writer",
+        )
+        self.rejected = m.create_counter(
+            "cuga.audit.records.rejected",
+            unit="{record}",
+            description="Records this service sent that the audit service refused for good"
+            " (an alarm: the trail is missing them), by reason",
+        )
+
+
 def observe_gauge(
     meter: Meter, name: str, read: Callable[[], float], *, unit: str, description: str
 ) -> None:
@@ -135,6 +154,7 @@ __all__ = [
     "POLICY",
     "TOOL",
     "ApprovalMetrics",
+    "AuditMetrics",
     "EngineMetrics",
     "RoutingMetrics",
     "observe_gauge",

@@ -1,9 +1,14 @@
-"""Local bearer tokens for ``cuga demo``, ``cuga up`` and the CLI, under the data directory.
+"""Local credentials for ``cuga demo``, ``cuga up`` and the CLI, under the data directory.
 
-Tokens are random (``secrets.token_urlsafe``); the services' tokens file holds only their
-SHA-256 digests. Everything is written owner-only (0600 files, 0700 directory). Each
-service gets its own identity (so the authorisation matrix can tell them apart) and the
-CLI gets a client, a reviewer and an auditor.
+People (the CLI's client, reviewer and auditor) get random bearer tokens
+(``secrets.token_urlsafe``); services get Ed25519 signing keys, so they never send a
+credential their callee could replay (:mod:`cuga.shared.signing`). ``tokens.yaml`` holds
+only the tokens' SHA-256 digests and the services' public keys. Everything is written
+owner-only (0600 files, 0700 directory).
+
+On one machine under one user, whoever can read this directory holds every identity; the
+separation between services holds for what crosses the wire. In a cluster each service
+mounts only its own key (docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,10 +33,17 @@ from cuga.shared.auth import (
     ROLE_WORKER,
     hash_token,
 )
-from cuga.shared.config import Settings
+from cuga.shared.config import SERVICE_NAMES, Settings
+from cuga.shared.files import private_dir, write_private
+from cuga.shared.signing import (
+    generate_private_key,
+    load_private_key,
+    private_key_pem,
+    public_key_text,
+)
 
-#: identity -> roles of the tokens a local installation gets. Service identities are
-#: named after their service, so ``cuga up`` hands each process the token of its name.
+#: identity -> roles of the local identities. Service identities are named after their
+#: service, so ``cuga up`` hands each process the key of its name.
 LOCAL_IDENTITIES: dict[str, tuple[str, ...]] = {
     "coordinator": (ROLE_COORDINATOR, ROLE_SERVICE),
     "planning": (ROLE_PLANNER, ROLE_SERVICE),
@@ -43,6 +55,9 @@ LOCAL_IDENTITIES: dict[str, tuple[str, ...]] = {
     "demo-reviewer": (ROLE_REVIEWER,),
     "demo-auditor": (ROLE_AUDITOR,),
 }
+#: Worker ids the local worker identity owns: every worker ``cuga up`` (or a test cluster)
+#: starts on this machine shares it.
+LOCAL_WORKER_IDS = ("worker-*",)
 #: Short names the CLI and tests use for the people identities.
 ALIASES: Mapping[str, str] = {"reviewer": "demo-reviewer", "auditor": "demo-auditor"}
 #: Environment variable holding the CLI's bearer token (overrides the local token file).
@@ -51,60 +66,89 @@ TOKEN_ENV = "CUGA_TOKEN"
 
 @dataclass(frozen=True)
 class LocalTokens:
-    """Where the tokens file is, and each identity's token."""
+    """Where the credentials are: each person's bearer token, each service's key file."""
 
     file: Path
     tokens: dict[str, str]
+    """Person identity -> bearer token."""
+    keys: dict[str, Path]
+    """Service identity -> its private key file (PKCS#8 PEM)."""
 
     @property
     def folder(self) -> Path:
-        """The owner-only directory holding one ``<identity>.token`` file per identity."""
+        """The owner-only directory holding ``<identity>.token`` / ``<service>.key``."""
         return self.file.parent
 
     def token(self, identity: str) -> str:
-        """The token of ``identity`` (``reviewer``/``auditor`` name the demo people).
+        """The bearer token of a person identity (``reviewer``/``auditor`` name the demo people).
 
         Raises:
-            KeyError: no such local identity.
+            KeyError: no such local person (services have keys, not tokens).
         """
         return self.tokens[ALIASES.get(identity, identity)]
 
     def token_file(self, identity: str) -> Path:
-        """The file holding ``identity``'s token (what a service's ``auth.token_file`` is)."""
+        """The file holding a person identity's bearer token."""
         name = ALIASES.get(identity, identity)
         if name not in self.tokens:
             raise KeyError(identity)
         return self.folder / f"{name}.token"
 
+    def key_file(self, service: str) -> Path:
+        """The private key file of a service (its ``auth.signing_key_file``).
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+        Raises:
+            KeyError: not a service identity.
+        """
+        return self.keys[service]
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """The ``CUGA_AUTH__*`` variables a service process of this installation gets."""
+        return {
+            "CUGA_AUTH__TOKENS_FILE": str(self.file),
+            "CUGA_AUTH__IDENTITY": service,
+            "CUGA_AUTH__SIGNING_KEY_FILE": str(self.key_file(service)),
+        }
+
+
+def _key(path: Path) -> str:
+    """The PEM key at ``path``, made first if missing (kept otherwise)."""
+    if not path.exists():
+        write_private(path, private_key_pem(generate_private_key()))
+    return path.read_text(encoding="utf-8")
 
 
 def ensure_local_tokens(data_dir: Path) -> LocalTokens:
-    """Create (once) a token per local identity and the digests file the services read.
+    """Create (once) a token per local person, a key per service, and the trust file
+    (``tokens.yaml``: token digests and public keys) the services read.
 
-    Existing token files are kept (so running services keep working); delete one to
-    rotate it, then restart (docs/security.md).
+    Existing token and key files are kept (so running services keep working); delete one
+    to rotate it, then restart (docs/security.md).
     """
-    folder = data_dir / "tokens"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
+    folder = private_dir(data_dir / "tokens")
     tokens: dict[str, str] = {}
-    for identity in LOCAL_IDENTITIES:
+    keys: dict[str, Path] = {}
+    signers: dict[str, dict[str, object]] = {}
+    for identity, roles in LOCAL_IDENTITIES.items():
+        if identity in SERVICE_NAMES:
+            path = keys[identity] = folder / f"{identity}.key"
+            signers[identity] = {
+                "public_key": public_key_text(load_private_key(_key(path))),
+                "roles": list(roles),
+                **({"worker_ids": list(LOCAL_WORKER_IDS)} if ROLE_WORKER in roles else {}),
+            }
+            continue
         path = folder / f"{identity}.token"
         if not path.exists():
-            _write_private(path, secrets.token_urlsafe(32) + "\n")
+            write_private(path, secrets.token_urlsafe(32) + "\n")
         tokens[identity] = path.read_text(encoding="utf-8").strip()
     digests = {
         hash_token(token): {"identity": identity, "roles": list(LOCAL_IDENTITIES[identity])}
         for identity, token in tokens.items()
     }
     file = folder / "tokens.yaml"
-    _write_private(file, yaml.safe_dump({"tokens": digests}, sort_keys=True))
-    return LocalTokens(file=file, tokens=tokens)
+    write_private(file, yaml.safe_dump({"tokens": digests, "signers": signers}, sort_keys=True))
+    return LocalTokens(file=file, tokens=tokens, keys=keys)
 
 
 def cli_token(data_dir: Path, identity: str, env: Mapping[str, str] | None = None) -> str:
@@ -124,22 +168,26 @@ async def _init(args: argparse.Namespace, settings: Settings) -> int:
     """``cuga tokens init DIR``: credentials for a deployment, kept out of the repository."""
     made = ensure_local_tokens(Path(args.directory))
     out = Console()
-    out.print(f"tokens and their digests are in {made.folder}/ (owner-only):")
+    out.print(f"credentials and the trust file are in {made.folder}/ (owner-only):")
     for identity, roles in LOCAL_IDENTITIES.items():
-        out.print(f"  {identity}.token  roles: {', '.join(roles)}")
+        what = f"{identity}.key  " if identity in made.keys else f"{identity}.token"
+        out.print(f"  {what}  roles: {', '.join(roles)}")
     out.print(
-        "Kubernetes: kubectl -n cuga create secret generic cuga-auth "
-        f"--from-file={made.folder}/\n"
-        f"compose: run it next to deploy/compose.yaml as ./cuga-auth"
+        "  tokens.yaml      token digests and public keys (every service reads it)\n"
+        "Kubernetes: one Secret per service with its own key, one with tokens.yaml"
+        " (docs/operations.md);\n"
+        "compose: run it next to deploy/compose.yaml as ./cuga-auth"
     )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``cuga tokens init``."""
-    parser = subparsers.add_parser("tokens", help="create bearer tokens for a deployment")
+    parser = subparsers.add_parser("tokens", help="create credentials for a deployment")
     sub = parser.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
-    p = sub.add_parser("init", help="one token per identity plus the digests file services read")
+    p = sub.add_parser(
+        "init", help="a key per service, a token per person, and the trust file services read"
+    )
     p.add_argument("directory", help="where to write them (tokens/ is created inside)")
     p.set_defaults(handler=_init)
 
@@ -147,6 +195,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 __all__ = [
     "ALIASES",
     "LOCAL_IDENTITIES",
+    "LOCAL_WORKER_IDS",
     "TOKEN_ENV",
     "LocalTokens",
     "cli_token",

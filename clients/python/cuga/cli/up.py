@@ -148,8 +148,8 @@ class Cluster:
         return self.tls.env(CLIENT) if self.tls is not None else {}
 
     def token(self, identity: str) -> str:
-        """The local bearer token of ``identity``: ``client`` (CoordinatorService),
-        ``reviewer``, ``auditor``, or a service name (``coordinator``, ``worker`` ...).
+        """The local bearer token of a person: ``client`` (CoordinatorService),
+        ``reviewer`` or ``auditor`` (services sign their own tokens with their keys).
 
         Raises:
             KeyError: unknown identity, or tokens are managed by the caller's env.
@@ -164,9 +164,9 @@ class Cluster:
 
     def _env_of(self, name: str) -> dict[str, str]:
         env = dict(self.env)
-        own = ("CUGA_AUTH__TOKEN", "CUGA_AUTH__TOKEN_FILE")
+        own = ("CUGA_AUTH__SIGNING_KEY", "CUGA_AUTH__SIGNING_KEY_FILE")
         if self.tokens is not None and not any(env.get(k) for k in own):
-            env["CUGA_AUTH__TOKEN_FILE"] = str(self.tokens.token_file(name))
+            env.update(self.tokens.service_env(name))  # its own key (and the trust file)
         if self.tls is not None:
             env.update(self.tls.env(name))  # its own certificate, as server and as client
         return env

@@ -9,6 +9,7 @@ import grpc
 
 from cuga.shared.config import GRPC_SERVICE_NAMES, CallConfig
 from cuga.shared.errors import from_rpc_error
+from cuga.shared.signing import ServiceSigner, service_audience
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -64,6 +65,11 @@ class BaseClient:
     message size limit. Every call has a deadline: the keyword-only ``timeout`` or the
     per-RPC default. ``grpc.RpcError`` never escapes: it becomes the typed
     :class:`~cuga.shared.errors.CugaError` subclass the server raised.
+
+    Credentials: ``metadata`` (a person's bearer token) goes on every call; a service passes
+    its ``signer`` instead, which puts a token for this client's ``audience`` (default: the
+    service's name; a worker's is ``worker:<worker_id>``) on every call, so the callee
+    receives nothing it could present to anyone else.
     """
 
     SERVICE: ClassVar[str]
@@ -82,10 +88,14 @@ class BaseClient:
         max_message_bytes: int = 4 * 1024 * 1024,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        signer: ServiceSigner | None = None,
+        audience: str | None = None,
     ) -> None:
         self.address = address
         self._call = call or CallConfig()
         self._metadata = tuple(metadata)
+        self._signer = signer
+        self.audience = audience or service_audience(self.SERVICE)
         options = [
             ("grpc.service_config", self._call.service_config(GRPC_SERVICE_NAMES[self.SERVICE])),
             ("grpc.enable_retries", 1),
@@ -115,12 +125,14 @@ class BaseClient:
         return self.DEFAULT_TIMEOUTS.get(rpc, self._call.timeout_s)
 
     def _md(self, metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
+        own = self._metadata
+        if self._signer is not None:
+            own = own + self._signer.metadata(self.audience)
         extra = tuple(metadata or ())
         if any(k.lower() == "authorization" for k, _ in extra):
             # Credentials given for one call replace the channel's own.
-            own = tuple((k, v) for k, v in self._metadata if k.lower() != "authorization")
-            return own + extra
-        return self._metadata + extra
+            own = tuple((k, v) for k, v in own if k.lower() != "authorization")
+        return own + extra
 
     async def _unary(
         self, rpc: str, method: Any, request: Any, timeout: float | None, metadata: Metadata | None

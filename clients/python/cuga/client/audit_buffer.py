@@ -42,6 +42,7 @@ from cuga.client._clients import AuditClient
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.errors import CugaError
 from cuga.shared.files import open_private, private_dir, tighten
+from cuga.shared.metrics import AuditMetrics
 from cuga.shared.telemetry import RUN_ID_BAGGAGE
 
 log = logging.getLogger("cuga.client.audit")
@@ -73,6 +74,8 @@ class BufferedAuditTrail:
         initial_backoff_s: first retry delay, seconds; doubles up to ``max_backoff_s``.
         max_backoff_s: largest retry delay, seconds.
         tracer: the coordinator's tracer, for the span of a batch that mixes runs.
+        metrics: counts records refused for good (``cuga.audit.records.rejected``: an
+            alarm, since the trail is missing them).
 
     Tracing: the span context current when records are enqueued (the run's) is kept per
     trace id; a batch of one run's records is sent in that run's trace, so the audit
@@ -95,6 +98,7 @@ class BufferedAuditTrail:
         initial_backoff_s: float = 0.05,
         max_backoff_s: float = 5.0,
         tracer: Tracer | None = None,
+        metrics: AuditMetrics | None = None,
     ) -> None:
         if not 1 <= batch_size <= 1000:
             raise ValueError("batch_size must be between 1 and 1000")
@@ -109,6 +113,7 @@ class BufferedAuditTrail:
         self._max_backoff = max_backoff_s
         self._spill_dir = Path(spill_dir)
         self._tracer = tracer or trace.get_tracer("cuga.client.audit")
+        self._metrics = metrics or AuditMetrics()
         self._parents: collections.OrderedDict[str, SpanContext] = collections.OrderedDict()
         private_dir(self._spill_dir)
         # Order invariant: every record in memory is older than every record on disk.
@@ -340,9 +345,12 @@ class BufferedAuditTrail:
             permanent = exc
         if len(batch) == 1:
             self.rejected += 1
+            self._metrics.rejected.add(1, {"cuga.reason": permanent.reason or permanent.code.name})
             log.error(
-                "audit record %s refused by the audit service, not retried: %s",
+                "ALARM: audit record %s (%s) refused by the audit service for good, the trail"
+                " is missing it: %s",
                 batch[0].record_id,
+                batch[0].kind,
                 permanent.message,
             )
             return

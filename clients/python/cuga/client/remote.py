@@ -32,7 +32,8 @@ from cuga.shared.errors import (
     from_error_info,
     status_code,
 )
-from cuga.shared.messages import timestamp
+from cuga.shared.messages import seconds, timestamp
+from cuga.shared.signing import ServiceSigner, step_digest, worker_audience
 from cuga.shared.telemetry import StreamedCalls
 from cuga.worker.v1 import worker_pb2
 
@@ -236,7 +237,10 @@ class RemoteWorkerPool:
       worker's ``retry`` policy (attempts, backoff with full jitter, as gRPC's
       ``retryPolicy``); its idempotency key makes that safe. A tool's own failure is the
       engine's to retry, never the pool's;
-    - **tracing**: a CLIENT span per request, its W3C context in ``trace_context``.
+    - **tracing**: a CLIENT span per request, its W3C context in ``trace_context``;
+    - **credentials**: each request carries a step grant (``grant``) that ``grants`` signs
+      for that worker and that exact request (docs/security.md), and each worker's
+      channel is made by ``connect`` for that worker's audience.
 
     A stream lives ``stream_lifetime_s``: a request whose deadline falls later goes on a new
     one and the old is half-closed, so every stream ends within its own gRPC deadline. A
@@ -244,7 +248,7 @@ class RemoteWorkerPool:
     ``unary_fallback_s``.
 
     Args:
-        connect: makes the client of a worker address.
+        connect: makes the client of a worker (its id and address).
         retry: transport retry policy for steps (the worker channel's).
         default_timeout_s: a step's deadline when the caller gives none.
         calls: client spans of the streamed calls (``None``: no spans).
@@ -252,11 +256,12 @@ class RemoteWorkerPool:
         rng: backoff jitter.
         stream_lifetime_s: how long one stream takes new requests.
         unary_fallback_s: how long a worker without ExecuteSteps gets unary calls.
+        grants: signs each request's step grant; None sends none (auth off, tests).
     """
 
     def __init__(
         self,
-        connect: Callable[[str], WorkerClient],
+        connect: Callable[[common_pb2.WorkerTarget], WorkerClient],
         *,
         retry: TransportRetry | None = None,
         default_timeout_s: float = 60.0,
@@ -265,8 +270,10 @@ class RemoteWorkerPool:
         rng: random.Random | None = None,
         stream_lifetime_s: float = 600.0,
         unary_fallback_s: float = 300.0,
+        grants: ServiceSigner | None = None,
     ) -> None:
         self._connect = connect
+        self._grants = grants
         self._retry = retry or TransportRetry()
         self._default_timeout = default_timeout_s
         self._calls = calls
@@ -275,17 +282,34 @@ class RemoteWorkerPool:
         self._lifetime = stream_lifetime_s
         self._unary_fallback = unary_fallback_s
         self._retryable = frozenset(self._retry.retryable_status_codes)
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[tuple[str, str], _Worker] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
-    def _worker(self, address: str) -> _Worker:
-        worker = self._workers.get(address)
+    def _worker(self, target: common_pb2.WorkerTarget) -> _Worker:
+        key = (target.worker_id, target.address)
+        worker = self._workers.get(key)
         if worker is None:
-            worker = self._workers[address] = _Worker(self._connect(address))
+            worker = self._workers[key] = _Worker(self._connect(target))
         return worker
 
-    def _client(self, address: str) -> WorkerClient:
-        return self._worker(address).client
+    def _grant(
+        self, target: common_pb2.WorkerTarget, request: worker_pb2.ExecuteStepRequest
+    ) -> None:
+        """Sign ``request``'s step grant for ``target`` (replacing any it had)."""
+        if self._grants is None:
+            return
+        request.grant = ""
+        expires = (
+            seconds(request.attempt_deadline)
+            if request.HasField("attempt_deadline")
+            else self._clock.now() + self._default_timeout
+        )
+        request.grant = self._grants.step_grant(
+            worker_audience(target.worker_id),
+            request.idempotency_key,
+            step_digest(request),
+            expires,
+        )
 
     def _stream(self, worker: _Worker, deadline: float, now: float) -> _StepStream:
         stream = worker.stream
@@ -319,23 +343,24 @@ class RemoteWorkerPool:
         *,
         timeout: float | None = None,
     ) -> common_pb2.StepResult:
-        worker = self._worker(target.address)
+        worker = self._worker(target)
         now = self._clock.monotonic()
         deadline = now + (self._default_timeout if timeout is None else timeout)
-        if worker.unary_until > now:
-            return await self._unary(worker, request, deadline)
         message = worker_pb2.ExecuteStepsRequest(request=request)
         if not request.HasField("attempt_deadline"):
             message.request.attempt_deadline.CopyFrom(
                 timestamp(self._clock.now() + (deadline - now))
             )
+        self._grant(target, message.request)
+        if worker.unary_until > now:
+            return await self._unary(worker, message.request, deadline)
         span = None
         if self._calls is not None:
             span, carrier = self._calls.start_client()
             message.trace_context.update(carrier)
         code = grpc.StatusCode.CANCELLED
         try:
-            result = await self._streamed(worker, message, deadline)
+            result = await self._streamed(target, worker, message, deadline)
             code = grpc.StatusCode.OK
             return result
         except CugaError as exc:
@@ -346,7 +371,11 @@ class RemoteWorkerPool:
                 StreamedCalls.end_client(span, code)
 
     async def _streamed(
-        self, worker: _Worker, message: worker_pb2.ExecuteStepsRequest, deadline: float
+        self,
+        target: common_pb2.WorkerTarget,
+        worker: _Worker,
+        message: worker_pb2.ExecuteStepsRequest,
+        deadline: float,
     ) -> common_pb2.StepResult:
         loop = asyncio.get_running_loop()
         attempt = 0
@@ -355,6 +384,8 @@ class RemoteWorkerPool:
             now = self._clock.monotonic()
             if deadline <= now:
                 raise DeadlineExceededError("the worker did not answer in time")
+            if attempt > 1:  # a fresh grant: the first may have expired meanwhile
+                self._grant(target, message.request)
             stream = self._stream(worker, deadline, now)
             call_id = next(worker.ids)
             message.call_id = call_id
@@ -411,7 +442,7 @@ class RemoteWorkerPool:
         tools: list[common_pb2.ToolSpec] = []
         token = ""
         while True:
-            response = await self._client(target.address).list_tools(
+            response = await self._worker(target).client.list_tools(
                 worker_pb2.ListToolsRequest(page_size=1000, page_token=token), timeout=timeout
             )
             tools.extend(response.tools)

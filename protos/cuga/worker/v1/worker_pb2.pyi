@@ -11,18 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteStepRequest(_message.Message):
-    __slots__ = ("step", "context", "idempotency_key", "attempt", "attempt_deadline")
+    __slots__ = ("step", "context", "idempotency_key", "attempt", "attempt_deadline", "grant")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     step: _common_pb2.PlanStep
     context: _common_pb2.ExecutionContext
     idempotency_key: str
     attempt: int
     attempt_deadline: _timestamp_pb2.Timestamp
-    def __init__(self, step: _Optional[_Union[_common_pb2.PlanStep, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    grant: str
+    def __init__(self, step: _Optional[_Union[_common_pb2.PlanStep, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., grant: _Optional[str] = ...) -> None: ...
 
 class ExecuteStepResponse(_message.Message):
     __slots__ = ("result",)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
-from cuga.audit.v1 import audit_pb2_grpc
+from cuga.audit.v1 import audit_pb2, audit_pb2_grpc
 from cuga.services.audit.config import AuditConfig
 from cuga.services.audit.domain import AuditLog, open_backend
 from cuga.services.audit.servicer import AuditServicer
-from cuga.shared.auth import Denial
-from cuga.shared.bootstrap import ServiceDefinition, denial_record
+from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.metrics import AuditMetrics
 from cuga.shared.telemetry import Telemetry
 
 log = logging.getLogger("cuga.audit")
@@ -26,8 +27,15 @@ async def build(
     config = settings.section(AuditConfig, "audit")
     clock = clock or SystemClock()
     backend = await asyncio.to_thread(open_backend, config, settings.common.data_dir, clock)
+    # The namespace of the records the audit service writes itself (refusals, alarms).
+    writer = settings.common.auth.identity or "audit"
     audit = AuditLog(
-        backend, clock=clock, limits=settings.common.limits, max_batch=config.max_batch
+        backend,
+        clock=clock,
+        limits=settings.common.limits,
+        max_batch=config.max_batch,
+        metrics=AuditMetrics(telemetry.meter),
+        own_writer=writer,
     )
     tasks: list[asyncio.Task[None]] = []
 
@@ -43,9 +51,9 @@ async def build(
         if config.retention_days > 0:
             tasks.append(asyncio.create_task(retention_loop(), name="audit-retention"))
 
-    async def record_denial(denial: Denial) -> None:
+    async def record_denials(records: Sequence[audit_pb2.AuditRecord]) -> None:
         # The audit service records its own refusals directly: no call, no loop.
-        await audit.record(denial_record(denial, "audit"))
+        await audit.append(records, writer=writer)
 
     async def on_stopped() -> None:
         for task in tasks:
@@ -66,7 +74,7 @@ async def build(
         telemetry=telemetry,
         on_started=[on_started],
         on_stopped=[on_stopped],
-        record_denial=record_denial,
+        record_denials=record_denials,
     )
 
 

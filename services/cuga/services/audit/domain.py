@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cuga.services.audit.records import (
     DEFAULT_PROFILE,
     KNOWN_KINDS,
     RECORD_ID_PATTERN,
+    AppendResult,
     PendingRecord,
     QueryPage,
     RecordFilter,
@@ -31,7 +33,8 @@ from cuga.services.audit.records import (
 )
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import Limits
-from cuga.shared.errors import InvalidArgumentError, NotFoundError
+from cuga.shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from cuga.shared.metrics import AuditMetrics
 from cuga.shared.validation import (
     ID_PATTERN,
     TRACE_ID_PATTERN,
@@ -82,11 +85,23 @@ def _kinds_problem(kind: str) -> str:
 class AuditLog:
     """Validates, stamps and hashes records and stores them in a backend.
 
+    Record ids are namespaced by writer: a record written by identity ``w`` under id
+    ``r`` is stored as ``w/r`` (identity names have no ``/``), so no writer can take an
+    id another writer will use. Records written without a writer (in process, or with
+    auth off and no credentials) keep their id.
+
+    A record refused because its id is stored with another body is an alarm, not only a
+    refusal: the ``cuga.audit.conflicts`` metric, an ERROR log line and an ``audit_alarm``
+    record (in a trace of its own, with the refused record's run and profile), written by
+    the audit service itself.
+
     Args:
         backend: where records go; closed by :meth:`close`.
         clock: stamps records sent without a timestamp, and decides retention.
         limits: ``max_input_bytes`` bounds a payload, ``max_page_size`` a Query page.
         max_batch: most records in one batch.
+        metrics: the alarm counters (None: no metrics).
+        own_writer: the namespace of the records the audit service writes itself.
     """
 
     def __init__(
@@ -96,16 +111,23 @@ class AuditLog:
         clock: Clock | None = None,
         limits: Limits | None = None,
         max_batch: int = 1000,
+        metrics: AuditMetrics | None = None,
+        own_writer: str = "audit",
     ) -> None:
         self.backend = backend
         self._clock = clock or SystemClock()
         self._limits = limits or Limits()
         self._max_batch = max_batch
+        self._metrics = metrics or AuditMetrics()
+        self._own_writer = own_writer
 
     # -- validation ----------------------------------------------------------------------
 
-    def prepare(self, record: audit_pb2.AuditRecord, field: str = "record") -> PendingRecord:
-        """Validate and normalise one record (output-only fields are ignored)."""
+    def prepare(
+        self, record: audit_pb2.AuditRecord, field: str = "record", writer: str = ""
+    ) -> PendingRecord:
+        """Validate and normalise one record (output-only fields are ignored); with a
+        ``writer``, its id is stored as ``<writer>/<record_id>``."""
         check_id(f"{field}.record_id", record.record_id, pattern=RECORD_ID_PATTERN)
         check_id(f"{field}.trace_id", record.trace_id, pattern=TRACE_ID_PATTERN)
         check_id(f"{field}.run_id", record.run_id, required=False, pattern=ID_PATTERN)
@@ -120,7 +142,7 @@ class AuditLog:
         if given and not 0 < record.timestamp.seconds < MAX_TIMESTAMP_S:
             raise InvalidArgumentError(f"{field}.timestamp", "must be after 1970 and before 2200")
         clean = audit_pb2.AuditRecord(
-            record_id=record.record_id,
+            record_id=f"{writer}/{record.record_id}" if writer else record.record_id,
             trace_id=record.trace_id,
             run_id=record.run_id,
             profile=record.profile or DEFAULT_PROFILE,
@@ -166,19 +188,69 @@ class AuditLog:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def record(self, record: audit_pb2.AuditRecord) -> tuple[audit_pb2.AuditRecord, bool]:
-        """Store one record; returns (stored record, duplicate)."""
-        result = (await asyncio.to_thread(self.backend.append, [self.prepare(record)]))[0]
+    async def record(
+        self, record: audit_pb2.AuditRecord, *, writer: str = ""
+    ) -> tuple[audit_pb2.AuditRecord, bool]:
+        """Store one record as ``writer``; returns (stored record, duplicate)."""
+        result = (await self._store([self.prepare(record, writer=writer)], writer))[0]
         return result.record, result.duplicate
 
     async def append(
-        self, records: Sequence[audit_pb2.AuditRecord]
+        self, records: Sequence[audit_pb2.AuditRecord], *, writer: str = ""
     ) -> tuple[list[audit_pb2.AuditRecord], int]:
-        """Store records in order, atomically; returns (stored records, duplicates)."""
+        """Store records in order, atomically, as ``writer``; returns (stored records,
+        duplicates)."""
         check_count("records", records, self._max_batch, minimum=1)
-        pending = [self.prepare(r, f"records[{i}]") for i, r in enumerate(records)]
-        results = await asyncio.to_thread(self.backend.append, pending)
+        pending = [self.prepare(r, f"records[{i}]", writer) for i, r in enumerate(records)]
+        results = await self._store(pending, writer)
         return [r.record for r in results], sum(1 for r in results if r.duplicate)
+
+    async def _store(self, pending: list[PendingRecord], writer: str) -> list[AppendResult]:
+        try:
+            return await asyncio.to_thread(self.backend.append, pending)
+        except AlreadyExistsError as exc:
+            await self._alarm(exc, pending, writer)
+            raise
+
+    async def _alarm(
+        self, error: AlreadyExistsError, pending: Sequence[PendingRecord], writer: str
+    ) -> None:
+        """Raise the alarm for a refused write: metric, ERROR log, ``audit_alarm`` record."""
+        rid = error.metadata.get("record_id", "")
+        refused = next((p.record for p in pending if p.record.record_id == rid), None)
+        self._metrics.conflicts.add(1, {"cuga.writer": writer or "(none)"})
+        log.error(
+            "ALARM: audit record %s from %s refused: its id is already stored with another"
+            " body (someone wrote first under this id, or a writer is replaying)",
+            rid,
+            writer or "an unauthenticated writer",
+        )
+        if refused is None:
+            return
+        # A trace of its own, so a refused batch still leaves every chain where it was;
+        # run and profile are the refused record's, so queries of that run find it.
+        alarm = audit_pb2.AuditRecord(
+            record_id=f"alarm-{uuid.uuid4().hex}",
+            trace_id=uuid.uuid4().hex,
+            run_id=refused.run_id,
+            profile=refused.profile,
+            kind="audit_alarm",
+            actor=self._own_writer,
+        )
+        alarm.payload.update(
+            {
+                "alarm": "RECORD_ID_CONFLICT",
+                "record_id": rid,
+                "writer": writer,
+                "kind": refused.kind,
+                "message": error.message,
+            }
+        )
+        try:
+            item = self.prepare(alarm, "alarm", self._own_writer)
+            await asyncio.to_thread(self.backend.append, [item])
+        except Exception:  # the refusal stands whatever happens to its alarm record
+            log.exception("could not store the audit_alarm record for %s", rid)
 
     async def record_batch(
         self, records: Sequence[audit_pb2.AuditRecord], *, timeout: float | None = None

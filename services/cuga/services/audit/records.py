@@ -41,7 +41,21 @@ KNOWN_KINDS: tuple[str, ...] = (
     "run_cancelled",
     "run_outcome",
     "access_denied",
+    "audit_alarm",
 )
+#: Who may write each kind over RPC: the roles of the authority whose decisions the
+#: record describes. A run's records (its plan, routes, the approval answers it received,
+#: its steps and outcome) are the coordinator's; a refused call is the refusing service's;
+#: ``audit_alarm`` is written by the audit service into its own log, never over RPC.
+KIND_WRITERS: dict[str, frozenset[str]] = {
+    **{
+        kind: frozenset({"coordinator"})
+        for kind in KNOWN_KINDS
+        if kind not in ("access_denied", "audit_alarm")
+    },
+    "access_denied": frozenset({"service"}),
+    "audit_alarm": frozenset(),
+}
 RECORD_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/\-]{1,128}$")
 DEFAULT_PROFILE = "default"
 _CONTENT_FIELDS = ("record_id", "trace_id", "run_id", "profile", "kind", "actor")
@@ -441,6 +455,7 @@ def verify_chain(
 
 __all__ = [
     "DEFAULT_PROFILE",
+    "KIND_WRITERS",
     "KNOWN_KINDS",
     "RECORD_ID_PATTERN",
     "AppendResult",

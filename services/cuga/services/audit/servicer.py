@@ -8,8 +8,14 @@ import grpc
 
 from cuga.audit.v1 import audit_pb2, audit_pb2_grpc
 from cuga.services.audit.domain import AuditLog
-from cuga.shared.auth import check_profile_access, current_identity, is_visible, profile_filter
-from cuga.shared.errors import InvalidArgumentError, NotFoundError
+from cuga.services.audit.records import KIND_WRITERS
+from cuga.shared.auth import (
+    check_profile_access,
+    current_identity,
+    is_visible,
+    profile_filter,
+)
+from cuga.shared.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 
 
 def _scoped(flt: audit_pb2.RecordFilter) -> audit_pb2.RecordFilter:
@@ -20,8 +26,35 @@ def _scoped(flt: audit_pb2.RecordFilter) -> audit_pb2.RecordFilter:
     return scoped
 
 
+def _writer(kinds: list[str], field: str) -> str:
+    """The caller's writer namespace, once it is known to hold a role that may write every
+    kind in ``kinds`` (KIND_WRITERS); unknown kinds are left to validation.
+
+    Raises:
+        PermissionDeniedError: a kind the caller's roles may not write.
+    """
+    identity = current_identity()
+    if identity is None:
+        return ""
+    for i, kind in enumerate(kinds):
+        allowed = KIND_WRITERS.get(kind)
+        if allowed is not None and not allowed.intersection(identity.roles):
+            raise PermissionDeniedError(
+                f"{field}[{i}].kind: {identity.name!r} may not write {kind!r} records "
+                f"(written by: {', '.join(sorted(allowed)) or 'the audit service itself'})",
+                reason="KIND_NOT_ALLOWED",
+                metadata={"kind": kind},
+            )
+    return identity.name
+
+
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    """Thin mapping; every rule lives in the domain."""
+    """Thin mapping; the writer rules (who may write which kind, and the id namespace of
+    each writer) come from the caller's identity, everything else lives in the domain.
+
+    Args:
+        log: the audit log.
+    """
 
     def __init__(self, log: AuditLog) -> None:
         self._log = log
@@ -31,17 +64,20 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.RecordResponse:
         if not request.HasField("record"):
             raise InvalidArgumentError("record", "is required")
+        writer = _writer([request.record.kind], "record")
         check_profile_access(request.record.profile, "record.profile")
-        record, duplicate = await self._log.record(request.record)
+        record, duplicate = await self._log.record(request.record, writer=writer)
         return audit_pb2.RecordResponse(record=record, duplicate=duplicate)
 
     async def RecordBatch(
         self, request: audit_pb2.RecordBatchRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.RecordBatchResponse:
+        kinds = list(dict.fromkeys(record.kind for record in request.records))
+        writer = _writer(kinds, "records")
         # Once per distinct profile, in order: a batch is nearly always one run's records.
         for profile in dict.fromkeys(record.profile for record in request.records):
             check_profile_access(profile, "records.profile")
-        records, duplicates = await self._log.append(request.records)
+        records, duplicates = await self._log.append(request.records, writer=writer)
         return audit_pb2.RecordBatchResponse(records=records, duplicates=duplicates)
 
     async def Query(

@@ -22,7 +22,8 @@ from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.coordinator.servicer import CoordinatorServicer
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.config import EXECUTE_STEPS_METHOD, GRPC_SERVICE_NAMES, Settings
-from cuga.shared.metrics import observe_gauge
+from cuga.shared.metrics import AuditMetrics, observe_gauge
+from cuga.shared.signing import worker_audience
 from cuga.shared.telemetry import Telemetry
 
 _STRATEGIES = {
@@ -65,13 +66,15 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     config = settings.section(CoordinatorConfig, "coordinator")
     common = settings.common
     interceptors = telemetry.client_interceptors()
+    # Signs a token per callee (and a grant per step); with TLS, the certificate too.
+    security = common.client_security("coordinator")
 
     def options(service: str) -> dict[str, object]:
         return {
             "call": common.calls.of(service),
             "interceptors": interceptors,
             "max_message_bytes": common.limits.max_message_bytes,
-            **common.client_security(),  # the coordinator's token (and certificate)
+            **security,
         }
 
     planning = PlanningClient(common.addresses.planning, **options("planning"))  # type: ignore[arg-type]
@@ -79,7 +82,10 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     approval = ApprovalClient(common.addresses.approval, **options("approval"))  # type: ignore[arg-type]
     audit_client = AuditClient(common.addresses.audit, **options("audit"))  # type: ignore[arg-type]
     audit = BufferedAuditTrail(
-        audit_client, spill_dir=common.data_dir / "audit-spill", tracer=telemetry.tracer
+        audit_client,
+        spill_dir=common.data_dir / "audit-spill",
+        tracer=telemetry.tracer,
+        metrics=AuditMetrics(telemetry.meter),
     )
     observe_gauge(
         telemetry.meter,
@@ -89,10 +95,15 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         description="Audit records not yet acknowledged by the audit service",
     )
     workers = RemoteWorkerPool(
-        lambda address: WorkerClient(address, **options("worker")),  # type: ignore[arg-type]
+        lambda target: WorkerClient(
+            target.address,
+            audience=worker_audience(target.worker_id),
+            **options("worker"),  # type: ignore[arg-type]
+        ),
         retry=common.calls.worker.retry,
         default_timeout_s=common.calls.worker.timeout_s,
         calls=telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=False),
+        grants=security["signer"],
     )
     store = open_run_store(
         config.run_store, data_dir=common.data_dir, dsn=config.dsn, replica_id=config.replica_id

@@ -20,6 +20,7 @@ from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
 from cuga.shared.errors import CugaError, UnavailableError
+from cuga.shared.signing import worker_audience
 from cuga.shared.telemetry import Telemetry
 from cuga.worker.v1 import worker_pb2
 
@@ -38,7 +39,7 @@ class RemoteToolCatalog:
 
     Args:
         routing: client of the routing service.
-        worker_client: makes (or returns a cached) client for a worker address.
+        worker_client: makes (or returns a cached) client for a worker (id, address).
         ttl_s: how long a fetched catalogue is reused.
         clock: monotonic time for the cache.
     """
@@ -46,7 +47,7 @@ class RemoteToolCatalog:
     def __init__(
         self,
         routing: RoutingClient,
-        worker_client: Callable[[str], WorkerClient],
+        worker_client: Callable[[str, str], WorkerClient],
         *,
         ttl_s: float = 5.0,
         clock: Clock | None = None,
@@ -69,7 +70,7 @@ class RemoteToolCatalog:
             return tools
 
     async def _fetch(self) -> Mapping[str, common_pb2.ToolSpec]:
-        addresses: list[str] = []
+        addresses: list[tuple[str, str]] = []
         token = ""
         try:
             for _ in range(_MAX_PAGES):
@@ -77,9 +78,9 @@ class RemoteToolCatalog:
                     routing_pb2.ListWorkersRequest(page_size=1000, page_token=token)
                 )
                 for worker in page.workers:
-                    address = worker.info.address
-                    if worker.available and address and address not in addresses:
-                        addresses.append(address)
+                    target = (worker.info.worker_id, worker.info.address)
+                    if worker.available and target[1] and target not in addresses:
+                        addresses.append(target)
                 token = page.next_page_token
                 if not token:
                     break
@@ -98,7 +99,7 @@ class RemoteToolCatalog:
             *(self._worker_tools(a) for a in addresses), return_exceptions=True
         )
         failed = [
-            f"{a} ({r.message if isinstance(r, CugaError) else type(r).__name__})"
+            f"{a[0]} at {a[1]} ({r.message if isinstance(r, CugaError) else type(r).__name__})"
             for a, r in zip(addresses, results, strict=True)
             if isinstance(r, BaseException)
         ]
@@ -113,8 +114,8 @@ class RemoteToolCatalog:
                 merged.setdefault(spec.name, spec)
         return merged
 
-    async def _worker_tools(self, address: str) -> list[common_pb2.ToolSpec]:
-        client = self._worker_client(address)
+    async def _worker_tools(self, target: tuple[str, str]) -> list[common_pb2.ToolSpec]:
+        client = self._worker_client(*target)
         specs: list[common_pb2.ToolSpec] = []
         token = ""
         for _ in range(_MAX_PAGES):
@@ -147,7 +148,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         catalog = StaticToolCatalog(load_tool_specs_file(config.static_tools_file))
     else:
         interceptors = telemetry.client_interceptors()
-        security = common.client_security()  # planning's own token (and certificate)
+        security = common.client_security("planning")  # signs a token per callee
         routing = RoutingClient(
             common.addresses.routing,
             call=common.calls.routing,
@@ -155,18 +156,19 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
             max_message_bytes=common.limits.max_message_bytes,
             **security,
         )
-        workers: dict[str, WorkerClient] = {}
+        workers: dict[tuple[str, str], WorkerClient] = {}
 
-        def worker_client(address: str) -> WorkerClient:
-            if address not in workers:
-                workers[address] = WorkerClient(
+        def worker_client(worker_id: str, address: str) -> WorkerClient:
+            if (worker_id, address) not in workers:
+                workers[worker_id, address] = WorkerClient(
                     address,
                     call=common.calls.worker,
                     interceptors=interceptors,
                     max_message_bytes=common.limits.max_message_bytes,
+                    audience=worker_audience(worker_id),
                     **security,
                 )
-            return workers[address]
+            return workers[worker_id, address]
 
         catalog = RemoteToolCatalog(routing, worker_client, ttl_s=config.catalog_ttl_s, clock=clock)
 

@@ -12,8 +12,9 @@ from cuga.client import RoutingClient
 from cuga.services.worker.config import WorkerConfig
 from cuga.services.worker.domain import ToolPolicy, WorkerAgent, WorkerLimits
 from cuga.services.worker.registration import Registrar
-from cuga.services.worker.servicer import WorkerServicer
+from cuga.services.worker.servicer import StepAuthority, WorkerServicer
 from cuga.services.worker.store import IdempotencyStore
+from cuga.shared.auth import DenialReporter, StepGrantCheck
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import (
@@ -23,6 +24,7 @@ from cuga.shared.config import (
     Settings,
 )
 from cuga.shared.files import private_dir
+from cuga.shared.signing import worker_audience
 from cuga.shared.telemetry import Telemetry
 from cuga.tools import ToolRegistry, ToolSpec
 from cuga.worker.v1 import worker_pb2_grpc
@@ -95,8 +97,15 @@ async def build_worker(
     registry = build_registry(config, tools)
     agent = build_agent(settings, config, registry, clock=clock)
     log.info("worker %s runs tools: %s", config.worker_id, ", ".join(registry.names()))
+    audience = worker_audience(config.worker_id)
+    denials = DenialReporter()
     servicer = WorkerServicer(
-        agent, calls=telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=True)
+        agent,
+        calls=telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=True),
+        # Every step needs the coordinator's grant for this worker and that exact request.
+        authority=StepAuthority(
+            StepGrantCheck.from_config(settings.common.auth, audience), denials
+        ),
     )
 
     definition = ServiceDefinition(
@@ -109,19 +118,22 @@ async def build_worker(
             )
         ],
         telemetry=telemetry,
+        audiences=(audience,),
+        denial_reporter=denials,
     )
     # Before the grace period: open step streams stop taking steps (callers send them to
     # another worker) and end once the steps they took are answered.
     definition.on_stopping.append(servicer.drain)
 
     if config.register_with_routing:
+        security = settings.common.client_security("worker")  # signs a token per callee
         # One registrar per routing replica: each keeps its own soft-state registry.
         routings = [
             RoutingClient(
                 address,
                 call=settings.common.calls.routing,
                 interceptors=telemetry.client_interceptors(),
-                **settings.common.client_security(),  # the worker's own token
+                **security,
             )
             for address in (config.routing_addresses or (settings.common.addresses.routing,))
         ]

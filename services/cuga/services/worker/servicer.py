@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from cuga.services.worker.domain import DOMAIN, WorkerAgent, remaining
+from cuga.shared.auth import DenialReporter, StepGrantCheck
+from cuga.shared.config import EXECUTE_STEPS_METHOD
 from cuga.shared.errors import (
     CugaError,
     InvalidArgumentError,
@@ -27,6 +29,41 @@ log = logging.getLogger("cuga.worker")
 #: Most entries of a request's ``trace_context``, and longest value (characters).
 MAX_TRACE_CONTEXT_ENTRIES = 8
 MAX_TRACE_CONTEXT_CHARS = 1024
+
+
+class StepAuthority:
+    """A worker's step-grant check plus where its refusals are reported.
+
+    Args:
+        grants: the check (None: auth is off, every step runs).
+        denials: reports each refused step like any refused call.
+    """
+
+    def __init__(
+        self, grants: StepGrantCheck | None = None, denials: DenialReporter | None = None
+    ) -> None:
+        self._grants = grants
+        self._denials = denials
+
+    async def check(
+        self,
+        request: worker_pb2.ExecuteStepRequest,
+        context: grpc.aio.ServicerContext,
+        *,
+        streamed: bool,
+    ) -> None:
+        """Refuse a step without a grant for exactly it. A refused step of a stream is
+        reported here (it is answered, not raised); a unary call's refusal is reported by
+        the error interceptor."""
+        if self._grants is None:
+            return
+        try:
+            self._grants.check(request)
+        except CugaError as exc:
+            exc.domain = "cuga.auth"
+            if streamed and self._denials is not None:
+                await self._denials.report(EXECUTE_STEPS_METHOD, exc, str(context.peer() or ""))
+            raise
 
 
 def step_error(error: CugaError) -> worker_pb2.StepError:
@@ -55,8 +92,10 @@ class _StepStream:
         calls: StreamedCalls | None,
         context: grpc.aio.ServicerContext,
         draining: bool,
+        authority: StepAuthority,
     ) -> None:
         self._agent = agent
+        self._authority = authority
         self._calls = calls
         self._context = context
         self._draining = draining
@@ -137,6 +176,7 @@ class _StepStream:
                 check_count("trace_context", request.trace_context, MAX_TRACE_CONTEXT_ENTRIES)
                 for value in request.trace_context.values():
                     check_length("trace_context", value, MAX_TRACE_CONTEXT_CHARS)
+                await self._authority.check(request.request, self._context, streamed=True)
                 if not request.request.HasField("attempt_deadline"):
                     raise InvalidArgumentError(
                         "request.attempt_deadline", "is required on ExecuteSteps"
@@ -177,11 +217,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     Args:
         agent: runs the steps.
         calls: spans and durations of the calls carried by ExecuteSteps (``None``: none).
+        authority: checks each step's grant (default: none, every step runs).
     """
 
-    def __init__(self, agent: WorkerAgent, *, calls: StreamedCalls | None = None) -> None:
+    def __init__(
+        self,
+        agent: WorkerAgent,
+        *,
+        calls: StreamedCalls | None = None,
+        authority: StepAuthority | None = None,
+    ) -> None:
         self._agent = agent
         self._calls = calls
+        self._authority = authority or StepAuthority()
         self._streams: set[_StepStream] = set()
         #: Set once the worker drains (tests and probes wait on it).
         self.draining = asyncio.Event()
@@ -202,6 +250,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExecuteStepRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ExecuteStepResponse:
         """Run one step (or replay its stored outcome)."""
+        await self._authority.check(request, context, streamed=False)
         result = await self._agent.execute(request, timeout=remaining(context.time_remaining()))
         return worker_pb2.ExecuteStepResponse(result=result)
 
@@ -211,7 +260,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         """Run the steps of a stream's requests; answer each by its call id."""
-        stream = _StepStream(self._agent, self._calls, context, self.draining.is_set())
+        stream = _StepStream(
+            self._agent, self._calls, context, self.draining.is_set(), self._authority
+        )
         self._streams.add(stream)
         try:
             await stream.serve(request_iterator)
