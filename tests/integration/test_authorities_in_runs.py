@@ -115,7 +115,7 @@ async def test_run_pauses_for_a_reviewer(with_reviewer: tuple[Cluster, str], ver
     request = coordinator_pb2.OrchestrateRequest(
         goal="pay the invoice",
         steps=[_step("pay", "transfer_funds", **TRANSFER), _step("done", "echo", ("pay",), ok=1)],
-        context=S.ExecutionContext(user_id="bob"),
+        context=S.ExecutionContext(user_id="client"),  # the requester is the caller
     )
     events: list[S.OrchestrationEvent] = []
     async with (

@@ -183,7 +183,7 @@ async def observed(tmp_path: Path) -> AsyncIterator[ObservedRun]:
         ],
         error_strategy=S.ERROR_PROPAGATION_RETRY,
         retry_policy=retry,
-        context=S.ExecutionContext(user_id="bob"),
+        context=S.ExecutionContext(user_id="client"),  # the requester is the caller
     )
     events: list[S.OrchestrationEvent] = []
     with otlp_receiver() as receiver, _captured_logs() as logs:

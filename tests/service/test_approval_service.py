@@ -171,7 +171,9 @@ async def test_policy_decides_and_requests_are_idempotent(h: Harness) -> None:
     assert free.status == S.APPROVAL_STATUS_NOT_REQUIRED
     first = await request(h, request_id="k1")
     assert first.status == PENDING and first.rule == "sensitive"
-    assert first.requester == "coordinator"  # from the credentials, not the message
+    # The run's requester, as the coordinator relays it (it sets user_id from its caller's
+    # credentials: tests/security/test_requester_identity.py).
+    assert first.requester == "ursula"
     assert await request(h, request_id="k1") == first
     assert await request(h, request_id="k2") == first  # same (run_id, step_id)
     batch = await h["coord"].request_approval_batch(
@@ -213,10 +215,12 @@ async def test_decision_rules_over_grpc(h: Harness) -> None:
 
 
 async def test_requester_cannot_approve_own_request(h: Harness) -> None:
+    # Neither the run's requester nor the identity that asked may decide.
     own = (await h["selfie"].request_approval(ask("mine"))).request
-    assert own.requester == "selfie"
-    with pytest.raises(PermissionDeniedError, match="cannot decide"):
-        await decide(h, "selfie", own.approval_id)
+    assert own.requester == "ursula"
+    for who in ("selfie", "ursula"):
+        with pytest.raises(PermissionDeniedError, match="cannot decide"):
+            await decide(h, who, own.approval_id)
     assert (await decide(h, "rob", own.approval_id)).status == APPROVED
 
 

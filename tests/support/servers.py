@@ -19,6 +19,7 @@ from cuga.shared.auth import (
     ROLE_AUDITOR,
     ROLE_CLIENT,
     ROLE_COORDINATOR,
+    ROLE_DELEGATE,
     ROLE_PLANNER,
     ROLE_REVIEWER,
     ROLE_SERVICE,
@@ -64,6 +65,11 @@ TEST_IDENTITIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "auditor-b": ((ROLE_AUDITOR,), ("tenant-b",)),
     "coordinator-a": ((ROLE_COORDINATOR,), ("tenant-a",)),
     "coordinator-b": ((ROLE_COORDINATOR,), ("tenant-b",)),
+    "reviewer-a": ((ROLE_REVIEWER,), ("tenant-a",)),
+    # A person who both starts runs and reviews (separation of duties), and a gateway that
+    # starts runs for the end users it names (the delegate role).
+    "alice": ((ROLE_CLIENT, ROLE_REVIEWER), ()),
+    "gateway": ((ROLE_CLIENT, ROLE_DELEGATE), ()),
 }
 
 

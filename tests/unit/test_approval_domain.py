@@ -187,7 +187,8 @@ async def test_decision_rules(manager: ApprovalManager) -> None:
     for me in ("coord", "ursula"):  # the requester, and the user who started the run
         with pytest.raises(PermissionDeniedError, match="cannot decide"):
             await manager.submit_decision(aid, APPROVE, "mine", Identity(me, ("reviewer",)))
-    with pytest.raises(PermissionDeniedError):
+    # Another profile's request is NOT_FOUND for a scoped reviewer, as an unknown id is.
+    with pytest.raises(NotFoundError):
         await manager.submit_decision(aid, APPROVE, "x", Identity("r", ("reviewer",), ("acme",)))
     with pytest.raises(InvalidArgumentError):
         await manager.submit_decision(aid, approval_pb2.VERDICT_UNSPECIFIED, "x", REVIEWER)

@@ -38,7 +38,7 @@ from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._audit_payload import event_payload
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input, template_references
-from cuga.orchestrator._runstore import RunStore
+from cuga.orchestrator._runstore import RunStore, request_key
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.authorities import (
@@ -272,6 +272,8 @@ class _PendingAudit:
         actor = "cuga-coordinator"
         if self.kind == "approval_decided" and event.approval.decided_by:
             actor = event.approval.decided_by
+        elif self.kind == "run_started" and event.context.user_id:
+            actor = event.context.user_id  # the requester (its payload names any delegate)
         record = audit_pb2.AuditRecord(
             record_id=f"{self.run_id}/e{event.seq}",
             trace_id=self.trace_id,
@@ -478,8 +480,11 @@ class CoordinatorAgent:
     async def start(self, request: coordinator_pb2.OrchestrateRequest) -> str:
         """Plan and start a run; return its id. Invalid requests start nothing."""
         self._validate(request)
-        if request.request_id:
-            existing = self.store.run_for_request(request.request_id)
+        key = request_key(request)
+        if key is not None:
+            # Per requester and profile: another caller's key, or another profile's, is
+            # a key never seen (nothing leaks, nothing is shared).
+            existing = self.store.run_for_request(key)
             if existing:
                 return existing
         await self._admit()

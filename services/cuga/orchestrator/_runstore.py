@@ -49,6 +49,17 @@ from cuga.shared.sqldb import (
 )
 from cuga.shared.sqlite import open_sqlite
 
+
+def request_key(request: coordinator_pb2.OrchestrateRequest) -> str | None:
+    """The deduplication key of an Orchestrate request: its ``request_id`` scoped to the
+    requester and the profile (``["<user_id>", "<profile>", "<request_id>"]``), so one
+    caller's key never finds another's run; None without a ``request_id``."""
+    if not request.request_id:
+        return None
+    ctx = request.context
+    return json.dumps([ctx.user_id, ctx.profile or "default", request.request_id])
+
+
 log = logging.getLogger("cuga.coordinator")
 
 _SQLITE_SCHEMA = """
@@ -142,7 +153,7 @@ class RunStore(Protocol):
         ...
 
     def run_for_request(self, request_id: str) -> str | None:
-        """The run started by an idempotency key, if any."""
+        """The run started by an idempotency key (:func:`request_key`), if any."""
         ...
 
     def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
@@ -247,7 +258,7 @@ class SqlRunStore:
             " plan, trace_ctx, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.run_id,
-                request.request_id or None,
+                request_key(request),
                 run.context.profile,
                 run.state,
                 run.created_at.ToNanoseconds(),
@@ -714,4 +725,5 @@ __all__ = [
     "SQLiteRunStore",
     "SqlRunStore",
     "open_run_store",
+    "request_key",
 ]

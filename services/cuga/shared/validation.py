@@ -17,6 +17,8 @@ STEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 TRACE_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_PAGE_SIZE = 100
+#: Longest ``ExecutionContext.user_id``, characters.
+MAX_USER_ID_CHARS = 256
 #: 9999-12-31T23:59:59Z, the last second a google.protobuf.Timestamp may hold.
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
@@ -101,6 +103,7 @@ def decode_page_token(field: str, token: str) -> str:
 
 __all__ = [
     "ID_PATTERN",
+    "MAX_USER_ID_CHARS",
     "STEP_ID_PATTERN",
     "TOOL_NAME_PATTERN",
     "TRACE_ID_PATTERN",

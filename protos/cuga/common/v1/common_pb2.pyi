@@ -129,7 +129,7 @@ APPROVAL_STATUS_DENIED: ApprovalStatus
 APPROVAL_STATUS_EXPIRED: ApprovalStatus
 
 class ExecutionContext(_message.Message):
-    __slots__ = ("trace_id", "run_id", "profile", "user_id", "metadata", "deadline")
+    __slots__ = ("trace_id", "run_id", "profile", "user_id", "metadata", "deadline", "delegate_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,13 +143,15 @@ class ExecutionContext(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    DELEGATE_ID_FIELD_NUMBER: _ClassVar[int]
     trace_id: str
     run_id: str
     profile: str
     user_id: str
     metadata: _containers.ScalarMap[str, str]
     deadline: _timestamp_pb2.Timestamp
-    def __init__(self, trace_id: _Optional[str] = ..., run_id: _Optional[str] = ..., profile: _Optional[str] = ..., user_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    delegate_id: str
+    def __init__(self, trace_id: _Optional[str] = ..., run_id: _Optional[str] = ..., profile: _Optional[str] = ..., user_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delegate_id: _Optional[str] = ...) -> None: ...
 
 class ToolBudget(_message.Message):
     __slots__ = ("ceiling", "policy", "spent", "warn_fraction")

@@ -297,6 +297,7 @@ class ApprovalManager:
         request: approval_pb2.RequestApprovalRequest,
         *,
         requester: str = "",
+        asked_by: str = "",
         timeout: float | None = None,
     ) -> ApprovalRequest:
         """Ask whether one step needs approval; create a PENDING request if it does.
@@ -306,7 +307,10 @@ class ApprovalManager:
 
         Args:
             request: the RequestApproval message.
-            requester: the caller's identity (``context.user_id`` when unauthenticated).
+            requester: who started the run (the authenticated ``context.user_id`` the
+                coordinator relays); default ``context.user_id``.
+            asked_by: the identity that called (the coordinator); neither it nor the
+                requester may decide the request.
             timeout: unused (local calls do not block).
         """
         check_id("request_id", request.request_id, required=False)
@@ -324,6 +328,7 @@ class ApprovalManager:
             {request.step.tool} if request.sensitive else set(),
             requester,
             request.request_id,
+            asked_by,
         )
         return results[0]
 
@@ -332,6 +337,7 @@ class ApprovalManager:
         request: approval_pb2.RequestApprovalBatchRequest,
         *,
         requester: str = "",
+        asked_by: str = "",
         timeout: float | None = None,
     ) -> list[ApprovalRequest]:
         """The same as :meth:`request_approval` for several steps of one run, in order.
@@ -351,7 +357,12 @@ class ApprovalManager:
         for i, tool in enumerate(request.sensitive_tools):
             check_id(f"sensitive_tools[{i}]", tool, pattern=TOOL_NAME_PATTERN)
         return self._decide_steps(
-            request.context, list(request.steps), set(request.sensitive_tools), requester, ""
+            request.context,
+            list(request.steps),
+            set(request.sensitive_tools),
+            requester,
+            "",
+            asked_by,
         )
 
     def _check_context(self, ctx: common_pb2.ExecutionContext, present: bool) -> None:
@@ -380,6 +391,7 @@ class ApprovalManager:
         sensitive_tools: set[str],
         requester: str,
         request_id: str,
+        asked_by: str = "",
     ) -> list[ApprovalRequest]:
         profile = ctx.profile or DEFAULT_PROFILE
         context = {
@@ -426,7 +438,9 @@ class ApprovalManager:
             out.reviewer_group = rule.reviewer_group
             out.required_approvals = rule.approvers
             out.expires_at.CopyFrom(timestamp(now + rule.timeout_s))
-            new.append((out, ctx.user_id, request_id))
+            # The stored row keeps who asked, the request names the requester: SubmitDecision
+            # refuses both (separation of duties).
+            new.append((out, asked_by or ctx.user_id, request_id))
             results.append(out)
         if new:
 
@@ -551,8 +565,8 @@ class ApprovalManager:
 
         Raises:
             UnauthenticatedError: no identity.
-            PermissionDeniedError: no deciding role, wrong group or profile, own request.
-            NotFoundError: unknown request.
+            PermissionDeniedError: no deciding role, wrong group, own request.
+            NotFoundError: unknown request, or one of a profile the reviewer may not see.
             FailedPreconditionError: already decided or expired, or already approved by
                 this reviewer (also when another replica decided it a moment earlier).
             AbortedError: the request kept changing under concurrent writers (retry).
@@ -633,10 +647,9 @@ class ApprovalManager:
             raise NotFoundError(f"approval {approval_id!r} not found")
         request = stored.request
         if not reviewer.may_access_profile(request.profile):
-            raise PermissionDeniedError(
-                f"{reviewer.name!r} may not act on profile {request.profile!r}",
-                reason="PROFILE_NOT_ALLOWED",
-            )
+            # Another profile's request does not exist for this reviewer: the same answer
+            # as an unknown id, so nothing leaks across profiles.
+            raise NotFoundError(f"approval {approval_id!r} not found")
         role = request.reviewer_group or "reviewer"
         if not reviewer.has_role(role):
             raise PermissionDeniedError(

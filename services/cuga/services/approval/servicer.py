@@ -40,6 +40,9 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
         return identity
 
     def _requester(self, identity: Identity | None, profile: str, user_id: str) -> str:
+        """Who asked: the run's requester, which the coordinator (the only caller the
+        matrix lets ask) set from its own caller's credentials (``context.user_id``);
+        the caller's own name when the context names nobody."""
         if identity is None:
             return user_id
         if not identity.may_access_profile(profile or DEFAULT_PROFILE):
@@ -47,14 +50,16 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
                 f"{identity.name!r} may not act on profile {profile or DEFAULT_PROFILE!r}",
                 reason="PROFILE_NOT_ALLOWED",
             )
-        return identity.name
+        return user_id or identity.name
 
     async def RequestApproval(
         self, request: approval_pb2.RequestApprovalRequest, context: grpc.aio.ServicerContext
     ) -> approval_pb2.RequestApprovalResponse:
         identity = self._caller()
         requester = self._requester(identity, request.context.profile, request.context.user_id)
-        result = await self._manager.request_approval(request, requester=requester)
+        result = await self._manager.request_approval(
+            request, requester=requester, asked_by=identity.name if identity else ""
+        )
         return approval_pb2.RequestApprovalResponse(request=result)
 
     async def RequestApprovalBatch(
@@ -62,7 +67,9 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
     ) -> approval_pb2.RequestApprovalBatchResponse:
         identity = self._caller()
         requester = self._requester(identity, request.context.profile, request.context.user_id)
-        results = await self._manager.request_approval_batch(request, requester=requester)
+        results = await self._manager.request_approval_batch(
+            request, requester=requester, asked_by=identity.name if identity else ""
+        )
         return approval_pb2.RequestApprovalBatchResponse(requests=results)
 
     async def AwaitDecision(

@@ -1,8 +1,14 @@
 """CoordinatorService: proto in, engine call, proto out.
 
-Besides mapping, the servicer applies the two caller-dependent rules of the service:
-profile isolation (a caller scoped to profiles never sees another profile's runs: they
-answer NOT_FOUND) and the per-identity limit on concurrent streams.
+Besides mapping, the servicer applies the caller-dependent rules of the service:
+
+* the requester of a run is the caller's identity, never a field the caller fills in; a
+  caller holding the ``delegate`` role may name another ``user_id`` (it acts for that end
+  user), and then both are recorded (``user_id`` and ``delegate_id``);
+* profile isolation: a caller scoped to profiles never sees another profile's runs, which
+  answer NOT_FOUND exactly as absent ones do (a ``run_id`` chosen by the caller that another
+  profile's run holds included); ``request_id`` deduplication is per requester and profile;
+* the per-identity limit on concurrent streams.
 """
 
 from __future__ import annotations
@@ -13,10 +19,53 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
+from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cuga.orchestrator import CoordinatorAgent
-from cuga.shared.auth import check_profile_access, current_identity, is_visible, profile_filter
-from cuga.shared.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from cuga.shared.auth import (
+    ROLE_DELEGATE,
+    check_profile_access,
+    current_identity,
+    is_visible,
+    profile_filter,
+)
+from cuga.shared.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+from cuga.shared.validation import MAX_USER_ID_CHARS, check_length
+
+
+def set_requester(context: common_pb2.ExecutionContext) -> None:
+    """Make the run's requester the authenticated caller (in place).
+
+    Without an identity (auth off and no credentials, or in process) ``user_id`` stays as
+    sent. A caller with the ``delegate`` role may name another user: ``delegate_id``
+    records the caller.
+
+    Raises:
+        InvalidArgumentError: ``delegate_id`` was sent (only the coordinator sets it).
+        PermissionDeniedError: ``user_id`` names someone else and the caller may not
+            delegate (NOT_A_DELEGATE).
+    """
+    if context.delegate_id:
+        raise InvalidArgumentError("context.delegate_id", "is set by the coordinator, not sent")
+    check_length("context.user_id", context.user_id, MAX_USER_ID_CHARS)
+    identity = current_identity()
+    if identity is None:
+        return
+    if context.user_id and context.user_id != identity.name:
+        if not identity.has_role(ROLE_DELEGATE):
+            raise PermissionDeniedError(
+                f"context.user_id: {identity.name!r} starts runs as itself; naming another"
+                f" user ({context.user_id[:64]!r}) needs the {ROLE_DELEGATE!r} role",
+                reason="NOT_A_DELEGATE",
+            )
+        context.delegate_id = identity.name
+        return
+    context.user_id = identity.name
 
 
 class StreamLimiter:
@@ -68,10 +117,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise NotFoundError(f"run {run_id} not found")
         return run
 
+    def _free_run_id(self, run_id: str) -> None:
+        """A chosen run id held by a run the caller may not see is NOT_FOUND, as any other
+        unknown run; one of the caller's own runs is the engine's FAILED_PRECONDITION."""
+        try:
+            run = self._agent.get_run(run_id)
+        except NotFoundError:
+            return
+        if not is_visible(run.context.profile):
+            raise NotFoundError(f"run {run_id} not found")
+
     async def Orchestrate(
         self, request: coordinator_pb2.OrchestrateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.OrchestrateResponse]:
         check_profile_access(request.context.profile)
+        set_requester(request.context)
+        if request.context.run_id:
+            self._free_run_id(request.context.run_id)
         with self.streams.stream():
             async for event in self._agent.orchestrate_request(request):
                 yield coordinator_pb2.OrchestrateResponse(event=event)
