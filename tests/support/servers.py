@@ -289,16 +289,18 @@ async def running_cluster(
     span_processors: Sequence[SpanProcessor] = (),
     workers: Sequence[dict[str, object]] = ({},),
     telemetry_env: Mapping[str, str] | None = None,
+    build: Mapping[str, Builder] | None = None,
 ) -> AsyncIterator[Cluster]:
     """All six services in this process, each through the production bootstrap on :0.
 
     ``workers`` gives one ``worker:`` section override per worker to start (e.g.
     ``{"worker_id": "w-math", "tools": ["calculator"]}``); the first is ``servers["worker"]``,
-    the others ``servers["worker-2"]``, ``servers["worker-3"]`` ...
+    the others ``servers["worker-2"]``, ``servers["worker-3"]`` ...; ``build`` replaces the
+    production builders (a test wrapping them).
     """
     from contextlib import AsyncExitStack
 
-    build = builders()
+    build = build or builders()
     servers: dict[str, RunningServer] = {}
     async with AsyncExitStack() as stack:
         for name in CLUSTER_ORDER:
