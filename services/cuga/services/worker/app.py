@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -11,7 +10,9 @@ from collections.abc import Sequence
 from cuga.client import RoutingClient
 from cuga.services.worker.config import WorkerConfig
 from cuga.services.worker.domain import ToolPolicy, WorkerAgent, WorkerLimits
+from cuga.services.worker.processes import ToolProcessPool
 from cuga.services.worker.registration import Registrar
+from cuga.services.worker.runners import runs_in_process
 from cuga.services.worker.servicer import StepAuthority, WorkerServicer
 from cuga.services.worker.store import IdempotencyStore
 from cuga.shared.auth import DenialReporter, StepGrantCheck
@@ -65,6 +66,21 @@ def build_agent(
     """
     data_dir = settings.common.data_dir
     limits = settings.common.limits
+    processes = None
+    if config.tool_processes:
+        processes = ToolProcessPool(
+            config.tool_processes,
+            grace_s=config.overrun_grace_s,
+            max_output_bytes=limits.max_output_bytes,
+            # Loaded once by the processes' zygote rather than by every process.
+            preload=sorted(
+                {
+                    spec.handler_module
+                    for spec in registry.specs()
+                    if not spec.is_async and runs_in_process(spec.handler)
+                }
+            ),
+        )
     return WorkerAgent(
         registry,
         IdempotencyStore(data_dir / f"worker-{config.worker_id}.db"),
@@ -78,9 +94,8 @@ def build_agent(
             max_in_flight=config.max_in_flight,
         ),
         clock=clock,
-        executor=concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.max_threads, thread_name_prefix="cuga-tool"
-        ),
+        max_threads=config.max_threads,
+        processes=processes,
     )
 
 
@@ -174,6 +189,10 @@ async def build_worker(
         definition.on_stopping.append(on_stopping)
         definition.on_stopped.append(close_routing)
 
+    async def warm_up(address: str) -> None:
+        agent.warm_up()  # in the background: the first calls need not start a process
+
+    definition.on_started.insert(0, warm_up)
     # After the server drained: running executions finish and write their records first.
     definition.on_stopped.append(agent.close)
     return definition

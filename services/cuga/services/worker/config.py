@@ -67,8 +67,21 @@ class WorkerConfig:
     """Longest delay between registration attempts, seconds, >= the initial delay."""
     max_in_flight: int = 256
     """Steps executing at once; more are refused RESOURCE_EXHAUSTED. 1 to 100000."""
+    tool_processes: int = 32
+    """Tool processes for synchronous handlers (plain functions a process can import by
+    module and name): the most such calls running at once; one more is refused at once,
+    RESOURCE_EXHAUSTED (``WORKER_SATURATED``). Started when needed and reused; one still
+    running ``overrun_grace_s`` after its call's deadline is killed, which frees its
+    slot. 0 runs every synchronous handler in a thread instead (which cannot be stopped).
+    0 to 1024."""
+    overrun_grace_s: float = 1.0
+    """How long a tool process may run on after its call's deadline (the call is answered
+    DEADLINE_EXCEEDED at the deadline) before it is killed, seconds: a handler that
+    finishes in this time keeps its process for the next call. 0 to 60."""
     max_threads: int = 32
-    """Threads running synchronous handlers. 1 to 1024."""
+    """Threads for synchronous handlers that cannot run in a tool process (closures,
+    lambdas, bound methods; all of them when ``tool_processes`` is 0): the most such calls
+    running at once, past their deadline included. 1 to 1024."""
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.worker_id):
@@ -92,6 +105,10 @@ class WorkerConfig:
             raise ConfigError("registration_backoff_max_s", "must be >= the initial delay")
         if not 1 <= self.max_in_flight <= 100_000:
             raise ConfigError("max_in_flight", "must be between 1 and 100000")
+        if not 0 <= self.tool_processes <= 1024:
+            raise ConfigError("tool_processes", "must be between 0 and 1024")
+        if not 0 <= self.overrun_grace_s <= 60:
+            raise ConfigError("overrun_grace_s", "must be between 0 and 60")
         if not 1 <= self.max_threads <= 1024:
             raise ConfigError("max_threads", "must be between 1 and 1024")
 

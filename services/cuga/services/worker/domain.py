@@ -20,10 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from cuga.common.v1 import common_pb2
 from cuga.services.worker.config import ProfileTools
+from cuga.services.worker.processes import ToolProcessPool
+from cuga.services.worker.runners import (
+    Slot,
+    ToolOutputNotJson,
+    ToolOutputTooLarge,
+    ToolProcessFailed,
+    ToolProcessUnavailable,
+    ToolRaised,
+    ToolRunner,
+    ToolThreads,
+    runs_in_process,
+)
 from cuga.services.worker.store import IdempotencyStore, StoredExecution
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.errors import (
@@ -35,6 +47,7 @@ from cuga.shared.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     ToolExecutionError,
+    UnavailableError,
     classify_failure,
     from_rpc_error,
 )
@@ -154,7 +167,12 @@ class WorkerAgent:
         policy: per-profile allow/deny lists.
         limits: size and concurrency limits.
         clock: time source (deadlines, durations).
-        executor: threads for synchronous handlers (the agent owns it and shuts it down).
+        executor: threads for synchronous handlers that run in threads (the agent owns it
+            and shuts it down); default ``max_threads`` threads.
+        max_threads: synchronous calls that may run in threads at once.
+        processes: tool processes for synchronous handlers that can run in one (the agent
+            owns the pool and closes it); ``None``: every synchronous handler runs in a
+            thread, which cannot be stopped past its timeout.
     """
 
     def __init__(
@@ -168,6 +186,8 @@ class WorkerAgent:
         limits: WorkerLimits | None = None,
         clock: Clock | None = None,
         executor: concurrent.futures.ThreadPoolExecutor | None = None,
+        max_threads: int = 32,
+        processes: ToolProcessPool | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -177,9 +197,12 @@ class WorkerAgent:
         self._policy = policy or ToolPolicy()
         self._limits = limits or WorkerLimits()
         self._clock: Clock = clock or SystemClock()
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=32, thread_name_prefix="cuga-tool"
-        )
+        self._threads = ToolThreads(max_threads, executor)
+        self._processes = processes
+        self._runners: dict[str, ToolRunner] = {}
+        for spec in registry.specs():
+            self._runner(spec)  # decided (and any fallback to threads logged) at start
+        self._warming: asyncio.Future[None] | None = None
         self._inflight: dict[str, _InFlight] = {}
         self._latency: float | None = None
 
@@ -190,8 +213,50 @@ class WorkerAgent:
 
     @property
     def in_flight(self) -> int:
-        """Executions running now."""
-        return len(self._inflight)
+        """Executions running now, plus calls already answered (past their deadline)
+        whose handler still occupies a tool process or thread: the load, as routing
+        should see it."""
+        lingering = self._threads.lingering
+        if self._processes is not None:
+            lingering += self._processes.lingering
+        return len(self._inflight) + lingering
+
+    async def wait_released(self) -> None:
+        """Until no call already answered still occupies a tool process or thread (lets
+        tests and probes observe a slot coming back)."""
+        await self._threads.wait_for(lambda c: c.lingering == 0)
+        if self._processes is not None:
+            await self._processes.wait_for(lambda c: c.lingering == 0)
+
+    def warm_up(self) -> None:
+        """Start the tool processes' zygote and one process in the background (when any
+        tool runs in one), so the first calls do not pay for it (~0.2 s of CPU)."""
+        if self._processes is None or self._processes not in self._runners.values():
+            return
+        if self._warming is None:
+            self._warming = asyncio.ensure_future(self._processes.start())
+            self._warming.add_done_callback(_log_warm_up_failure)
+
+    def _runner(self, spec: ToolSpec) -> ToolRunner | None:
+        """Where a tool's handler runs: ``None`` (on the loop, ``async``), a tool process
+        (a plain function a process can import), else a thread."""
+        if spec.is_async:
+            return None
+        runner = self._runners.get(spec.name)
+        if runner is None:
+            if self._processes is not None and runs_in_process(spec.handler):
+                runner = self._processes
+            else:
+                runner = self._threads
+                if self._processes is not None:
+                    log.warning(
+                        "tool %r: its handler is not a function a tool process can import "
+                        "(a closure, lambda, bound method or callable object), so it runs "
+                        "in a thread, which cannot be stopped past its timeout",
+                        spec.name,
+                    )
+            self._runners[spec.name] = runner
+        return runner
 
     @property
     def recent_latency(self) -> float:
@@ -301,36 +366,67 @@ class WorkerAgent:
             )
         inputs = _normalise(data)
         check_input(spec.validator, inputs, field="step.input")
-        if len(self._inflight) >= self._limits.max_in_flight:
+        in_flight = self.in_flight
+        if in_flight >= self._limits.max_in_flight:
             raise ResourceExhaustedError(
-                f"worker {self.worker_id} is running {len(self._inflight)} steps, "
+                f"worker {self.worker_id} is running {in_flight} steps, "
                 f"the limit is {self._limits.max_in_flight}",
                 reason="WORKER_BUSY",
                 domain=DOMAIN,
             )
+        slot = self._admit(spec)
         done: asyncio.Future[common_pb2.StepResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = _InFlight(fp, done)
-        run = self._run(spec, request, inputs, fp, timeout)
+        run = self._run(spec, request, inputs, fp, timeout, slot)
         if in_caller_task:
             try:
                 result = await run
             except BaseException as exc:
                 self._settle(key, done, exc)
                 raise
+            finally:
+                if slot is not None:
+                    slot.discard()
             self._settle(key, done, result)
             return result
         # The execution is a task of its own: a caller that goes away (deadline, dropped
         # connection) does not cancel it half-way, and its record is still written.
         task = asyncio.create_task(run)
-        task.add_done_callback(functools.partial(self._finished, key, done))
+        task.add_done_callback(functools.partial(self._finished, key, done, slot))
         return await asyncio.shield(task)
+
+    def _admit(self, spec: ToolSpec) -> Slot | None:
+        """A slot for a synchronous tool's call, or RESOURCE_EXHAUSTED (WORKER_SATURATED)
+        at once when every slot is taken: queued, the call would wait behind calls that
+        may be stuck until their deadline, and another worker may be free now."""
+        runner = self._runner(spec)
+        if runner is None:
+            return None
+        slot = runner.acquire()
+        if slot is None:
+            raise ResourceExhaustedError(
+                f"worker {self.worker_id} is saturated: all {runner.size} {runner.kind} "
+                f"slots for synchronous tools are taken ({runner.lingering} by calls past "
+                "their deadline)",
+                reason="WORKER_SATURATED",
+                domain=DOMAIN,
+                metadata={
+                    "tool": spec.name,
+                    "slots": str(runner.size),
+                    "lingering": str(runner.lingering),
+                },
+            )
+        return slot
 
     def _finished(
         self,
         key: str,
         done: asyncio.Future[common_pb2.StepResult],
+        slot: Slot | None,
         task: asyncio.Task[common_pb2.StepResult],
     ) -> None:
+        if slot is not None:
+            slot.discard()  # a task cancelled before it ran never took its slot
         if task.cancelled():
             self._settle(key, done, asyncio.CancelledError())
         else:
@@ -405,6 +501,7 @@ class WorkerAgent:
         inputs: dict[str, Any],
         fp: str,
         timeout: float | None,
+        slot: Slot | None,
     ) -> common_pb2.StepResult:
         step = request.step
         attempt = request.attempt or 1
@@ -426,7 +523,7 @@ class WorkerAgent:
             )
             # asyncio.timeout, not wait_for: the tool runs in this task, not one more.
             async with asyncio.timeout(budget):
-                output = await self._call(spec, inputs, context)
+                output = await self._call(spec, inputs, context, slot)
         except asyncio.CancelledError:
             raise
         except TimeoutError as exc:
@@ -442,20 +539,50 @@ class WorkerAgent:
             self._observe(started)
             self._remember_failure(request, fp, exc, tool_error=False)
             raise
+        except ToolOutputNotJson as exc:
+            self._observe(started)
+            raise self._not_json(spec, exc.type_name) from None
+        except ToolOutputTooLarge as exc:
+            self._observe(started)
+            raise self._too_large(spec, exc.size) from None
+        except ToolProcessFailed as exc:
+            self._observe(started)
+            # A tool that kills its own process is a bug in the tool: retryable, not stored.
+            raise ToolExecutionError(
+                f"tool {spec.name!r} failed: {exc}"[:MAX_ERROR_MESSAGE_CHARS],
+                failure_mode=FailureMode.AGENT,
+                reason="TOOL_PROCESS_FAILED",
+                domain=DOMAIN,
+                metadata=meta,
+            ) from None
+        except ToolProcessUnavailable as exc:
+            self._observe(started)
+            raise UnavailableError(
+                f"tool {spec.name!r} not run: {exc}"[:MAX_ERROR_MESSAGE_CHARS],
+                reason="TOOL_PROCESS_UNAVAILABLE",
+                domain=DOMAIN,
+                metadata=meta,
+            ) from None
         except Exception as exc:
             self._observe(started)
-            mode = classify_failure(exc)
-            text = f"tool {spec.name!r} failed: {type(exc).__name__}: {exc}"
+            if isinstance(exc, ToolRaised):  # raised in a tool process
+                name, mode, message = exc.type_name, exc.failure_mode, exc.message
+            else:
+                name, mode, message = type(exc).__name__, classify_failure(exc), str(exc)
+            text = f"tool {spec.name!r} failed: {name}: {message}"
             error = ToolExecutionError(
                 text[:MAX_ERROR_MESSAGE_CHARS],
                 failure_mode=mode,
                 domain=DOMAIN,
-                metadata={**meta, "exception": type(exc).__name__},
+                metadata={**meta, "exception": name},
             )
             self._remember_failure(request, fp, error, tool_error=True)
             raise error from None
         duration = self._observe(started)
-        value = self._output(spec, output)
+        if isinstance(output, struct_pb2.Value) and self._runner(spec) is self._processes:
+            value = self._check_size(spec, output)  # converted in the tool process
+        else:
+            value = self._output(spec, output)
         result = common_pb2.StepResult(
             step_id=step.step_id,
             output=value,
@@ -477,36 +604,46 @@ class WorkerAgent:
         )
         return result
 
-    async def _call(self, spec: ToolSpec, inputs: dict[str, Any], context: ToolContext) -> Any:
-        if spec.is_async:
+    async def _call(
+        self, spec: ToolSpec, inputs: dict[str, Any], context: ToolContext, slot: Slot | None
+    ) -> Any:
+        if slot is None:
             return await spec.handler(inputs, context)
-        loop = asyncio.get_running_loop()
-        # A thread cannot be killed: past its deadline a sync handler's answer is dropped.
-        return await loop.run_in_executor(
-            self._executor, functools.partial(spec.handler, inputs, context)
-        )
+        runner = self._runner(spec)
+        assert runner is not None
+        return await runner.run(slot, spec.handler, inputs, context)
 
-    def _output(self, spec: ToolSpec, output: Any) -> Any:
+    def _output(self, spec: ToolSpec, output: Any) -> struct_pb2.Value:
         try:
             value = to_value(output)
         except Exception as exc:  # not JSON: a bug in the tool
-            raise ToolExecutionError(
-                f"tool {spec.name!r} returned a value that is not JSON ({type(exc).__name__})",
-                failure_mode=FailureMode.AGENT,
-                reason="OUTPUT_NOT_JSON",
-                domain=DOMAIN,
-                metadata={"tool": spec.name},
-            ) from None
+            raise self._not_json(spec, type(exc).__name__) from None
+        return self._check_size(spec, value)
+
+    def _check_size(self, spec: ToolSpec, value: struct_pb2.Value) -> struct_pb2.Value:
         size = value.ByteSize()
         if size > self._limits.max_output_bytes:
-            raise ResourceExhaustedError(
-                f"tool {spec.name!r} output is {size} bytes serialised, "
-                f"the limit is {self._limits.max_output_bytes}",
-                reason="OUTPUT_TOO_LARGE",
-                domain=DOMAIN,
-                metadata={"tool": spec.name, "size": str(size)},
-            )
+            raise self._too_large(spec, size)
         return value
+
+    @staticmethod
+    def _not_json(spec: ToolSpec, why: str) -> ToolExecutionError:
+        return ToolExecutionError(
+            f"tool {spec.name!r} returned a value that is not JSON ({why})",
+            failure_mode=FailureMode.AGENT,
+            reason="OUTPUT_NOT_JSON",
+            domain=DOMAIN,
+            metadata={"tool": spec.name},
+        )
+
+    def _too_large(self, spec: ToolSpec, size: int) -> ResourceExhaustedError:
+        return ResourceExhaustedError(
+            f"tool {spec.name!r} output is {size} bytes serialised, "
+            f"the limit is {self._limits.max_output_bytes}",
+            reason="OUTPUT_TOO_LARGE",
+            domain=DOMAIN,
+            metadata={"tool": spec.name, "size": str(size)},
+        )
 
     def _observe(self, started: float) -> float:
         duration = max(0.0, self._clock.monotonic() - started)
@@ -552,12 +689,26 @@ class WorkerAgent:
             log.exception("could not store the outcome of %s", record.key)
 
     async def close(self) -> None:
-        """Wait for running executions (so their records are written), then close the store."""
-        running = [entry.done for entry in self._inflight.values()]
+        """Wait for running executions (so their records are written), kill the tool
+        processes (lingering calls' included) and wait until they are gone, then close
+        the store. Threads still running a lingering call are left to end on their own."""
+        running: list[asyncio.Future[Any]] = [entry.done for entry in self._inflight.values()]
+        if self._warming is not None:
+            running.append(self._warming)
         if running:
             await asyncio.wait(running)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._threads.close()
+        if self._processes is not None:
+            await self._processes.close()
         self._store.close()
+
+
+def _log_warm_up_failure(warming: asyncio.Future[None]) -> None:
+    if not warming.cancelled() and warming.exception() is not None:
+        log.warning(
+            "could not start a tool process ahead of calls (the first call tries again): %s",
+            warming.exception(),
+        )
 
 
 class LocalWorkerPool:
