@@ -247,8 +247,8 @@ async def demo_run(
         if await proc.wait() != 0:
             err.print("[red]the demo reviewer could not approve[/red]")
 
-    context = common_pb2.ExecutionContext(user_id="demo-user")
-    return await start_run(settings, DEMO_GOAL, steps, budget, context=context, on_event=approve)
+    # The requester is the caller: the coordinator sets user_id from the client's token.
+    return await start_run(settings, DEMO_GOAL, steps, budget, on_event=approve)
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
