@@ -19,10 +19,13 @@ plaintext and once with mutual TLS (the attacker then also holds the worker's ce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
-from collections.abc import AsyncIterator, Sequence
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ import pytest
 from google.protobuf import descriptor_pool
 
 from cuga.cli.tls import ensure_local_tls
+from cuga.cli.up import cluster
 from cuga.client import (
     CoordinatorClient,
     RoutingClient,
@@ -40,14 +44,17 @@ from cuga.client import (
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.routing.v1 import routing_pb2
-from cuga.services.worker.app import build_worker
-from cuga.services.worker.servicer import WorkerServicer
+from cuga.services.worker.app import build_registry, build_worker
+from cuga.services.worker.config import WorkerConfig
+from cuga.shared.auth import TlsConfig
 from cuga.shared.bootstrap import RunningServer
-from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
+from cuga.shared.config import GRPC_SERVICE_NAMES, SERVICE_NAMES, load_settings
 from cuga.shared.errors import CugaError, from_rpc_error
 from cuga.shared.messages import to_struct
-from cuga.shared.signing import unb64url
+from cuga.shared.signing import ServiceSigner, load_private_key, unb64url
+from cuga.tools import to_proto
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
+from tests.support.ports import free_ports
 from tests.support.servers import (
     as_identity,
     as_service,
@@ -101,14 +108,21 @@ class RogueWorker(worker_pb2_grpc.WorkerServiceServicer):
 
 @dataclasses.dataclass
 class Deployment:
-    servers: dict[str, RunningServer]
-    settings: Settings
+    addresses: dict[str, str]
     credentials: grpc.ChannelCredentials | None
     """What the attacker dials with (with TLS: the worker's own certificate)."""
     options: list[tuple[str, str]]
+    worker_key: ServiceSigner
+    """The worker's credentials, which the attacker holds."""
+    worker_id: str
+    client: tuple[tuple[str, str], ...]
+    """How a client calls the coordinator (to start the run the attacker watches)."""
+    ran: Callable[[str], bool]
+    """Whether the real worker stored an outcome for an idempotency key."""
+    sandbox: Path
 
     def address(self, name: str) -> str:
-        return self.servers[name].address
+        return self.addresses[name]
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if self.credentials is None:
@@ -144,11 +158,19 @@ async def deployment(tmp_path: Path, tls: bool) -> AsyncIterator[Deployment]:
         options: list[tuple[str, str]] = []
         if local_tls is not None:
             # The attacker holds the worker's credentials: its certificate too.
-            worker_tls = local_tls.config("worker")
-            credentials = worker_tls.channel_credentials()
+            credentials = local_tls.config("worker").channel_credentials()
             options = [("grpc.ssl_target_name_override", "localhost")]
-            settings = settings.with_overrides(tls=local_tls.config("client"))
-        yield Deployment(servers, settings, credentials, options)
+        agent = servers["worker"].definition.registrations[0][1].agent
+        yield Deployment(
+            addresses={name: server.address for name, server in servers.items()},
+            credentials=credentials,
+            options=options,
+            worker_key=signer_of(WORKER_ID),
+            worker_id=WORKER_ID,
+            client=as_identity("client"),
+            ran=lambda key: agent._store.get(key) is not None,
+            sandbox=agent._sandbox,
+        )
 
 
 async def _status(
@@ -202,25 +224,64 @@ def _transfer(key: str) -> worker_pb2.ExecuteStepRequest:
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "mutual-tls"])
 async def test_a_worker_cannot_borrow_the_coordinators_power(tmp_path: Path, tls: bool) -> None:
     async with deployment(tmp_path, tls) as d:
-        real: WorkerServicer = d.servers["worker"].definition.registrations[0][1]
-        rogue = RogueWorker(real.agent.list_tools())
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(rogue, server)
-        if d.credentials is not None:
-            assert d.servers["worker"].definition is not None
-            tls_config = ensure_local_tls(tmp_path / "tls").config("worker")
-            port = server.add_secure_port("127.0.0.1:0", tls_config.server_credentials())
-        else:
-            port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            await _attack(d, rogue, f"127.0.0.1:{port}", real)
-        finally:
-            await server.stop(0)
+        server_tls = ensure_local_tls(tmp_path / "tls").config("worker") if tls else None
+        await _with_rogue(d, server_tls)
 
 
-async def _attack(d: Deployment, rogue: RogueWorker, rogue_address: str, real: Any) -> None:
-    worker_key = signer_of(WORKER_ID)  # the attacker holds the worker's credentials
+async def test_cuga_up_with_its_defaults_resists_the_attack(tmp_path: Path) -> None:
+    """The same attack against the six processes ``cuga up`` starts, with the credentials
+    it makes: the attacker reads the worker's key from ``<data_dir>/tokens/worker.key``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
+    data = tmp_path / "data"
+    env["CUGA_DATA_DIR"] = str(data)
+    addresses = dict(zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True))
+    for name, port in addresses.items():
+        env[f"CUGA_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
+    async with cluster(load_settings(env=env), env) as up:
+        assert up.tokens is not None
+        key = load_private_key(up.tokens.key_file("worker").read_text())
+        store = data / "worker-worker-1.db"
+
+        def ran(idempotency_key: str) -> bool:
+            with contextlib.closing(sqlite3.connect(store)) as db:
+                row = db.execute(
+                    "SELECT 1 FROM executions WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+            return row is not None
+
+        d = Deployment(
+            addresses={n: f"127.0.0.1:{p}" for n, p in addresses.items()},
+            credentials=None,
+            options=[],
+            worker_key=ServiceSigner("worker", key),
+            worker_id="worker-1",
+            client=up.metadata("client"),
+            ran=ran,
+            sandbox=data / "sandbox",
+        )
+        await _with_rogue(d, None)
+
+
+async def _with_rogue(d: Deployment, tls: TlsConfig | None) -> None:
+    """Run the attack from a rogue WorkerService (with TLS: on the worker's certificate)."""
+    allowlist = ("cuga_example_tools", "cuga.tools", "tests")
+    registry = build_registry(WorkerConfig(tool_allowlist=allowlist), TEST_TOOLS)
+    rogue = RogueWorker([to_proto(spec) for spec in registry.specs()])
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(rogue, server)
+    if tls is not None:
+        port = server.add_secure_port("127.0.0.1:0", tls.server_credentials())
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await _attack(d, rogue, f"127.0.0.1:{port}")
+    finally:
+        await server.stop(0)
+
+
+async def _attack(d: Deployment, rogue: RogueWorker, rogue_address: str) -> None:
+    worker_key = d.worker_key  # the attacker holds the worker's credentials
     async with RoutingClient(
         d.address("routing"), signer=worker_key, **d.client_kwargs()
     ) as routing:
@@ -228,20 +289,18 @@ async def _attack(d: Deployment, rogue: RogueWorker, rogue_address: str, real: A
         await routing.register_worker(
             routing_pb2.RegisterWorkerRequest(
                 worker=routing_pb2.WorkerInfo(
-                    worker_id=WORKER_ID,
+                    worker_id=d.worker_id,
                     address=rogue_address,
                     tools=[t.name for t in rogue.tools],
                 )
             )
         )
     async with CoordinatorClient(
-        d.address("coordinator"), metadata=as_identity("client"), **d.client_kwargs()
+        d.address("coordinator"), metadata=d.client, **d.client_kwargs()
     ) as client:
         request = coordinator_pb2.OrchestrateRequest(
             goal="count once",
-            steps=[
-                common_pb2.PlanStep(step_id="c1", tool="count", input=to_struct({"name": "c1"}))
-            ],
+            steps=[common_pb2.PlanStep(step_id="c1", tool="echo", input=to_struct({"t": "c1"}))],
         )
         stream = client.orchestrate(request)
         run = asyncio.ensure_future(_drain(stream))
@@ -296,10 +355,10 @@ async def _attack(d: Deployment, rogue: RogueWorker, rogue_address: str, real: A
             wrong.append(f"worker ran a step whose input was changed under its grant: {code.name}")
     # 3. A token the attacker signs itself (it has the worker key) opens nothing either:
     # workers may not execute steps, and its grants are not the coordinator's.
-    own = worker_key.metadata(f"worker:{WORKER_ID}")[0][1]
+    own = worker_key.metadata(f"worker:{d.worker_id}")[0][1]
     self_granted = _transfer("r-stolen/self")
     self_granted.grant = worker_key.step_grant(
-        f"worker:{WORKER_ID}", self_granted.idempotency_key, "0" * 64, 0
+        f"worker:{d.worker_id}", self_granted.idempotency_key, "0" * 64, 0
     )
     code, _ = await _status(d, worker, execute, self_granted.SerializeToString(), own)
     if code is not grpc.StatusCode.PERMISSION_DENIED:
@@ -307,12 +366,10 @@ async def _attack(d: Deployment, rogue: RogueWorker, rogue_address: str, real: A
     assert not wrong, "\n".join(wrong)
 
     # Nothing ran: no outcome stored under any key the attacker used, no count bumped.
-    store = real.agent._store
     used = [f"r-stolen/{k}-{i}" for i in range(len(captured)) for k in ("pay", "c")]
     for key in ("r-stolen/self", sent.idempotency_key, *used):
-        assert store.get(key) is None, f"the real worker stored an outcome for {key}"
-    assert count_of(real.agent._sandbox, "stolen") == 0
-    assert count_of(real.agent._sandbox, "c1") == 0
+        assert not d.ran(key), f"the real worker stored an outcome for {key}"
+    assert count_of(d.sandbox, "stolen") == 0
 
 
 def _signer(authorization: str) -> str:
