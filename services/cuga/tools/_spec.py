@@ -66,8 +66,10 @@ class ToolSpec:
             names another); ``pattern`` is an ECMA-262 regular expression, matched in linear
             time, so lookaround and backreferences are refused (see
             :class:`~cuga.tools.InputSchema`).
-        handler: ``(inputs, context) -> result``; a plain function runs in a worker thread,
-            an ``async def`` on the event loop. The result must be JSON-serialisable.
+        handler: ``(inputs, context) -> result``; an ``async def`` runs on the worker's
+            event loop; a plain function defined at the top level of a module runs in a
+            tool process (killed when it overruns its timeout), any other callable in a
+            thread. The result must be JSON-serialisable.
         capabilities: capabilities it provides (routing matches on them).
         sensitive: whether a call may need human approval (the default approval policy
             gates sensitive tools).
@@ -120,7 +122,8 @@ class ToolSpec:
 
     @property
     def is_async(self) -> bool:
-        """Whether the handler is a coroutine function (runs on the loop, not in a thread)."""
+        """Whether the handler is a coroutine function (runs on the loop, not in a tool
+        process or thread)."""
         handler: Any = self.handler
         return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - callable objects with async __call__
