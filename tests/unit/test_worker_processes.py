@@ -28,6 +28,7 @@ from cuga.services.worker.runners import (
     ToolOutputNotJson,
     ToolOutputTooLarge,
     ToolProcessFailed,
+    ToolProcessUnavailable,
     ToolRaised,
     runs_in_process,
 )
@@ -208,6 +209,39 @@ async def test_close_kills_and_reaps_every_process(sandbox: Path) -> None:
         # by the worker) before close() returned.
         assert [pid for pid in pids if _exists(pid)] == []
         assert pool.pids == [] and pool.acquire() is None
+
+
+async def test_close_during_a_start_neither_hangs_nor_leaks(sandbox: Path) -> None:
+    pool = ToolProcessPool(2, preload=PRELOAD)
+    call = asyncio.ensure_future(_call(pool, sandbox, "quick"))  # starts the zygote
+    await pool.wait_for(lambda c: c.busy == 1)
+    async with asyncio.timeout(BOUND_S):
+        await pool.close()
+    try:
+        outcome = await call
+    except (ToolProcessFailed, ToolProcessUnavailable):
+        pass  # killed or refused by the close, either is fine
+    else:
+        assert value_to_python(outcome)["n"] == 0
+    assert pool.pids == []
+    assert _zygotes_of(os.getpid()) == []
+
+
+def _zygotes_of(parent: int) -> list[int]:
+    """Tool process zygotes whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"cuga.services.worker.toolproc" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def _exists(pid: int) -> bool:

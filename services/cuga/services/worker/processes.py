@@ -321,13 +321,18 @@ class ToolProcessPool(ToolRunner):
         """Kill every tool process (lingering calls' included), end the zygote, and wait
         until all of them are gone."""
         self.closed = True
-        async with self._zygote_lock:  # a start under way finishes first
+        while True:
+            async with self._zygote_lock:  # a start under way ends; later ones see `closed`
+                pass
             for child in list(self._children):
                 self._kill(child)
-            if self._background:
-                await asyncio.wait(list(self._background))
-            if self._zygote is not None:
-                await self._zygote.close()
+            pending = [task for task in self._background if not task.done()]
+            if not pending and not self._children:
+                break
+            if pending:
+                await asyncio.wait(pending)  # reaps, and starts that end refused
+        if self._zygote is not None:
+            await self._zygote.close()
 
     # -- tool processes ----------------------------------------------------------------
 

@@ -173,8 +173,14 @@ def _text(exc: BaseException) -> str:
 def zygote(control: socket.socket, preload: Sequence[str], max_output_bytes: int) -> None:
     """Fork a tool process for every socket received on ``control``; report exits.
 
-    Returns when ``control`` reaches its end (the pool closed it, or the worker died).
+    Returns when ``control`` reaches its end or breaks (the pool closed it, or the worker
+    died).
     """
+    with contextlib.suppress(ConnectionError):
+        _zygote(control, preload, max_output_bytes)
+
+
+def _zygote(control: socket.socket, preload: Sequence[str], max_output_bytes: int) -> None:
     for module in preload:
         try:
             importlib.import_module(module)
