@@ -211,6 +211,33 @@ async def test_close_kills_and_reaps_every_process(sandbox: Path) -> None:
         assert pool.pids == [] and pool.acquire() is None
 
 
+def test_the_pool_works_on_uvloop(sandbox: Path) -> None:
+    # The services run on uvloop (common.event_loop: auto), whose transports and
+    # subprocesses are its own.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        pool = ToolProcessPool(1, grace_s=0.2, preload=PRELOAD)
+        try:
+            answer = value_to_python(await _call(pool, sandbox, "quick", n=3))
+            assert answer["n"] == 3
+            with Gate(sandbox, "uv") as gate:
+                with pytest.raises(TimeoutError):
+                    await _call(pool, sandbox, "wait_at_gate", timeout=0.5, gate="uv")
+                async with asyncio.timeout(BOUND_S):
+                    await pool.wait_for(lambda c: c.busy == 0)
+                await ended(gate.pids()[0], BOUND_S)
+            with pytest.raises(ToolProcessFailed, match="exit code 5"):
+                await _call(pool, sandbox, "crash", code=5)
+            pids = pool.pids
+        finally:
+            await pool.close()
+        assert [pid for pid in pids if _exists(pid)] == []
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
 async def test_close_during_a_start_neither_hangs_nor_leaks(sandbox: Path) -> None:
     pool = ToolProcessPool(2, preload=PRELOAD)
     call = asyncio.ensure_future(_call(pool, sandbox, "quick"))  # starts the zygote

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import struct_pb2
 
@@ -54,8 +54,8 @@ class _Channel(asyncio.Protocol):
         self.open = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not subclasses of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, payload: bytes) -> asyncio.Future[bytes]:
         assert self.transport is not None
