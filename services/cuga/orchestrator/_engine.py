@@ -65,10 +65,16 @@ from cuga.shared.messages import timestamp, value_to_python
 from cuga.shared.metrics import EngineMetrics
 from cuga.shared.telemetry import RUN_ID_BAGGAGE, current_run_id
 from cuga.shared.validation import (
+    check_budget,
+    check_context,
     check_count,
+    check_enum,
     check_id,
     check_length,
-    check_timestamp,
+    check_partial_result,
+    check_plan_step,
+    check_request_id,
+    check_retry_policy,
     decode_page_token,
     encode_page_token,
     page_size,
@@ -447,39 +453,44 @@ class CoordinatorAgent:
 
     # ------------------------------------------------------------------ starting runs
 
-    def _validate(self, request: coordinator_pb2.OrchestrateRequest) -> None:
+    def validate(self, request: coordinator_pb2.OrchestrateRequest) -> None:
+        """Check an Orchestrate request (:meth:`start` does; the servicer calls it before
+        its caller-dependent rules, so a malformed field is named before anything else).
+
+        Raises:
+            InvalidArgumentError: naming the field and the problem.
+        """
         limits = self.options.limits
+        check_request_id(request.request_id)
         check_length("goal", request.goal, limits.max_goal_chars, required=True)
-        check_id("request_id", request.request_id, required=False)
         ctx = request.context
-        check_id("context.run_id", ctx.run_id, required=False)
-        check_id("context.profile", ctx.profile, required=False)
-        check_length("context.user_id", ctx.user_id, 256)
-        check_count("context.metadata", ctx.metadata, 64)
+        check_context("context", ctx)
         if ctx.trace_id:
             raise InvalidArgumentError("context.trace_id", "is assigned by the coordinator")
         check_count("steps", request.steps, limits.max_steps)
+        for i, step in enumerate(request.steps):
+            check_plan_step(
+                f"steps[{i}]",
+                step,
+                max_input_bytes=limits.max_input_bytes,
+                max_depends_on=limits.max_steps,
+            )
+        if request.HasField("budget"):
+            check_budget("budget", request.budget)
         if request.parallelism > 64:
             raise InvalidArgumentError("parallelism", "must be at most 64")
-        for name, enum_type, value in (
-            ("error_strategy", common_pb2.ErrorPropagation, request.error_strategy),
-            ("mode", common_pb2.PlanningMode, request.mode),
-            ("routing_policy", common_pb2.RoutingPolicy, request.routing_policy),
-        ):
-            if value not in enum_type.values():
-                raise InvalidArgumentError(
-                    name, f"{value} is not a valid {enum_type.DESCRIPTOR.name}"
-                )
-        check_timestamp("context.deadline", ctx.deadline)
+        check_enum("error_strategy", request.error_strategy, common_pb2.ErrorPropagation)
+        check_enum("mode", request.mode, common_pb2.PlanningMode)
+        check_enum("routing_policy", request.routing_policy, common_pb2.RoutingPolicy)
         if ctx.HasField("deadline") and ctx.deadline.ToNanoseconds() / 1e9 <= self.clock.now():
             raise InvalidArgumentError("context.deadline", "is in the past")
-        self.options.retry.with_overrides(
-            request.retry_policy if request.HasField("retry_policy") else None
-        )
+        if request.HasField("retry_policy"):
+            check_retry_policy("retry_policy", request.retry_policy)
+            self.options.retry.with_overrides(request.retry_policy)
 
     async def start(self, request: coordinator_pb2.OrchestrateRequest) -> str:
         """Plan and start a run; return its id. Invalid requests start nothing."""
-        self._validate(request)
+        self.validate(request)
         key = request_key(request)
         if key is not None:
             # Per requester and profile: another caller's key, or another profile's, is
@@ -569,6 +580,36 @@ class CoordinatorAgent:
         r.task = asyncio.create_task(self._drive(r, span), name=f"run-{run_id}")
         return run_id
 
+    def validate_resume(
+        self,
+        target: str | common_pb2.PartialResult,
+        *,
+        error_strategy: Strategy = common_pb2.ERROR_PROPAGATION_UNSPECIFIED,
+        retry_policy: common_pb2.RetryPolicy | None = None,
+    ) -> None:
+        """Check what a Resume names (:meth:`start_resume` does; the servicer calls it
+        before looking the run up, so a malformed ``partial`` is named as such).
+
+        Raises:
+            InvalidArgumentError: naming the field and the problem.
+        """
+        if isinstance(target, common_pb2.PartialResult):
+            limits = self.options.limits
+            check_partial_result(
+                "partial",
+                target,
+                max_steps=limits.max_steps,
+                max_input_bytes=limits.max_input_bytes,
+                max_output_bytes=limits.max_output_bytes,
+                max_goal_chars=limits.max_goal_chars,
+            )
+        else:
+            check_id("run_id", target)
+        check_enum("error_strategy", error_strategy, common_pb2.ErrorPropagation)
+        if retry_policy is not None:
+            check_retry_policy("retry_policy", retry_policy)
+            self.options.retry.with_overrides(retry_policy)
+
     async def start_resume(
         self,
         target: str | common_pb2.PartialResult,
@@ -577,14 +618,8 @@ class CoordinatorAgent:
         retry_policy: common_pb2.RetryPolicy | None = None,
     ) -> tuple[str, int]:
         """Restart a FAILED or INTERRUPTED run; return (run id, seq to watch after)."""
-        if isinstance(target, common_pb2.PartialResult):
-            run_id = target.run_id
-            check_id("partial.run_id", run_id)
-        else:
-            run_id = target
-            check_id("run_id", run_id)
-        if error_strategy not in common_pb2.ErrorPropagation.values():
-            raise InvalidArgumentError("error_strategy", f"{error_strategy} is not valid")
+        self.validate_resume(target, error_strategy=error_strategy, retry_policy=retry_policy)
+        run_id = target.run_id if isinstance(target, common_pb2.PartialResult) else target
         live = self._live.get(run_id)
         if live is not None:
             if live.run.state == coordinator_pb2.RUN_STATE_RUNNING:
@@ -609,7 +644,6 @@ class CoordinatorAgent:
             run.error_strategy = error_strategy
         if retry_policy is not None:
             request.retry_policy.CopyFrom(retry_policy)
-            self.options.retry.with_overrides(retry_policy)
         now = self.clock.now()
         # A resumed run gets a fresh run deadline of the same length as its first one.
         length = max(

@@ -35,7 +35,7 @@ from cuga.shared.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
 )
-from cuga.shared.validation import MAX_USER_ID_CHARS, check_length
+from cuga.shared.validation import check_request_id
 
 
 def set_requester(context: common_pb2.ExecutionContext) -> None:
@@ -52,7 +52,6 @@ def set_requester(context: common_pb2.ExecutionContext) -> None:
     """
     if context.delegate_id:
         raise InvalidArgumentError("context.delegate_id", "is set by the coordinator, not sent")
-    check_length("context.user_id", context.user_id, MAX_USER_ID_CHARS)
     identity = current_identity()
     if identity is None:
         return
@@ -130,6 +129,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def Orchestrate(
         self, request: coordinator_pb2.OrchestrateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.OrchestrateResponse]:
+        # Malformed fields first, named as sent, before the rules that read them.
+        self._agent.validate(request)
         check_profile_access(request.context.profile)
         set_requester(request.context)
         if request.context.run_id:
@@ -141,12 +142,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def Resume(
         self, request: coordinator_pb2.ResumeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.ResumeResponse]:
+        check_request_id(request.request_id)
         which = request.WhichOneof("target")
         if which is None:
             raise InvalidArgumentError("target", "set run_id or partial")
         target = request.run_id if which == "run_id" else request.partial
-        self._visible_run(request.run_id if which == "run_id" else request.partial.run_id)
         retry = request.retry_policy if request.HasField("retry_policy") else None
+        self._agent.validate_resume(
+            target, error_strategy=request.error_strategy, retry_policy=retry
+        )
+        self._visible_run(request.run_id if which == "run_id" else request.partial.run_id)
         with self.streams.stream():
             async for event in self._agent.resume(
                 target, error_strategy=request.error_strategy, retry_policy=retry
@@ -177,6 +182,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CancelRun(
         self, request: coordinator_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.CancelRunResponse:
+        check_request_id(request.request_id)
         self._visible_run(request.run_id)
         run = await self._agent.cancel_run(request.run_id, request.reason)
         return coordinator_pb2.CancelRunResponse(run=run)
