@@ -18,11 +18,8 @@ from cuga.shared.config import Limits
 from cuga.shared.errors import FailedPreconditionError, InvalidArgumentError
 from cuga.shared.messages import struct_to_dict
 from cuga.shared.templates import has_reference, references
-from cuga.shared.validation import STEP_ID_PATTERN, TOOL_NAME_PATTERN, check_id, check_size
+from cuga.shared.validation import check_plan_step
 from cuga.tools import InputSchema
-
-MAX_CAPABILITY_CHARS = 128
-MAX_REASON_CHARS = 1024
 
 
 def _label(index: int, step: common_pb2.PlanStep) -> str:
@@ -37,28 +34,18 @@ def check_step_syntax(steps: Sequence[common_pb2.PlanStep], limits: Limits) -> N
         )
     index_of: dict[str, int] = {}
     for i, step in enumerate(steps):
-        check_id(f"steps[{i}].step_id", step.step_id, pattern=STEP_ID_PATTERN)
+        check_plan_step(
+            f"steps[{i}]",
+            step,
+            max_input_bytes=limits.max_input_bytes,
+            max_depends_on=limits.max_steps,
+        )
         if step.step_id in index_of:
             raise InvalidArgumentError(
                 f"steps[{i}].step_id",
                 f"{step.step_id!r} is already the id of steps[{index_of[step.step_id]}]",
             )
         index_of[step.step_id] = i
-        check_id(f"steps[{i}].tool", step.tool, pattern=TOOL_NAME_PATTERN)
-        if not math.isfinite(step.estimated_cost) or step.estimated_cost < 0:
-            raise InvalidArgumentError(
-                f"steps[{i}].estimated_cost",
-                f"step {step.step_id!r}: must be a finite number >= 0, got {step.estimated_cost}",
-            )
-        if len(step.capability) > MAX_CAPABILITY_CHARS:
-            raise InvalidArgumentError(
-                f"steps[{i}].capability", f"is longer than {MAX_CAPABILITY_CHARS} characters"
-            )
-        if len(step.reason) > MAX_REASON_CHARS:
-            raise InvalidArgumentError(
-                f"steps[{i}].reason", f"is longer than {MAX_REASON_CHARS} characters"
-            )
-        check_size(f"steps[{i}].input", step.input, limits.max_input_bytes)
     for i, step in enumerate(steps):
         seen: set[str] = set()
         for j, dep in enumerate(step.depends_on):

@@ -41,7 +41,14 @@ from cuga.shared.errors import (
 )
 from cuga.shared.messages import timestamp, to_struct
 from cuga.shared.sqldb import Database
-from cuga.shared.validation import check_id, check_length
+from cuga.shared.validation import (
+    MAX_STEP_REASON_CHARS,
+    check_budget,
+    check_context,
+    check_id,
+    check_length,
+    check_request_id,
+)
 
 log = logging.getLogger("cuga.planning")
 
@@ -70,7 +77,6 @@ _MODE_NAMES: Mapping[str, int] = {
     "memory_augmented": S.PLANNING_MODE_MEMORY_AUGMENTED,
 }
 _POLICY_NAMES: Mapping[str, int] = {"warn": S.BUDGET_POLICY_WARN, "block": S.BUDGET_POLICY_BLOCK}
-MAX_REASON_CHARS = 1024
 MEMORY_CANDIDATES = 3
 
 
@@ -197,10 +203,9 @@ class Planner:
     def _check_create(
         self, request: planning_pb2.CreatePlanRequest
     ) -> tuple[str, int, common_pb2.ToolBudget]:
-        check_id("request_id", request.request_id, required=False)
+        check_request_id(request.request_id)
         check_length("goal", request.goal, self._limits.max_goal_chars, required=True)
-        check_id("context.profile", request.context.profile, required=False)
-        check_id("context.run_id", request.context.run_id, required=False)
+        check_context("context", request.context)
         if request.mode not in common_pb2.PlanningMode.values():
             raise InvalidArgumentError("mode", f"{request.mode} is not a PlanningMode")
         budget = self._check_budget_fields(request.budget)
@@ -226,18 +231,7 @@ class Planner:
         return normalise_profile(request.context.profile), mode, budget
 
     def _check_budget_fields(self, budget: common_pb2.ToolBudget) -> common_pb2.ToolBudget:
-        if not math.isfinite(budget.ceiling) or budget.ceiling < 0:
-            raise InvalidArgumentError(
-                "budget.ceiling",
-                f"must be a finite number >= 0 (0 = unlimited), got {budget.ceiling}",
-            )
-        if budget.warn_fraction != 0 and not 0 < budget.warn_fraction <= 1:
-            raise InvalidArgumentError(
-                "budget.warn_fraction",
-                f"must be in (0, 1] (0 = default), got {budget.warn_fraction}",
-            )
-        if budget.policy not in common_pb2.BudgetPolicy.values():
-            raise InvalidArgumentError("budget.policy", f"{budget.policy} is not a BudgetPolicy")
+        check_budget("budget", budget)
         out = common_pb2.ToolBudget()
         out.CopyFrom(budget)
         out.spent = 0.0  # output only: a new plan has spent nothing
@@ -320,7 +314,7 @@ class Planner:
                     tool=name,
                     input=to_struct(derived.value),
                     estimated_cost=tool_cost(scored.tool),
-                    reason=reason[:MAX_REASON_CHARS],
+                    reason=reason[:MAX_STEP_REASON_CHARS],
                     # The best match is the core of the plan; the others may be dropped.
                     optional=bool(steps),
                 )
@@ -393,7 +387,7 @@ class Planner:
             for step in steps:
                 reused = f"reused from run {run_id} (similarity {hit.score:.2f})"
                 step.reason = (f"{reused}; {step.reason}" if step.reason else reused)[
-                    :MAX_REASON_CHARS
+                    :MAX_STEP_REASON_CHARS
                 ]
             notes.append(
                 f"reused the plan of run {run_id} for the similar goal {hit.text[:200]!r}"
@@ -437,7 +431,7 @@ class Planner:
             FailedPreconditionError: the move is not allowed, naming both states.
             AlreadyExistsError: the request id was used for a different transition.
         """
-        check_id("request_id", request.request_id, required=False)
+        check_request_id(request.request_id)
         check_id("plan_id", request.plan_id)
         target = request.to_state
         if target == S.PLAN_STATE_UNSPECIFIED:
