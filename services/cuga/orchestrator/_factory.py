@@ -168,7 +168,9 @@ async def create_coordinator(
         routing_config = section(RoutingConfig, "routing", default_policy=routing_policy)
         # In-process workers never miss a heartbeat.
         worker_registry = WorkerRegistry(clock, heartbeat_timeout_s=math.inf)
-        local_routing = PolicyBasedRoutingAuthority(worker_registry, config=routing_config)
+        local_routing = PolicyBasedRoutingAuthority(
+            worker_registry, config=routing_config, limits=common.limits
+        )
         if "worker" in addresses:
             tool_names = sorted(
                 {s.name for s in await workers.list_tools(_target(addresses, settings))}

@@ -40,7 +40,10 @@ async def build(
         store.close()
         raise
     authority = PolicyBasedRoutingAuthority(
-        registry, config=config, metrics=RoutingMetrics(telemetry.meter)
+        registry,
+        config=config,
+        metrics=RoutingMetrics(telemetry.meter),
+        limits=settings.common.limits,
     )
 
     async def close_store() -> None:

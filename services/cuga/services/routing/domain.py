@@ -28,16 +28,21 @@ from cuga.services.routing.policies import (
     StepNeed,
 )
 from cuga.services.routing.registry import WorkerRecord, WorkerRegistry
+from cuga.shared.config import Limits
 from cuga.shared.errors import FailedPreconditionError, FailureMode, InvalidArgumentError
 from cuga.shared.messages import timestamp
 from cuga.shared.metrics import POLICY, RoutingMetrics
 from cuga.shared.validation import (
+    CAPABILITY_PATTERN,
     ID_PATTERN,
-    STEP_ID_PATTERN,
     TOOL_NAME_PATTERN,
+    check_context,
     check_count,
+    check_duration,
     check_id,
-    check_length,
+    check_map,
+    check_plan_step,
+    check_request_id,
     decode_page_token,
     encode_page_token,
     page_size,
@@ -61,17 +66,12 @@ MAX_EXCLUDED = 256
 """Most ``exclude_worker_ids`` in one request."""
 MAX_BATCH_STEPS = 256
 """Most steps in one RouteBatch."""
-MAX_REQUEST_ID_CHARS = 128
-"""Longest request id."""
 MAX_PAGE_SIZE = 1000
 """Largest ListWorkers page."""
 MAX_IN_FLIGHT = 1_000_000
 """Largest in-flight count a heartbeat may report (anything above is a bug)."""
 MAX_LATENCY_S = 86_400.0
 """Largest recent latency a heartbeat may report, seconds."""
-
-CAPABILITY_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-"""Capability names: the tool SDK's token alphabet (colons allowed, ``payments:write``)."""
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+)$")
 
@@ -100,23 +100,10 @@ def _check_names(field: str, values: Sequence[str], limit: int, pattern: re.Patt
         check_id(f"{field}[{i}]", value, pattern=pattern)
 
 
-def _duration_s(field: str, value: duration_pb2.Duration, maximum: float) -> float:
-    if value.seconds < 0 or value.nanos < 0 or value.nanos >= 1_000_000_000:
-        raise InvalidArgumentError(field, "must be a non-negative duration")
-    total = value.seconds + value.nanos / 1e9
-    if total > maximum:
-        raise InvalidArgumentError(field, f"is {total:.0f} s, the limit is {maximum:.0f} s")
-    return total
-
-
 def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
-
-
-def _check_request_id(value: str) -> None:
-    check_length("request_id", value, MAX_REQUEST_ID_CHARS)
 
 
 @dataclass(frozen=True)
@@ -142,6 +129,8 @@ class PolicyBasedRoutingAuthority:
             :class:`LoadBalancedPolicy`. Instances keep state (the round-robin cursor), so
             one authority keeps the same instances for its lifetime.
         metrics: decision counters (no-op when ``None``).
+        limits: input limits (a step's input size and ``depends_on`` count); defaults when
+            ``None``.
     """
 
     def __init__(
@@ -151,8 +140,10 @@ class PolicyBasedRoutingAuthority:
         config: RoutingConfig | None = None,
         policies: Mapping[str, RoutingPolicyImpl] | None = None,
         metrics: RoutingMetrics | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._registry = registry
+        self._limits = limits or Limits()
         self._metrics = metrics or RoutingMetrics()
         self._policy_attrs = {proto: {POLICY: name} for name, proto in _POLICY_BY_NAME.items()}
         self._config = config or RoutingConfig()
@@ -197,6 +188,7 @@ class PolicyBasedRoutingAuthority:
         if not request.HasField("step"):
             raise InvalidArgumentError("step", "is required")
         self._check_step("step", request.step)
+        check_context("context", request.context)
         excluded = self._excluded(request.exclude_worker_ids)
         return self._decide(request.step, policy, excluded, {})
 
@@ -218,6 +210,7 @@ class PolicyBasedRoutingAuthority:
                     f"steps[{i}].step_id", f"duplicates steps[{seen[step.step_id]}]"
                 )
             seen[step.step_id] = i
+        check_context("context", request.context)
         excluded = self._excluded(request.exclude_worker_ids)
         # No await between the decisions: the batch sees one consistent registry and
         # no other caller's decision lands in the middle of it.
@@ -243,11 +236,13 @@ class PolicyBasedRoutingAuthority:
             )
         return impl
 
-    @staticmethod
-    def _check_step(field: str, step: common_pb2.PlanStep) -> None:
-        check_id(f"{field}.step_id", step.step_id, pattern=STEP_ID_PATTERN)
-        check_id(f"{field}.tool", step.tool, pattern=TOOL_NAME_PATTERN)
-        check_id(f"{field}.capability", step.capability, required=False, pattern=CAPABILITY_PATTERN)
+    def _check_step(self, field: str, step: common_pb2.PlanStep) -> None:
+        check_plan_step(
+            field,
+            step,
+            max_input_bytes=self._limits.max_input_bytes,
+            max_depends_on=self._limits.max_steps,
+        )
 
     @staticmethod
     def _excluded(ids: Sequence[str]) -> frozenset[str]:
@@ -310,7 +305,7 @@ class PolicyBasedRoutingAuthority:
         self, request: routing_pb2.RegisterWorkerRequest
     ) -> routing_pb2.WorkerStatus:
         """Register (or re-register) a worker; idempotent by worker id."""
-        _check_request_id(request.request_id)
+        check_request_id(request.request_id)
         if not request.HasField("worker"):
             raise InvalidArgumentError("worker", "is required")
         info = request.worker
@@ -318,12 +313,13 @@ class PolicyBasedRoutingAuthority:
         check_address("worker.address", info.address)
         _check_names("worker.tools", info.tools, MAX_TOOLS, TOOL_NAME_PATTERN)
         _check_names("worker.capabilities", info.capabilities, MAX_CAPABILITIES, CAPABILITY_PATTERN)
-        check_count("worker.labels", info.labels, MAX_LABELS)
-        for key, value in info.labels.items():
-            if not key:
-                raise InvalidArgumentError("worker.labels", "keys must not be empty")
-            check_length(f"worker.labels[{key[:40]!r}]", key, MAX_LABEL_KEY_CHARS)
-            check_length(f"worker.labels[{key[:40]!r}]", value, MAX_LABEL_VALUE_CHARS)
+        check_map(
+            "worker.labels",
+            info.labels,
+            max_entries=MAX_LABELS,
+            max_key_chars=MAX_LABEL_KEY_CHARS,
+            max_value_chars=MAX_LABEL_VALUE_CHARS,
+        )
         record = await self._registry.register(
             info.worker_id, info.address, info.tools, info.capabilities, dict(info.labels)
         )
@@ -336,13 +332,13 @@ class PolicyBasedRoutingAuthority:
             raise InvalidArgumentError(
                 "in_flight", f"is {request.in_flight}, the limit is {MAX_IN_FLIGHT}"
             )
-        latency = _duration_s("recent_latency", request.recent_latency, MAX_LATENCY_S)
+        latency = check_duration("recent_latency", request.recent_latency, MAX_LATENCY_S)
         record = self._registry.heartbeat(request.worker_id, request.in_flight, latency)
         return self.status(record)
 
     async def deregister_worker(self, request: routing_pb2.DeregisterWorkerRequest) -> bool:
         """Remove a worker; ``False`` when it was not registered (not an error)."""
-        _check_request_id(request.request_id)
+        check_request_id(request.request_id)
         check_id("worker_id", request.worker_id)
         return await self._registry.deregister(request.worker_id)
 
@@ -450,4 +446,4 @@ def _to_decision(
     )
 
 
-__all__ = ["CAPABILITY_PATTERN", "PolicyBasedRoutingAuthority", "check_address"]
+__all__ = ["PolicyBasedRoutingAuthority", "check_address"]
