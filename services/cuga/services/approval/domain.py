@@ -50,13 +50,13 @@ from cuga.shared.messages import seconds, struct_to_dict, timestamp
 from cuga.shared.metrics import OUTCOME, ApprovalMetrics
 from cuga.shared.sqldb import LISTEN_READY_S
 from cuga.shared.validation import (
-    STEP_ID_PATTERN,
     TOOL_NAME_PATTERN,
-    TRACE_ID_PATTERN,
+    check_context,
     check_count,
     check_id,
     check_length,
-    check_size,
+    check_plan_step,
+    check_request_id,
     decode_page_token,
     encode_page_token,
 )
@@ -79,7 +79,6 @@ DENIED = common_pb2.APPROVAL_STATUS_DENIED
 EXPIRED = common_pb2.APPROVAL_STATUS_EXPIRED
 DEFAULT_PROFILE = "default"
 MAX_REASON_CHARS = 1024
-MAX_USER_ID_CHARS = 256
 #: Compare-and-swap attempts of one decision or expiry before giving up with ABORTED
 #: (only ever reached under pathological contention from other replicas).
 _MAX_ATTEMPTS = 16
@@ -313,7 +312,7 @@ class ApprovalManager:
                 requester may decide the request.
             timeout: unused (local calls do not block).
         """
-        check_id("request_id", request.request_id, required=False)
+        check_request_id(request.request_id)
         self._check_context(request.context, request.HasField("context"))
         self._check_step("step", request.step, request.HasField("step"))
         ctx = request.context
@@ -344,7 +343,7 @@ class ApprovalManager:
 
         All new PENDING requests are stored in one transaction: on any error nothing is.
         """
-        check_id("request_id", request.request_id, required=False)
+        check_request_id(request.request_id)
         self._check_context(request.context, request.HasField("context"))
         check_count("steps", request.steps, self._limits.max_steps, minimum=1)
         seen: set[str] = set()
@@ -368,17 +367,17 @@ class ApprovalManager:
     def _check_context(self, ctx: common_pb2.ExecutionContext, present: bool) -> None:
         if not present:
             raise InvalidArgumentError("context", "is required (context.run_id at least)")
-        check_id("context.run_id", ctx.run_id)
-        check_id("context.profile", ctx.profile, required=False)
-        check_length("context.user_id", ctx.user_id, MAX_USER_ID_CHARS)
-        check_id("context.trace_id", ctx.trace_id, required=False, pattern=TRACE_ID_PATTERN)
+        check_context("context", ctx, run_id_required=True)
 
     def _check_step(self, field: str, step: common_pb2.PlanStep, present: bool) -> None:
         if not present:
             raise InvalidArgumentError(field, "is required")
-        check_id(f"{field}.step_id", step.step_id, pattern=STEP_ID_PATTERN)
-        check_id(f"{field}.tool", step.tool, pattern=TOOL_NAME_PATTERN)
-        check_size(f"{field}.input", step.input, self._limits.max_input_bytes)
+        check_plan_step(
+            field,
+            step,
+            max_input_bytes=self._limits.max_input_bytes,
+            max_depends_on=self._limits.max_steps,
+        )
 
     def _reload(self, stored: StoredRequest) -> ApprovalRequest:
         current = self._load(stored.request.approval_id)
@@ -576,7 +575,7 @@ class ApprovalManager:
                 "deciding an approval needs credentials (a bearer token)",
                 reason="CREDENTIALS_REQUIRED",
             )
-        check_id("request_id", request_id, required=False)
+        check_request_id(request_id)
         check_id("approval_id", approval_id)
         if verdict not in (approval_pb2.VERDICT_APPROVE, approval_pb2.VERDICT_DENY):
             raise InvalidArgumentError("verdict", "must be VERDICT_APPROVE or VERDICT_DENY")
