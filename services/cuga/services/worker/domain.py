@@ -53,12 +53,9 @@ from cuga.shared.errors import (
 )
 from cuga.shared.messages import seconds, struct_to_dict, to_value
 from cuga.shared.validation import (
-    ID_PATTERN,
-    STEP_ID_PATTERN,
-    TOOL_NAME_PATTERN,
-    check_id,
+    check_context,
     check_length,
-    check_size,
+    check_plan_step,
     check_timestamp,
     decode_page_token,
     encode_page_token,
@@ -296,11 +293,8 @@ class WorkerAgent:
         if not request.HasField("step"):
             raise InvalidArgumentError("step", "is required")
         step = request.step
-        check_id("step.step_id", step.step_id, pattern=STEP_ID_PATTERN)
-        check_id("step.tool", step.tool, pattern=TOOL_NAME_PATTERN)
-        check_id("context.run_id", request.context.run_id, required=False, pattern=ID_PATTERN)
-        check_id("context.profile", request.context.profile, required=False, pattern=ID_PATTERN)
-        check_size("step.input", step.input, self._limits.max_input_bytes)
+        check_plan_step("step", step, max_input_bytes=self._limits.max_input_bytes)
+        check_context("context", request.context)
         if request.HasField("attempt_deadline"):
             check_timestamp("attempt_deadline", request.attempt_deadline)
         # Permission before existence: a profile learns nothing about tools it may not call.
