@@ -194,6 +194,18 @@ async def test_a_process_killed_from_outside_fails_its_call(
     assert pool.busy == 0
 
 
+async def test_a_dead_zygote_is_replaced(pool: ToolProcessPool, sandbox: Path) -> None:
+    before = int(value_to_python(await _call(pool, sandbox, "quick"))["pid"])
+    [zygote] = _zygotes_of(os.getpid())
+    os.kill(zygote, signal.SIGKILL)
+    await ended(zygote, BOUND_S)
+    await ended(before, BOUND_S)  # its tool processes die with it
+    async with asyncio.timeout(BOUND_S):  # and the pool forgets them
+        await pool.wait_for(lambda c: before not in pool.pids)
+    after = int(value_to_python(await _call(pool, sandbox, "quick"))["pid"])
+    assert after != before and _zygotes_of(os.getpid()) not in ([], [zygote])
+
+
 async def test_close_kills_and_reaps_every_process(sandbox: Path) -> None:
     pool = ToolProcessPool(3, grace_s=60.0, preload=PRELOAD)
     with Gate(sandbox, "closing"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from google.protobuf import struct_pb2
@@ -52,6 +53,8 @@ class _Channel(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reply: asyncio.Future[bytes] | None = None
         self.open = True
+        self.on_lost: Callable[[], None] | None = None
+        """Called when the process's end closes (it died, or closed its socket)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not subclasses of asyncio.Transport).
@@ -86,6 +89,8 @@ class _Channel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ToolProcessFailed("its process ended during the call"))
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _fail(self, error: Exception) -> None:
         self.open = False
@@ -369,6 +374,7 @@ class ToolProcessPool(ToolRunner):
                 ) from None
         channel = _Channel(self._max_output + toolproc.ENVELOPE_BYTES)
         child = _Child(pid, channel, exited)
+        channel.on_lost = functools.partial(self._lost, child)
         self._children.add(child)
         try:
             await loop.connect_accepted_socket(lambda: channel, sock)
@@ -411,6 +417,12 @@ class ToolProcessPool(ToolRunner):
             self._kill(child)
         else:
             self._checkin(child)
+
+    def _lost(self, child: _Child) -> None:
+        """A process ended on its own: if idle, forget it now (a call it was running fails
+        and retires it)."""
+        if child.slot is None:
+            self._kill(child)
 
     def _overran(self, child: _Child) -> None:
         if child.dead:
@@ -455,6 +467,7 @@ class ToolProcessPool(ToolRunner):
             return None
         finally:
             self._children.discard(child)
+            self.changed()
 
     def _track(self, task: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._background.add(task)

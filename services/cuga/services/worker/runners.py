@@ -145,7 +145,7 @@ class _Capacity:
         return Slot(self)
 
     def changed(self) -> None:
-        """Wake :meth:`wait_for` (a slot was taken, lingers or is free)."""
+        """Wake :meth:`wait_for` (a slot was taken, lingers or is free; a process ended)."""
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
