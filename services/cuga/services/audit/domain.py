@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -53,6 +54,12 @@ log = logging.getLogger("cuga.audit")
 MAX_ACTOR_CHARS = 256
 #: Timestamps must fit the nanosecond columns (int64 ns ends in 2262).
 MAX_TIMESTAMP_S = 7_258_118_400  # 2200-01-01T00:00:00Z
+#: No record is stamped at or after this instant, so a time bound past it says no more
+#: than this one; bounds are clamped to it before they reach a backend's int64 column.
+_LAST_NS = MAX_TIMESTAMP_S * 1_000_000_000
+#: A page token's chain index is a stored int64.
+_MAX_CHAIN_INDEX = 2**63 - 1
+_CHAIN_INDEX = re.compile(r"[0-9]{1,19}")
 EXPORT_PAGE = 500
 
 
@@ -173,16 +180,16 @@ class AuditLog:
         check_timestamp(f"{field}.end_time", flt.end_time)
         start = ts_to_ns(flt.start_time) if flt.HasField("start_time") else 0
         end = ts_to_ns(flt.end_time) if flt.HasField("end_time") else 0
-        if start < 0 or end < 0:
-            raise InvalidArgumentError(f"{field}.start_time", "must not be before 1970")
         if start and end and end <= start:
             raise InvalidArgumentError(f"{field}.end_time", "must be after start_time")
+        # Records are stamped before 2200 (prepare), so an end at or past that is no
+        # bound, and a start past it matches nothing: the same answers, in int64 range.
         return RecordFilter(
             trace_id=flt.trace_id,
             run_id=flt.run_id,
             kinds=tuple(dict.fromkeys(flt.kinds)),
-            start_ns=start,
-            end_ns=end,
+            start_ns=min(start, _LAST_NS),
+            end_ns=0 if end >= _LAST_NS else end,
             profile=flt.profile,
         )
 
@@ -368,7 +375,12 @@ def _decode_position(token: str) -> tuple[str, int] | None:
     if not text:
         return None
     trace, sep, index = text.rpartition(":")
-    if not sep or not TRACE_ID_PATTERN.fullmatch(trace) or not index.isdigit():
+    if (
+        not sep
+        or not TRACE_ID_PATTERN.fullmatch(trace)
+        or not _CHAIN_INDEX.fullmatch(index)
+        or int(index) > _MAX_CHAIN_INDEX
+    ):
         raise InvalidArgumentError("page_token", "is not a token this service issued")
     return trace, int(index)
 
