@@ -27,7 +27,9 @@ from typing import Any
 
 import pytest
 
+from cuga.client import CoordinatorClient
 from cuga.common.v1 import common_pb2
+from cuga.coordinator.v1 import coordinator_pb2
 from cuga.routing.v1 import routing_pb2, routing_pb2_grpc
 from cuga.services.worker.app import build_worker
 from cuga.services.worker.domain import WorkerAgent
@@ -38,8 +40,17 @@ from cuga.shared.errors import DeadlineExceededError, FailureMode, ResourceExhau
 from cuga.shared.messages import to_struct, value_to_python
 from cuga.shared.telemetry import Telemetry
 from cuga.worker.v1 import worker_pb2
+from tests.support.faults import until
 from tests.support.process_tools import PROCESS_TOOLS, Gate, ended
-from tests.support.servers import CoordinatorWorkerClient, running_service, with_address
+from tests.support.servers import (
+    CoordinatorWorkerClient,
+    as_identity,
+    builders,
+    make_settings,
+    running_cluster,
+    running_service,
+    with_address,
+)
 
 #: The worker's capacity for synchronous calls.
 SLOTS = 4
@@ -234,3 +245,59 @@ async def test_a_retry_of_a_killed_call_runs_the_tool_again(settings: Settings) 
                 assert info.value.failure_mode is FailureMode.RESOURCE
                 assert info.value.metadata.get("replayed") is None
             assert gate.calls() == 2
+
+
+async def test_the_coordinator_sends_a_step_a_full_worker_refused_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """A WORKER_SATURATED refusal sends the step to another worker at once, even under
+    FAIL_FAST (the step did not run): the run completes."""
+    settings = make_settings(
+        tmp_path / "data", env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests]"}
+    )
+    build = {**builders(), "worker": functools.partial(build_worker, tools=PROCESS_TOOLS)}
+    workers = [
+        {"worker_id": "worker-1", "tool_processes": 1},
+        {"worker_id": "worker-2", "tool_processes": SLOTS},
+    ]
+    async with (
+        running_cluster(settings, workers=workers, build=build) as cluster,
+        asyncio.timeout(90),
+    ):
+        sandbox = cluster.settings.common.data_dir / "sandbox"
+        with Gate(sandbox, "full") as gate:
+            # worker-1's only slot is taken by a call that waits at a closed gate.
+            async with CoordinatorWorkerClient(cluster.address("worker")) as one:
+                holder = asyncio.ensure_future(
+                    one.execute_step(_req("wait_at_gate", "hold/1", gate="full"), timeout=60)
+                )
+
+                async def holding() -> bool:
+                    return gate.calls() == 1
+
+                await until(holding, timeout_s=30, what="the call to hold worker-1's slot")
+                request = coordinator_pb2.OrchestrateRequest(
+                    goal="four quick steps",
+                    steps=[
+                        common_pb2.PlanStep(step_id=f"q{i}", tool="quick", input=to_struct({}))
+                        for i in range(4)
+                    ],
+                    error_strategy=common_pb2.ERROR_PROPAGATION_FAIL_FAST,
+                    routing_policy=common_pb2.ROUTING_POLICY_ROUND_ROBIN,
+                )
+                async with CoordinatorClient(
+                    cluster.address("coordinator"), metadata=as_identity("client")
+                ) as client:
+                    events = [r.event async for r in client.orchestrate(request)]
+                gate.open()
+                await holder
+        assert events[-1].stage == common_pb2.LIFECYCLE_STAGE_COMPLETE, events[-1]
+        routes: dict[str, list[str]] = {}
+        for event in events:
+            if event.stage == common_pb2.LIFECYCLE_STAGE_ROUTE:
+                routes.setdefault(event.step_id, []).append(event.decision.target.worker_id)
+        moved = [targets for targets in routes.values() if len(targets) > 1]
+        assert moved, f"no step was refused by the full worker: {routes}"
+        assert all(t[0] == "worker-1" and t[-1] == "worker-2" for t in moved), routes
+        results = [e.step_result for e in events if e.HasField("step_result")]
+        assert {r.worker_id for r in results} == {"worker-2"}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,6 @@ _STOP = frozenset(
         "with",
     ]
 )
-# Appends from different steps may run in parallel threads; one lock keeps counts exact.
-_APPEND_LOCK = threading.Lock()
 
 
 def sandboxed(context: ToolContext, relative: str) -> Path:
@@ -104,11 +102,14 @@ def _summarize_text(inputs: dict[str, Any], context: ToolContext) -> dict[str, A
 def _append_line(inputs: dict[str, Any], context: ToolContext) -> dict[str, Any]:
     path = sandboxed(context, inputs["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _APPEND_LOCK:
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(inputs["line"] + "\n")
-        with path.open(encoding="utf-8") as fh:
-            count = sum(1 for _ in fh)
+    # Appends from different steps run in parallel tool processes (or workers sharing the
+    # sandbox): an exclusive lock on the file itself keeps the count exact.
+    with path.open("a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(inputs["line"] + "\n")
+        fh.flush()
+        fh.seek(0)
+        count = sum(1 for _ in fh)
     return {"path": inputs["path"], "lines": count}
 
 

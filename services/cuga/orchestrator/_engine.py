@@ -1601,6 +1601,15 @@ class CoordinatorAgent:
                         defer=True,
                     )
                     return
+            if error.reason == "WORKER_SATURATED" and attempt <= MAX_SATURATED_REROUTES:
+                # Refused unrun (every slot of that worker is busy): whatever the strategy,
+                # the step goes to another worker at once; with none, the refusal stands.
+                excluded.append(target.worker_id)
+                rerouted = await self._reroute(r, step, excluded)
+                if rerouted is not None:
+                    target = rerouted.target
+                    self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=rerouted)
+                    continue
             action = self.handle_error(
                 error, strategy, attempt=attempt, max_attempts=policy.max_attempts
             )
@@ -1613,29 +1622,51 @@ class CoordinatorAgent:
                 )
                 raise _StepFailed(sid, error)
             await self._pause_before_retry(r, sid, error, attempt, policy)
-            if error.failure_mode is FailureMode.SYSTEM or error.code.name == "DEADLINE_EXCEEDED":
-                # The worker may be gone, or cut off from the network (a partition shows
-                # as a call that hangs until its deadline): ask routing again, without it.
+            if (
+                error.failure_mode is FailureMode.SYSTEM
+                or error.code.name == "DEADLINE_EXCEEDED"
+                or error.reason == "WORKER_SATURATED"
+            ):
+                # The worker may be gone, cut off from the network (a partition shows as a
+                # call that hangs until its deadline) or full: ask routing again, without it.
                 excluded.append(target.worker_id)
-                try:
-                    decisions = await self.routing.route_batch(
-                        routing_pb2.RouteBatchRequest(
-                            steps=[step],
-                            context=r.context,
-                            policy=r.request.routing_policy,
-                            exclude_worker_ids=excluded,
-                        ),
-                        timeout=self._remaining_capped(r.context, "routing"),
-                    )
-                except FailedPreconditionError:
+                elsewhere = await self._reroute(r, step, excluded)
+                if elsewhere is None:
                     excluded.clear()  # no other worker: try the same one again
                     continue
-                except CugaError as exc:
-                    if not exc.failure_mode.retryable:
-                        raise
-                    continue  # routing itself is unreachable: try the same worker again
-                target = decisions[0].target
-                self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decisions[0])
+                target = elsewhere.target
+                self._emit(r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=elsewhere)
+
+    async def _reroute(
+        self, r: _Run, step: common_pb2.PlanStep, excluded: list[str]
+    ) -> common_pb2.RoutingDecision | None:
+        """Another worker for ``step``, without the ``excluded`` ones; None when there is
+        none or routing cannot be reached (the caller tries the same worker again).
+
+        Raises:
+            CugaError: routing refused for good (not retryable).
+        """
+        try:
+            decisions = await self.routing.route_batch(
+                routing_pb2.RouteBatchRequest(
+                    steps=[step],
+                    context=r.context,
+                    policy=r.request.routing_policy,
+                    exclude_worker_ids=excluded,
+                ),
+                timeout=self._remaining_capped(r.context, "routing"),
+            )
+        except FailedPreconditionError:
+            return None
+        except CugaError as exc:
+            if not exc.failure_mode.retryable:
+                raise
+            return None
+        return decisions[0]
+
+
+#: Most times one step is sent to another worker because the one it went to was full.
+MAX_SATURATED_REROUTES = 8
 
 
 def _policy_name(policy: int) -> str:
