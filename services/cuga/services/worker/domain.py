@@ -51,6 +51,7 @@ from cuga.shared.errors import (
     classify_failure,
     from_rpc_error,
 )
+from cuga.shared.files import private_dir
 from cuga.shared.messages import seconds, struct_to_dict, to_value
 from cuga.shared.validation import (
     check_context,
@@ -190,7 +191,7 @@ class WorkerAgent:
         self._store = store
         self.worker_id = worker_id
         self._sandbox = sandbox_dir
-        self._sandbox.mkdir(parents=True, exist_ok=True)
+        private_dir(self._sandbox)  # owner-only, whatever the umask
         self._policy = policy or ToolPolicy()
         self._limits = limits or WorkerLimits()
         self._clock: Clock = clock or SystemClock()
