@@ -17,6 +17,7 @@ decision, no worker, no execution).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import math
@@ -33,7 +34,7 @@ from google.protobuf.message import Message
 
 from cuga.approval.v1 import approval_pb2
 from cuga.audit.v1 import audit_pb2
-from cuga.client import ApprovalClient, CoordinatorClient, PlanningClient
+from cuga.client import ApprovalClient, AuditClient, CoordinatorClient, PlanningClient
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.planning.v1 import planning_pb2
@@ -262,7 +263,12 @@ def _transfer() -> S.PlanStep:
         step_id="pay",
         tool="transfer_funds",
         input=to_struct(
-            {"from_account": "DE00A", "to_account": "FR00B", "amount": 5, "currency": "EUR"}
+            {
+                "from_account": "DE00TEST0001",
+                "to_account": "FR00TEST0002",
+                "amount": 5,
+                "currency": "EUR",
+            }
         ),
     )
 
@@ -539,6 +545,49 @@ def test_the_table_covers_every_rpc_that_takes_a_shared_message() -> None:
             if takes and (service, method.name) not in covered:
                 missing.append(f"{service}.{method.name}")
     assert not missing, missing
+
+
+@MODULE_LOOP
+async def test_a_run_with_the_longest_run_id_the_contract_allows_completes(world: World) -> None:
+    """The ids the coordinator derives from a run id (planning's and approval's request ids,
+    audit record ids) fit their own limits even when the run id takes all 128 characters."""
+    run_id = "r" * 128
+    request = coordinator_pb2.OrchestrateRequest(
+        goal="pay", steps=[_transfer()], context=S.ExecutionContext(run_id=run_id)
+    )
+    async with CoordinatorClient(
+        world.cluster.address("coordinator"), metadata=as_identity("client")
+    ) as client:
+        stages = []
+        async for response in client.orchestrate(request):
+            event = response.event
+            stages.append(event.stage)
+            if event.HasField("approval") and event.approval.status == S.APPROVAL_STATUS_PENDING:
+                async with ApprovalClient(
+                    world.cluster.address("approval"), metadata=as_identity("reviewer")
+                ) as reviewer:
+                    await reviewer.submit_decision(
+                        approval_pb2.SubmitDecisionRequest(
+                            approval_id=event.approval.approval_id,
+                            verdict=approval_pb2.VERDICT_APPROVE,
+                            reason="ok",
+                        )
+                    )
+    assert stages[-1] == S.LIFECYCLE_STAGE_COMPLETE, stages
+    assert S.LIFECYCLE_STAGE_APPROVAL in stages
+    async with AuditClient(
+        world.cluster.address("audit"), metadata=as_identity("auditor")
+    ) as audit:
+        for _ in range(100):
+            page = await audit.query(
+                audit_pb2.QueryRequest(filter=audit_pb2.RecordFilter(run_id=run_id))
+            )
+            kinds = {r.kind for r in page.records}
+            if {"run_started", "approval_requested", "run_outcome"} <= kinds:
+                break
+            await asyncio.sleep(0.1)
+    assert {"run_started", "approval_requested", "run_outcome"} <= kinds, kinds
+    assert all(len(r.record_id) <= len("coordinator/") + 128 for r in page.records)
 
 
 @MODULE_LOOP

@@ -25,6 +25,7 @@ from cuga.shared.validation import (
     check_plan_step,
     check_request_id,
     check_retry_policy,
+    derived_id,
 )
 
 ID_CHARS = st.sampled_from("abcXYZ019._:-")
@@ -149,3 +150,14 @@ def test_partial_result_as_the_coordinator_writes_it_is_accepted() -> None:
     _refused(
         lambda: check_partial_result("partial", partial), "partial.recovery_plan[0].depends_on[1]"
     )
+
+
+@given(parts=st.lists(st.text(ID_CHARS, min_size=1, max_size=128), min_size=1, max_size=4))
+def test_derived_ids_fit_the_id_limit_and_are_stable(parts: list[str]) -> None:
+    derived = derived_id(*parts)
+    check_request_id(derived)
+    assert derived == derived_id(*parts)
+    joined = ":".join(parts)
+    assert derived == joined if len(joined) <= 128 else len(derived) == 128
+    if len(joined) > 128:
+        assert derived != derived_id(*parts, "x")

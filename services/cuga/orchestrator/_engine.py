@@ -76,6 +76,7 @@ from cuga.shared.validation import (
     check_request_id,
     check_retry_policy,
     decode_page_token,
+    derived_id,
     encode_page_token,
     page_size,
 )
@@ -273,7 +274,8 @@ class _PendingAudit:
     event: common_pb2.OrchestrationEvent
 
     def record(self) -> audit_pb2.AuditRecord:
-        """The record; its id ``<run>/e<seq>`` makes a resend idempotent."""
+        """The record; its id ``<run>/e<seq>`` (:func:`derived_id`) makes a resend
+        idempotent."""
         event = self.event
         actor = "cuga-coordinator"
         if self.kind == "approval_decided" and event.approval.decided_by:
@@ -281,7 +283,7 @@ class _PendingAudit:
         elif self.kind == "run_started" and event.context.user_id:
             actor = event.context.user_id  # the requester (its payload names any delegate)
         record = audit_pb2.AuditRecord(
-            record_id=f"{self.run_id}/e{event.seq}",
+            record_id=derived_id(self.run_id, f"e{event.seq}", sep="/"),
             trace_id=self.trace_id,
             run_id=self.run_id,
             profile=self.profile,
@@ -537,7 +539,7 @@ class CoordinatorAgent:
             ):
                 plan = await self.planning.create_plan(
                     planning_pb2.CreatePlanRequest(
-                        request_id=f"{run_id}:plan",
+                        request_id=derived_id(run_id, "plan"),
                         goal=request.goal,
                         context=ctx,
                         budget=request.budget if request.HasField("budget") else None,
@@ -1109,7 +1111,7 @@ class CoordinatorAgent:
         try:
             await self.planning.transition_plan(
                 planning_pb2.TransitionPlanRequest(
-                    request_id=f"{r.run_id}:{common_pb2.PlanState.Name(state)}:{r.seq}",
+                    request_id=derived_id(r.run_id, common_pb2.PlanState.Name(state), str(r.seq)),
                     plan_id=plan_id,
                     to_state=state,  # type: ignore[arg-type]
                     reason=reason[:1024],
@@ -1330,7 +1332,7 @@ class CoordinatorAgent:
         ):
             requests = await self.approval.request_approval_batch(
                 approval_pb2.RequestApprovalBatchRequest(
-                    request_id=f"{r.run_id}:approvals:{steps[0].step_id}",
+                    request_id=derived_id(r.run_id, "approvals", steps[0].step_id),
                     steps=steps,
                     context=r.context,
                     sensitive_tools=sorted(sensitive),

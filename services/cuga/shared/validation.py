@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -144,6 +145,20 @@ def check_request_id(value: str, field: str = "request_id") -> None:
     """An idempotency key: empty (no deduplication) or at most 128 characters of
     ``[A-Za-z0-9._:-]``."""
     check_id(field, value, required=False)
+
+
+def derived_id(*parts: str, sep: str = ":", max_chars: int = 128) -> str:
+    """An id a service builds from others (``<run_id>:plan``) that still fits the id limit.
+
+    The parts joined by ``sep``; when that is longer than ``max_chars`` (a run id may
+    itself take all 128), its first characters, a dot and its SHA-256 in hex, exactly
+    ``max_chars`` long. The same parts always give the same id, so it stays an
+    idempotency key.
+    """
+    key = sep.join(parts)
+    if len(key) <= max_chars:
+        return key
+    return f"{key[: max_chars - 65]}.{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def check_enum(field: str, value: int, enum_type: EnumTypeWrapper) -> None:
@@ -339,6 +354,7 @@ __all__ = [
     "check_size",
     "check_timestamp",
     "decode_page_token",
+    "derived_id",
     "encode_page_token",
     "page_size",
     "require",

@@ -45,6 +45,7 @@ from cuga.shared.validation import (
     check_size,
     check_timestamp,
     decode_page_token,
+    derived_id,
     encode_page_token,
     page_size,
 )
@@ -322,7 +323,9 @@ class AuditLog:
         self, plan: common_pb2.Plan, context: common_pb2.ExecutionContext, *, actor: str = ""
     ) -> audit_pb2.AuditRecord:
         """Record a plan (record id ``<run_id>/plan/<plan_id>``)."""
-        record = _context_record(context, "plan", f"{context.run_id}/plan/{plan.plan_id}", actor)
+        record = _context_record(
+            context, "plan", derived_id(context.run_id, "plan", plan.plan_id, sep="/"), actor
+        )
         record.payload.update({"plan": json_format.MessageToDict(plan)})
         return (await self.record(record))[0]
 
@@ -335,7 +338,10 @@ class AuditLog:
     ) -> audit_pb2.AuditRecord:
         """Record a routing decision (record id ``<run_id>/route/<decision_id>``)."""
         record = _context_record(
-            context, "routing_decision", f"{context.run_id}/route/{decision.decision_id}", actor
+            context,
+            "routing_decision",
+            derived_id(context.run_id, "route", decision.decision_id, sep="/"),
+            actor,
         )
         record.payload.update({"decision": json_format.MessageToDict(decision)})
         return (await self.record(record))[0]
