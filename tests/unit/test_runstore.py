@@ -14,6 +14,7 @@ import pytest
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import PostgresRunStore, RunStore, SQLiteRunStore, open_run_store
+from cuga.orchestrator._runstore import request_key
 from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.shared.config import ConfigError, build_dataclass
 from cuga.shared.errors import FailedPreconditionError
@@ -83,8 +84,14 @@ def test_run_round_trips(opener: Opener) -> None:
     run = create(store, "r1")
     assert store.get_run("r1") == run
     assert store.get_run("nope") is None
-    assert store.run_for_request("req-r1") == "r1"
-    assert store.run_for_request("req-other") is None
+    # Stored under its key scoped to requester and profile, never the bare request id.
+    key = request_key(store.get_request("r1"))
+    assert key is not None and key != "req-r1"
+    assert store.run_for_request(key) == "r1"
+    assert store.run_for_request("req-r1") is None
+    other = coordinator_pb2.OrchestrateRequest(request_id="req-r1")
+    other.context.user_id = "someone-else"
+    assert store.run_for_request(request_key(other) or "") is None
     assert store.get_request("r1").goal == run.goal
     assert store.trace_context("r1") == f"{'a' * 32}:{'b' * 16}"
     assert store.trace_context("nope") == ""
