@@ -13,12 +13,15 @@ import grpc
 import pytest
 
 from cuga.cli.tls import KeyPair, issue, make_ca, write_pair
-from cuga.client import RoutingClient
+from cuga.client import RoutingClient, WorkerClient
+from cuga.common.v1 import common_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.services.routing.app import build
 from cuga.shared.auth import AuthConfig, CertIdentity, TlsConfig
 from cuga.shared.config import Settings
 from cuga.shared.errors import CugaError, PermissionDeniedError, UnauthenticatedError
+from cuga.shared.messages import to_struct, value_to_python
+from cuga.worker.v1 import worker_pb2
 from tests.support.servers import running_service
 
 
@@ -52,7 +55,7 @@ def pki(tmp_path: Path) -> Pki:
     folder = tmp_path / "pki"
     folder.mkdir()
     ca = _ca(folder, "ca")
-    for cn in ("routing", "worker-7", "stranger", "reviewer-cert"):
+    for cn in ("routing", "worker-7", "stranger", "reviewer-cert", "coordinator-cert", "worker"):
         _issue(folder, cn, ca)
     rogue = _ca(folder, "rogue-ca")
     _issue(folder, "impostor", rogue)  # signed by a CA the server does not trust
@@ -146,3 +149,47 @@ class _NoContext:
 
     def time_remaining(self) -> None:
         return None
+
+
+async def test_certificates_alone_run_steps_with_no_grant_needed(
+    settings: Settings, pki: Pki
+) -> None:
+    """Mutual TLS without signing keys: a coordinator identified by its certificate runs
+    steps (a certificate cannot be replayed by the callee, so no grant is needed); a
+    certificate without the coordinator role cannot, nor can a token without a grant."""
+    from cuga.services.worker.app import build as build_worker
+
+    identities = {
+        "coordinator-cert": CertIdentity(roles=("coordinator",)),
+        "worker-7": CertIdentity(roles=("worker",), worker_ids=("worker-1",)),
+    }
+    worker_settings = settings.with_overrides(
+        auth=AuthConfig(enabled=True, audit_denials=False),
+        tls=pki.tls("worker", identities=identities),
+    )
+    worker_settings = dataclasses.replace(
+        worker_settings, sections={"worker": {"register_with_routing": False}}
+    )
+    step = worker_pb2.ExecuteStepRequest(
+        step=common_pb2.PlanStep(step_id="s1", tool="echo", input=to_struct({"a": 1})),
+        context=common_pb2.ExecutionContext(run_id="r1"),
+        idempotency_key="r1/s1",
+        attempt=1,
+    )
+    async with running_service("worker", build_worker, worker_settings) as worker:
+        address = f"localhost:{worker.port}"
+        async with _worker_client(address, pki, "coordinator-cert") as coordinator:
+            result = (await coordinator.execute_step(step)).result
+            assert value_to_python(result.output) == {"a": 1}
+        async with _worker_client(address, pki, "worker-7") as other:
+            with pytest.raises(PermissionDeniedError):
+                await other.execute_step(step)
+
+
+def _worker_client(address: str, pki: Pki, cn: str) -> WorkerClient:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(pki.folder / "ca.pem").read_bytes(),
+        private_key=(pki.folder / f"{cn}.key").read_bytes(),
+        certificate_chain=(pki.folder / f"{cn}.pem").read_bytes(),
+    )
+    return WorkerClient(address, credentials=credentials)

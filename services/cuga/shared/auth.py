@@ -93,6 +93,9 @@ class Identity:
     profiles: tuple[str, ...] = ()
     worker_ids: tuple[str, ...] = ()
     """Worker ids (shell-style globs) this identity may register and heartbeat."""
+    by_certificate: bool = False
+    """Authenticated by its mutual-TLS client certificate (bound to the TLS session, so
+    nothing the callee receives can be presented again), not by a token."""
 
     def has_role(self, role: str) -> bool:
         """Whether the identity holds ``role``."""
@@ -688,7 +691,10 @@ class StepGrantCheck:
         return cls(config.verifier(frozenset({audience}), clock), config.signer_entries(), audience)
 
     def check(self, request: Any) -> None:
-        """Refuse ``request`` (an ``ExecuteStepRequest``) unless its grant covers it.
+        """Refuse ``request`` (an ``ExecuteStepRequest``) unless its grant covers it, or
+        the call itself comes from a coordinator identified by its client certificate
+        (mutual TLS without signing keys: a certificate cannot be replayed by a callee,
+        so there is no token to bind to the step).
 
         Raises:
             UnauthenticatedError: no grant, or one that is malformed, forged, expired or for
@@ -697,6 +703,14 @@ class StepGrantCheck:
                 that may not run steps (STEP_NOT_GRANTED).
         """
         grant = request.grant
+        caller = current_identity()
+        if (
+            not grant
+            and caller is not None
+            and caller.by_certificate
+            and caller.has_role(ROLE_COORDINATOR)
+        ):
+            return
         if not grant:
             raise UnauthenticatedError(
                 "a step needs a grant signed by the coordinator for this worker and this"
@@ -840,7 +854,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             cn = names[0].decode("utf-8", "replace")
             entry = self._certs.get(cn)
             if entry is not None:
-                return Identity(cn, tuple(entry.roles), tuple(entry.profiles), entry.worker_ids)
+                return Identity(
+                    cn, tuple(entry.roles), tuple(entry.profiles), entry.worker_ids, True
+                )
             if self._enabled:
                 raise UnauthenticatedError(
                     f"client certificate {cn!r} is not mapped to an identity",
