@@ -19,7 +19,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.client import AuditClient
 from cuga.shared.auth import AUTHORIZATION_MATRIX, allowed_roles
 from cuga.shared.config import GRPC_SERVICE_NAMES
-from cuga.shared.errors import from_rpc_error
+from tests.support.rpc import code_and_reason, raw_call
 from tests.support.servers import (
     TEST_IDENTITIES,
     Cluster,
@@ -117,25 +117,8 @@ async def _status(
     channel: grpc.aio.Channel, service: str, rpc: str, metadata: Any
 ) -> tuple[grpc.StatusCode, str]:
     """Call ``rpc`` with an empty request; the status code and the ErrorInfo reason."""
-    from google.protobuf import descriptor_pool
-
-    desc = descriptor_pool.Default().FindServiceByName(GRPC_SERVICE_NAMES[service])
-    method = desc.methods_by_name[rpc]
-    path = f"/{desc.full_name}/{rpc}"
-    kind = channel.unary_stream if method.server_streaming else channel.unary_unary
-    call: Any = kind(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    try:
-        if method.server_streaming:
-            stream = call(b"", timeout=5, metadata=metadata)
-            async for _ in stream:
-                break
-            stream.cancel()
-        else:
-            await call(b"", timeout=5, metadata=metadata)
-    except grpc.aio.AioRpcError as exc:
-        error = from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata())
-        return exc.code(), error.reason
-    return grpc.StatusCode.OK, ""
+    path = f"/{GRPC_SERVICE_NAMES[service]}/{rpc}"
+    return code_and_reason(await raw_call(channel, path, b"", metadata, timeout=5))
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool
 
 from cuga.cli.tls import ensure_local_tls
 from cuga.cli.up import cluster
@@ -49,12 +48,13 @@ from cuga.services.worker.config import WorkerConfig
 from cuga.shared.auth import TlsConfig
 from cuga.shared.bootstrap import RunningServer
 from cuga.shared.config import GRPC_SERVICE_NAMES, SERVICE_NAMES, load_settings
-from cuga.shared.errors import CugaError, from_rpc_error
+from cuga.shared.errors import CugaError
 from cuga.shared.messages import to_struct
 from cuga.shared.signing import ServiceSigner, load_private_key, unb64url
 from cuga.tools import to_proto
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.support.ports import free_ports
+from tests.support.rpc import code_and_reason, raw_call, rpc_paths
 from tests.support.servers import (
     as_identity,
     as_service,
@@ -177,24 +177,9 @@ async def _status(
     deployment: Deployment, address: str, method: str, request: bytes, authorization: str
 ) -> tuple[grpc.StatusCode, str]:
     """Call ``method`` (``/pkg.Service/Rpc``) with raw request bytes and one credential."""
-    service, rpc = method.strip("/").split("/")
-    desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[rpc]
-    metadata = (("authorization", authorization),)
     async with deployment.channel(address) as channel:
-        kind = channel.unary_stream if desc.server_streaming else channel.unary_unary
-        call: Any = kind(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        try:
-            if desc.server_streaming:
-                stream = call(request, timeout=10, metadata=metadata)
-                async for _ in stream:
-                    break
-                stream.cancel()
-            else:
-                await call(request, timeout=10, metadata=metadata)
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata())
-            return exc.code(), error.reason
-    return grpc.StatusCode.OK, ""
+        error = await raw_call(channel, method, request, (("authorization", authorization),))
+    return code_and_reason(error)
 
 
 def _count_step(key: str, name: str) -> worker_pb2.ExecuteStepRequest:
@@ -322,13 +307,11 @@ async def _attack(d: Deployment, rogue: RogueWorker, rogue_address: str) -> None
 
     # 1. Every captured credential, at every RPC of every other service: refused.
     for service in ("coordinator", "planning", "routing", "audit", "approval"):
-        desc = descriptor_pool.Default().FindServiceByName(GRPC_SERVICE_NAMES[service])
-        for rpc in desc.methods:
-            method = f"/{desc.full_name}/{rpc.name}"
+        for method in rpc_paths(GRPC_SERVICE_NAMES[service]):
             for credential in captured:
                 code, _ = await _status(d, d.address(service), method, b"", credential)
                 if code not in REFUSED:
-                    wrong.append(f"{service}.{rpc.name} took a captured credential: {code.name}")
+                    wrong.append(f"{method} took a captured credential: {code.name}")
     # 2. The real worker: a new step with a captured call token runs nothing...
     for i, credential in enumerate(captured):
         for request in (_transfer(f"r-stolen/pay-{i}"), _count_step(f"r-stolen/c-{i}", "stolen")):

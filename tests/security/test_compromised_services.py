@@ -22,7 +22,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool
 
 from cuga.approval.v1 import approval_pb2
 from cuga.client import ApprovalClient, CoordinatorClient
@@ -31,9 +30,9 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.auth import allowed_roles
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.config import GRPC_SERVICE_NAMES, SERVICE_NAMES, Settings
-from cuga.shared.errors import from_rpc_error
 from cuga.shared.messages import to_struct
 from cuga.shared.telemetry import Telemetry
+from tests.support.rpc import code_and_reason, raw_call, rpc_paths
 from tests.support.servers import (
     TEST_SIGNERS,
     Cluster,
@@ -50,28 +49,14 @@ NEXT_LAYER = {"STEP_GRANT_REQUIRED"}
 AUDIENCE = {name: name for name in SERVICE_NAMES} | {"worker": "worker:worker-1"}
 
 
-def _rpcs(service: str) -> list[tuple[str, bool]]:
-    desc = descriptor_pool.Default().FindServiceByName(GRPC_SERVICE_NAMES[service])
-    return [(f"/{desc.full_name}/{m.name}", m.server_streaming) for m in desc.methods]
+def _rpcs(service: str) -> list[str]:
+    return rpc_paths(GRPC_SERVICE_NAMES[service])
 
 
 async def _call(
-    channel: grpc.aio.Channel, method: str, streaming: bool, metadata: Any
+    channel: grpc.aio.Channel, method: str, metadata: Any
 ) -> tuple[grpc.StatusCode, str]:
-    kind = channel.unary_stream if streaming else channel.unary_unary
-    call: Any = kind(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    try:
-        if streaming:
-            stream = call(b"", timeout=10, metadata=metadata)
-            async for _ in stream:
-                break
-            stream.cancel()
-        else:
-            await call(b"", timeout=10, metadata=metadata)
-    except grpc.aio.AioRpcError as exc:
-        error = from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata())
-        return exc.code(), error.reason
-    return grpc.StatusCode.OK, ""
+    return code_and_reason(await raw_call(channel, method, b"", metadata))
 
 
 class Capture(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -133,7 +118,7 @@ async def _a_real_run(cluster: Cluster) -> None:
                 )
         assert last is not None and last.stage == S.LIFECYCLE_STAGE_COMPLETE
     async with grpc.aio.insecure_channel(cluster.address("routing")) as channel:
-        code, _ = await _call(channel, "/cuga.routing.v1.RoutingService/ListWorkers", False, ())
+        code, _ = await _call(channel, "/cuga.routing.v1.RoutingService/ListWorkers", ())
         assert code is grpc.StatusCode.UNAUTHENTICATED  # a refusal travels to audit too
     for server in cluster.servers.values():
         assert await server.flush_denials(timeout=10)
@@ -158,13 +143,9 @@ async def test_what_a_service_receives_opens_no_other_service(
                 continue
             async with grpc.aio.insecure_channel(cluster.address(target)) as channel:
                 calls = [
-                    (
-                        credential,
-                        method,
-                        _call(channel, method, streaming, (("authorization", credential),)),
-                    )
+                    (credential, method, _call(channel, method, (("authorization", credential),)))
                     for credential in credentials
-                    for method, streaming in _rpcs(target)
+                    for method in _rpcs(target)
                 ]
                 results = await asyncio.gather(*(c for _, _, c in calls))
             for (credential, method, _), (code, _) in zip(calls, results, strict=True):
@@ -187,8 +168,8 @@ async def test_a_service_key_opens_only_its_own_rows(
     for target in SERVICE_NAMES:
         metadata = signed_as(identity, AUDIENCE[target])
         async with grpc.aio.insecure_channel(cluster.address(target)) as channel:
-            for method, streaming in _rpcs(target):
-                code, reason = await _call(channel, method, streaming, metadata)
+            for method in _rpcs(target):
+                code, reason = await _call(channel, method, metadata)
                 allowed = bool(allowed_roles(method) & roles)
                 if allowed and code in REFUSED and reason not in NEXT_LAYER:
                     wrong.append(f"{identity} refused at {method}: {code.name} {reason}")

@@ -40,10 +40,11 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.config import GRPC_SERVICE_NAMES
-from cuga.shared.errors import CugaError, InvalidArgumentError, from_rpc_error
+from cuga.shared.errors import CugaError, InvalidArgumentError
 from cuga.shared.messages import to_struct
 from cuga.shared.validation import MAX_TIMESTAMP_SECONDS
 from cuga.worker.v1 import worker_pb2
+from tests.support.rpc import raw_call
 from tests.support.servers import (
     Cluster,
     as_identity,
@@ -408,22 +409,8 @@ async def _call(
     channel: grpc.aio.Channel, service: str, rpc: str, request: Message, metadata: Any
 ) -> CugaError | None:
     """Make the call; the error it answered, or None when it was accepted."""
-    desc = descriptor_pool.Default().FindServiceByName(GRPC_SERVICE_NAMES[service])
-    method = desc.methods_by_name[rpc]
-    path = f"/{desc.full_name}/{rpc}"
-    kind = channel.unary_stream if method.server_streaming else channel.unary_unary
-    call: Any = kind(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    try:
-        if method.server_streaming:
-            stream = call(request.SerializeToString(), timeout=10, metadata=metadata)
-            async for _ in stream:
-                break
-            stream.cancel()
-        else:
-            await call(request.SerializeToString(), timeout=10, metadata=metadata)
-    except grpc.aio.AioRpcError as exc:
-        return from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata())
-    return None
+    path = f"/{GRPC_SERVICE_NAMES[service]}/{rpc}"
+    return await raw_call(channel, path, request.SerializeToString(), metadata)
 
 
 async def _events(
