@@ -55,6 +55,18 @@ EXECUTE_STEPS_METHOD = f"/{GRPC_SERVICE_NAMES['worker']}/ExecuteSteps"
 T = TypeVar("T")
 
 
+def yaml_problem(source: str, exc: yaml.YAMLError) -> str:
+    """A YAML error as ``<source> line L column C: <problem>``: PyYAML's own text names
+    ``"<unicode string>"`` when it parsed a string, not the file it came from."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = exc.problem or "invalid YAML"
+        if exc.context:
+            what = f"{exc.context}: {what}"
+        return f"{source} line {mark.line + 1} column {mark.column + 1}: {what}"
+    return f"{source}: {exc}"
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
 
@@ -293,7 +305,7 @@ def load_settings(
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError("config", f"{path} is not valid YAML: {exc}") from exc
+            raise ConfigError("config", f"not valid YAML: {yaml_problem(str(path), exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("config", f"{path} must hold a mapping at the top level")
         raw = dict(loaded or {})
@@ -322,7 +334,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(".".join(parts), f"${var} is not a valid value: {exc}") from exc
+            raise ConfigError(
+                ".".join(parts), f"not a valid value: {yaml_problem('$' + var, exc)}"
+            ) from None
         node = raw
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -423,4 +437,5 @@ __all__ = [
     "TransportRetry",
     "build_dataclass",
     "load_settings",
+    "yaml_problem",
 ]

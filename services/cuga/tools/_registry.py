@@ -145,8 +145,8 @@ class ToolRegistry:
                 raise ToolLoadError(f"{source}: malformed, expected 'package.module:attribute'")
             if not in_namespaces(module, allowed):
                 raise ToolLoadError(
-                    f"{source}: module {module!r} is outside the allowlisted namespaces "
-                    f"({', '.join(allowed) or 'none'})"
+                    f"{source}{_package_of(ep)}: module {module!r} is outside the allowlisted"
+                    f" namespaces ({', '.join(allowed) or 'none'}). {_allow_hint(module, allowed)}"
                 )
             try:
                 obj: Any = ep.load()
@@ -170,6 +170,22 @@ class ToolRegistry:
                 self.register(spec, source=source)
                 loaded.append(spec.name)
         return loaded
+
+
+def _package_of(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f" of package {dist.name!r}" if dist is not None else ""
+
+
+def _allow_hint(module: str, allowed: Sequence[str]) -> str:
+    """The exact setting that lets a tool package's module load (the worker's allowlist)."""
+    namespaces = [*allowed, module.split(".")[0]]
+    return (
+        f"To run its tools, add {module.split('.')[0]!r} to worker.tool_allowlist: in the"
+        f" config file `worker: {{tool_allowlist: [{', '.join(namespaces)}]}}`, or"
+        f" CUGA_WORKER__TOOL_ALLOWLIST={','.join(namespaces)}; to leave it out, uninstall"
+        " the package (docs/tools/creating-tools.md)."
+    )
 
 
 def to_proto(spec: ToolSpec) -> common_pb2.ToolSpec:

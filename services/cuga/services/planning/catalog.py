@@ -11,7 +11,7 @@ import yaml
 from google.protobuf import json_format
 
 from cuga.common.v1 import common_pb2
-from cuga.shared.config import ConfigError
+from cuga.shared.config import ConfigError, yaml_problem
 
 
 @runtime_checkable
@@ -88,7 +88,7 @@ def load_tool_specs_file(
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(key, f"{path} is not valid YAML/JSON: {exc}") from None
+        raise ConfigError(key, f"not valid YAML/JSON: {yaml_problem(str(path), exc)}") from None
     return parse_tool_specs(data, key)
 
 
