@@ -40,7 +40,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
     "routing": {
         "Route": COORDINATOR_ONLY,
         "RouteBatch": COORDINATOR_ONLY,
-        "ListWorkers": {"coordinator", "planning"},
+        "ListWorkers": {"coordinator", "planning", "operator"},
         "RegisterWorker": {"worker"},
         "Heartbeat": {"worker"},
         "DeregisterWorker": {"worker"},
@@ -56,7 +56,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
     "worker": {
         "ExecuteStep": COORDINATOR_ONLY,
         "ExecuteSteps": COORDINATOR_ONLY,
-        "ListTools": {"coordinator", "planning"},
+        "ListTools": {"coordinator", "planning", "operator"},
     },
     "audit": {
         # Every service may record (its own access_denied refusals).
@@ -79,6 +79,7 @@ CALLERS = (
     "worker",
     "reviewer",
     "auditor",
+    "operator",
     "nobody",
 )
 REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}

@@ -11,6 +11,8 @@ import pytest
 
 from cuga.approval.v1 import approval_pb2
 from cuga.cli import approvals
+from cuga.cli._output import ExitCode
+from cuga.cli.main import invoke
 from cuga.client import ApprovalClient
 from cuga.common.v1 import common_pb2 as S
 from cuga.shared.auth import bearer_metadata
@@ -35,8 +37,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 async def run(settings: Settings, *argv: str) -> int:
     args = parse(*argv)
-    code: int = await args.handler(args, settings)
-    return code
+    return await invoke(args, settings)
 
 
 async def test_list_and_approve_with_token_from_env(
@@ -69,12 +70,14 @@ async def test_deny_with_token_flag_and_errors(
     h, settings = env
     monkeypatch.delenv(approvals.TOKEN_ENV, raising=False)
     req = (await h["coord"].request_approval(ask())).request
-    # No credentials: one clear line on stderr, exit code 1, nothing changed.
-    assert await run(settings, "deny", req.approval_id, "--reason", "no") == 1
+    # No credentials: one clear line on stderr, exit code 4 (a failed call), nothing changed.
+    assert await run(settings, "deny", req.approval_id, "--reason", "no") == ExitCode.CALL_ERROR
     assert "UNAUTHENTICATED" in capsys.readouterr().err
-    assert await run(settings, "approve", req.approval_id, "--token", "t-nobody") == 1
+    refused = await run(settings, "approve", req.approval_id, "--token", "t-nobody")
+    assert refused == ExitCode.CALL_ERROR
     assert "PERMISSION_DENIED" in capsys.readouterr().err
-    assert await run(settings, "show", "apr_missing", "--token", "t-rob") == 1
+    missing = await run(settings, "show", "apr_missing", "--token", "t-rob")
+    assert missing == ExitCode.CALL_ERROR
     assert "NOT_FOUND" in capsys.readouterr().err
     assert (
         await run(

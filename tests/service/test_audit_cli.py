@@ -10,6 +10,8 @@ import pytest
 
 from cuga.audit.v1 import audit_pb2
 from cuga.cli import audit as audit_cli
+from cuga.cli._output import ExitCode
+from cuga.cli.main import invoke
 from cuga.client import AuditClient
 from cuga.services.audit.app import build
 from tests.support.servers import (
@@ -48,7 +50,7 @@ async def test_query_export_verify(
         await client.close()
 
         args = parse(["audit", "query", "--trace-id", TRACE, "--json"])
-        assert await args.handler(args, settings) == 0
+        assert await invoke(args, settings) == 0
         lines = capsys.readouterr().out.splitlines()
         assert [json.loads(line)["record_id"] for line in lines] == [
             "tester/r0",
@@ -58,17 +60,18 @@ async def test_query_export_verify(
 
         out = tmp_path / "export.jsonl"
         args = parse(["audit", "export", "--kind", "plan", "-o", str(out)])
-        assert await args.handler(args, settings) == 0
+        assert await invoke(args, settings) == 0
         assert len(out.read_text().splitlines()) == 3
 
         args = parse(["audit", "verify", TRACE, "--json"])
-        assert await args.handler(args, settings) == 0
+        assert await invoke(args, settings) == 0
         assert json.loads(capsys.readouterr().out)["ok"] is True
 
+        # A failed call is exit code 4 with the status; a bad option value is a usage error.
         args = parse(["audit", "verify", "0" * 32])
-        assert await args.handler(args, settings) == 1
-        assert "no audit records" in capsys.readouterr().err
+        assert await invoke(args, settings) == ExitCode.CALL_ERROR
+        assert "NOT_FOUND: no audit records" in capsys.readouterr().err
 
         args = parse(["audit", "query", "--since", "yesterday"])
-        assert await args.handler(args, settings) == 1
+        assert await invoke(args, settings) == ExitCode.USAGE
         assert "--since" in capsys.readouterr().err

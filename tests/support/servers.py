@@ -20,6 +20,7 @@ from cuga.shared.auth import (
     ROLE_CLIENT,
     ROLE_COORDINATOR,
     ROLE_DELEGATE,
+    ROLE_OPERATOR,
     ROLE_PLANNER,
     ROLE_REVIEWER,
     ROLE_SERVICE,
@@ -55,6 +56,7 @@ TEST_IDENTITIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "client": ((ROLE_CLIENT,), ()),
     "reviewer": ((ROLE_REVIEWER,), ()),
     "auditor": ((ROLE_AUDITOR,), ()),
+    "operator": ((ROLE_OPERATOR,), ()),
     "nobody": ((), ()),
     # Every role at once: existing tests that act as several parties through one client.
     "tester": (ROLES, ()),

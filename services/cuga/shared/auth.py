@@ -383,7 +383,8 @@ def _is_digest(value: str) -> bool:
 
 
 def _load_tokens_file(path: Path) -> tuple[dict[str, TokenEntry], dict[str, SignerEntry]]:
-    from cuga.shared.config import ConfigError, build_dataclass  # config imports this module
+    # config imports this module
+    from cuga.shared.config import ConfigError, build_dataclass, yaml_problem
 
     key = "auth.tokens_file"
     try:
@@ -391,7 +392,7 @@ def _load_tokens_file(path: Path) -> tuple[dict[str, TokenEntry], dict[str, Sign
     except OSError as exc:
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(key, f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(key, f"not valid YAML: {yaml_problem(str(path), exc)}") from None
     if (
         not isinstance(loaded, dict)
         or not isinstance(loaded.get("tokens", {}), dict)
@@ -519,6 +520,9 @@ ROLE_REVIEWER = "reviewer"
 """A person deciding approvals."""
 ROLE_AUDITOR = "auditor"
 """A person (or tool) reading and verifying the audit trail."""
+ROLE_OPERATOR = "operator"
+"""A person running the deployment: lists the registered workers and a worker's tools
+(``cuga workers``, ``cuga tools``)."""
 ROLE_SERVICE = "service"
 """Any of the six services: may append audit records (its ``access_denied`` refusals)."""
 ROLE_DELEGATE = "delegate"
@@ -531,6 +535,7 @@ ROLES = (
     ROLE_WORKER,
     ROLE_REVIEWER,
     ROLE_AUDITOR,
+    ROLE_OPERATOR,
     ROLE_SERVICE,
     ROLE_DELEGATE,
 )
@@ -571,6 +576,7 @@ AUTHORIZATION_MATRIX: tuple[Grant, ...] = (
         "the coordinator asks where each step runs",
     ),
     Grant(_ROUTING, ("ListWorkers",), (ROLE_PLANNER,), "planning reads the worker registry"),
+    Grant(_ROUTING, ("ListWorkers",), (ROLE_OPERATOR,), "operators list the workers"),
     Grant(
         _ROUTING,
         ("RegisterWorker", "Heartbeat", "DeregisterWorker"),
@@ -591,6 +597,7 @@ AUTHORIZATION_MATRIX: tuple[Grant, ...] = (
     ),
     Grant(_WORKER, ("*",), (ROLE_COORDINATOR,), "the coordinator executes steps"),
     Grant(_WORKER, ("ListTools",), (ROLE_PLANNER,), "planning reads the tool catalogue"),
+    Grant(_WORKER, ("ListTools",), (ROLE_OPERATOR,), "operators list a worker's tools"),
     Grant(
         _AUDIT,
         ("Record", "RecordBatch"),

@@ -11,19 +11,16 @@ import datetime
 import uuid
 
 from google.protobuf import timestamp_pb2
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cuga.approval.v1 import approval_pb2
-from cuga.cli._output import json_line
+from cuga.cli._output import json_line, out
 from cuga.cli.tokens import TOKEN_ENV, cli_token
-from cuga.client import ApprovalClient, CugaError
+from cuga.client import ApprovalClient
 from cuga.common.v1 import common_pb2
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
-
-console = Console()
-err = Console(stderr=True)
 
 
 def _status(value: int) -> str:
@@ -48,16 +45,12 @@ def _client(args: argparse.Namespace, settings: Settings) -> ApprovalClient:
     )
 
 
-def _fail(exc: CugaError) -> int:
-    err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}", highlight=False)
-    return 1
-
-
 def _print_json(request: approval_pb2.ApprovalRequest) -> None:
     json_line(request)
 
 
 def _print_one(request: approval_pb2.ApprovalRequest) -> None:
+    console = out()
     console.print(
         f"[bold]{request.approval_id}[/bold]  {_status(request.status)}  "
         f"run {request.run_id} step {request.step_id} tool {request.tool}",
@@ -73,7 +66,8 @@ def _print_one(request: approval_pb2.ApprovalRequest) -> None:
     for d in request.decisions:
         verdict = approval_pb2.Verdict.Name(d.verdict).removeprefix("VERDICT_").lower()
         console.print(
-            f"  {verdict} by {d.reviewer} at {_when(d.decided_at)}: {d.reason}", highlight=False
+            f"  {verdict} by {d.reviewer} at {_when(d.decided_at)}: {escape(d.reason)}",
+            highlight=False,
         )
 
 
@@ -85,13 +79,16 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
                 profile=args.profile, page_size=args.limit, page_token=args.page_token
             )
         )
-    except CugaError as exc:
-        return _fail(exc)
     finally:
         await client.close()
     if args.json:
         for request in page.requests:
             _print_json(request)
+        return 0
+    console = out()
+    if args.quiet:
+        for request in page.requests:
+            console.print(request.approval_id, highlight=False)
         return 0
     table = Table(title="Pending approvals")
     # Ids are what a reviewer copies into `approve`: never shorten them.
@@ -122,8 +119,6 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         response = await client.get_request(
             approval_pb2.GetRequestRequest(approval_id=args.approval_id)
         )
-    except CugaError as exc:
-        return _fail(exc)
     finally:
         await client.close()
     (_print_json if args.json else _print_one)(response.request)
@@ -141,8 +136,6 @@ async def _decide(args: argparse.Namespace, settings: Settings, verdict: int) ->
     client = _client(args, settings)
     try:
         response = await client.submit_decision(request)
-    except CugaError as exc:
-        return _fail(exc)
     finally:
         await client.close()
     (_print_json if args.json else _print_one)(response.request)
@@ -171,6 +164,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--profile", default="", help="only this profile")
     p.add_argument("--limit", type=int, default=100, help="page size (1 to 1000)")
     p.add_argument("--page-token", default="", help="next page token of a previous listing")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="only the ids, one per line (for scripts)"
+    )
     p.set_defaults(handler=_list)
 
     p = sub.add_parser("show", parents=[common], help="one request and its decisions")

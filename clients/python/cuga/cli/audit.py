@@ -13,12 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cuga.audit.v1 import audit_pb2
-from cuga.cli._output import json_line
+from cuga.cli._output import ConfigProblem, UsageError, json_line
 from cuga.cli.tokens import cli_token
 from cuga.client import AuditClient
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
-from cuga.shared.errors import CugaError
 from cuga.shared.files import open_private
 
 
@@ -101,9 +100,9 @@ async def query_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         flt = _filter(args)
     except ValueError as exc:
-        return _fail(str(exc))
+        raise UsageError(str(exc)) from None
     if args.limit < 1:
-        return _fail("--limit: must be at least 1")
+        raise UsageError("--limit: must be at least 1")
     out = Console(soft_wrap=True)
     table = Table("trace", "#", "time", "kind", "run", "actor", "record id")
     shown = 0
@@ -133,8 +132,6 @@ async def query_command(args: argparse.Namespace, settings: Settings) -> int:
             token = resp.next_page_token
             if not token:
                 break
-    except CugaError as exc:
-        return _fail(exc.message)
     finally:
         await client.close()
     if not args.json:
@@ -149,7 +146,7 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         flt = _filter(args)
     except ValueError as exc:
-        return _fail(str(exc))
+        raise UsageError(str(exc)) from None
     client = _client(settings)
     target: IO[str] = sys.stdout
     try:
@@ -160,10 +157,10 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
         async for line in client.export(audit_pb2.ExportRequest(filter=flt)):
             target.write(line.json_line + "\n")
             count += 1
-    except CugaError as exc:
-        return _fail(exc.message)
     except OSError as exc:
-        return _fail(f"--output: cannot write {args.output}: {exc.strerror}")
+        if not args.output:
+            raise  # stdout closed by its reader (`| head`): cuga.cli.main ends quietly
+        raise ConfigProblem(f"--output: cannot write {args.output}: {exc.strerror}") from None
     finally:
         await client.close()
         if target is not sys.stdout:
@@ -178,8 +175,6 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(settings)
     try:
         result = await client.verify(audit_pb2.VerifyRequest(trace_id=args.trace_id))
-    except CugaError as exc:
-        return _fail(exc.message)
     finally:
         await client.close()
     out = Console(soft_wrap=True)

@@ -1,51 +1,301 @@
-"""The ``cuga`` command: serve services, run them all, start and follow runs."""
+"""The ``cuga`` command: serve services, run them all, start and follow runs.
+
+The conventions every command inherits live here and in :mod:`cuga.cli._output`:
+the exit codes (:class:`~cuga.cli._output.ExitCode`), one line per error on stderr (a JSON
+object with ``--json``; the traceback only with ``--debug``), ``--json``, ``--config``,
+``--data-dir`` and ``--debug`` accepted before or after the command, no wrapped lines when
+stdout is not a terminal, a quiet exit when a reader closes stdout (``| head``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
-from rich.console import Console
+from rich.markup import escape
 
 from cuga.shared import grpc_env
 
 grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
 
-from cuga.cli import approvals, audit, runs, tls, tokens, up  # noqa: E402
+from cuga.cli import (  # noqa: E402
+    approvals,
+    audit,
+    catalog,
+    completion,
+    runs,
+    tls,
+    tokens,
+    up,
+)
+from cuga.cli._output import (  # noqa: E402
+    UNWRAPPED_WIDTH,
+    CommandError,
+    ExitCode,
+    err,
+)
 from cuga.shared.bootstrap import run  # noqa: E402
-from cuga.shared.config import ConfigError, load_settings  # noqa: E402
+from cuga.shared.config import ConfigError, Settings, load_settings  # noqa: E402
+from cuga.shared.errors import CugaError  # noqa: E402
+from cuga.tools import ToolDefinitionError  # noqa: E402
 
-err = Console(stderr=True)
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+#: Which local person each command group calls as (for "where the token came from").
+IDENTITY_OF: Mapping[str, str] = {
+    "approvals": "reviewer",
+    "audit": "auditor",
+    "tools": "operator",
+    "workers": "operator",
+}
+
+EXIT_CODES_HELP = """exit codes:
+  0    done; run/watch/resume: the run is COMPLETE
+  1    the run FAILED (audit verify: the chain is broken; up: a service exited)
+  2    usage error (unknown command or option, bad argument)
+  3    the run was CANCELLED
+  4    a call failed (service unreachable, refused, or it answered an error)
+  5    configuration or environment error (bad config, port in use, tool refused)
+  6    internal error (--debug prints the traceback)
+  130  interrupted (Ctrl-C)
+  141  stdout closed by its reader (| head)
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cuga-orchestrator")
+    except importlib.metadata.PackageNotFoundError:  # a source tree without metadata
+        return "unknown"
+
+
+def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes, before or after its name (``cuga --debug runs``
+    or ``cuga runs --debug``); after it, they only override what was given before it."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--config", default=default, help="configuration file (default: $CUGA_CONFIG)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=default,
+        help="data directory: SQLite files and the local tokens (default: $CUGA_DATA_DIR,"
+        " else ./.cuga); the CLI and `cuga up` must use the same one",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print the traceback of an unexpected error",
+    )
+
+
+def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every command parser that runs something (``cuga approvals list``, ``cuga runs``)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+        return
+    seen: set[int] = set()
+    for action in subs:
+        for child in action.choices.values():
+            if id(child) not in seen:  # aliases share a parser
+                seen.add(id(child))
+                yield from _leaves(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(
-        prog="cuga", description="Orchestrate tool-using agents over gRPC services."
+        prog="cuga",
+        description="Orchestrate tool-using agents over gRPC services.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="configuration file (default: $CUGA_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"cuga {_version()}")
+    _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (up, runs, audit, approvals, tokens, tls):
+    for module in (up, runs, catalog, approvals, audit, tokens, tls, completion):
         module.register(sub)
+    for leaf in _leaves(parser):
+        if leaf is parser:
+            continue
+        _add_common(leaf, suppress=True)
+        if "--json" not in leaf._option_string_actions:
+            leaf.add_argument(
+                "--json",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="JSON output: one object per line",
+            )
     return parser
+
+
+def _hint(exc: CugaError, args: argparse.Namespace, settings: Settings | None) -> str:
+    """What to do about a failed call, where the CLI can tell."""
+    code = exc.code.name
+    if code == "UNAUTHENTICATED" and settings is not None:
+        identity = IDENTITY_OF.get(args.command, "client")
+        if args.command == "approvals" and getattr(args, "token", ""):
+            return "the token given with --token is not known to the services"
+        _, source = tokens.find_token(settings.common.data_dir, identity)
+        if source.startswith("no token"):
+            return (
+                f"{source}; start the services with `cuga up` (it makes the tokens) with the"
+                " same --data-dir, or set $CUGA_TOKEN"
+            )
+        return (
+            f"the token sent came from {source}; the services know other tokens: is the"
+            " cluster running from another data directory (--data-dir / $CUGA_DATA_DIR)?"
+        )
+    if code == "UNAVAILABLE":
+        return "is the cluster running (`cuga up` in another terminal, or `make up`)?"
+    if exc.reason == "NO_MATCHING_TOOL":
+        return (
+            "no installed tool fits the goal: list them with `cuga tools`, or give the steps"
+            " with --plan FILE (README, 'A plan file')"
+        )
+    return ""
+
+
+def _report(
+    message: str,
+    code: ExitCode,
+    *,
+    as_json: bool,
+    hint: str = "",
+    status: str = "",
+) -> int:
+    if as_json:
+        data = {"error": message, "exit_code": int(code)}
+        if status:
+            data["status"] = status
+        if hint:
+            data["hint"] = hint
+        sys.stderr.write(json.dumps(data, sort_keys=True) + "\n")
+    else:
+        console = err()
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        if hint:
+            console.print(f"hint: {hint}", highlight=False, markup=False)
+    return int(code)
+
+
+async def invoke(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a parsed command; turn what it raises into an exit code and one line on stderr.
+
+    Tests call this with parsed arguments to get the same exit codes as the ``cuga``
+    script.
+    """
+    as_json = bool(getattr(args, "json", False))
+    handler: Handler = args.handler
+    try:
+        return int(await handler(args, settings))
+    except CommandError as exc:
+        return _report(exc.message, exc.code, as_json=as_json, hint=exc.hint)
+    except CugaError as exc:
+        return _report(
+            f"{exc.code.name}: {exc.message}",
+            ExitCode.CALL_ERROR,
+            as_json=as_json,
+            hint=_hint(exc, args, settings),
+            status=exc.code.name,
+        )
+    except (ConfigError, ToolDefinitionError) as exc:
+        return _report(str(exc), ExitCode.CONFIG, as_json=as_json)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    check_sections(settings)
+    return settings
+
+
+def check_sections(settings: Settings) -> None:
+    """Build every service's section, so a bad key fails every command, not only the
+    service that reads it (``worker: {tool_alowlist: ...}`` stops ``cuga runs`` too).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    from cuga.services.approval.config import ApprovalConfig
+    from cuga.services.audit.config import AuditConfig
+    from cuga.services.coordinator.config import CoordinatorConfig
+    from cuga.services.planning.config import PlanningConfig
+    from cuga.services.routing.config import RoutingConfig
+    from cuga.services.worker.config import WorkerConfig
+
+    sections: Mapping[str, type[Any]] = {
+        "coordinator": CoordinatorConfig,
+        "planning": PlanningConfig,
+        "routing": RoutingConfig,
+        "audit": AuditConfig,
+        "approval": ApprovalConfig,
+        "worker": WorkerConfig,
+    }
+    for name, cls in sections.items():
+        settings.section(cls, name)
+
+
+@contextlib.contextmanager
+def _unwrapped_when_piped() -> Iterator[None]:
+    """Consoles made anywhere (``rich`` reads ``COLUMNS``) fold no line when stdout is not
+    a terminal: ids and trace ids stay whole for the reader and for scripts."""
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        yield
+        return
+    os.environ["COLUMNS"] = str(UNWRAPPED_WIDTH)
+    try:
+        yield
+    finally:
+        os.environ.pop("COLUMNS", None)
+
+
+def _stdout_closed() -> int:
+    # The reader went away (`cuga runs --json | head -1`): say nothing, and point stdout
+    # at /dev/null so the interpreter's final flush does not fail again.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return int(ExitCode.PIPE_CLOSED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cuga`` script."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # exits 2 on a usage error (argparse)
+    as_json = bool(getattr(args, "json", False))
+    if args.data_dir:
+        # Here and for every process a command starts (`cuga up`'s services, the demo's
+        # reviewer), so they all use one data directory.
+        os.environ["CUGA_DATA_DIR"] = args.data_dir
     try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 2
-    try:
-        # A served service runs on the configured loop; the other commands are clients
-        # (some spawn processes: on uvloop its fork trips gRPC's fork handlers' warning).
-        loop = settings.common.event_loop if args.command == "serve" else "asyncio"
-        return int(run(args.handler(args, settings), loop))
+        with _unwrapped_when_piped():
+            try:
+                settings = _settings(args)
+            except ConfigError as exc:
+                return _report(str(exc), ExitCode.CONFIG, as_json=as_json)
+            # A served service runs on the configured loop; the other commands are
+            # clients (some spawn processes: on uvloop its fork trips gRPC's fork
+            # handlers' warning).
+            loop = settings.common.event_loop if args.command == "serve" else "asyncio"
+            return run(invoke(args, settings), loop)
     except KeyboardInterrupt:
-        return 130
+        return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        return _stdout_closed()
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        hint = "" if args.debug else "run again with --debug for the traceback"
+        return _report(message, ExitCode.INTERNAL, as_json=as_json, hint=hint)
 
 
 if __name__ == "__main__":

@@ -6,25 +6,24 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from google.protobuf import json_format
-from rich.console import Console
+from rich.markup import escape
 
-from cuga.cli._output import json_line
+from cuga.cli._output import CommandError, ExitCode, UsageError, err, json_line, out, plain
 from cuga.cli.tokens import cli_token
-from cuga.client import CoordinatorClient, CugaError
+from cuga.client import CoordinatorClient
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.auth import bearer_metadata
-from cuga.shared.config import Settings
-
-console = Console()
-err = Console(stderr=True)
+from cuga.shared.config import Settings, yaml_problem
 
 _STRATEGIES = {
     "fail_fast": common_pb2.ERROR_PROPAGATION_FAIL_FAST,
@@ -72,9 +71,23 @@ _PENDING = common_pb2.APPROVAL_STATUS_PENDING
 
 
 def load_plan(path: str) -> tuple[list[common_pb2.PlanStep], common_pb2.ToolBudget | None]:
-    """Steps (and budget) from a YAML or JSON plan file: ``{steps: [...], budget: {...}}``."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    return parse_plan(data, path)
+    """Steps (and budget) from a YAML or JSON plan file: ``{steps: [...], budget: {...}}``.
+
+    Raises:
+        UsageError: the file cannot be read or is not a plan (naming the file and line).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--plan: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--plan: not valid YAML: {yaml_problem(path, exc)}") from None
+    try:
+        return parse_plan(data, path)
+    except ValueError as exc:
+        raise UsageError(f"--plan: {exc}") from None
 
 
 def parse_plan(
@@ -101,7 +114,10 @@ def parse_plan(
     budget = None
     if data.get("budget") is not None:
         budget = common_pb2.ToolBudget()
-        json_format.ParseDict(data["budget"], budget)
+        try:
+            json_format.ParseDict(data["budget"], budget)
+        except json_format.ParseError as exc:
+            raise ValueError(f"{where}: budget: {exc}") from None
     return steps, budget
 
 
@@ -113,9 +129,9 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
     if kind == "decision":
         return event.decision.reasoning or f"-> {event.decision.target.worker_id}"
     if kind == "step_result":
-        out = json.dumps(json_format.MessageToDict(event.step_result.output))
+        out_ = json.dumps(plain(json_format.MessageToDict(event.step_result.output)))
         replay = " (replayed)" if event.step_result.replayed else ""
-        return f"ok on {event.step_result.worker_id}{replay}: {out[:100]}"
+        return f"ok on {event.step_result.worker_id}{replay}: {out_[:100]}"
     if kind == "approval":
         a = event.approval
         who = f" by {a.decided_by}" if a.decided_by else ""
@@ -143,15 +159,36 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
     return ""
 
 
+#: Stages ``cuga watch --until`` can stop at (the terminal ones end a watch anyway).
+UNTIL_STAGES = ("PLAN", "ROUTE", "APPROVAL", "EXECUTE", "RETRY", "AGGREGATE")
+#: Exit code of each terminal stage.
+TERMINAL_CODES = {
+    "COMPLETE": ExitCode.OK,
+    "FAILED": ExitCode.FAILED,
+    "CANCELLED": ExitCode.CANCELLED,
+}
+
+
 async def render(
     events: AsyncIterator[common_pb2.OrchestrationEvent],
     *,
     as_json: bool,
     on_event: OnEvent | None = None,
+    until: str = "",
 ) -> int:
-    """Print events as they arrive; the exit code follows the terminal stage."""
-    code = 1
+    """Print events as they arrive; the exit code follows the terminal stage.
+
+    With ``until`` (a stage name), stop with 0 at the first event of that stage (the run
+    goes on); a run that ends first gives its terminal stage's code.
+
+    Raises:
+        CommandError: the stream ended before the run did (exit code 4), naming the
+            command that re-attaches.
+    """
+    console = out()
+    last: common_pb2.OrchestrationEvent | None = None
     async for event in events:
+        last = event
         stage = common_pb2.LifecycleStage.Name(event.stage)[16:]
         if as_json:
             json_line(event)
@@ -160,16 +197,22 @@ async def render(
             step = f" {event.step_id}" if event.step_id else ""
             console.print(
                 f"[dim]#{event.seq:<3}[/dim] [{style}]{stage:<10}[/{style}]"
-                f"[bold]{step}[/bold] {describe(event)}",
+                f"[bold]{escape(step)}[/bold] {escape(describe(event))}",
                 highlight=False,
             )
         if on_event is not None:
             await on_event(event)
-        if stage == "COMPLETE":
-            code = 0
-        elif stage in ("FAILED", "CANCELLED"):
-            code = 1 if stage == "FAILED" else 2
-    return code
+        if stage in TERMINAL_CODES:
+            return int(TERMINAL_CODES[stage])
+        if stage == until:
+            return int(ExitCode.OK)
+    if last is None:
+        raise CommandError("the stream ended before the first event", ExitCode.CALL_ERROR)
+    raise CommandError(
+        f"the stream ended at event #{last.seq}, before the run finished",
+        ExitCode.CALL_ERROR,
+        hint=f"re-attach with: cuga watch {last.run_id} --after {last.seq}",
+    )
 
 
 async def _events(stream: AsyncIterator[Any]) -> AsyncIterator[common_pb2.OrchestrationEvent]:
@@ -188,6 +231,26 @@ def _client(settings: Settings) -> CoordinatorClient:
     )
 
 
+def _request(
+    goal: str,
+    steps: list[common_pb2.PlanStep],
+    budget: common_pb2.ToolBudget | None,
+    strategy: str,
+    context: common_pb2.ExecutionContext | None = None,
+) -> coordinator_pb2.OrchestrateRequest:
+    request = coordinator_pb2.OrchestrateRequest(
+        # One id per invocation: a transport retry of this call re-attaches, never a 2nd run.
+        request_id=f"cli-{uuid.uuid4().hex}",
+        goal=goal,
+        steps=steps,
+        error_strategy=_STRATEGIES[strategy],
+        context=context,
+    )
+    if budget is not None:
+        request.budget.CopyFrom(budget)
+    return request
+
+
 async def start_run(
     settings: Settings,
     goal: str,
@@ -199,30 +262,66 @@ async def start_run(
     context: common_pb2.ExecutionContext | None = None,
     on_event: OnEvent | None = None,
 ) -> int:
-    """Orchestrate a goal and render its events."""
-    request = coordinator_pb2.OrchestrateRequest(
-        goal=goal, steps=steps, error_strategy=_STRATEGIES[strategy], context=context
-    )
-    if budget is not None:
-        request.budget.CopyFrom(budget)
+    """Orchestrate a goal and render its events; the exit code follows its end.
+
+    Raises:
+        CugaError: the coordinator refused the run or the stream failed.
+    """
+    request = _request(goal, steps, budget, strategy, context)
     async with _client(settings) as client:
-        try:
-            return await render(
-                _events(client.orchestrate(request)), as_json=as_json, on_event=on_event
-            )
-        except CugaError as exc:
-            err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}")
-            return 1
+        return await render(
+            _events(client.orchestrate(request)), as_json=as_json, on_event=on_event
+        )
+
+
+async def detach_run(
+    settings: Settings,
+    goal: str,
+    steps: list[common_pb2.PlanStep],
+    budget: common_pb2.ToolBudget | None,
+    *,
+    strategy: str = "fail_fast",
+    as_json: bool = False,
+) -> int:
+    """Start a run, print its id once the coordinator has it, and leave it running.
+
+    Dropping the stream cancels nothing (the coordinator drives the run); ``cuga watch``
+    follows it later.
+    """
+    request = _request(goal, steps, budget, strategy)
+    async with _client(settings) as client:
+        stream = client.orchestrate(request)
+        async for response in stream:
+            event = response.event
+            if as_json:
+                json_line({"run_id": event.run_id, "trace_id": event.trace_id})
+            else:
+                sys.stdout.write(event.run_id + "\n")
+                sys.stdout.flush()
+                err().print(
+                    f"run {event.run_id} started (trace {event.trace_id}); follow it with:"
+                    f" cuga watch {event.run_id}",
+                    highlight=False,
+                )
+            return 0
+    raise CommandError(
+        "the coordinator ended the stream before the run started", ExitCode.CALL_ERROR
+    )
 
 
 async def demo_run(
-    settings: Settings, *, reviewer_token: str, env: Mapping[str, str] | None = None
+    settings: Settings,
+    *,
+    reviewer_token: str,
+    env: Mapping[str, str] | None = None,
+    as_json: bool = False,
 ) -> int:
     """The sample orchestration ``cuga demo`` runs: it pauses for approval, and a reviewer
     approves it from the CLI (a process whose environment adds ``env``: the
     ``CUGA_TLS__*`` variables of ``cuga demo --tls``)."""
     steps, budget = parse_plan(DEMO_PLAN, "demo plan")
-    console.print(f"[bold]goal:[/bold] {DEMO_GOAL}")
+    console = err() if as_json else out()
+    console.print(f"[bold]goal:[/bold] {escape(DEMO_GOAL)}")
 
     async def approve(event: common_pb2.OrchestrationEvent) -> None:
         if not (event.HasField("approval") and event.approval.status == _PENDING):
@@ -235,7 +334,12 @@ async def demo_run(
             "--reason",
             "demo reviewer checked the amount",
         ]
-        console.print(f"[magenta]$ CUGA_TOKEN=<demo-reviewer token> {' '.join(command)}[/magenta]")
+        # Printed the way a person can paste it into a shell.
+        console.print(
+            f"[magenta]$ CUGA_TOKEN=$(cat {shlex.quote(str(_reviewer_file(settings)))})"
+            f" {escape(shlex.join(command))}[/magenta]",
+            highlight=False,
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -243,20 +347,26 @@ async def demo_run(
             *command[1:],
             env={**os.environ, **(env or {}), "CUGA_TOKEN": reviewer_token},
             stdin=asyncio.subprocess.DEVNULL,
+            # Its answer is part of the story, not of the run's JSON events.
+            stdout=asyncio.subprocess.DEVNULL if as_json else None,
         )
         if await proc.wait() != 0:
-            err.print("[red]the demo reviewer could not approve[/red]")
+            err().print("[red]the demo reviewer could not approve[/red]")
 
     # The requester is the caller: the coordinator sets user_id from the client's token.
-    return await start_run(settings, DEMO_GOAL, steps, budget, on_event=approve)
+    return await start_run(settings, DEMO_GOAL, steps, budget, on_event=approve, as_json=as_json)
+
+
+def _reviewer_file(settings: Settings) -> Path:
+    return settings.common.data_dir / "tokens" / "demo-reviewer.token"
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        steps, budget = load_plan(args.plan) if args.plan else ([], None)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 1
+    steps, budget = load_plan(args.plan) if args.plan else ([], None)
+    if args.detach:
+        return await detach_run(
+            settings, args.goal, steps, budget, strategy=args.strategy, as_json=args.json
+        )
     return await start_run(
         settings, args.goal, steps, budget, strategy=args.strategy, as_json=args.json
     )
@@ -264,81 +374,122 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _watch(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
-        try:
-            stream = client.watch(
-                coordinator_pb2.WatchRequest(run_id=args.run_id, after_seq=args.after)
-            )
-            return await render(_events(stream), as_json=args.json)
-        except CugaError as exc:
-            err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}")
-            return 1
+        stream = client.watch(
+            coordinator_pb2.WatchRequest(run_id=args.run_id, after_seq=args.after)
+        )
+        return await render(_events(stream), as_json=args.json, until=args.until or "")
 
 
 async def _resume(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
-        try:
-            stream = client.resume(coordinator_pb2.ResumeRequest(run_id=args.run_id))
-            return await render(_events(stream), as_json=args.json)
-        except CugaError as exc:
-            err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}")
-            return 1
+        stream = client.resume(
+            coordinator_pb2.ResumeRequest(run_id=args.run_id, request_id=f"cli-{uuid.uuid4().hex}")
+        )
+        return await render(_events(stream), as_json=args.json)
+
+
+def _state(run: coordinator_pb2.Run) -> str:
+    return coordinator_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
 
 
 async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
-        try:
-            page = await client.list_runs(coordinator_pb2.ListRunsRequest(page_size=args.limit))
-        except CugaError as exc:
-            err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}")
-            return 1
+        page = await client.list_runs(coordinator_pb2.ListRunsRequest(page_size=args.limit))
+    console = out()
     for run in page.runs:
         if args.json:
             json_line(run)
         else:
-            state = coordinator_pb2.RunState.Name(run.state)[10:]
             console.print(
-                f"{run.run_id}  {state:<11} {run.completed_steps}/{run.total_steps}"
-                f"  {run.goal[:60]}",
+                f"{run.run_id}  {_state(run):<11} {run.completed_steps}/{run.total_steps}"
+                f"  {escape(run.goal[:60])}",
                 highlight=False,
             )
     return 0
 
 
+#: Fields ``cuga status --field`` prints alone (for scripts: ``$(cuga status R --field trace_id)``).
+STATUS_FIELDS = ("run_id", "trace_id", "state", "plan_id", "goal", "error")
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    async with _client(settings) as client:
+        run = (await client.get_run(coordinator_pb2.GetRunRequest(run_id=args.run_id))).run
+    if args.field:
+        value = _state(run) if args.field == "state" else str(getattr(run, args.field))
+        if args.json:
+            json_line({args.field: value})
+        else:
+            sys.stdout.write(value + "\n")
+        return 0
+    if args.json:
+        json_line(run)
+        return 0
+    console = out()
+    console.print(f"[bold]{run.run_id}[/bold]  {_state(run)}", highlight=False)
+    console.print(f"  goal   {escape(run.goal)}", highlight=False)
+    console.print(f"  trace  {run.trace_id}   (cuga audit verify {run.trace_id})", highlight=False)
+    console.print(
+        f"  steps  {run.completed_steps}/{run.total_steps} completed, last event #{run.last_seq}",
+        highlight=False,
+    )
+    if run.error:
+        console.print(f"  error  {escape(run.error)}", highlight=False)
+    return 0
+
+
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
-        try:
-            resp = await client.cancel_run(
-                coordinator_pb2.CancelRunRequest(run_id=args.run_id, reason=args.reason)
+        resp = await client.cancel_run(
+            coordinator_pb2.CancelRunRequest(
+                run_id=args.run_id, reason=args.reason, request_id=f"cli-{uuid.uuid4().hex}"
             )
-        except CugaError as exc:
-            err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}")
-            return 1
-    console.print(f"{resp.run.run_id}: {coordinator_pb2.RunState.Name(resp.run.state)[10:]}")
+        )
+    if args.json:
+        json_line(resp.run)
+    else:
+        out().print(f"{resp.run.run_id}: {_state(resp.run)}", highlight=False)
     return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``run``, ``watch``, ``resume``, ``runs`` and ``cancel``."""
+    """Add ``run``, ``watch``, ``resume``, ``runs``, ``status`` and ``cancel``."""
     p = sub.add_parser("run", help="orchestrate a goal and show its events live")
     p.add_argument("goal")
     p.add_argument("--plan", help="YAML or JSON file with the steps (explicit plan)")
     p.add_argument("--strategy", choices=sorted(_STRATEGIES), default="fail_fast")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="print the run id once it starts and leave it running (follow with cuga watch)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per event per line")
     p.set_defaults(handler=_run)
-    p = sub.add_parser("watch", help="re-attach to a run's events")
+    p = sub.add_parser("watch", help="re-attach to a run's events, follow it to its end")
     p.add_argument("run_id")
     p.add_argument("--after", type=int, default=0, help="replay events after this seq")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--until",
+        choices=UNTIL_STAGES,
+        help="stop at the first event of this stage (exit 0), leaving the run going",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per event per line")
     p.set_defaults(handler=_watch)
     p = sub.add_parser("resume", help="continue a failed or interrupted run")
     p.add_argument("run_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per event per line")
     p.set_defaults(handler=_resume)
-    p = sub.add_parser("runs", help="list recent runs")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("runs", help="list recent runs, newest first")
+    p.add_argument("--limit", type=int, default=20, help="most runs listed (1 to 1000)")
+    p.add_argument("--json", action="store_true", help="one run per line")
     p.set_defaults(handler=_runs)
+    p = sub.add_parser("status", help="one run: state, trace id, progress")
+    p.add_argument("run_id")
+    p.add_argument("--field", choices=STATUS_FIELDS, help="print only this field's value")
+    p.add_argument("--json", action="store_true", help="the run as one JSON object")
+    p.set_defaults(handler=_status)
     p = sub.add_parser("cancel", help="cancel a run")
     p.add_argument("run_id")
-    p.add_argument("--reason", default="")
+    p.add_argument("--reason", default="", help="why (recorded in the audit trail)")
+    p.add_argument("--json", action="store_true", help="the run after cancelling, as JSON")
     p.set_defaults(handler=_cancel)

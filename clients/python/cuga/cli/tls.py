@@ -35,8 +35,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from rich.console import Console
 
+from cuga.cli._output import ConfigProblem, json_line
+from cuga.cli._output import out as _out
 from cuga.shared.auth import TlsConfig
 from cuga.shared.config import SERVICE_NAMES, Settings
 from cuga.shared.files import private_dir, tighten, write_private
@@ -340,13 +341,21 @@ def shell_exports(variables: Mapping[str, str]) -> str:
 async def _init(args: argparse.Namespace, settings: Settings) -> int:
     """``cuga tls init [--dir D] [--force]``."""
     folder = Path(args.dir) if args.dir else Path(settings.common.data_dir) / "tls"
-    err = Console(stderr=True)
     try:
         made = ensure_local_tls(folder, force=args.force)
     except (OSError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        return 1
-    out = Console()
+        raise ConfigProblem(f"tls init: {exc}") from None
+    if getattr(args, "json", False):
+        json_line(
+            {
+                "folder": str(made.folder),
+                "written": sorted(made.written),
+                "ca_key_file": str(made.ca_key_file),
+                "client_env": made.env(CLIENT),
+            }
+        )
+        return 0
+    out = _out()
     kept = [n for n in (CA, *local_identities()) if n not in made.written]
     out.print(f"local CA and certificates in {made.folder}/ (owner-only):", highlight=False)
     for name in (CA, *local_identities()):

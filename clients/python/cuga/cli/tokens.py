@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from rich.console import Console
 
+from cuga.cli._output import ConfigProblem, json_line, out
 from cuga.shared.auth import (
     ROLE_AUDITOR,
     ROLE_CLIENT,
     ROLE_COORDINATOR,
+    ROLE_OPERATOR,
     ROLE_PLANNER,
     ROLE_REVIEWER,
     ROLE_SERVICE,
@@ -54,12 +55,17 @@ LOCAL_IDENTITIES: dict[str, tuple[str, ...]] = {
     "client": (ROLE_CLIENT,),
     "demo-reviewer": (ROLE_REVIEWER,),
     "demo-auditor": (ROLE_AUDITOR,),
+    "demo-operator": (ROLE_OPERATOR,),
 }
 #: Worker ids the local worker identity owns: every worker ``cuga up`` (or a test cluster)
 #: starts on this machine shares it.
 LOCAL_WORKER_IDS = ("worker-*",)
 #: Short names the CLI and tests use for the people identities.
-ALIASES: Mapping[str, str] = {"reviewer": "demo-reviewer", "auditor": "demo-auditor"}
+ALIASES: Mapping[str, str] = {
+    "reviewer": "demo-reviewer",
+    "auditor": "demo-auditor",
+    "operator": "demo-operator",
+}
 #: Environment variable holding the CLI's bearer token (overrides the local token file).
 TOKEN_ENV = "CUGA_TOKEN"
 
@@ -151,28 +157,56 @@ def ensure_local_tokens(data_dir: Path) -> LocalTokens:
     return LocalTokens(file=file, tokens=tokens, keys=keys)
 
 
+def find_token(
+    data_dir: Path, identity: str, env: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """The bearer token a CLI command sends and where it came from (for error messages).
+
+    ``$CUGA_TOKEN`` wins; else the local token file of ``identity`` under ``data_dir``
+    (made by ``cuga up``/``cuga demo``/``cuga tokens init``); else no token.
+
+    Returns:
+        ``(token, source)``: source says where the token was read or, with no token,
+        everywhere that was looked at.
+    """
+    env = os.environ if env is None else env
+    if env.get(TOKEN_ENV):
+        return env[TOKEN_ENV], f"${TOKEN_ENV}"
+    path = (data_dir / "tokens" / f"{ALIASES.get(identity, identity)}.token").absolute()
+    try:
+        return path.read_text(encoding="utf-8").strip(), str(path)
+    except OSError:
+        return "", f"no token: ${TOKEN_ENV} is not set and {path} does not exist"
+
+
 def cli_token(data_dir: Path, identity: str, env: Mapping[str, str] | None = None) -> str:
     """The bearer token a CLI command sends: ``$CUGA_TOKEN``, else the local token file of
     ``identity`` under ``data_dir`` (made by ``cuga up``/``cuga demo``), else none."""
-    env = os.environ if env is None else env
-    if env.get(TOKEN_ENV):
-        return env[TOKEN_ENV]
-    path = data_dir / "tokens" / f"{ALIASES.get(identity, identity)}.token"
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError:
-        return ""
+    return find_token(data_dir, identity, env)[0]
 
 
 async def _init(args: argparse.Namespace, settings: Settings) -> int:
     """``cuga tokens init DIR``: credentials for a deployment, kept out of the repository."""
-    made = ensure_local_tokens(Path(args.directory))
-    out = Console()
-    out.print(f"credentials and the trust file are in {made.folder}/ (owner-only):")
+    try:
+        made = ensure_local_tokens(Path(args.directory))
+    except OSError as exc:
+        raise ConfigProblem(f"tokens init: cannot write {args.directory}: {exc}") from None
+    if getattr(args, "json", False):
+        json_line(
+            {
+                "folder": str(made.folder),
+                "trust_file": str(made.file),
+                "tokens": {i: str(made.token_file(i)) for i in made.tokens},
+                "keys": {s: str(p) for s, p in made.keys.items()},
+            }
+        )
+        return 0
+    console = out()
+    console.print(f"credentials and the trust file are in {made.folder}/ (owner-only):")
     for identity, roles in LOCAL_IDENTITIES.items():
         what = f"{identity}.key  " if identity in made.keys else f"{identity}.token"
-        out.print(f"  {what}  roles: {', '.join(roles)}")
-    out.print(
+        console.print(f"  {what}  roles: {', '.join(roles)}")
+    console.print(
         "  tokens.yaml      token digests and public keys (every service reads it)\n"
         "Kubernetes: one Secret per service with its own key, one with tokens.yaml"
         " (docs/operations.md);\n"
@@ -200,4 +234,5 @@ __all__ = [
     "LocalTokens",
     "cli_token",
     "ensure_local_tokens",
+    "find_token",
 ]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -14,9 +17,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from cuga.cli._output import ConfigProblem, ExitCode, err, json_line, out
 from cuga.cli.tls import CLIENT, LocalTls, ensure_local_tls, shell_exports
 from cuga.cli.tokens import LocalTokens, ensure_local_tokens
 from cuga.shared.auth import bearer_metadata
@@ -24,11 +28,42 @@ from cuga.shared.bootstrap import Builder, serve
 from cuga.shared.config import SERVICE_NAMES, Settings
 from cuga.shared.files import private_dir
 
-console = Console()
-err = Console(stderr=True)
-
 #: Start order: the registry first, so workers can register as soon as they are up.
 START_ORDER = ("routing", "audit", "approval", "worker", "planning", "coordinator")
+#: Lines of a service's output kept to show when it fails to start.
+LOG_TAIL = 20
+
+
+class StartError(ConfigProblem):
+    """The services could not start: a port in use, or a service exited while starting
+    (its last lines of output are in the message). Exit code 5."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (what a service would bind)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            # As the server binds (SO_REUSEADDR): a port in TIME_WAIT is free to it.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _moved_addresses(settings: Settings, offset: int = 10) -> str:
+    """The variables that start every service ``offset`` ports higher."""
+    moved = []
+    for name in START_ORDER:
+        host, _, port = settings.common.addresses.of(name).rpartition(":")
+        moved.append(f"CUGA_ADDRESSES__{name.upper()}={host}:{int(port) + offset}")
+    return " ".join(moved)
 
 
 def _builder(name: str) -> Builder:
@@ -51,7 +86,12 @@ def _builder(name: str) -> Builder:
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    await serve(args.service, _builder(args.service), settings, port=args.port)
+    if args.json:
+        settings = settings.with_overrides(log_format="json")
+    try:
+        await serve(args.service, _builder(args.service), settings, port=args.port)
+    except OSError as exc:  # the port is taken, the data directory not writable, ...
+        raise ConfigProblem(f"{args.service}: {exc}") from None
     return 0
 
 
@@ -130,8 +170,11 @@ class Cluster:
             # they listen (and with `tls:` in it, speak TLS) as the health wait expects.
             self.env["CUGA_CONFIG"] = settings.source
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.tails: dict[str, collections.deque[str]] = {}
+        self._pumps: dict[str, asyncio.Future[None]] = {}
         # Owner-only before anything is written in it (tokens, keys, databases).
         self.data_dir = private_dir(Path(self.env.get("CUGA_DATA_DIR") or settings.common.data_dir))
+        self.env["CUGA_DATA_DIR"] = str(self.data_dir)  # the children use the same one
         self.tokens: LocalTokens | None = None
         if not self.env.get("CUGA_AUTH__TOKENS_FILE"):
             self.tokens = ensure_local_tokens(self.data_dir)
@@ -171,27 +214,102 @@ class Cluster:
             env.update(self.tls.env(name))  # its own certificate, as server and as client
         return env
 
-    async def start(self, services: tuple[str, ...] = START_ORDER, timeout_s: float = 60.0) -> None:
-        """Start each service and wait until it reports SERVING."""
+    def check_ports(self, services: Sequence[str] = START_ORDER) -> None:
+        """Refuse to start when a service's port is taken (another ``cuga up``?).
+
+        Raises:
+            StartError: naming the service, the port and the way out.
+        """
+        host = self.settings.common.host
         for name in services:
-            self.procs[name] = await asyncio.create_subprocess_exec(
+            port = int(self.settings.common.addresses.of(name).rpartition(":")[2])
+            if port and port_in_use(host, port):
+                raise StartError(
+                    f"port {port} ({name}) is already in use on {host}",
+                    hint="another `cuga up`, `make up` or `make demo` is probably running:"
+                    " stop it (Ctrl-C in its terminal), or start this one on other ports"
+                    f" (and give the CLI the same variables): {_moved_addresses(self.settings)}",
+                )
+
+    async def _pump(self, name: str, stream: asyncio.StreamReader) -> None:
+        # Each service's output goes on to ours, and its last lines are kept for the
+        # message when it fails to start.
+        tail = self.tails[name]
+        while line := await stream.readline():
+            tail.append(line.decode("utf-8", "replace").rstrip("\n"))
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line.decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+    def _failed(self, name: str, action: str) -> StartError:
+        proc = self.procs[name]
+        lines = "\n".join(f"  {name}| {line}" for line in self.tails[name]) or "  (no output)"
+        return StartError(
+            f"{name} {action} (exit code {proc.returncode}); its last lines:\n{lines}"
+        )
+
+    async def start(self, services: tuple[str, ...] = START_ORDER, timeout_s: float = 60.0) -> None:
+        """Start each service and wait until it reports SERVING.
+
+        Raises:
+            StartError: a port is taken (nothing is started), or a service exited before
+                it was SERVING (at once, with its last lines of output), or one did not
+                become SERVING within ``timeout_s``.
+        """
+        self.check_ports(services)
+        for name in services:
+            # Through `cuga serve`, so a service that cannot start says why in one line
+            # (a bad key, a refused tool) and exits with the CLI's exit codes.
+            proc = self.procs[name] = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                f"cuga.services.{name}",
+                "cuga.cli.main",
+                "serve",
+                name,
                 env=self._env_of(name),
                 stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
+            self.tails[name] = collections.deque(maxlen=LOG_TAIL)
+            assert proc.stdout is not None
+            self._pumps[name] = asyncio.ensure_future(self._pump(name, proc.stdout))
         tls = self.settings.common.tls
-        for name in services:
-            address = self.settings.common.addresses.of(name)
-            serving = await wait_serving(
-                address,
-                timeout_s,
-                credentials=tls.channel_credentials(),
-                options=tls.channel_options(),
-            )
-            if not serving:
-                raise RuntimeError(f"{name} did not become SERVING on {address}")
+        exits = {asyncio.ensure_future(self._exited(name)): name for name in services}
+        try:
+            for name in services:
+                address = self.settings.common.addresses.of(name)
+                serving = asyncio.ensure_future(
+                    wait_serving(
+                        address,
+                        timeout_s,
+                        credentials=tls.channel_credentials(),
+                        options=tls.channel_options(),
+                    )
+                )
+                done, _ = await asyncio.wait({serving, *exits}, return_when=asyncio.FIRST_COMPLETED)
+                if serving not in done:
+                    serving.cancel()
+                    exited = next(exits[t] for t in exits if t in done)
+                    raise self._failed(exited, "exited while starting")
+                if not serving.result():
+                    raise StartError(
+                        f"{name} did not become SERVING on {address} in {timeout_s:g}s"
+                    )
+            # A health answer may come from another process holding the port since the
+            # check: every child must still be alive.
+            gone = self.died()
+            if gone is not None:
+                await self._exited(gone)
+                raise self._failed(gone, "exited while starting")
+        finally:
+            for task in exits:
+                task.cancel()
+
+    async def _exited(self, name: str) -> None:
+        await self.procs[name].wait()
+        # Its last output may still be in the pipe: let the pump read it.
+        await asyncio.wait([self._pumps[name]], timeout=1.0)
 
     def died(self) -> str | None:
         """Name of a child that exited, if any."""
@@ -214,6 +332,10 @@ class Cluster:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if self._pumps:  # the last lines the children wrote
+            await asyncio.wait(list(self._pumps.values()), timeout=1.0)
+            for pump in self._pumps.values():
+                pump.cancel()
 
 
 @asynccontextmanager
@@ -240,6 +362,35 @@ def _table(settings: Settings, procs: Mapping[str, asyncio.subprocess.Process]) 
     return table
 
 
+def _print_started(c: Cluster, as_json: bool) -> None:
+    data_dir = c.data_dir.absolute()
+    if as_json:
+        for name in START_ORDER:
+            proc = c.procs.get(name)
+            json_line(
+                {
+                    "service": name,
+                    "address": c.settings.common.addresses.of(name),
+                    "pid": proc.pid if proc else None,
+                }
+            )
+        return
+    console = out()
+    console.print(_table(c.settings, c.procs))
+    console.print(
+        f"data and tokens (owner-only) in {data_dir}/; the CLI finds them when run from"
+        f" this directory, or with --data-dir {data_dir}",
+        highlight=False,
+    )
+    if c.tls is not None:
+        console.print(
+            f"mutual TLS: CA and certificates in {c.tls.folder}/; for the CLI in another "
+            f"shell:\n  {shell_exports(c.client_env())}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 async def _up(args: argparse.Namespace, settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -247,22 +398,15 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         c = Cluster(settings, tls=args.tls)
-    except (OSError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        return 1
+    except OSError as exc:
+        raise ConfigProblem(f"cannot prepare the data directory: {exc}") from None
     try:
         await c.start()
-        console.print(_table(settings, c.procs))
-        if c.tokens is not None:
-            console.print(f"tokens (owner-only) in {c.tokens.folder}/; the CLI uses them")
-        if c.tls is not None:
-            console.print(
-                f"mutual TLS: CA and certificates in {c.tls.folder}/; for the CLI in another "
-                f"shell:\n  {shell_exports(c.client_env())}",
-                highlight=False,
-                soft_wrap=True,
-            )
-        console.print("all services SERVING; Ctrl-C stops them")
+        _print_started(c, args.json)
+        if args.json:
+            json_line({"status": "SERVING"})
+        else:
+            out().print("all services SERVING; Ctrl-C stops them")
         while not stop.is_set():
             waiters = [asyncio.ensure_future(p.wait()) for p in c.procs.values()]
             stopper = asyncio.ensure_future(stop.wait())
@@ -271,14 +415,14 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
                 w.cancel()
             dead = c.died()
             if dead:
-                err.print(
-                    f"[red]{dead} exited ({c.procs[dead].returncode}); stopping the others[/red]"
+                await asyncio.wait([c._pumps[dead]], timeout=1.0)
+                error = c._failed(dead, "exited")
+                err().print(
+                    f"[red]error:[/red] {escape(error.message)}\nstopping the others",
+                    highlight=False,
                 )
-                return 1
+                return int(ExitCode.FAILED)
         return 0
-    except RuntimeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 1
     finally:
         await c.stop()
 
@@ -290,16 +434,24 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     env = dict(os.environ)
     env.setdefault("CUGA_DATA_DIR", str(data_dir))
     env.setdefault("CUGA_LOG_LEVEL", "WARNING")  # the demo's own output tells the story
-    console.print(f"[bold]cuga demo[/bold]: starting six services (data in {data_dir}/)")
+    # With --json, stdout holds only the run's events; what the demo says goes to stderr.
+    talk = err() if args.json else out()
+    talk.print(
+        f"[bold]cuga demo[/bold]: starting six services (data in {data_dir}/)", highlight=False
+    )
     with contextlib.suppress(KeyboardInterrupt):
         async with cluster(settings, env, tls=args.tls) as c:  # makes the local credentials
-            console.print(_table(c.settings, c.procs))
+            if not args.json:
+                talk.print(_table(c.settings, c.procs))
             if c.tls is not None:
-                console.print(f"mutual TLS: certificates in {c.tls.folder}/", highlight=False)
+                talk.print(f"mutual TLS: certificates in {c.tls.folder}/", highlight=False)
             return await demo_run(
-                c.settings, reviewer_token=c.token("reviewer"), env=c.client_env()
+                c.settings,
+                reviewer_token=c.token("reviewer"),
+                env=c.client_env(),
+                as_json=args.json,
             )
-    return 1
+    return int(ExitCode.INTERRUPTED)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -307,11 +459,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve one service until SIGTERM (what a container runs)")
     p.add_argument("service", choices=SERVICE_NAMES)
     p.add_argument("--port", type=int, default=None, help="port to bind (default: configured)")
+    p.add_argument(
+        "--json", action="store_true", help="log JSON lines (log_format: json) instead of text"
+    )
     p.set_defaults(handler=_serve)
     tls_help = "mutual TLS between everything, with a local CA made once under <data_dir>/tls"
     p = sub.add_parser("up", help="run all six services, one process each, until Ctrl-C")
     p.add_argument("--tls", action="store_true", help=tls_help)
+    p.add_argument(
+        "--json", action="store_true", help="each service as a JSON line, then {status: SERVING}"
+    )
     p.set_defaults(handler=_up)
     p = sub.add_parser("demo", help="start everything, run a sample orchestration, stop")
     p.add_argument("--tls", action="store_true", help=tls_help)
+    p.add_argument("--json", action="store_true", help="the run's events as JSON lines")
     p.set_defaults(handler=_demo)
