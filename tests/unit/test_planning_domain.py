@@ -582,3 +582,14 @@ async def test_plans_and_memory_survive_restart(store_location: Location) -> Non
         )
     )
     assert again.source_run_id == "run-tea"
+
+
+async def test_default_mode_does_not_plan_a_tool_only_its_description_matches(
+    planner: Planner,
+) -> None:
+    # Issue 26: "input" and "back" are words of echo's description (score 2, at the
+    # threshold), not what echo is for: no tool fits, and the note says why echo was left.
+    with pytest.raises(FailedPreconditionError) as info:
+        await planner.create_plan(p.CreatePlanRequest(goal="bring the input back"))
+    assert info.value.reason == "NO_MATCHING_TOOL"
+    assert "skipped tool 'echo': only its description matches the goal" in info.value.message

@@ -28,7 +28,8 @@ class PlanningConfig:
     single-node set-ups). Empty: the remote catalogue."""
     rank_threshold: float = 2.0
     """Smallest ranking score a tool needs to be planned in default mode, > 0. A keyword
-    match scores 3, a name word 2, a description word 1."""
+    match scores 3, a name word 2, a description word 1; a tool matching on description
+    words alone is never planned."""
     max_ranked_steps: int = 8
     """Most steps default/budget-aware planning builds, 1 to 256."""
     memory_similarity_threshold: float = 0.6

@@ -285,6 +285,14 @@ class Planner:
             name = scored.tool.name
             if scored.score < self._config.rank_threshold:
                 break
+            if not (scored.keyword_hits or scored.name_hits):
+                # Words of a description alone ("returns", "two", "number") say little
+                # about what a tool is for: such a plan would be an unrelated tool.
+                notes.append(
+                    f"skipped tool {name!r}: only its description matches the goal"
+                    f" ({', '.join(repr(w) for w in scored.description_hits)})"
+                )
+                continue
             if len(steps) >= self._config.max_ranked_steps:
                 notes.append(
                     f"more tools matched; kept the best {self._config.max_ranked_steps}"
