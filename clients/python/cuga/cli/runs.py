@@ -129,7 +129,9 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
     if kind == "decision":
         return event.decision.reasoning or f"-> {event.decision.target.worker_id}"
     if kind == "step_result":
-        out_ = json.dumps(plain(json_format.MessageToDict(event.step_result.output)))
+        out_ = json.dumps(
+            plain(json_format.MessageToDict(event.step_result.output)), ensure_ascii=False
+        )
         replay = " (replayed)" if event.step_result.replayed else ""
         return f"ok on {event.step_result.worker_id}{replay}: {out_[:100]}"
     if kind == "approval":
