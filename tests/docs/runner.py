@@ -13,13 +13,19 @@ What runs (the page marks it; README "Keeping the docs true" is the reader's sid
 * ``<!-- doc-test: background -->`` before a console block: its commands run as in another
   terminal (``cuga up``); the run goes on once each expected line has appeared, and the
   block gets Ctrl-C (SIGINT) when the page ends and must then exit 0;
-* ``<!-- doc-test: in-repo -->``: the block runs in the repository root (``make demo``);
+* ``<!-- doc-test: in-repo -->``: the block runs in the repository root itself (``make
+  demo``: should the virtualenv be out of date, ``make`` reinstalls the repository, never
+  a work directory that is gone after the test);
+* ``<!-- doc-test: needs: TOOL ... -->``: the block runs only where every TOOL is on PATH
+  (``node``), and is skipped, saying so, elsewhere;
 * ``<!-- doc-test: skip: REASON -->``: the console block is not run, for the reason given.
 
-Each page runs in a fresh work directory with a fresh data directory
-(``CUGA_DATA_DIR=<work>/.cuga``), its own free ports for the six services
-(``CUGA_ADDRESSES__*``, so pages run side by side and never touch 50051-56), the project's
-``bin`` directory first on PATH, and ``PIP_TARGET``/``PYTHONPATH`` pointing at
+Each page runs in a fresh work directory that looks like the repository root to the
+reader's commands (a symbolic link to each top-level entry: ``Makefile``, ``.venv``,
+``clients`` ...) but has its own data directory (``CUGA_DATA_DIR=<work>/.cuga``), its own
+free ports for the six services (``CUGA_ADDRESSES__*`` and the Node example's
+``CUGA_COORDINATOR_ADDRESS``, so pages run side by side and never touch 50051-56), the
+project's ``bin`` directory first on PATH, and ``PIP_TARGET``/``PYTHONPATH`` pointing at
 ``<work>/site-packages``, so a ``pip install`` on a page lands there, not in the shared
 virtualenv. Shell variables and the working directory carry from one block to the next.
 """
@@ -31,6 +37,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -48,6 +55,9 @@ STATUS = re.compile(r"^@@doc-test (\d+) (\d+)@@$")
 #: How long one foreground block may run, and how long a background block may take to
 #: print what the page says it prints (seconds).
 BLOCK_TIMEOUT_S = 180.0
+#: Top-level directories a page writes into (``cuga tokens init ./deploy/cuga-auth``):
+#: copied into the work directory rather than linked, so the repository stays as it was.
+COPIED = ("deploy",)
 BACKGROUND_TIMEOUT_S = 90.0
 
 
@@ -76,7 +86,16 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        return self.lang == "console" and not self.marker.startswith(("skip", "file"))
+        """Whether the block is run here (a console block not skipped, its tools present)."""
+        if self.lang != "console" or self.marker.startswith(("skip", "file")):
+            return False
+        return not self.missing_tools()
+
+    def missing_tools(self) -> list[str]:
+        """The tools a ``needs:`` block names that are not on PATH."""
+        if not self.marker.startswith("needs:"):
+            return []
+        return [t for t in self.marker[6:].split() if shutil.which(t) is None]
 
     def commands(self) -> list[Command]:
         """The block's commands with their expected output."""
@@ -253,6 +272,15 @@ class PageRun:
         self.state = work / ".doc-test-state"
         site = work / "site-packages"
         site.mkdir(parents=True, exist_ok=True)
+        for entry in ROOT.iterdir():
+            if entry.name in (".cuga", ".git", "site-packages") or entry.name.startswith(
+                ".doc-test"
+            ):
+                continue
+            if entry.name in COPIED:
+                shutil.copytree(entry, work / entry.name, symlinks=True)
+            else:
+                (work / entry.name).symlink_to(entry)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
         env.pop("VIRTUAL_ENV", None)
         env.pop("PYTEST_XDIST_WORKER", None)
@@ -261,10 +289,11 @@ class PageRun:
         env["CUGA_DATA_DIR"] = str(work / ".cuga")
         env["PIP_TARGET"] = str(site)
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-        env["PYTHONPATH"] = str(site)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
         env["COLUMNS"] = "200"
         for name, port in zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True):
             env[f"CUGA_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
+        env["CUGA_COORDINATOR_ADDRESS"] = env["CUGA_ADDRESSES__COORDINATOR"]
         self.env = env
         self.background: list[Background] = []
 

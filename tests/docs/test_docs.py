@@ -33,6 +33,7 @@ def test_every_skipped_block_says_why() -> None:
                 "file",
                 "background",
                 "in-repo",
+                "needs:",
             ):
                 pytest.fail(f"{block.where}: unknown doc-test marker {block.marker!r}")
 
