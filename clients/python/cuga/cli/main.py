@@ -291,11 +291,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        hint = "" if args.debug else "run again with --debug for the traceback"
-        return _report(message, ExitCode.INTERNAL, as_json=as_json, hint=hint)
+        return report_unexpected(exc, debug=args.debug, as_json=as_json)
+
+
+def report_unexpected(exc: BaseException, *, debug: bool, as_json: bool) -> int:
+    """A bug: one line (and a hint to use ``--debug``), or the traceback with ``--debug``."""
+    if debug:
+        traceback.print_exception(exc)
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    hint = "" if debug else "run again with --debug for the traceback"
+    return _report(message, ExitCode.INTERNAL, as_json=as_json, hint=hint)
 
 
 if __name__ == "__main__":

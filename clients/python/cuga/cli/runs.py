@@ -113,6 +113,8 @@ def parse_plan(
         steps.append(step)
     budget = None
     if data.get("budget") is not None:
+        if not isinstance(data["budget"], dict):
+            raise ValueError(f"{where}: budget must be a mapping ({{ceiling: N, policy: ...}})")
         budget = common_pb2.ToolBudget()
         try:
             json_format.ParseDict(data["budget"], budget)
