@@ -65,6 +65,10 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
         "Query": {"auditor"},
         "Export": {"auditor"},
         "Verify": {"auditor"},
+        "GetCheckpoint": {"auditor"},
+        "GetInclusionProof": {"auditor"},
+        "GetConsistencyProof": {"auditor"},
+        "ListEntries": {"auditor"},
     },
 }
 #: One identity per role (plus one with none); profile-scoped and all-role test

@@ -200,7 +200,7 @@ async def test_append_chains_and_is_idempotent(audit: AuditLog) -> None:
     stored, dups = await audit.append([rec("r1"), rec("r2"), rec("r3", T2)])
     assert dups == 0
     assert [r.chain_index for r in stored] == [1, 2, 1]
-    assert stored[0].prev_hash == "" and stored[1].prev_hash == stored[0].hash
+    assert [r.leaf_index for r in stored] == [0, 1, 2] and {r.prev_hash for r in stored} == {""}
     assert stored[0].profile == "default"
     again, dups = await audit.append([rec("r1"), rec("r2"), rec("r4")])
     assert dups == 2
@@ -242,7 +242,7 @@ async def test_resend_mixed_with_new_records_over_several_traces(audit: AuditLog
     assert [r.record_id for r in stored] == ["r1", "r4", "r3", "r5", "r6", "r4"]
     assert stored[0].hash == first[0].hash and stored[2].hash == first[2].hash
     assert [r.chain_index for r in stored] == [1, 3, 1, 2, 1, 3]
-    assert stored[1].prev_hash == first[1].hash and stored[3].prev_hash == first[2].hash
+    assert [r.leaf_index for r in stored] == [0, 3, 2, 4, 5, 3]
     assert stored[5].hash == stored[1].hash
     for trace in (T1, T2, t3):
         assert (await audit.verify(trace)).ok
@@ -251,17 +251,15 @@ async def test_resend_mixed_with_new_records_over_several_traces(audit: AuditLog
 
 
 async def test_a_refused_batch_leaves_every_chain_head_where_it_was(audit: AuditLog) -> None:
-    first, _ = await audit.append([rec("r1", at=T0), rec("r2", T2, at=T0)])
+    await audit.append([rec("r1", at=T0), rec("r2", T2, at=T0)])
     with pytest.raises(AlreadyExistsError):
         await audit.append(
             [rec("r3", at=T0), rec("r4", T2, at=T0), rec("r1", at=T0, payload={"x": 1})]
         )
     stored, dups = await audit.append([rec("r5", at=T0), rec("r6", T2, at=T0)])
     assert dups == 0
-    assert [(r.chain_index, r.prev_hash) for r in stored] == [
-        (2, first[0].hash),
-        (2, first[1].hash),
-    ]
+    # Leaf 2 is the alarm the refusal wrote; nothing of the refused batch was.
+    assert [(r.chain_index, r.leaf_index) for r in stored] == [(2, 3), (2, 4)]
     assert (await audit.verify(T1)).ok and (await audit.verify(T2)).ok
 
 
@@ -278,18 +276,18 @@ async def test_batches_over_many_traces_and_their_resend(audit: AuditLog) -> Non
     more, dups = await audit.append([rec(f"n{i}", t, at=T0) for i, t in enumerate(traces)])
     assert dups == 0
     assert [r.chain_index for r in more] == [3] * 80 + [2] * 440
-    assert more[519].prev_hash == stored[519].hash
+    assert more[519].leaf_index == 600 + 519
     assert (await audit.verify(traces[0])).ok and (await audit.verify(traces[519])).ok
 
 
 async def test_every_backend_stores_the_pinned_hashes(store: Store) -> None:
     audit = AuditLog(store.open(), clock=FakeClock(GOLDEN_CLOCK))
     stored, _ = await audit.append(golden_records())
-    assert [(r.record_id, r.chain_index, r.prev_hash, r.hash) for r in stored] == GOLDEN_HASHES
+    assert [(r.record_id, r.chain_index, r.leaf_index, r.hash) for r in stored] == GOLDEN_HASHES
     audit.close()
     reopened = AuditLog(store.open())
     records, _ = await reopened.query(audit_pb2.RecordFilter(), 10)
-    assert sorted((r.record_id, r.chain_index, r.prev_hash, r.hash) for r in records) == sorted(
+    assert sorted((r.record_id, r.chain_index, r.leaf_index, r.hash) for r in records) == sorted(
         GOLDEN_HASHES
     )
     assert (await reopened.verify("c" * 32)).ok and (await reopened.verify("d" * 32)).ok
@@ -404,7 +402,7 @@ async def test_reopened_backend_keeps_chain_and_idempotency(store: Store) -> Non
     second = AuditLog(store.open())
     b, dups = await second.append([rec("r2", at=T0), rec("r3", at=T0)])
     assert dups == 1 and b[0].hash == a[1].hash
-    assert b[1].chain_index == 3 and b[1].prev_hash == a[1].hash
+    assert (b[1].chain_index, b[1].leaf_index) == (3, 2)
     assert (await second.verify(T1)).ok
     second.close()
 

@@ -606,9 +606,17 @@ AUTHORIZATION_MATRIX: tuple[Grant, ...] = (
     ),
     Grant(
         _AUDIT,
-        ("Query", "Export", "Verify"),
+        (
+            "Query",
+            "Export",
+            "Verify",
+            "GetCheckpoint",
+            "GetInclusionProof",
+            "GetConsistencyProof",
+            "ListEntries",
+        ),
         (ROLE_AUDITOR,),
-        "auditors read, export and verify the trail",
+        "auditors read, export and verify the trail, its checkpoints and proofs",
     ),
 )
 

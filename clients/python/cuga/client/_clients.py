@@ -232,7 +232,8 @@ class RoutingClient(BaseClient):
 
 
 class AuditClient(BaseClient):
-    """AuditService: record, query, export and verify the audit trail."""
+    """AuditService: record, query, export and verify the audit trail; checkpoints and
+    proofs of its Merkle log."""
 
     SERVICE: ClassVar[str] = "audit"
     DEFAULT_TIMEOUTS: ClassVar[dict[str, float]] = {"export": 300.0}
@@ -298,6 +299,58 @@ class AuditClient(BaseClient):
         """Verify."""
         response: audit_pb2.VerifyResponse = await self._unary(
             "verify", self._stub.Verify, request, timeout, metadata
+        )
+        return response
+
+    async def get_checkpoint(
+        self,
+        request: audit_pb2.GetCheckpointRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> audit_pb2.GetCheckpointResponse:
+        """GetCheckpoint."""
+        response: audit_pb2.GetCheckpointResponse = await self._unary(
+            "get_checkpoint", self._stub.GetCheckpoint, request, timeout, metadata
+        )
+        return response
+
+    async def get_inclusion_proof(
+        self,
+        request: audit_pb2.GetInclusionProofRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> audit_pb2.GetInclusionProofResponse:
+        """GetInclusionProof."""
+        response: audit_pb2.GetInclusionProofResponse = await self._unary(
+            "get_inclusion_proof", self._stub.GetInclusionProof, request, timeout, metadata
+        )
+        return response
+
+    async def get_consistency_proof(
+        self,
+        request: audit_pb2.GetConsistencyProofRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> audit_pb2.GetConsistencyProofResponse:
+        """GetConsistencyProof."""
+        response: audit_pb2.GetConsistencyProofResponse = await self._unary(
+            "get_consistency_proof", self._stub.GetConsistencyProof, request, timeout, metadata
+        )
+        return response
+
+    async def list_entries(
+        self,
+        request: audit_pb2.ListEntriesRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> audit_pb2.ListEntriesResponse:
+        """ListEntries."""
+        response: audit_pb2.ListEntriesResponse = await self._unary(
+            "list_entries", self._stub.ListEntries, request, timeout, metadata
         )
         return response
 

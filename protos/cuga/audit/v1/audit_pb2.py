@@ -26,37 +26,59 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63uga/audit/v1/audit.proto\x12\rcuga.audit.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x01\n\x0b\x41uditRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12(\n\x07payload\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\t \x01(\t\x12\x0c\n\x04hash\x18\n \x01(\t\x12\x13\n\x0b\x63hain_index\x18\x0b \x01(\x04\";\n\rRecordRequest\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\"O\n\x0eRecordResponse\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"A\n\x12RecordBatchRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\"V\n\x13RecordBatchResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xae\x01\n\x0cRecordFilter\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07profile\x18\x06 \x01(\t\"b\n\x0cQueryRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.cuga.audit.v1.RecordFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\rQueryResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\rExportRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.cuga.audit.v1.RecordFilter\"#\n\x0e\x45xportResponse\x12\x11\n\tjson_line\x18\x01 \x01(\t\"!\n\rVerifyRequest\x12\x10\n\x08trace_id\x18\x01 \x01(\t\"\x82\x01\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x1e\n\x16\x66irst_broken_record_id\x18\x03 \x01(\t\x12\x1a\n\x12\x66irst_broken_index\x18\x04 \x01(\x04\x12\x0f\n\x07problem\x18\x05 \x01(\t2\xff\x02\n\x0c\x41uditService\x12\x45\n\x06Record\x12\x1c.cuga.audit.v1.RecordRequest\x1a\x1d.cuga.audit.v1.RecordResponse\x12T\n\x0bRecordBatch\x12!.cuga.audit.v1.RecordBatchRequest\x1a\".cuga.audit.v1.RecordBatchResponse\x12\x42\n\x05Query\x12\x1b.cuga.audit.v1.QueryRequest\x1a\x1c.cuga.audit.v1.QueryResponse\x12G\n\x06\x45xport\x12\x1c.cuga.audit.v1.ExportRequest\x1a\x1d.cuga.audit.v1.ExportResponse0\x01\x12\x45\n\x06Verify\x12\x1c.cuga.audit.v1.VerifyRequest\x1a\x1d.cuga.audit.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63uga/audit/v1/audit.proto\x12\rcuga.audit.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x02\n\x0b\x41uditRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12(\n\x07payload\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\tprev_hash\x18\t \x01(\tB\x02\x18\x01\x12\x0c\n\x04hash\x18\n \x01(\t\x12\x13\n\x0b\x63hain_index\x18\x0b \x01(\x04\x12\x12\n\nleaf_index\x18\x0c \x01(\x04\";\n\rRecordRequest\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\"O\n\x0eRecordResponse\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"A\n\x12RecordBatchRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\"V\n\x13RecordBatchResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xae\x01\n\x0cRecordFilter\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07profile\x18\x06 \x01(\t\"b\n\x0cQueryRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.cuga.audit.v1.RecordFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\rQueryResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\rExportRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.cuga.audit.v1.RecordFilter\"#\n\x0e\x45xportResponse\x12\x11\n\tjson_line\x18\x01 \x01(\t\"!\n\rVerifyRequest\x12\x10\n\x08trace_id\x18\x01 \x01(\t\"\xb1\x01\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x1e\n\x16\x66irst_broken_record_id\x18\x03 \x01(\t\x12\x1a\n\x12\x66irst_broken_index\x18\x04 \x01(\x04\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12-\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x19.cuga.audit.v1.Checkpoint\"\x7f\n\nCheckpoint\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x05 \x01(\t\"\x16\n\x14GetCheckpointRequest\"Z\n\x15GetCheckpointResponse\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x19.cuga.audit.v1.Checkpoint\x12\x12\n\npublic_key\x18\x02 \x01(\t\"@\n\x18GetInclusionProofRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"\xad\x01\n\x19GetInclusionProofResponse\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\x12-\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x19.cuga.audit.v1.Checkpoint\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"\x80\x01\n\x1bGetConsistencyProofResponse\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12-\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x19.cuga.audit.v1.Checkpoint\";\n\x12ListEntriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x08LogEntry\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\tleaf_hash\x18\x02 \x01(\x0c\x12*\n\x06record\x18\x03 \x01(\x0b\x32\x1a.cuga.audit.v1.AuditRecord\x12\x0e\n\x06pruned\x18\x04 \x01(\x08\"X\n\x13ListEntriesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.cuga.audit.v1.LogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x87\x06\n\x0c\x41uditService\x12\x45\n\x06Record\x12\x1c.cuga.audit.v1.RecordRequest\x1a\x1d.cuga.audit.v1.RecordResponse\x12T\n\x0bRecordBatch\x12!.cuga.audit.v1.RecordBatchRequest\x1a\".cuga.audit.v1.RecordBatchResponse\x12\x42\n\x05Query\x12\x1b.cuga.audit.v1.QueryRequest\x1a\x1c.cuga.audit.v1.QueryResponse\x12G\n\x06\x45xport\x12\x1c.cuga.audit.v1.ExportRequest\x1a\x1d.cuga.audit.v1.ExportResponse0\x01\x12\x45\n\x06Verify\x12\x1c.cuga.audit.v1.VerifyRequest\x1a\x1d.cuga.audit.v1.VerifyResponse\x12Z\n\rGetCheckpoint\x12#.cuga.audit.v1.GetCheckpointRequest\x1a$.cuga.audit.v1.GetCheckpointResponse\x12\x66\n\x11GetInclusionProof\x12\'.cuga.audit.v1.GetInclusionProofRequest\x1a(.cuga.audit.v1.GetInclusionProofResponse\x12l\n\x13GetConsistencyProof\x12).cuga.audit.v1.GetConsistencyProofRequest\x1a*.cuga.audit.v1.GetConsistencyProofResponse\x12T\n\x0bListEntries\x12!.cuga.audit.v1.ListEntriesRequest\x1a\".cuga.audit.v1.ListEntriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuga.audit.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AUDITRECORD'].fields_by_name['prev_hash']._loaded_options = None
+  _globals['_AUDITRECORD'].fields_by_name['prev_hash']._serialized_options = b'\030\001'
   _globals['_AUDITRECORD']._serialized_start=108
-  _globals['_AUDITRECORD']._serialized_end=363
-  _globals['_RECORDREQUEST']._serialized_start=365
-  _globals['_RECORDREQUEST']._serialized_end=424
-  _globals['_RECORDRESPONSE']._serialized_start=426
-  _globals['_RECORDRESPONSE']._serialized_end=505
-  _globals['_RECORDBATCHREQUEST']._serialized_start=507
-  _globals['_RECORDBATCHREQUEST']._serialized_end=572
-  _globals['_RECORDBATCHRESPONSE']._serialized_start=574
-  _globals['_RECORDBATCHRESPONSE']._serialized_end=660
-  _globals['_RECORDFILTER']._serialized_start=663
-  _globals['_RECORDFILTER']._serialized_end=837
-  _globals['_QUERYREQUEST']._serialized_start=839
-  _globals['_QUERYREQUEST']._serialized_end=937
-  _globals['_QUERYRESPONSE']._serialized_start=939
-  _globals['_QUERYRESPONSE']._serialized_end=1024
-  _globals['_EXPORTREQUEST']._serialized_start=1026
-  _globals['_EXPORTREQUEST']._serialized_end=1086
-  _globals['_EXPORTRESPONSE']._serialized_start=1088
-  _globals['_EXPORTRESPONSE']._serialized_end=1123
-  _globals['_VERIFYREQUEST']._serialized_start=1125
-  _globals['_VERIFYREQUEST']._serialized_end=1158
-  _globals['_VERIFYRESPONSE']._serialized_start=1161
-  _globals['_VERIFYRESPONSE']._serialized_end=1291
-  _globals['_AUDITSERVICE']._serialized_start=1294
-  _globals['_AUDITSERVICE']._serialized_end=1677
+  _globals['_AUDITRECORD']._serialized_end=387
+  _globals['_RECORDREQUEST']._serialized_start=389
+  _globals['_RECORDREQUEST']._serialized_end=448
+  _globals['_RECORDRESPONSE']._serialized_start=450
+  _globals['_RECORDRESPONSE']._serialized_end=529
+  _globals['_RECORDBATCHREQUEST']._serialized_start=531
+  _globals['_RECORDBATCHREQUEST']._serialized_end=596
+  _globals['_RECORDBATCHRESPONSE']._serialized_start=598
+  _globals['_RECORDBATCHRESPONSE']._serialized_end=684
+  _globals['_RECORDFILTER']._serialized_start=687
+  _globals['_RECORDFILTER']._serialized_end=861
+  _globals['_QUERYREQUEST']._serialized_start=863
+  _globals['_QUERYREQUEST']._serialized_end=961
+  _globals['_QUERYRESPONSE']._serialized_start=963
+  _globals['_QUERYRESPONSE']._serialized_end=1048
+  _globals['_EXPORTREQUEST']._serialized_start=1050
+  _globals['_EXPORTREQUEST']._serialized_end=1110
+  _globals['_EXPORTRESPONSE']._serialized_start=1112
+  _globals['_EXPORTRESPONSE']._serialized_end=1147
+  _globals['_VERIFYREQUEST']._serialized_start=1149
+  _globals['_VERIFYREQUEST']._serialized_end=1182
+  _globals['_VERIFYRESPONSE']._serialized_start=1185
+  _globals['_VERIFYRESPONSE']._serialized_end=1362
+  _globals['_CHECKPOINT']._serialized_start=1364
+  _globals['_CHECKPOINT']._serialized_end=1491
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1493
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1515
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=1517
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=1607
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=1609
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=1673
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=1676
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=1849
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=1851
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1915
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=1918
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=2046
+  _globals['_LISTENTRIESREQUEST']._serialized_start=2048
+  _globals['_LISTENTRIESREQUEST']._serialized_end=2107
+  _globals['_LOGENTRY']._serialized_start=2109
+  _globals['_LOGENTRY']._serialized_end=2218
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=2220
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=2308
+  _globals['_AUDITSERVICE']._serialized_start=2311
+  _globals['_AUDITSERVICE']._serialized_end=3086
 # @@protoc_insertion_point(module_scope)

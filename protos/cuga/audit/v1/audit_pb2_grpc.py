@@ -60,6 +60,26 @@ class AuditServiceStub:
                 request_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/cuga.audit.v1.AuditService/GetCheckpoint',
+                request_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/cuga.audit.v1.AuditService/GetInclusionProof',
+                request_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/cuga.audit.v1.AuditService/GetConsistencyProof',
+                request_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+                _registered_method=True)
+        self.ListEntries = channel.unary_unary(
+                '/cuga.audit.v1.AuditService/ListEntries',
+                request_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.ListEntriesRequest.SerializeToString,
+                response_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.ListEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -96,7 +116,41 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Recomputes a trace's hash chain and reports the first broken or missing link.
+        """Checks a trace against the Merkle log: every record's leaf hash recomputed from its
+        content and proven included under a checkpoint the service signed, positions 1, 2, 3
+        ... without a gap, and the log itself complete and consistent with that checkpoint.
+        Reports the first problem.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """The latest signed checkpoint (tree size and root) of the log; signs a new one first
+        when the log has grown since.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """RFC 9162 inclusion proof (audit path) of one record in the tree of a given size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """RFC 9162 consistency proof between two tree sizes: the smaller tree is a prefix of the
+        larger one (nothing before it was changed, removed or reordered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEntries(self, request, context):
+        """The log's leaves in order, a page at a time: what a full audit recomputes the tree
+        from. Needs an auditor not limited to profiles.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +183,26 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.VerifyRequest.FromString,
                     response_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.VerifyResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetInclusionProofResponse.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.SerializeToString,
+            ),
+            'ListEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEntries,
+                    request_deserializer=cuga_dot_audit_dot_v1_dot_audit__pb2.ListEntriesRequest.FromString,
+                    response_serializer=cuga_dot_audit_dot_v1_dot_audit__pb2.ListEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +341,114 @@ class AuditService:
             '/cuga.audit.v1.AuditService/Verify',
             cuga_dot_audit_dot_v1_dot_audit__pb2.VerifyRequest.SerializeToString,
             cuga_dot_audit_dot_v1_dot_audit__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuga.audit.v1.AuditService/GetCheckpoint',
+            cuga_dot_audit_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+            cuga_dot_audit_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuga.audit.v1.AuditService/GetInclusionProof',
+            cuga_dot_audit_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            cuga_dot_audit_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuga.audit.v1.AuditService/GetConsistencyProof',
+            cuga_dot_audit_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            cuga_dot_audit_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuga.audit.v1.AuditService/ListEntries',
+            cuga_dot_audit_dot_v1_dot_audit__pb2.ListEntriesRequest.SerializeToString,
+            cuga_dot_audit_dot_v1_dot_audit__pb2.ListEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

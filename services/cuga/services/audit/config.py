@@ -37,6 +37,23 @@ class AuditConfig:
     """How often the service prunes expired traces when retention_days > 0, seconds (> 0)."""
     max_batch: int = 1000
     """Most records in one RecordBatch, 1 to 1000."""
+    checkpoint_interval_s: float = 60.0
+    """How often the service signs a checkpoint of the log when it has grown, seconds
+    (> 0). Checkpoints are also signed on demand (GetCheckpoint, Verify) and at shutdown."""
+    checkpoint_key_file: Path | None = None
+    """The checkpoint signing key (Ed25519, PKCS#8 PEM, owner-only). Default
+    ``<data_dir>/audit-keys/checkpoint.key``, created (0600, in a 0700 directory) at first
+    start; a path set here must exist. Keep it out of reach of whoever can write the
+    database; replicas of one log share it."""
+    checkpoint_origin: str = ""
+    """The log's name in its checkpoints (no spaces, no ``+``). Default
+    ``cuga-audit/<first 16 hex digits of the SHA-256 of the public key>``."""
+    checkpoint_sink: str = ""
+    """Where each signed checkpoint is also written, outside the database, for someone
+    else to keep (a witness): a file path (one JSON object per line, the form of
+    ``cuga audit checkpoint --output``), ``log`` (one INFO line per checkpoint on the
+    ``cuga.audit.checkpoints`` logger, for a log shipper) or ``none``. Default
+    ``<data_dir>/audit-checkpoints/checkpoints.jsonl``."""
 
     def __post_init__(self) -> None:
         if self.backend == "postgres" and not self.dsn.strip():
@@ -49,6 +66,10 @@ class AuditConfig:
             raise ConfigError("prune_interval_s", "must be > 0")
         if not 1 <= self.max_batch <= 1000:
             raise ConfigError("max_batch", "must be between 1 and 1000")
+        if self.checkpoint_interval_s <= 0:
+            raise ConfigError("checkpoint_interval_s", "must be > 0")
+        if any(c.isspace() or c == "+" for c in self.checkpoint_origin):
+            raise ConfigError("checkpoint_origin", "must not hold spaces or '+'")
 
 
 __all__ = ["AuditConfig", "Backend", "FsyncPolicy"]

@@ -1,4 +1,4 @@
-"""The audit authority's domain: validation, hashing, and the backend it stores into.
+"""The audit authority's domain: validation, the Merkle log, checkpoints and proofs.
 
 :class:`AuditLog` is both what the gRPC servicer calls and the local implementation of
 :class:`cuga.shared.authorities.AuditTrail` the embedded coordinator uses.
@@ -18,24 +18,41 @@ from google.protobuf import json_format
 from cuga.audit.v1 import audit_pb2
 from cuga.common.v1 import common_pb2
 from cuga.services.audit.backend import AuditBackend, NoOpAuditTrail, PruneResult
+from cuga.services.audit.checkpoints import Checkpointer, KeySigner, LogInconsistentError
 from cuga.services.audit.config import AuditConfig
+from cuga.services.audit.merkle import (
+    LogDamagedError,
+    consistency_ranges,
+    inclusion_ranges,
+    range_hashes,
+)
 from cuga.services.audit.records import (
     DEFAULT_PROFILE,
     KNOWN_KINDS,
     RECORD_ID_PATTERN,
     AppendResult,
+    CorruptEntry,
+    Entry,
     PendingRecord,
     QueryPage,
     RecordFilter,
+    StoredCheckpoint,
     VerifyResult,
-    canonical_content,
+    canonical_parts,
+    record_leaf_hash,
     to_json_line,
     ts_to_ns,
 )
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import Limits
-from cuga.shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from cuga.shared.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from cuga.shared.metrics import AuditMetrics
+from cuga.shared.signing import generate_private_key
+from cuga.shared.transparency import ProofError, verify_inclusion
 from cuga.shared.validation import (
     ID_PATTERN,
     TRACE_ID_PATTERN,
@@ -62,6 +79,8 @@ _LAST_NS = MAX_TIMESTAMP_S * 1_000_000_000
 _MAX_CHAIN_INDEX = 2**63 - 1
 _CHAIN_INDEX = re.compile(r"[0-9]{1,19}")
 EXPORT_PAGE = 500
+#: Tree sizes and leaf indices are stored int64.
+_MAX_SIZE = 2**63 - 1
 
 
 def open_backend(config: AuditConfig, data_dir: Path, clock: Clock | None = None) -> AuditBackend:
@@ -103,6 +122,9 @@ class AuditLog:
     record (in a trace of its own, with the refused record's run and profile), written by
     the audit service itself.
 
+    Every record is a leaf of one Merkle log (:mod:`cuga.services.audit.merkle`);
+    :attr:`checkpointer` signs its checkpoints, and the proofs are answered from storage.
+
     Args:
         backend: where records go; closed by :meth:`close`.
         clock: stamps records sent without a timestamp, and decides retention.
@@ -110,6 +132,8 @@ class AuditLog:
         max_batch: most records in one batch.
         metrics: the alarm counters (None: no metrics).
         own_writer: the namespace of the records the audit service writes itself.
+        checkpointer: signs the log's checkpoints. None: an in-memory key made for this
+            instance and no sink (embedded use; the service configures a key file).
     """
 
     def __init__(
@@ -121,9 +145,13 @@ class AuditLog:
         max_batch: int = 1000,
         metrics: AuditMetrics | None = None,
         own_writer: str = "audit",
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.backend = backend
         self._clock = clock or SystemClock()
+        self.checkpointer = checkpointer or Checkpointer(
+            backend, KeySigner(generate_private_key()), clock=self._clock
+        )
         self._limits = limits or Limits()
         self._max_batch = max_batch
         self._metrics = metrics or AuditMetrics()
@@ -163,12 +191,12 @@ class AuditLog:
         else:
             clean.timestamp.FromNanoseconds(int(self._clock.now() * 1e9))
         try:
-            canonical, payload_json = canonical_content(clean)
+            head, tail, payload_json = canonical_parts(clean)
         except ValueError:
             raise InvalidArgumentError(
                 f"{field}.payload", "holds NaN or Infinity, which JSON cannot carry"
             ) from None
-        return PendingRecord(clean, canonical, payload_json, given)
+        return PendingRecord(clean, head, tail, payload_json, given)
 
     def _filter(self, flt: audit_pb2.RecordFilter, field: str = "filter") -> RecordFilter:
         check_id(f"{field}.trace_id", flt.trace_id, required=False, pattern=TRACE_ID_PATTERN)
@@ -235,30 +263,33 @@ class AuditLog:
         )
         if refused is None:
             return
-        # A trace of its own, so a refused batch still leaves every chain where it was;
+        # A trace of its own, so a refused batch still leaves every trace where it was;
         # run and profile are the refused record's, so queries of that run find it.
-        alarm = audit_pb2.AuditRecord(
+        await self._write_alarm(
+            "RECORD_ID_CONFLICT",
+            {"record_id": rid, "writer": writer, "kind": refused.kind, "message": error.message},
+            refused.run_id,
+            refused.profile,
+        )
+
+    async def _write_alarm(
+        self, alarm: str, details: dict[str, str], run_id: str, profile: str
+    ) -> None:
+        """Append an ``audit_alarm`` record in a trace of its own (never raises)."""
+        record = audit_pb2.AuditRecord(
             record_id=f"alarm-{uuid.uuid4().hex}",
             trace_id=uuid.uuid4().hex,
-            run_id=refused.run_id,
-            profile=refused.profile,
+            run_id=run_id,
+            profile=profile,
             kind="audit_alarm",
             actor=self._own_writer,
         )
-        alarm.payload.update(
-            {
-                "alarm": "RECORD_ID_CONFLICT",
-                "record_id": rid,
-                "writer": writer,
-                "kind": refused.kind,
-                "message": error.message,
-            }
-        )
+        record.payload.update({"alarm": alarm, **details})
         try:
-            item = self.prepare(alarm, "alarm", self._own_writer)
+            item = self.prepare(record, "alarm", self._own_writer)
             await asyncio.to_thread(self.backend.append, [item])
         except Exception:  # the refusal stands whatever happens to its alarm record
-            log.exception("could not store the audit_alarm record for %s", rid)
+            log.exception("could not store the audit_alarm record %s", alarm)
 
     async def record_batch(
         self, records: Sequence[audit_pb2.AuditRecord], *, timeout: float | None = None
@@ -295,14 +326,197 @@ class AuditLog:
             after = page.next_position
 
     async def verify(self, trace_id: str) -> VerifyResult:
-        """Recompute a trace's chain (NOT_FOUND when nothing was ever stored for it)."""
+        """Check a trace against the log (NOT_FOUND when nothing was ever stored for it)."""
         check_id("trace_id", trace_id, pattern=TRACE_ID_PATTERN)
-        result = await asyncio.to_thread(self.backend.verify, trace_id)
-        if result is None:
-            raise NotFoundError(f"no audit records for trace {trace_id}", domain="cuga.audit")
+        result = await asyncio.to_thread(self._verify, trace_id)
         if not result.ok:
-            log.warning("audit chain of trace %s is broken: %s", trace_id, result.problem)
+            log.warning("audit trace %s does not verify: %s", trace_id, result.problem)
         return result
+
+    def _verify(self, trace_id: str) -> VerifyResult:
+        trace = self.backend.trace(trace_id)
+        if trace is None:
+            raise NotFoundError(f"no audit records for trace {trace_id}", domain="cuga.audit")
+        try:
+            cp = self.checkpointer.current()
+        except (LogInconsistentError, LogDamagedError) as exc:
+            return VerifyResult(False, 0, "", 0, exc.message)
+        # Positions first (a gap names the missing record), then each record's proof.
+        expected, checked = 1, 0
+        records: list[audit_pb2.AuditRecord] = []
+        for item in trace.items:
+            if isinstance(item, CorruptEntry):
+                return VerifyResult(
+                    False,
+                    checked,
+                    item.record_id,
+                    expected,
+                    f"{item.where} cannot be read as a record: {item.detail}",
+                    cp,
+                )
+            checked += 1
+            if item.chain_index != expected:
+                if item.chain_index > expected:
+                    problem = (
+                        f"record(s) missing: expected position {expected} in the trace, "
+                        f"found {item.chain_index}"
+                    )
+                else:
+                    problem = (
+                        f"out of order: position {item.chain_index} appears after {expected - 1}"
+                    )
+                return VerifyResult(False, checked, item.record_id, expected, problem, cp)
+            records.append(item)
+            expected += 1
+        if trace.head_index > expected - 1:
+            return VerifyResult(
+                False,
+                checked,
+                "",
+                expected,
+                f"record(s) missing at the end: the trace had {trace.head_index} record(s), "
+                f"found {expected - 1}",
+                cp,
+            )
+        size, count = self.backend.frontier().size, self.backend.leaf_count()
+        if count < size:
+            return VerifyResult(
+                False,
+                checked,
+                "",
+                0,
+                f"the log holds {count} of its {size} leaves: {size - count} record(s) were"
+                " deleted from it (run a full audit: cuga audit verify --since CHECKPOINT)",
+                cp,
+            )
+        for position, record in enumerate(records, start=1):
+            problem = self._prove(record, cp)
+            if problem:
+                return VerifyResult(False, position, record.record_id, position, problem, cp)
+        return VerifyResult(True, checked, checkpoint=cp)
+
+    def _prove(self, record: audit_pb2.AuditRecord, cp: StoredCheckpoint) -> str:
+        """What is wrong with ``record`` in the log under ``cp`` ("" when it is proven)."""
+        try:
+            leaf = record_leaf_hash(record)
+        except ValueError as exc:
+            return f"its content cannot be hashed ({exc}): edited"
+        if leaf.hex() != record.hash:
+            return "its content does not match its leaf hash (edited)"
+        index = record.leaf_index
+        if index >= cp.tree_size:
+            return f"it claims leaf {index}, past the log's {cp.tree_size} leaves"
+        try:
+            proof = range_hashes(self.backend, inclusion_ranges(index, cp.tree_size))
+            verify_inclusion(leaf, index, cp.tree_size, proof, cp.root)
+        except LogDamagedError as exc:
+            return exc.message
+        except ProofError:
+            return (
+                f"it is not leaf {index} of the log its checkpoint covers "
+                "(edited, moved, or the log rewritten around it)"
+            )
+        return ""
+
+    # -- the Merkle log ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the earlier checkpoints and check the stored log against them: a log
+        rewritten while the service was down is an ALARM (and an ``audit_alarm`` record)."""
+        try:
+            await asyncio.to_thread(self._start)
+        except (LogInconsistentError, LogDamagedError) as exc:
+            await self._write_alarm("LOG_INCONSISTENT", {"message": exc.message}, "", "")
+
+    def _start(self) -> None:
+        self.checkpointer.load_anchor()
+        self.checkpointer.check(self.backend.frontier())
+
+    async def checkpoint(self) -> StoredCheckpoint:
+        """The latest checkpoint covering every record stored now (signed when needed).
+
+        Raises:
+            LogInconsistentError: the log contradicts a checkpoint signed before.
+        """
+        return await asyncio.to_thread(self.checkpointer.current)
+
+    async def sign_if_grown(self) -> StoredCheckpoint | None:
+        """A new checkpoint when the log has grown since the last one (the interval)."""
+        return await asyncio.to_thread(self.checkpointer.sign_if_grown)
+
+    async def inclusion_proof(
+        self, record_id: str, tree_size: int = 0
+    ) -> tuple[audit_pb2.AuditRecord, int, list[bytes], StoredCheckpoint | None]:
+        """``(record, tree size, audit path, checkpoint when tree_size was 0)``.
+
+        Raises:
+            NotFoundError: no such record.
+            InvalidArgumentError: ``tree_size`` does not hold the record or is past the log.
+        """
+        check_id("record_id", record_id, pattern=RECORD_ID_PATTERN)
+        return await asyncio.to_thread(self._inclusion, record_id, tree_size)
+
+    def _inclusion(
+        self, record_id: str, tree_size: int
+    ) -> tuple[audit_pb2.AuditRecord, int, list[bytes], StoredCheckpoint | None]:
+        record = self.backend.record(record_id)
+        if record is None:
+            raise NotFoundError(f"no audit record {record_id}", domain="cuga.audit")
+        cp = self.checkpointer.current() if tree_size == 0 else None
+        size = cp.tree_size if cp is not None else tree_size
+        current = self.backend.frontier().size
+        if cp is None and not record.leaf_index < size <= current:
+            raise InvalidArgumentError(
+                "tree_size",
+                f"is {size}; the record is leaf {record.leaf_index}, so it must be from "
+                f"{record.leaf_index + 1} to the log's size {current}",
+            )
+        hashes = range_hashes(self.backend, inclusion_ranges(record.leaf_index, size))
+        return record, size, hashes, cp
+
+    async def consistency_proof(
+        self, old_size: int, new_size: int = 0
+    ) -> tuple[int, list[bytes], StoredCheckpoint | None]:
+        """``(new size, proof, checkpoint when new_size was 0)``.
+
+        Raises:
+            InvalidArgumentError: the sizes are not ``old <= new <= the log's size``.
+        """
+        return await asyncio.to_thread(self._consistency, old_size, new_size)
+
+    def _consistency(
+        self, old_size: int, new_size: int
+    ) -> tuple[int, list[bytes], StoredCheckpoint | None]:
+        cp = self.checkpointer.current() if new_size == 0 else None
+        new = cp.tree_size if cp is not None else new_size
+        current = self.backend.frontier().size
+        if new > current:
+            raise InvalidArgumentError("new_size", f"is {new}, past the log's size {current}")
+        if old_size > new:
+            raise InvalidArgumentError("old_size", f"is {old_size}, past new_size {new}")
+        return new, range_hashes(self.backend, consistency_ranges(old_size, new)), cp
+
+    async def entries(self, size: int = 0, token: str = "") -> tuple[list[Entry], str]:
+        """A page of the log's leaves in order and the next token.
+
+        Raises:
+            LogDamagedError: a leaf of the page is missing from storage.
+        """
+        n = page_size("page_size", size, self._limits.max_page_size)
+        text = decode_page_token("page_token", token)
+        if text and (not _CHAIN_INDEX.fullmatch(text) or int(text) > _MAX_SIZE):
+            raise InvalidArgumentError("page_token", "is not a token this service issued")
+        start = int(text) if text else 0
+        return await asyncio.to_thread(self._entries, start, n)
+
+    def _entries(self, start: int, n: int) -> tuple[list[Entry], str]:
+        total = self.backend.frontier().size
+        got = self.backend.entries(start, min(n, max(0, total - start)))
+        want = min(n, max(0, total - start))
+        if len(got) < want:
+            raise LogDamagedError(f"leaf {start + len(got)} is missing from the log")
+        following = start + len(got)
+        return got, encode_page_token(str(following)) if following < total else ""
 
     async def prune(self, older_than: float) -> PruneResult:
         """Delete whole traces whose newest record is older than ``older_than`` (epoch s)."""

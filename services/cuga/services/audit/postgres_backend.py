@@ -1,11 +1,11 @@
 """The backend for several audit replicas: PostgreSQL by DSN (psycopg 3).
 
-Each replica may append to the same trace at the same time; a transaction takes
-``pg_advisory_xact_lock(hashtext(trace_id))`` for every trace it touches (in sorted order,
-so two batches never deadlock) before it reads the chain head, so chain positions and
-``prev_hash`` links stay consistent. A hash collision of two trace ids only makes them
-wait for each other. A concurrent insert of the same record id under another trace is
-caught by the primary key and the batch is retried, which then sees the stored record.
+Each replica may append at the same time. The log is one sequence of leaves, so a write
+transaction first takes the log's advisory lock (``pg_advisory_xact_lock``) and only then
+reads the tree and the chain heads: leaf indices, positions in traces and tree nodes stay
+consistent, and appends of all replicas are serialised (a batch holds the lock for its
+few statements). A concurrent insert of the same record id is caught by the unique key
+and the batch is retried, which then sees the stored record.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from cuga.services.audit._sql import POSTGRES_SCHEMA, SqlAuditBackend
 
 #: Session advisory lock key held while creating the schema (replicas start together).
 _SCHEMA_LOCK = 0x637567_6175
+#: Transaction advisory lock key of the log: every write holds it.
+_LOG_LOCK = 0x637567_6176
 
 
 class PostgresAuditTrail(SqlAuditBackend):
@@ -38,18 +40,25 @@ class PostgresAuditTrail(SqlAuditBackend):
                 cur.execute(POSTGRES_SCHEMA)
             finally:
                 cur.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+        self._upgrade()
 
     @contextmanager
     def _transaction(self, traces: Sequence[str]) -> Iterator[Any]:
         with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
-            for trace in sorted(traces):
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (trace,))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOG_LOCK,))
             yield cur
 
     @contextmanager
     def _read(self) -> Iterator[Any]:
         with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
             yield cur
+
+    def _columns(self, cur: Any) -> set[str]:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'audit_records'"
+        )
+        return {str(row[0]) for row in cur.fetchall()}
 
     def _is_retryable(self, exc: Exception) -> bool:
         return isinstance(

@@ -1,12 +1,14 @@
-"""Audit records: known kinds, canonical content, the hash chain and its verification.
+"""Audit records: known kinds, leaf encoding, sequencing into the Merkle log.
 
 Every backend stores the same fields and uses these functions, so a record hashes the same
 whichever backend holds it, and ``Verify`` means the same thing everywhere.
 
-Hash rule: ``hash = sha256_hex(canonical_json(content) + prev_hash)`` where ``content`` is
-the object ``{actor, kind, payload, profile, record_id, run_id, timestamp, trace_id}``
-serialised with sorted keys, no whitespace, UTF-8, ``timestamp`` as RFC 3339 (UTC, ``Z``),
-and ``prev_hash`` is the previous record's hash in the same trace ("" for the first).
+A record is one leaf of the deployment's Merkle log (:mod:`cuga.services.audit.merkle`).
+Its leaf data is the RFC 8785 canonical JSON of ``{actor, chain_index, kind, payload,
+profile, record_id, run_id, timestamp, trace_id}`` (:func:`cuga.shared.transparency.leaf_data`
+is the definition; :func:`canonical_parts` builds the same bytes faster), its ``hash`` the
+RFC 9162 leaf hash in hex, ``leaf_index`` its position in the log and ``chain_index`` its
+position in its trace.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from json import encoder as json_encoder
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from cuga.audit.v1 import audit_pb2
+from cuga.services.audit.merkle import Frontier
 from cuga.shared.errors import AlreadyExistsError
 from cuga.shared.messages import struct_to_dict
+from cuga.shared.transparency import canonical_json, leaf_data
 
 KNOWN_KINDS: tuple[str, ...] = (
     "plan",
@@ -74,86 +78,92 @@ def ns_to_ts(ns: int) -> timestamp_pb2.Timestamp:
 
 
 def content_of(record: audit_pb2.AuditRecord) -> dict[str, Any]:
-    """The hashed content of a record as a JSON-like dict."""
+    """The content a writer gives a record (what a resend must repeat), as a JSON-like dict."""
     content: dict[str, Any] = {name: getattr(record, name) for name in _CONTENT_FIELDS}
     content["timestamp"] = record.timestamp.ToJsonString()
     content["payload"] = struct_to_dict(record.payload)
     return content
 
 
-#: The one canonical encoder (what ``json.dumps`` with these options builds on every call).
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
+def leaf_content(record: audit_pb2.AuditRecord) -> dict[str, Any]:
+    """The JSON object a stored record's leaf data is the canonical form of."""
+    content = content_of(record)
+    content["chain_index"] = int(record.chain_index)
+    return content
 
 
-def canonical_json(data: Mapping[str, Any]) -> str:
-    """Sorted keys, no whitespace, UTF-8 text, no NaN/Infinity."""
-    return _CANONICAL.encode(data)
+def record_leaf_hash(record: audit_pb2.AuditRecord) -> bytes:
+    """A stored record's leaf hash, recomputed from its content by the definition.
+
+    Raises:
+        ValueError: the payload holds a value JSON cannot carry.
+    """
+    return hashlib.sha256(b"\x00" + leaf_data(leaf_content(record))).digest()
 
 
-def canonical_content(record: audit_pb2.AuditRecord) -> tuple[str, str]:
-    """``(canonical JSON of the content, canonical JSON of the payload)`` of a record.
+def canonical_parts(record: audit_pb2.AuditRecord) -> tuple[bytes, bytes, str]:
+    """``(head, tail, payload JSON)`` of a record's leaf data, before its chain_index is
+    known: the leaf data is ``head + str(chain_index) + tail``.
 
-    Equal to ``canonical_json(content_of(record))`` and
-    ``canonical_json(content_of(record)["payload"])``, with the payload converted once: the
-    payload text is what SQL backends store, so the append path never converts it again.
-    The content object is spelled out with its members in sorted key order; canonical JSON
-    of a nested value does not depend on what encloses it, so the payload text slots in.
+    The same bytes as :func:`cuga.shared.transparency.leaf_data` (pinned by a property
+    test), with the payload made canonical once by the RFC 8785 package and the fixed
+    members spelled out in their canonical order: the JSON module's string escaping is
+    RFC 8785's (quote, backslash and control characters only, ``\\u00xx`` in lowercase), and
+    the payload text is what SQL backends store, so the append path never converts it again.
 
     Raises:
         ValueError: when the payload holds NaN or Infinity.
     """
     payload = canonical_json(struct_to_dict(record.payload))
     enc = json_encoder.encode_basestring
-    text = (
-        f'{{"actor":{enc(record.actor)},"kind":{enc(record.kind)},"payload":{payload},'
+    head = f'{{"actor":{enc(record.actor)},"chain_index":'
+    tail = (
+        f',"kind":{enc(record.kind)},"payload":{payload},'
         f'"profile":{enc(record.profile)},"record_id":{enc(record.record_id)},'
         f'"run_id":{enc(record.run_id)},"timestamp":{enc(record.timestamp.ToJsonString())},'
         f'"trace_id":{enc(record.trace_id)}}}'
     )
-    return text, payload
-
-
-def chain_hash(canonical: str, prev_hash: str) -> str:
-    """The hash of a record whose canonical content is ``canonical``."""
-    return hashlib.sha256((canonical + prev_hash).encode("utf-8")).hexdigest()
-
-
-def record_hash(record: audit_pb2.AuditRecord) -> str:
-    """Recompute a stored record's hash from its content and its ``prev_hash``."""
-    return chain_hash(canonical_json(content_of(record)), record.prev_hash)
+    return head.encode("utf-8"), tail.encode("utf-8"), payload
 
 
 def to_json_dict(record: audit_pb2.AuditRecord) -> dict[str, Any]:
     """A stored record as the JSON object of exports and JSON-lines files."""
-    data = content_of(record)
+    data = leaf_content(record)
     data["prev_hash"] = record.prev_hash
     data["hash"] = record.hash
-    data["chain_index"] = record.chain_index
+    data["leaf_index"] = record.leaf_index
     return data
 
 
 def to_json_line(record: audit_pb2.AuditRecord, payload_json: str | None = None) -> str:
-    """One JSON line (no trailing newline): ``canonical_json(to_json_dict(record))``.
+    """One JSON line (no trailing newline): the members of :func:`to_json_dict`, sorted.
 
-    Spelled out like :func:`canonical_content`; ``payload_json`` is the canonical JSON of
-    the payload when the caller has it already (an append), so it is not made again.
+    ``payload_json`` is the canonical JSON of the payload when the caller has it already
+    (an append), so it is not made again.
     """
     if payload_json is None:
         payload_json = canonical_json(struct_to_dict(record.payload))
     enc = json_encoder.encode_basestring
     return (
         f'{{"actor":{enc(record.actor)},"chain_index":{int(record.chain_index)},'
-        f'"hash":{enc(record.hash)},"kind":{enc(record.kind)},"payload":{payload_json},'
+        f'"hash":{enc(record.hash)},"kind":{enc(record.kind)},'
+        f'"leaf_index":{int(record.leaf_index)},"payload":{payload_json},'
         f'"prev_hash":{enc(record.prev_hash)},"profile":{enc(record.profile)},'
         f'"record_id":{enc(record.record_id)},"run_id":{enc(record.run_id)},'
         f'"timestamp":{enc(record.timestamp.ToJsonString())},"trace_id":{enc(record.trace_id)}}}'
     )
 
 
+def _count(data: Mapping[str, Any], name: str) -> int:
+    value = data.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"field {name!r} is missing or not a non-negative integer")
+    return value
+
+
 def from_json_dict(data: Mapping[str, Any]) -> audit_pb2.AuditRecord:
-    """Rebuild a record from :func:`to_json_dict` output.
+    """Rebuild a record from :func:`to_json_dict` output (``leaf_index`` may be absent:
+    lines written before the Merkle log).
 
     Raises:
         ValueError: when the object lacks a field or a field has the wrong type.
@@ -166,10 +176,9 @@ def from_json_dict(data: Mapping[str, Any]) -> audit_pb2.AuditRecord:
         if not isinstance(value, str):
             raise ValueError(f"field {name!r} is missing or not a string")
         setattr(record, name, value)
-    index = data.get("chain_index")
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise ValueError("field 'chain_index' is missing or not a non-negative integer")
-    record.chain_index = index
+    record.chain_index = _count(data, "chain_index")
+    if "leaf_index" in data:
+        record.leaf_index = _count(data, "leaf_index")
     ts = data.get("timestamp")
     payload = data.get("payload")
     if not isinstance(ts, str) or not isinstance(payload, dict):
@@ -212,13 +221,15 @@ def same_body(stored: audit_pb2.AuditRecord, incoming: PendingRecord) -> bool:
 
 @dataclass(frozen=True)
 class PendingRecord:
-    """A validated record about to be appended (chain fields not set yet)."""
+    """A validated record about to be appended (log fields not set yet)."""
 
     record: audit_pb2.AuditRecord
-    """Normalised content, owned by this object; prev_hash, hash and chain_index are empty
-    until :func:`chain_records` completes it into the stored record."""
-    canonical: str
-    """Its canonical JSON content."""
+    """Normalised content, owned by this object; hash, chain_index and leaf_index are
+    empty until :func:`sequence_records` completes it into the stored record."""
+    head: bytes
+    """Its leaf data up to the chain_index value (:func:`canonical_parts`)."""
+    tail: bytes
+    """Its leaf data after the chain_index value."""
     payload_json: str
     """The canonical JSON of its payload (the SQL backends' ``payload`` column)."""
     timestamp_given: bool = True
@@ -231,49 +242,53 @@ class AppendResult:
     frozen dataclass costs twice as much to build and one is built per record)."""
 
     record: audit_pb2.AuditRecord
-    """The stored record with its chain fields."""
+    """The stored record with its log fields."""
     duplicate: bool
     """True when it was already stored and nothing was written."""
 
 
 @dataclass
 class Head:
-    """The end of a trace's chain."""
+    """The end of a trace: its last position and that record's leaf hash (hex)."""
 
     index: int = 0
     hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
-class ChainedBatch:
-    """What :func:`chain_records` decided a batch appends."""
+class SequencedBatch:
+    """What :func:`sequence_records` decided a batch appends."""
 
     results: list[AppendResult]
     """One per pending record, in request order."""
     new: list[tuple[audit_pb2.AuditRecord, str]]
-    """Records to write, in order, each with the canonical JSON of its payload."""
+    """Records to write, in leaf order, each with the canonical JSON of its payload."""
     heads: dict[str, Head]
     """The new head of every trace that grows."""
+    nodes: list[tuple[int, int, bytes]]
+    """Tree nodes the batch completed, ``(level, index, hash)``, to store."""
+    frontier: Frontier
+    """The tree after the batch."""
 
 
-def chain_records(
+def sequence_records(
     pending: Sequence[PendingRecord],
     lookup: Callable[[str], audit_pb2.AuditRecord | None],
     head: Callable[[str], Head],
-) -> ChainedBatch:
-    """Decide, inside a backend's transaction, what a batch appends.
+    frontier: Frontier,
+) -> SequencedBatch:
+    """Decide, inside a backend's transaction, what a batch appends to the log.
 
-    The record of each new entry of ``pending`` is completed in place (chain fields set)
-    and becomes the stored record: :meth:`AuditLog.prepare` made it a private copy, so
-    nothing else sees it, and a batch that is tried again sets the fields afresh.
+    The record of each new entry of ``pending`` is completed in place (chain_index,
+    leaf_index, hash) and becomes the stored record: :meth:`AuditLog.prepare` made it a
+    private copy, so nothing else sees it, and a batch that is tried again sets the
+    fields afresh. ``frontier`` is not changed (the batch grows a copy).
 
     Args:
         pending: the batch, in order.
         lookup: the stored record with an id, or None.
         head: the current head of a trace (called once per trace).
-
-    Returns:
-        The results in request order, the new records to write and the new heads.
+        frontier: the stored tree.
 
     Raises:
         AlreadyExistsError: a record id is stored (or repeated in the batch) with another body.
@@ -281,8 +296,10 @@ def chain_records(
     results: list[AppendResult] = []
     new: list[tuple[audit_pb2.AuditRecord, str]] = []
     in_batch: dict[str, audit_pb2.AuditRecord] = {}
-    # (index, hash) of each trace's end as the batch grows it.
-    ends: dict[str, tuple[int, str]] = {}
+    ends: dict[str, Head] = {}
+    tree = frontier.copy()
+    nodes: list[tuple[int, int, bytes]] = []
+    sha256 = hashlib.sha256
     for item in pending:
         record = item.record
         rid = record.record_id
@@ -300,16 +317,43 @@ def chain_records(
         end = ends.get(trace)
         if end is None:
             current = head(trace)
-            end = (current.index, current.hash)
-        index, digest = end[0] + 1, chain_hash(item.canonical, end[1])
-        record.prev_hash = end[1]
+            end = ends[trace] = Head(current.index, current.hash)
+        index = end.index + 1
+        leaf = sha256(b"\x00" + item.head + str(index).encode() + item.tail).digest()
         record.chain_index = index
-        record.hash = digest
-        ends[trace] = (index, digest)
+        record.leaf_index = tree.size
+        record.hash = end.hash = leaf.hex()
+        end.index = index
+        tree.append(leaf, nodes)
         in_batch[rid] = record
         new.append((record, item.payload_json))
         results.append(AppendResult(record, False))
-    return ChainedBatch(results, new, {trace: Head(i, h) for trace, (i, h) in ends.items()})
+    return SequencedBatch(results, new, ends, nodes, tree)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One leaf of the log as a backend holds it."""
+
+    leaf_index: int
+    leaf_hash: bytes
+    """As stored (a verifier recomputes it from the record)."""
+    record: audit_pb2.AuditRecord | None
+    """None when retention pruned it (a tombstone keeps the leaf hash)."""
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A checkpoint the audit service signed, as stored beside the log."""
+
+    key_hash: str
+    """Hex of the 4-byte key hash of the key that signed it."""
+    tree_size: int
+    root: bytes
+    time_ns: int
+    """When it was signed (ns since the epoch)."""
+    note: str
+    """The signed note."""
 
 
 @dataclass(frozen=True)
@@ -353,13 +397,15 @@ class QueryPage:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """The outcome of recomputing a trace's chain."""
+    """The outcome of checking a trace against the log."""
 
     ok: bool
     records_checked: int
     first_broken_record_id: str = ""
     first_broken_index: int = 0
     problem: str = ""
+    checkpoint: StoredCheckpoint | None = None
+    """The checkpoint the trace was checked against."""
 
 
 @dataclass(frozen=True)
@@ -373,113 +419,33 @@ class CorruptEntry:
     detail: str = ""
 
 
-@dataclass
-class _Walk:
-    expected: int = 1
-    prev: str = ""
-    checked: int = 0
-    seen: list[str] = field(default_factory=list)
-
-
-def verify_chain(
-    items: Iterable[audit_pb2.AuditRecord | CorruptEntry], *, head_index: int = 0
-) -> VerifyResult:
-    """Walk a trace's records in stored order and report the first broken link.
-
-    Detects an edited record (its hash no longer matches its content), a deleted one (a gap
-    in chain_index, or fewer records than the trace's recorded head), a reordered one
-    (chain_index out of sequence, or prev_hash not the previous record's hash), and entries
-    that cannot be read at all.
-
-    Args:
-        items: the trace's entries in the backend's stored order.
-        head_index: the chain length the backend recorded at write time (0 = unknown).
-    """
-    walk = _Walk()
-    for item in items:
-        if isinstance(item, CorruptEntry):
-            return VerifyResult(
-                False,
-                walk.checked,
-                item.record_id,
-                walk.expected,
-                f"{item.where} cannot be read as a record: {item.detail}",
-            )
-        walk.checked += 1
-        rid = item.record_id
-        if item.chain_index != walk.expected:
-            if item.chain_index > walk.expected:
-                problem = (
-                    f"record(s) missing: expected chain_index {walk.expected}, "
-                    f"found {item.chain_index}"
-                )
-            else:
-                problem = (
-                    f"out of order: chain_index {item.chain_index} appears after "
-                    f"{walk.expected - 1}"
-                )
-            return VerifyResult(False, walk.checked, rid, walk.expected, problem)
-        if item.prev_hash != walk.prev:
-            return VerifyResult(
-                False,
-                walk.checked,
-                rid,
-                item.chain_index,
-                "prev_hash does not match the previous record's hash (reordered or replaced)",
-            )
-        try:
-            recomputed = record_hash(item)
-        except ValueError as exc:  # e.g. NaN smuggled into a stored payload
-            recomputed = f"<unhashable: {exc}>"
-        if recomputed != item.hash:
-            return VerifyResult(
-                False,
-                walk.checked,
-                rid,
-                item.chain_index,
-                "hash does not match the record's content (edited)",
-            )
-        walk.prev = item.hash
-        walk.expected += 1
-    last = walk.expected - 1
-    if head_index > last:
-        return VerifyResult(
-            False,
-            walk.checked,
-            "",
-            last + 1,
-            f"record(s) missing at the end: the chain had {head_index} record(s), found {last}",
-        )
-    return VerifyResult(True, walk.checked)
-
-
 __all__ = [
     "DEFAULT_PROFILE",
     "KIND_WRITERS",
     "KNOWN_KINDS",
     "RECORD_ID_PATTERN",
     "AppendResult",
-    "ChainedBatch",
     "CorruptEntry",
+    "Entry",
     "Head",
     "PendingRecord",
     "Position",
     "QueryPage",
     "RecordFilter",
+    "SequencedBatch",
+    "StoredCheckpoint",
     "VerifyResult",
-    "canonical_content",
-    "canonical_json",
-    "chain_hash",
-    "chain_records",
+    "canonical_parts",
     "content_of",
     "from_json_dict",
     "from_json_line",
+    "leaf_content",
     "ns_to_ts",
     "payload_from_json",
-    "record_hash",
+    "record_leaf_hash",
     "same_body",
+    "sequence_records",
     "to_json_dict",
     "to_json_line",
     "ts_to_ns",
-    "verify_chain",
 ]

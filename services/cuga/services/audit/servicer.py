@@ -8,7 +8,7 @@ import grpc
 
 from cuga.audit.v1 import audit_pb2, audit_pb2_grpc
 from cuga.services.audit.domain import AuditLog
-from cuga.services.audit.records import KIND_WRITERS
+from cuga.services.audit.records import KIND_WRITERS, StoredCheckpoint, ns_to_ts
 from cuga.shared.auth import (
     check_profile_access,
     current_identity,
@@ -107,6 +107,78 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             first_broken_record_id=result.first_broken_record_id,
             first_broken_index=result.first_broken_index,
             problem=result.problem,
+            checkpoint=self._checkpoint(result.checkpoint),
+        )
+
+    def _checkpoint(self, cp: StoredCheckpoint | None) -> audit_pb2.Checkpoint | None:
+        if cp is None:
+            return None
+        return audit_pb2.Checkpoint(
+            origin=self._log.checkpointer.origin,
+            tree_size=cp.tree_size,
+            root_hash=cp.root,
+            timestamp=ns_to_ts(cp.time_ns),
+            note=cp.note,
+        )
+
+    async def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.GetCheckpointResponse:
+        cp = await self._log.checkpoint()
+        return audit_pb2.GetCheckpointResponse(
+            checkpoint=self._checkpoint(cp), public_key=self._log.checkpointer.public_key
+        )
+
+    async def GetInclusionProof(
+        self, request: audit_pb2.GetInclusionProofRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.GetInclusionProofResponse:
+        record, size, hashes, cp = await self._log.inclusion_proof(
+            request.record_id, request.tree_size
+        )
+        if not is_visible(record.profile):
+            # The answer for an unknown id: a scoped auditor learns nothing of the record.
+            raise NotFoundError(f"no audit record {request.record_id}", domain="cuga.audit")
+        return audit_pb2.GetInclusionProofResponse(
+            record=record,
+            leaf_index=record.leaf_index,
+            tree_size=size,
+            hashes=hashes,
+            checkpoint=self._checkpoint(cp),
+        )
+
+    async def GetConsistencyProof(
+        self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.GetConsistencyProofResponse:
+        new_size, hashes, cp = await self._log.consistency_proof(request.old_size, request.new_size)
+        return audit_pb2.GetConsistencyProofResponse(
+            old_size=request.old_size,
+            new_size=new_size,
+            hashes=hashes,
+            checkpoint=self._checkpoint(cp),
+        )
+
+    async def ListEntries(
+        self, request: audit_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.ListEntriesResponse:
+        identity = current_identity()
+        if identity is not None and identity.profiles:
+            raise PermissionDeniedError(
+                f"{identity.name!r} may read only some profiles; ListEntries reads the whole"
+                " log (every profile's records)",
+                reason="WHOLE_LOG_ONLY",
+            )
+        entries, token = await self._log.entries(request.page_size, request.page_token)
+        return audit_pb2.ListEntriesResponse(
+            entries=[
+                audit_pb2.LogEntry(
+                    leaf_index=e.leaf_index,
+                    leaf_hash=e.leaf_hash,
+                    record=e.record,
+                    pruned=e.record is None,
+                )
+                for e in entries
+            ],
+            next_page_token=token,
         )
 
     async def _check_trace_visible(self, trace_id: str) -> None:

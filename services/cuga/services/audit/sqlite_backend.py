@@ -27,10 +27,11 @@ class SQLiteAuditTrail(SqlAuditBackend):
         self._lock = threading.Lock()
         with self._lock:
             self._conn.executescript(SCHEMA)
+        self._upgrade()
 
     @contextmanager
     def _transaction(self, traces: Sequence[str]) -> Iterator[sqlite3.Cursor]:
-        # The one lock serialises every trace, so per-trace locks are implied.
+        # The one lock and BEGIN IMMEDIATE serialise every append: the log's write lock.
         with self._lock, Transaction(self._conn) as conn:
             yield conn.cursor()
 
@@ -38,6 +39,9 @@ class SQLiteAuditTrail(SqlAuditBackend):
     def _read(self) -> Iterator[sqlite3.Cursor]:
         with self._lock:
             yield self._conn.cursor()
+
+    def _columns(self, cur: sqlite3.Cursor) -> set[str]:
+        return {str(row[1]) for row in cur.execute("PRAGMA table_info(audit_records)")}
 
     def _is_key_conflict(self, exc: Exception) -> bool:
         return isinstance(exc, sqlite3.IntegrityError)
