@@ -39,6 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from cuga.audit.v1 import audit_pb2
+from cuga.shared.messages import struct_to_dict
 from cuga.shared.signing import load_public_key
 
 #: The members of a leaf's JSON object (RFC 8785 orders them; this is that order).
@@ -100,6 +102,21 @@ def canonical_json(value: Any) -> str:
         ValueError: a value JSON cannot carry (NaN, Infinity, an integer beyond 2^53).
     """
     return rfc8785.dumps(value).decode("utf-8")
+
+
+def leaf_content(record: audit_pb2.AuditRecord) -> dict[str, Any]:
+    """The JSON object whose canonical form is a stored record's leaf data."""
+    return {
+        "actor": record.actor,
+        "chain_index": int(record.chain_index),
+        "kind": record.kind,
+        "payload": struct_to_dict(record.payload),
+        "profile": record.profile,
+        "record_id": record.record_id,
+        "run_id": record.run_id,
+        "timestamp": record.timestamp.ToJsonString(),
+        "trace_id": record.trace_id,
+    }
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -342,6 +359,7 @@ __all__ = [
     "canonical_json",
     "checkpoint_body",
     "key_hash",
+    "leaf_content",
     "leaf_data",
     "leaf_hash",
     "node_hash",

@@ -1,11 +1,18 @@
-"""``cuga audit query|export|verify``: read and check the audit trail over gRPC."""
+"""``cuga audit query|export|verify|checkpoint|prove``: read and check the audit trail.
+
+``verify TRACE_ID`` asks the service; ``checkpoint``, ``verify --since`` and ``prove`` check
+everything here (:mod:`cuga.client.audit_verifier`), trusting only a pinned checkpoint key.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import os
 import sys
-from typing import IO
+from collections.abc import Awaitable
+from typing import IO, TypeVar
 
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
@@ -16,9 +23,14 @@ from cuga.audit.v1 import audit_pb2
 from cuga.cli._output import ConfigProblem, UsageError, json_line
 from cuga.cli.tokens import cli_token
 from cuga.client import AuditClient
+from cuga.client.audit_verifier import AuditVerifier, SavedCheckpoint, load_checkpoint
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.config import Settings
+from cuga.shared.errors import CugaError
 from cuga.shared.files import open_private
+from cuga.shared.transparency import ProofError
+
+T = TypeVar("T")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,10 +49,48 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.add_argument("-o", "--output", help="file to write (default: stdout)")
     export.set_defaults(handler=export_command)
 
-    verify = sub.add_parser("verify", help="recompute a trace's hash chain")
-    verify.add_argument("trace_id", help="the trace (32 lowercase hex)")
+    verify = sub.add_parser(
+        "verify",
+        help="check a trace, or (--since) the whole log, against a saved checkpoint",
+        description="Without --since: the service checks TRACE_ID against its log. With "
+        "--since FILE: this command checks, from a checkpoint you saved, that the log only "
+        "grew, then every record of TRACE_ID, or with no TRACE_ID every record of the log.",
+    )
+    verify.add_argument("trace_id", nargs="?", default="", help="the trace (32 lowercase hex)")
+    verify.add_argument(
+        "--since", metavar="FILE", default="", help="a checkpoint saved by cuga audit checkpoint"
+    )
+    _key_arg(verify)
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(handler=verify_command)
+
+    checkpoint = sub.add_parser(
+        "checkpoint", help="fetch the log's signed checkpoint, check it, and save it"
+    )
+    checkpoint.add_argument(
+        "-o", "--output", default="", help="append it to this file (kept for verify --since)"
+    )
+    _key_arg(checkpoint)
+    checkpoint.add_argument("--json", action="store_true", help="print it as JSON")
+    checkpoint.set_defaults(handler=checkpoint_command)
+
+    prove = sub.add_parser("prove", help="prove one record is in the log (inclusion proof)")
+    prove.add_argument("record_id", help="the record id as stored (as query shows it)")
+    prove.add_argument(
+        "--since", metavar="FILE", default="", help="take the pinned key from this checkpoint"
+    )
+    _key_arg(prove)
+    prove.add_argument("--json", action="store_true", help="print the result as JSON")
+    prove.set_defaults(handler=prove_command)
+
+
+def _key_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--public-key",
+        default="",
+        help="the checkpoint key to trust (base64url); default: the saved checkpoint's, "
+        "else the one the service states (trust on first use)",
+    )
 
 
 def _filter_args(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +221,12 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``cuga audit verify TRACE_ID``: exit 0 when the chain holds, 1 when it is broken."""
+    """``cuga audit verify [TRACE_ID] [--since FILE]``: exit 0 when everything holds, 1 when
+    something does not."""
+    if args.since:
+        return await _verify_since(args, settings)
+    if not args.trace_id:
+        raise UsageError("verify: give a TRACE_ID, or --since FILE for the whole log")
     client = _client(settings)
     try:
         result = await client.verify(audit_pb2.VerifyRequest(trace_id=args.trace_id))
@@ -185,11 +240,149 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
     if result.ok:
         return 0
     if not args.json:
-        _fail(
-            f"chain broken at index {result.first_broken_index} "
-            f"(record {result.first_broken_record_id or '?'}): {result.problem}"
+        where = f" at position {result.first_broken_index}" if result.first_broken_index else ""
+        record = (
+            f" (record {result.first_broken_record_id})" if result.first_broken_record_id else ""
         )
+        _fail(f"trace does not verify{where}{record}: {result.problem}")
     return 1
+
+
+def _saved(path: str) -> SavedCheckpoint:
+    try:
+        return load_checkpoint(path)
+    except OSError as exc:
+        raise ConfigProblem(f"--since: cannot read {path}: {exc.strerror}") from None
+    except ProofError as exc:
+        raise UsageError(f"--since: {exc}") from None
+
+
+def _problem(message: str, as_json: bool, **extra: object) -> int:
+    if as_json:
+        json_line({"ok": False, "problem": message, **extra})
+    else:
+        _fail(message)
+    return 1
+
+
+async def _checked(run: Awaitable[T]) -> T:
+    """``run``, with the service's own refusals to vouch for a damaged log as findings."""
+    try:
+        return await run
+    except CugaError as exc:
+        if exc.reason in ("LOG_INCONSISTENT", "LOG_DAMAGED"):
+            raise ProofError(f"the audit service reports: {exc.message}") from None
+        raise
+
+
+async def _verify_since(args: argparse.Namespace, settings: Settings) -> int:
+    saved = _saved(args.since)
+    client = _client(settings)
+    verifier = AuditVerifier(client, args.public_key or None)
+    try:
+        report = await _checked(verifier.since(saved, args.trace_id))
+    except ProofError as exc:
+        return _problem(str(exc), args.json, trace_id=args.trace_id)
+    finally:
+        await client.close()
+    assert report.old is not None
+    summary = {
+        "ok": True,
+        "trace_id": args.trace_id,
+        "from_size": report.old.tree_size,
+        "to_size": report.new.tree_size,
+        "records_checked": report.records_checked,
+        "pruned": report.pruned,
+        "notes": report.notes,
+    }
+    if args.json:
+        json_line(summary)
+        return 0
+    what = f"trace {args.trace_id}" if args.trace_id else "every record of the log"
+    out = Console(soft_wrap=True)
+    out.print(
+        f"[green]ok[/green]: the log grew from {report.old.tree_size} to "
+        f"{report.new.tree_size} records without changing the first; {what}: "
+        f"{report.records_checked} record(s) verified",
+        highlight=False,
+    )
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+    return 0
+
+
+async def checkpoint_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``cuga audit checkpoint [-o FILE]``: the current checkpoint, checked (and saved)."""
+    key = args.public_key or None
+    pinned_by = "--public-key" if key else ""
+    if not key and args.output and os.path.exists(args.output):  # noqa: ASYNC240 - one stat
+        key, pinned_by = _saved(args.output).public_key, args.output
+    client = _client(settings)
+    try:
+        cp, saved = await _checked(AuditVerifier(client, key).checkpoint())
+    except ProofError as exc:
+        return _problem(str(exc), args.json)
+    finally:
+        await client.close()
+    line = saved.to_json(cp)
+    if args.output:
+        try:
+            with open_private(args.output, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as exc:
+            raise ConfigProblem(f"--output: cannot write {args.output}: {exc.strerror}") from None
+    if args.json:
+        json_line({**json.loads(line), "pinned_by": pinned_by or "first use"})
+        return 0
+    out = Console(soft_wrap=True)
+    out.print(
+        f"checkpoint of {cp.origin}: {cp.tree_size} records, root {cp.root_hash.hex()}, "
+        f"signed {cp.time}",
+        highlight=False,
+    )
+    if pinned_by:
+        out.print(f"signature checked with the key pinned by {pinned_by}", highlight=False)
+    else:
+        out.print(
+            f"key {saved.public_key} (first use: compare it with the one the audit service "
+            "logged at start, then keep using the saved file)",
+            highlight=False,
+        )
+    if args.output:
+        out.print(f"saved to {args.output}", highlight=False)
+    return 0
+
+
+async def prove_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``cuga audit prove RECORD_ID``: the record's inclusion proof, checked here."""
+    key = args.public_key or (_saved(args.since).public_key if args.since else None)
+    client = _client(settings)
+    try:
+        resp, cp = await _checked(AuditVerifier(client, key).prove(args.record_id))
+    except ProofError as exc:
+        return _problem(str(exc), args.json, record_id=args.record_id)
+    finally:
+        await client.close()
+    result = {
+        "ok": True,
+        "record_id": args.record_id,
+        "leaf_index": resp.leaf_index,
+        "tree_size": cp.tree_size,
+        "root_hash": cp.root_hash.hex(),
+        "leaf_hash": resp.record.hash,
+        "proof": [h.hex() for h in resp.hashes],
+        "key_pinned": key is not None,
+    }
+    if args.json:
+        json_line(result)
+        return 0
+    Console(soft_wrap=True).print(
+        f"[green]ok[/green]: record {args.record_id} is leaf {resp.leaf_index} of the "
+        f"{cp.tree_size}-record log (root {cp.root_hash.hex()}, {len(resp.hashes)} hashes "
+        f"of proof){'' if key else '; key not pinned (first use)'}",
+        highlight=False,
+    )
+    return 0
 
 
 def _as_dict(message: Message) -> dict[str, object]:
@@ -200,4 +393,11 @@ def _as_dict(message: Message) -> dict[str, object]:
     return data
 
 
-__all__ = ["export_command", "query_command", "register", "verify_command"]
+__all__ = [
+    "checkpoint_command",
+    "export_command",
+    "prove_command",
+    "query_command",
+    "register",
+    "verify_command",
+]

@@ -198,6 +198,9 @@ class SqlAuditBackend(AuditBackend):
 
     #: Parameter placeholder of the driver.
     PH: str = "?"
+    #: The last tree state read, decoded: ``(size, stored text, frontier)``. Only reused
+    #: when the stored text is the same, so a change made elsewhere is always seen.
+    _tree_cache: tuple[int, str, Frontier] | None = None
 
     @abc.abstractmethod
     def _transaction(self, traces: Sequence[str]) -> AbstractContextManager[Any]:
@@ -237,7 +240,7 @@ class SqlAuditBackend(AuditBackend):
         log) a leaf, in ``(ts_ns, trace_id, chain_index)`` order, with its leaf hash
         computed from its content (their ``prev_hash`` keeps the old chain's link). Their
         tamper evidence starts with the first checkpoint after this."""
-        frontier = self._frontier(cur)
+        frontier = self._frontier(cur).copy()
         cur.execute(
             f"SELECT {COLUMNS} FROM audit_records WHERE leaf_index IS NULL "
             "ORDER BY ts_ns, trace_id, chain_index"
@@ -344,7 +347,13 @@ class SqlAuditBackend(AuditBackend):
             if counted is not None and int(counted[0]):
                 raise LogDamagedError("the tree state row is missing while records are stored")
             return Frontier()
-        return Frontier.decode(int(row[0]), str(row[1]))
+        size, text = int(row[0]), str(row[1])
+        cached = self._tree_cache
+        if cached is not None and cached[0] == size and cached[1] == text:
+            return cached[2]  # callers never change it (a batch grows a copy)
+        frontier = Frontier.decode(size, text)
+        self._tree_cache = (size, text, frontier)
+        return frontier
 
     def _stored(self, cur: Any, record_ids: Sequence[str]) -> dict[str, audit_pb2.AuditRecord]:
         """The stored records among ``record_ids``, by id (the idempotency check)."""

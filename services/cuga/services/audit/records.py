@@ -27,7 +27,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.services.audit.merkle import Frontier
 from cuga.shared.errors import AlreadyExistsError
 from cuga.shared.messages import struct_to_dict
-from cuga.shared.transparency import canonical_json, leaf_data
+from cuga.shared.transparency import canonical_json, leaf_content, leaf_data
 
 KNOWN_KINDS: tuple[str, ...] = (
     "plan",
@@ -82,13 +82,6 @@ def content_of(record: audit_pb2.AuditRecord) -> dict[str, Any]:
     content: dict[str, Any] = {name: getattr(record, name) for name in _CONTENT_FIELDS}
     content["timestamp"] = record.timestamp.ToJsonString()
     content["payload"] = struct_to_dict(record.payload)
-    return content
-
-
-def leaf_content(record: audit_pb2.AuditRecord) -> dict[str, Any]:
-    """The JSON object a stored record's leaf data is the canonical form of."""
-    content = content_of(record)
-    content["chain_index"] = int(record.chain_index)
     return content
 
 
