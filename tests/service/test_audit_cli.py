@@ -75,3 +75,53 @@ async def test_query_export_verify(
         args = parse(["audit", "query", "--since", "yesterday"])
         assert await invoke(args, settings) == ExitCode.USAGE
         assert "--since" in capsys.readouterr().err
+
+
+async def test_checkpoint_prove_and_a_pinned_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUGA_TOKEN", token_of("auditor"))
+    settings = make_settings(tmp_path / "data")
+    saved = tmp_path / "cp.jsonl"
+    async with running_service("audit", build, settings) as server:
+        settings = with_address(settings, "audit", server.address)
+        client = AuditClient(server.address, metadata=as_identity("tester"))
+        await client.record_batch(
+            audit_pb2.RecordBatchRequest(
+                records=[
+                    audit_pb2.AuditRecord(record_id=f"r{i}", trace_id=TRACE, kind="plan")
+                    for i in range(5)
+                ]
+            )
+        )
+        await client.close()
+
+        args = parse(["audit", "checkpoint", "-o", str(saved), "--json"])
+        assert await args.handler(args, settings) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert first["tree_size"] == 5 and first["pinned_by"] == "first use"
+        assert json.loads(saved.read_text())["note"] == first["note"]
+        # Saving again checks the new checkpoint with the key the file pinned.
+        args = parse(["audit", "checkpoint", "-o", str(saved), "--json"])
+        assert await args.handler(args, settings) == 0
+        assert json.loads(capsys.readouterr().out)["pinned_by"] == str(saved)
+        assert len(saved.read_text().splitlines()) == 2
+
+        args = parse(["audit", "prove", "tester/r3", "--since", str(saved), "--json"])
+        assert await args.handler(args, settings) == 0
+        proven = json.loads(capsys.readouterr().out)
+        assert proven["ok"] and proven["leaf_index"] == 3 and proven["key_pinned"]
+
+        args = parse(["audit", "verify", TRACE, "--since", str(saved)])
+        assert await args.handler(args, settings) == 0
+        assert "5 record(s) verified" in capsys.readouterr().out
+
+        # Another key: the service's checkpoints are refused, whatever they say.
+        other = "A" * 43
+        for argv in (
+            ["audit", "checkpoint", "--public-key", other],
+            ["audit", "prove", "tester/r3", "--public-key", other],
+        ):
+            args = parse(argv)
+            assert await args.handler(args, settings) == 1
+            assert "not the pinned" in capsys.readouterr().err
