@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from cuga.cli._output import ConfigProblem, json_line, out
+from cuga.services.audit.checkpoints import load_key_signer
 from cuga.shared.auth import (
     ROLE_AUDITOR,
     ROLE_CLIENT,
@@ -66,6 +67,8 @@ ALIASES: Mapping[str, str] = {
     "auditor": "demo-auditor",
     "operator": "demo-operator",
 }
+#: The audit checkpoint key ``cuga tokens init`` makes beside the service keys.
+CHECKPOINT_KEY = "audit-checkpoint.key"
 #: Environment variable holding the CLI's bearer token (overrides the local token file).
 TOKEN_ENV = "CUGA_TOKEN"
 
@@ -189,6 +192,8 @@ async def _init(args: argparse.Namespace, settings: Settings) -> int:
     """``cuga tokens init DIR``: credentials for a deployment, kept out of the repository."""
     try:
         made = ensure_local_tokens(Path(args.directory))
+        # The audit checkpoint key: apart from the service keys (auditors pin it for years).
+        checkpoint = load_key_signer(made.folder / CHECKPOINT_KEY, create=True)
     except OSError as exc:
         raise ConfigProblem(f"tokens init: cannot write {args.directory}: {exc}") from None
     if getattr(args, "json", False):
@@ -198,6 +203,8 @@ async def _init(args: argparse.Namespace, settings: Settings) -> int:
                 "trust_file": str(made.file),
                 "tokens": {i: str(made.token_file(i)) for i in made.tokens},
                 "keys": {s: str(p) for s, p in made.keys.items()},
+                "audit_checkpoint_key": str(made.folder / CHECKPOINT_KEY),
+                "audit_checkpoint_public_key": public_key_text(checkpoint.public_key),
             }
         )
         return 0
@@ -207,6 +214,8 @@ async def _init(args: argparse.Namespace, settings: Settings) -> int:
         what = f"{identity}.key  " if identity in made.keys else f"{identity}.token"
         console.print(f"  {what}  roles: {', '.join(roles)}")
     console.print(
+        f"  {CHECKPOINT_KEY}  audit checkpoints (audit.checkpoint_key_file; auditors pin"
+        f" {public_key_text(checkpoint.public_key)})\n"
         "  tokens.yaml      token digests and public keys (every service reads it)\n"
         "Kubernetes: one Secret per service with its own key, one with tokens.yaml"
         " (docs/operations.md);\n"
