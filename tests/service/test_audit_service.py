@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
@@ -15,9 +16,12 @@ from cuga.client import AuditClient
 from cuga.services.audit.app import build
 from cuga.services.audit.config import AuditConfig
 from cuga.services.audit.records import KNOWN_KINDS, from_json_line
+from cuga.shared.clock import FakeClock
 from cuga.shared.config import ConfigError
 from cuga.shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from cuga.shared.messages import timestamp, to_struct
+from cuga.shared.telemetry import setup_telemetry
+from cuga.shared.transparency import open_checkpoint
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
 from tests.support.servers import as_identity, make_settings, running_service
 
@@ -272,3 +276,45 @@ def test_config_requires_a_dsn_for_postgres(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         make_settings(tmp_path, {"CUGA_AUDIT__FSYNC": "sometimes"}).section(AuditConfig, "audit")
     assert info.value.key == "audit.fsync"
+
+
+async def test_checkpoints_are_signed_at_the_interval_and_at_shutdown(tmp_path: Path) -> None:
+    clock = FakeClock()
+    settings = make_settings(tmp_path / "data", {"CUGA_AUDIT__CHECKPOINT_INTERVAL_S": "30"})
+    sink = tmp_path / "data" / "audit-checkpoints" / "checkpoints.jsonl"
+
+    def sizes() -> list[int]:
+        lines = sink.read_text().splitlines() if sink.exists() else []
+        return [json.loads(line)["tree_size"] for line in lines]
+
+    async with running_service("audit", lambda s, t: build(s, t, clock=clock), settings) as server:
+        client = AuditClient(server.address, metadata=as_identity("tester"))
+        await client.record_batch(audit_pb2.RecordBatchRequest(records=[rec("i1"), rec("i2")]))
+        await clock.until_sleepers(1)
+        assert sizes() == []
+        clock.advance(30)
+        await clock.until_sleepers(1)  # the loop signed, and sleeps again
+        assert sizes() == [2]
+        clock.advance(30)  # nothing new: no new checkpoint
+        await clock.until_sleepers(1)
+        assert sizes() == [2]
+        await client.record(audit_pb2.RecordRequest(record=rec("i3")))
+        auditor = AuditClient(server.address, metadata=as_identity("auditor"))
+        got = await auditor.get_checkpoint(audit_pb2.GetCheckpointRequest())  # on demand
+        assert got.checkpoint.tree_size == 3 and sizes() == [2, 3]
+        line = json.loads(sink.read_text().splitlines()[-1])
+        assert open_checkpoint(line["note"], got.public_key).tree_size == 3
+        assert line["public_key"] == got.public_key
+        await client.record(audit_pb2.RecordRequest(record=rec("i4")))
+        await client.close()
+        await auditor.close()
+    assert sizes() == [2, 3, 4]  # signed at shutdown
+
+
+def test_an_explicit_checkpoint_key_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.key"
+    settings = make_settings(tmp_path, {"CUGA_AUDIT__CHECKPOINT_KEY_FILE": str(missing)})
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(build(settings, setup_telemetry("cuga-audit")))
+    assert info.value.key == "audit.checkpoint_key_file"
+    assert not missing.exists()

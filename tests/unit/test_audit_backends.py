@@ -23,6 +23,7 @@ from cuga.services.audit.sqlite_backend import SQLiteAuditTrail
 from cuga.shared.clock import FakeClock
 from cuga.shared.errors import AlreadyExistsError
 from cuga.shared.messages import timestamp, to_struct
+from cuga.shared.transparency import root_of
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
 from tests.unit.test_audit_records import GOLDEN_CLOCK, GOLDEN_HASHES, golden_records
 
@@ -390,6 +391,10 @@ async def test_prune_removes_whole_old_traces_and_keeps_the_rest_verifiable(
     records, _ = await audit.query(audit_pb2.RecordFilter())
     assert [r.record_id for r in records] == ["new1", "new2"]
     assert (await audit.verify(T2)).ok
+    # The pruned records' leaves stay (tombstones): the tree and every proof still hold.
+    entries, _ = await audit.entries(100)
+    assert [e.record is None for e in entries] == [True] * 4 + [False] * 2
+    assert root_of([e.leaf_hash for e in entries]) == audit.backend.frontier().root()
     # A pruned trace starts a fresh chain if it is written again.
     stored, _ = await audit.append([rec("again", T1, at=T0 + 86400 * 3)])
     assert stored[0].chain_index == 1 and (await audit.verify(T1)).ok
