@@ -16,6 +16,7 @@ from typing import Any
 
 from cuga.common.v1 import common_pb2
 from cuga.orchestrator._engine import CoordinatorAgent
+from cuga.orchestrator._options import engine_options
 from cuga.orchestrator._policy import ExponentialBackoffPolicy
 from cuga.orchestrator._runstore import open_run_store
 from cuga.routing.v1 import routing_pb2
@@ -297,7 +298,6 @@ async def create_coordinator(
         closers.append(close_log)
         audit = log
 
-    from cuga.services.coordinator.app import engine_options
     from cuga.services.coordinator.config import CoordinatorConfig
 
     store_overrides: dict[str, Any] = {}

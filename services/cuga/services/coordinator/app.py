@@ -10,14 +10,9 @@ from cuga.client.remote import (
     RemoteRoutingAuthority,
     RemoteWorkerPool,
 )
-from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2_grpc
-from cuga.orchestrator import (
-    CoordinatorAgent,
-    EngineOptions,
-    ExponentialBackoffPolicy,
-    open_run_store,
-)
+from cuga.orchestrator import CoordinatorAgent, open_run_store
+from cuga.orchestrator._options import engine_options
 from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.coordinator.servicer import CoordinatorServicer
 from cuga.shared.bootstrap import ServiceDefinition
@@ -25,40 +20,6 @@ from cuga.shared.config import EXECUTE_STEPS_METHOD, GRPC_SERVICE_NAMES, Setting
 from cuga.shared.metrics import AuditMetrics, observe_gauge
 from cuga.shared.signing import worker_audience
 from cuga.shared.telemetry import Telemetry
-
-_STRATEGIES = {
-    "fail_fast": common_pb2.ERROR_PROPAGATION_FAIL_FAST,
-    "retry": common_pb2.ERROR_PROPAGATION_RETRY,
-    "continue": common_pb2.ERROR_PROPAGATION_CONTINUE,
-}
-
-
-def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptions:
-    """The engine's options from the coordinator's configuration."""
-    calls = settings.common.calls
-    return EngineOptions(
-        run_timeout_s=config.run_timeout_s,
-        parallelism=config.parallelism,
-        default_strategy=_STRATEGIES[config.default_error_strategy],
-        retry=ExponentialBackoffPolicy(
-            base_delay=config.retry_base_delay_s,
-            multiplier=config.retry_multiplier,
-            max_delay=config.retry_max_delay_s,
-            max_attempts=config.retry_max_attempts,
-        ),
-        window=config.window,
-        route_ttl_s=config.route_ttl_s,
-        call_timeouts={
-            name: calls.of(name).timeout_s
-            for name in ("planning", "routing", "approval", "audit", "worker")
-        },
-        tool_cache_ttl_s=config.tool_cache_ttl_s,
-        audit_batch=config.audit_batch,
-        audit_linger_s=config.audit_linger_s,
-        limits=settings.common.limits,
-        resume_interrupted=config.resume_interrupted,
-        max_finishing_runs=config.max_finishing_runs,
-    )
 
 
 async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:

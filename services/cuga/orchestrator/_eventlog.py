@@ -1,0 +1,123 @@
+"""A run's event log: numbering, storing (write-behind, group commit) and publishing.
+
+Every event is written to the run store before anyone can see it: the run's stream and
+``Watch`` subscribers, and the audit records that follow stored events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cuga.common.v1 import common_pb2
+from cuga.orchestrator._run import LiveRun
+from cuga.orchestrator._runstore import RunStore
+from cuga.shared.clock import Clock
+from cuga.shared.messages import timestamp
+
+log = logging.getLogger("cuga.coordinator")
+
+#: Called with each event once it is stored (in order).
+OnStored = Callable[[LiveRun, common_pb2.OrchestrationEvent], None]
+
+
+class EventLog:
+    """Numbers, stores and publishes the events of every run of one engine.
+
+    Args:
+        store: the run store.
+        clock: stamps the events.
+        on_stored: called with each event once stored and published (its audit record).
+    """
+
+    def __init__(self, store: RunStore, clock: Clock, on_stored: OnStored) -> None:
+        self._store = store
+        self._clock = clock
+        self._on_stored = on_stored
+        # Events assigned a seq but not yet stored, in order (see emit).
+        self._outbox: list[tuple[LiveRun, common_pb2.OrchestrationEvent]] = []
+        self._flush_scheduled = False
+
+    def emit(
+        self,
+        r: LiveRun,
+        stage: int,
+        *,
+        step_id: str = "",
+        step_result: common_pb2.StepResult | None = None,
+        defer: bool = False,
+        **payload: Any,
+    ) -> common_pb2.OrchestrationEvent:
+        """Number, store and publish an event: stored before anyone can see it.
+
+        ``defer`` leaves the write pending: a step's ROUTE and its successful EXECUTE until
+        the caller's :meth:`flush_soon` runs, once the next step's request is on its way
+        to its worker, so the write (one transaction for every event pending then, of every
+        run) happens while the worker runs it; INITIALIZE and AGGREGATE until the event
+        right after them. Any other event is written at once, after those pending. A
+        deferred event is published only once stored, like any other; a coordinator that
+        dies before the flush has published none of them, and a resumed run sends the
+        unrecorded steps again under their idempotency keys (the workers replay them, no
+        tool runs twice).
+        """
+        r.seq += 1
+        event = common_pb2.OrchestrationEvent(
+            run_id=r.run_id,
+            trace_id=r.run.trace_id,
+            seq=r.seq,
+            stage=stage,  # type: ignore[arg-type]
+            timestamp=timestamp(self._clock.now()),
+            step_id=step_id,
+            **payload,
+        )
+        if step_result is not None:
+            event.step_result.CopyFrom(step_result)
+        self._outbox.append((r, event))
+        if not defer:
+            self.flush()
+        return event
+
+    def pending(self, r: LiveRun) -> bool:
+        """Whether ``r`` has events not yet stored."""
+        return any(p is r for p, _ in self._outbox)
+
+    def flush_soon(self) -> None:
+        """Write the pending events once the running callback yields to the loop."""
+        if self._outbox and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_deferred)
+
+    def _flush_deferred(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self.flush()
+        except Exception:
+            log.exception("run store refused a write; the runs it held stop")
+
+    def flush(self) -> None:
+        """Store every pending event in one transaction, then publish them in order.
+
+        When the store refuses, the events are dropped unpublished and their runs stop
+        (left RUNNING in the store: a restart marks them INTERRUPTED, resumable).
+        """
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            self._store.append_events([(r.run, event) for r, event in batch])
+        except BaseException as exc:
+            current = asyncio.current_task()
+            for r in dict.fromkeys(r for r, _ in batch):
+                r.store_failed = exc
+                if r.task is not None and r.task is not current and not r.task.done():
+                    r.task.cancel()
+            raise
+        for r, event in batch:
+            for queue in r.subscribers:
+                queue.put_nowait(event)
+            self._on_stored(r, event)
+
+
+__all__ = ["EventLog", "OnStored"]

@@ -1,0 +1,96 @@
+"""The live state of one run in this process (:class:`LiveRun`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from cuga.approval.v1 import approval_pb2
+from cuga.common.v1 import common_pb2
+from cuga.coordinator.v1 import coordinator_pb2
+from cuga.shared.messages import value_to_python
+
+TERMINAL = frozenset(
+    {
+        common_pb2.LIFECYCLE_STAGE_COMPLETE,
+        common_pb2.LIFECYCLE_STAGE_FAILED,
+        common_pb2.LIFECYCLE_STAGE_CANCELLED,
+    }
+)
+
+
+class LiveRun:
+    """The live state of one run in this process."""
+
+    def __init__(
+        self,
+        run: coordinator_pb2.Run,
+        request: coordinator_pb2.OrchestrateRequest,
+        plan: common_pb2.Plan,
+        results: dict[str, common_pb2.StepResult],
+        span_ctx: SpanContext,
+    ) -> None:
+        self.run = run
+        self.request = request
+        self.plan = plan
+        self.results = results
+        self.span_ctx = span_ctx
+        self.seq = run.last_seq
+        # None tells a watcher the run stopped here without a terminal event (shutdown).
+        self.subscribers: list[asyncio.Queue[common_pb2.OrchestrationEvent | None]] = []
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason = ""
+        self.failures: list[common_pb2.ErrorDetail] = []
+        self.skipped: set[str] = set()
+        self.spent = sum(r.cost for r in results.values())
+        self.warned: set[str] = set()
+        # Routes asked ahead of their steps, with when they were asked (monotonic).
+        self.routes: dict[str, tuple[float, common_pb2.RoutingDecision]] = {}
+        self.approvals: dict[str, approval_pb2.ApprovalRequest] = {}
+        self.finished = asyncio.Event()
+        self.prepare_lock = asyncio.Lock()
+        self.executing: asyncio.Task[None] | None = None
+        self.deadline_passed = False
+        # Set when a deferred write of this run's events failed: the run stops there.
+        self.store_failed: BaseException | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def context(self) -> common_pb2.ExecutionContext:
+        return self.run.context
+
+    def outputs(self, step_ids: Iterable[str]) -> dict[str, Any]:
+        """The outputs of ``step_ids`` that have one, as Python values.
+
+        Only the steps a template refers to: converting every completed output for every
+        step would make a run O(n²) in its length.
+        """
+        return {
+            sid: value_to_python(self.results[sid].output)
+            for sid in step_ids
+            if sid in self.results
+        }
+
+
+def span_context(trace_ctx: str) -> SpanContext | None:
+    """The span context stored as ``<trace_id>:<span_id>`` (None when malformed)."""
+    trace_hex, _, span_hex = trace_ctx.partition(":")
+    if len(trace_hex) != 32 or len(span_hex) != 16:
+        return None
+    return SpanContext(
+        int(trace_hex, 16), int(span_hex, 16), is_remote=True, trace_flags=TraceFlags(1)
+    )
+
+
+def policy_name(policy: int) -> str:
+    """``round_robin`` for ROUTING_POLICY_ROUND_ROBIN (span and metric attribute)."""
+    return common_pb2.RoutingPolicy.Name(policy)[len("ROUTING_POLICY_") :].lower()
+
+
+__all__ = ["TERMINAL", "LiveRun", "policy_name", "span_context"]
