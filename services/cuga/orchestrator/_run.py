@@ -49,6 +49,9 @@ class LiveRun:
         self.warned: set[str] = set()
         # Routes asked ahead of their steps, with when they were asked (monotonic).
         self.routes: dict[str, tuple[float, common_pb2.RoutingDecision]] = {}
+        # Steps started (in start order) that have not taken their route yet: the next
+        # route window asks for them first, so ready siblings are routed together.
+        self.unrouted: dict[str, None] = {}
         self.approvals: dict[str, approval_pb2.ApprovalRequest] = {}
         self.finished = asyncio.Event()
         self.prepare_lock = asyncio.Lock()

@@ -85,6 +85,7 @@ class Scheduler:
                     if sid not in unfinished:  # skipped while it waited
                         continue
                     del unfinished[sid]
+                    r.unrouted[sid] = None
                     # A finished step's EXECUTE, deferred: written once this step's request
                     # is sent (this task runs until then before the callback does).
                     self._events.flush_soon()
@@ -100,6 +101,7 @@ class Scheduler:
                     if sid not in unfinished:  # skipped while it waited
                         continue
                     del unfinished[sid]
+                    r.unrouted[sid] = None
                     task = asyncio.create_task(self._steps.run(r, steps[sid], strategy, unfinished))
                     running[task] = sid
                 if not running:

@@ -101,6 +101,8 @@ class StepRunner:
                     error=error_detail(exc, sid),
                 )
                 raise StepFailed(sid, exc) from None
+            finally:
+                r.unrouted.pop(sid, None)  # if it never took its route
 
     async def _route_and_approve(
         self, r: LiveRun, step: common_pb2.PlanStep, upcoming: Iterable[str]
@@ -109,6 +111,7 @@ class StepRunner:
         sid = step.step_id
         await self._window.prepare(r, sid, upcoming)
         _, decision = r.routes.pop(sid)
+        r.unrouted.pop(sid, None)
         # Written (with the previous step's EXECUTE) once this step's request is sent.
         self._events.emit(
             r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision, defer=True

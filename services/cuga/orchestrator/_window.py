@@ -8,6 +8,7 @@ known, so the steps after it find their route and approval waiting.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 from cuga.common.v1 import common_pb2
@@ -43,7 +44,13 @@ class RouteWindow:
     async def _prepare_window(self, r: LiveRun, step_id: str, upcoming: Iterable[str]) -> None:
         rt = self._rt
         steps = {s.step_id: s for s in r.plan.steps}
-        ahead = [sid for sid in upcoming if sid != step_id and not self.fresh_route(r, sid)]
+        # The steps started with this one first (ready siblings: routed in one call, so
+        # routing spreads them), then the steps still waiting, in plan order.
+        ahead = [
+            sid
+            for sid in itertools.chain(r.unrouted, upcoming)
+            if sid != step_id and not self.fresh_route(r, sid)
+        ]
         window = [step_id, *ahead[: rt.options.window - 1]]
         with rt.tracer.start_as_current_span(
             "cuga.route", attributes={"cuga.run_id": r.run_id, "cuga.steps": len(window)}
