@@ -20,6 +20,8 @@ from cuga.orchestrator import (
     ErrorAction,
     ExponentialBackoffPolicy,
     FailureMode,
+    OrchestrationError,
+    OrchestratorProtocol,
     create_coordinator,
 )
 from cuga.shared.auth import Identity
@@ -257,8 +259,10 @@ async def test_a_run_whose_events_cannot_be_stored_stops_and_resumes_running_not
     events: list[S.OrchestrationEvent] = []
 
     async def follow() -> None:
-        async for e in env.agent.orchestrate("g", plan=plan):
-            events.append(e)
+        with pytest.raises(OrchestrationError) as stopped:  # not a quiet end of the stream
+            async for e in env.agent.orchestrate("g", plan=plan):
+                events.append(e)
+        assert stopped.value.reason == "RUN_INTERRUPTED"
 
     client = asyncio.create_task(follow())
     await asyncio.wait_for(ENTERED["st"].wait(), 10)
@@ -414,3 +418,30 @@ async def test_create_coordinator_rejects_unknown_choices(tmp_path: Path) -> Non
         await create_coordinator(routing_policy="random", data_dir=tmp_path)
     with pytest.raises(ValueError, match="json, sqlite, postgres, none"):
         await create_coordinator(audit_backend="csv", data_dir=tmp_path)
+
+
+async def test_the_agent_is_an_orchestrator_and_a_stopped_run_raises(tmp_path: Path) -> None:
+    """Item 9: ``isinstance`` checks the protocol; a run whose coordinator closes under it
+    raises OrchestrationError to its follower (the stream used to end quietly)."""
+    settings = make_settings(
+        tmp_path / "data",
+        env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+    )
+    agent = await create_coordinator(
+        settings=settings, tools=TEST_TOOLS, planning_mode="explicit", clock=FakeClock()
+    )
+    assert isinstance(agent, OrchestratorProtocol)
+    assert not isinstance(object(), OrchestratorProtocol)
+    GATES["shut"] = asyncio.Event()
+    ENTERED["shut"] = asyncio.Event()
+    stream = agent.orchestrate("g", plan=[step("g", "gate", name="shut")])
+    first = await anext(stream)
+    try:
+        await asyncio.wait_for(ENTERED["shut"].wait(), 10)
+        await agent.close()  # the run is left INTERRUPTED, to be resumed
+        with pytest.raises(OrchestrationError) as stopped:
+            [e async for e in stream]
+    finally:
+        GATES["shut"].set()
+    assert stopped.value.reason == "RUN_INTERRUPTED"
+    assert first.run_id in stopped.value.message and "INTERRUPTED" in stopped.value.message

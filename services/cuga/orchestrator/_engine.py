@@ -42,6 +42,7 @@ from cuga.orchestrator._errors import (
 from cuga.orchestrator._eventlog import EventLog
 from cuga.orchestrator._launch import Launcher
 from cuga.orchestrator._options import EngineOptions, Strategy
+from cuga.orchestrator._protocol import OrchestratorProtocol
 from cuga.orchestrator._run import TERMINAL, LiveRun
 from cuga.orchestrator._runstore import RunStore
 from cuga.orchestrator._runtime import Runtime
@@ -68,6 +69,14 @@ from cuga.shared.validation import (
 )
 
 log = logging.getLogger("cuga.coordinator")
+
+_ENDED = frozenset(
+    {
+        coordinator_pb2.RUN_STATE_COMPLETED,
+        coordinator_pb2.RUN_STATE_FAILED,
+        coordinator_pb2.RUN_STATE_CANCELLED,
+    }
+)
 
 
 class CoordinatorAgent:
@@ -314,20 +323,26 @@ class CoordinatorAgent:
             live.subscribers.append(queue)
         try:
             last = after_seq
+            ended = False  # a terminal event was yielded
             for event in store.events_after(run_id, after_seq):
                 yield event
                 last = event.seq
+                ended = ended or event.stage in TERMINAL
             if queue is None:
                 # Not running in this process: a shared store (PostgreSQL) follows it on
                 # the replica that drives it; otherwise the log is all there is.
                 async for event in store.follow(run_id, last):
                     yield event
+                    ended = ended or event.stage in TERMINAL
+                self._check_ended(run_id, ended)
                 return
-            if live is not None and live.finished.is_set() and queue.empty():
+            if ended or (live is not None and live.finished.is_set() and queue.empty()):
+                self._check_ended(run_id, ended)
                 return
             while True:
                 item = await queue.get()
                 if item is None:
+                    self._check_ended(run_id, ended)
                     return
                 if item.seq <= last:
                     continue
@@ -339,6 +354,31 @@ class CoordinatorAgent:
             if live is not None and queue is not None:
                 with contextlib.suppress(ValueError):
                     live.subscribers.remove(queue)
+
+    def _check_ended(self, run_id: str, ended: bool) -> None:
+        """Raise unless the run's log ends with its terminal event.
+
+        ``ended`` says the stream yielded it; otherwise the store says whether the run
+        ended before ``after_seq`` (a closed agent's store is not asked: its runs were left).
+
+        Raises:
+            OrchestrationError: the run stopped without one (its coordinator stopped, or
+                the run store refused its events): it is left to be resumed.
+        """
+        if ended:
+            return
+        state = "INTERRUPTED"
+        if not self._driver.closing:
+            run = self._rt.store.get_run(run_id)
+            if run is None or run.state in _ENDED:
+                return
+            state = coordinator_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
+        raise OrchestrationError(
+            f"run {run_id} stopped without a terminal event (it is {state}: its coordinator"
+            " stopped or could not store its events); Resume continues it",
+            reason="RUN_INTERRUPTED",
+            metadata={"run_id": run_id},
+        )
 
     def get_run(self, run_id: str) -> coordinator_pb2.Run:
         """A run's current record."""
@@ -454,6 +494,9 @@ class CoordinatorAgent:
         """Send every queued audit record and wait until the trail has stored them."""
         return await self._audit.flush(timeout)
 
+
+#: Checked by mypy: CoordinatorAgent offers everything OrchestratorProtocol promises.
+_CONFORMS: type[OrchestratorProtocol] = CoordinatorAgent
 
 __all__ = [
     "ApprovalDeniedError",

@@ -12,12 +12,22 @@ import asyncio
 import enum
 from typing import Any, cast
 
+import grpc
+
 from cuga.common.v1 import common_pb2
 from cuga.shared.errors import CugaError, FailureMode, PermissionDeniedError, classify_failure
 
 
 class OrchestrationError(CugaError):
-    """A run could not go on; carries the step and failure mode."""
+    """A run could not go on; carries the step and failure mode.
+
+    Raised to whoever follows a run (``orchestrate``, ``resume``, ``watch``, and over
+    gRPC as ABORTED with reason ``RUN_INTERRUPTED``) when the run stops without a terminal
+    event: its coordinator stopped, or the run store refused its events. The run is left
+    to be resumed; ABORTED is SYSTEM, so a client may retry by resuming.
+    """
+
+    code = grpc.StatusCode.ABORTED
 
     def __init__(self, message: str, *, step_id: str = "", **kwargs: Any) -> None:
         super().__init__(message, **kwargs)

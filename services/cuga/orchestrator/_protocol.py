@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
 from cuga.common.v1 import common_pb2
+from cuga.orchestrator._errors import ErrorAction
 
 
 class LifecycleStage(enum.IntEnum):
@@ -34,15 +35,21 @@ class ErrorPropagation(enum.IntEnum):
     CONTINUE = 3
 
 
+@runtime_checkable
 class OrchestratorProtocol(Protocol):
-    """What an orchestrator offers; :class:`CoordinatorAgent` implements it."""
+    """What an orchestrator offers; :class:`CoordinatorAgent` implements it.
+
+    ``isinstance(obj, OrchestratorProtocol)`` checks that the four methods exist; mypy
+    checks their signatures (``cuga.orchestrator._engine`` asserts that
+    ``CoordinatorAgent`` conforms).
+    """
 
     def orchestrate(
         self,
         goal: str,
         context: common_pb2.ExecutionContext | None = None,
         *,
-        error_strategy: int = ErrorPropagation.FAIL_FAST,
+        error_strategy: common_pb2.ErrorPropagation = ...,
         plan: Sequence[common_pb2.PlanStep] | common_pb2.Plan | None = None,
     ) -> AsyncIterator[common_pb2.OrchestrationEvent]:
         """Run a goal; yield its events up to the terminal one."""
@@ -60,6 +67,8 @@ class OrchestratorProtocol(Protocol):
         """Where one step should run."""
         ...
 
-    def handle_error(self, error: BaseException, strategy: int, **kwargs: Any) -> Any:
+    def handle_error(
+        self, error: BaseException, strategy: int, *, attempt: int = 1, max_attempts: int = 1
+    ) -> ErrorAction:
         """What a failure leads to under a strategy."""
         ...
