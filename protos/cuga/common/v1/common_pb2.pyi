@@ -154,16 +154,20 @@ class ExecutionContext(_message.Message):
     def __init__(self, trace_id: _Optional[str] = ..., run_id: _Optional[str] = ..., profile: _Optional[str] = ..., user_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delegate_id: _Optional[str] = ...) -> None: ...
 
 class ToolBudget(_message.Message):
-    __slots__ = ("ceiling", "policy", "spent", "warn_fraction")
+    __slots__ = ("ceiling", "policy", "spent", "warn_fraction", "max_calls", "calls")
     CEILING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     WARN_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
     ceiling: float
     policy: BudgetPolicy
     spent: float
     warn_fraction: float
-    def __init__(self, ceiling: _Optional[float] = ..., policy: _Optional[_Union[BudgetPolicy, str]] = ..., spent: _Optional[float] = ..., warn_fraction: _Optional[float] = ...) -> None: ...
+    max_calls: int
+    calls: int
+    def __init__(self, ceiling: _Optional[float] = ..., policy: _Optional[_Union[BudgetPolicy, str]] = ..., spent: _Optional[float] = ..., warn_fraction: _Optional[float] = ..., max_calls: _Optional[int] = ..., calls: _Optional[int] = ...) -> None: ...
 
 class PlanStep(_message.Message):
     __slots__ = ("step_id", "tool", "input", "depends_on", "capability", "estimated_cost", "reason", "optional")
@@ -269,6 +273,16 @@ class StepResult(_message.Message):
     cost: float
     def __init__(self, step_id: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., worker_id: _Optional[str] = ..., attempt: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., replayed: _Optional[bool] = ..., cost: _Optional[float] = ...) -> None: ...
 
+class StepSkipped(_message.Message):
+    __slots__ = ("reason", "message", "cause_step_id")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    message: str
+    cause_step_id: str
+    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., cause_step_id: _Optional[str] = ...) -> None: ...
+
 class ErrorDetail(_message.Message):
     __slots__ = ("failure_mode", "code", "reason", "message", "retryable", "step_id")
     FAILURE_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -358,7 +372,7 @@ class Warning(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("completed_steps", "failed_steps", "skipped_steps", "partial_success", "outputs", "failures", "cost", "duration")
+    __slots__ = ("completed_steps", "failed_steps", "skipped_steps", "partial_success", "outputs", "failures", "cost", "duration", "tool_calls")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +388,7 @@ class RunSummary(_message.Message):
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     completed_steps: int
     failed_steps: int
     skipped_steps: int
@@ -382,10 +397,11 @@ class RunSummary(_message.Message):
     failures: _containers.RepeatedCompositeFieldContainer[ErrorDetail]
     cost: float
     duration: _duration_pb2.Duration
-    def __init__(self, completed_steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., partial_success: _Optional[bool] = ..., outputs: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., failures: _Optional[_Iterable[_Union[ErrorDetail, _Mapping]]] = ..., cost: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    tool_calls: int
+    def __init__(self, completed_steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., partial_success: _Optional[bool] = ..., outputs: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., failures: _Optional[_Iterable[_Union[ErrorDetail, _Mapping]]] = ..., cost: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tool_calls: _Optional[int] = ...) -> None: ...
 
 class OrchestrationEvent(_message.Message):
-    __slots__ = ("run_id", "trace_id", "seq", "stage", "timestamp", "step_id", "context", "plan", "decision", "step_result", "approval", "retry", "warning", "partial", "error", "summary")
+    __slots__ = ("run_id", "trace_id", "seq", "stage", "timestamp", "step_id", "context", "plan", "decision", "step_result", "approval", "retry", "warning", "partial", "error", "summary", "skipped")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +418,7 @@ class OrchestrationEvent(_message.Message):
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     trace_id: str
     seq: int
@@ -418,7 +435,8 @@ class OrchestrationEvent(_message.Message):
     partial: PartialResult
     error: ErrorDetail
     summary: RunSummary
-    def __init__(self, run_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., seq: _Optional[int] = ..., stage: _Optional[_Union[LifecycleStage, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_id: _Optional[str] = ..., context: _Optional[_Union[ExecutionContext, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., decision: _Optional[_Union[RoutingDecision, _Mapping]] = ..., step_result: _Optional[_Union[StepResult, _Mapping]] = ..., approval: _Optional[_Union[ApprovalInfo, _Mapping]] = ..., retry: _Optional[_Union[RetryInfo, _Mapping]] = ..., warning: _Optional[_Union[Warning, _Mapping]] = ..., partial: _Optional[_Union[PartialResult, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., summary: _Optional[_Union[RunSummary, _Mapping]] = ...) -> None: ...
+    skipped: StepSkipped
+    def __init__(self, run_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., seq: _Optional[int] = ..., stage: _Optional[_Union[LifecycleStage, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_id: _Optional[str] = ..., context: _Optional[_Union[ExecutionContext, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., decision: _Optional[_Union[RoutingDecision, _Mapping]] = ..., step_result: _Optional[_Union[StepResult, _Mapping]] = ..., approval: _Optional[_Union[ApprovalInfo, _Mapping]] = ..., retry: _Optional[_Union[RetryInfo, _Mapping]] = ..., warning: _Optional[_Union[Warning, _Mapping]] = ..., partial: _Optional[_Union[PartialResult, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., summary: _Optional[_Union[RunSummary, _Mapping]] = ..., skipped: _Optional[_Union[StepSkipped, _Mapping]] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("base_delay", "multiplier", "max_delay", "max_attempts")

@@ -91,7 +91,7 @@ class WatchResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "trace_id", "goal", "context", "state", "stage", "plan_id", "last_seq", "total_steps", "completed_steps", "error_strategy", "created_at", "updated_at", "failure_mode", "error", "partial_success")
+    __slots__ = ("run_id", "trace_id", "goal", "context", "state", "stage", "plan_id", "last_seq", "total_steps", "completed_steps", "error_strategy", "created_at", "updated_at", "failure_mode", "error", "partial_success", "spent", "tool_calls")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,8 @@ class Run(_message.Message):
     FAILURE_MODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     trace_id: str
     goal: str
@@ -124,7 +126,9 @@ class Run(_message.Message):
     failure_mode: _common_pb2.FailureMode
     error: str
     partial_success: bool
-    def __init__(self, run_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., goal: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[_common_pb2.LifecycleStage, str]] = ..., plan_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., total_steps: _Optional[int] = ..., completed_steps: _Optional[int] = ..., error_strategy: _Optional[_Union[_common_pb2.ErrorPropagation, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_mode: _Optional[_Union[_common_pb2.FailureMode, str]] = ..., error: _Optional[str] = ..., partial_success: _Optional[bool] = ...) -> None: ...
+    spent: float
+    tool_calls: int
+    def __init__(self, run_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., goal: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[_common_pb2.LifecycleStage, str]] = ..., plan_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., total_steps: _Optional[int] = ..., completed_steps: _Optional[int] = ..., error_strategy: _Optional[_Union[_common_pb2.ErrorPropagation, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_mode: _Optional[_Union[_common_pb2.FailureMode, str]] = ..., error: _Optional[str] = ..., partial_success: _Optional[bool] = ..., spent: _Optional[float] = ..., tool_calls: _Optional[int] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
