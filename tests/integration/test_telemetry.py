@@ -13,10 +13,12 @@ import asyncio
 import functools
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -476,3 +478,7 @@ def test_json_log_lines_carry_trace_span_run_and_service(
     assert inside["run_id"] == "run-1" and inside["service"] == "cuga-example"
     assert outside["trace_id"] == outside["run_id"] == ""
     assert outside["service"] == "cuga-process"
+    # RFC 3339 in UTC, what log pipelines parse without a layout (issue 25).
+    for line in (inside, outside):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["time"]), line
+        assert datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0)

@@ -289,8 +289,16 @@ def test_prod_replicates_stateless_services_with_budgets_and_worker_autoscaling(
     rendered: dict[str, list[Doc]],
 ) -> None:
     docs = rendered["prod"]
+    scaled = {
+        d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+    }
     for name in ("coordinator", "planning", "audit", "approval", "worker"):
-        assert _find(docs, "Deployment", name)["spec"]["replicas"] >= 2, name
+        spec = _find(docs, "Deployment", name)["spec"]
+        if name in scaled:
+            # The HPA owns the count: a spec.replicas would reset it on every apply.
+            assert "replicas" not in spec, name
+        else:
+            assert spec["replicas"] >= 2, name
         pdb = _find(docs, "PodDisruptionBudget", name)["spec"]
         assert pdb["selector"]["matchLabels"]["app.kubernetes.io/component"] == name
         assert pdb["minAvailable"] == 1
@@ -307,6 +315,7 @@ def test_prod_replicates_stateless_services_with_budgets_and_worker_autoscaling(
         "name": "worker",
     }
     assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    assert scaled == {"worker"}
     _find(docs, "StatefulSet", "postgres")
     assert not [d for d in docs if d["kind"] == "Secret"], "secrets are created out of band"
 
@@ -314,7 +323,13 @@ def test_prod_replicates_stateless_services_with_budgets_and_worker_autoscaling(
 def test_compose_runs_the_six_services_hardened_with_real_configuration() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {*SERVICE_NAMES, "postgres", "otel-collector", "jaeger"}
+    assert set(services) == {
+        *SERVICE_NAMES,
+        "postgres",
+        "otel-collector",
+        "jaeger",
+        "auth-init",
+    }
     for name in SERVICE_NAMES:
         service = services[name]
         assert service["command"] == [name]
@@ -332,26 +347,104 @@ def test_compose_runs_the_six_services_hardened_with_real_configuration() -> Non
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("./cuga-auth/"):  # made by `cuga tokens init`, never committed
-                assert volume.endswith(":ro") and "deploy/cuga-auth/" in gitignored, name
-                # The trust file and this service's own key: never another service's.
-                assert source in (
-                    "./cuga-auth/tokens/tokens.yaml",
-                    f"./cuga-auth/tokens/{name}.key",
-                ), f"{name}: {source}"
-                key = service["environment"]["CUGA_AUTH__SIGNING_KEY_FILE"]
-                assert key == f"/etc/cuga/auth/{name}.key", name
+                # Only the one-shot that hands the files to uid 10001 reads them directly.
+                assert name == "auth-init", name
+                assert volume == "./cuga-auth/tokens:/in:ro", volume
+                assert "deploy/cuga-auth/" in gitignored
             elif source.startswith("."):  # a bind mount must name a file of the repository
                 assert (DEPLOY / source).is_file(), f"{name}: {source}"
+    # `cuga tokens init` writes owner-only files owned by the operator, which uid 10001
+    # cannot read through a bind mount: auth-init copies each service's trust file and own
+    # key into that service's volume as 10001:10001 0400, and each service mounts its own
+    # volume alone, read-only, after auth-init has finished.
+    init = services["auth-init"]
+    script = init["command"][0]
+    assert init["user"] == "0:0" and init["network_mode"] == "none"
+    assert init["cap_drop"] == ["ALL"] and set(init["cap_add"]) <= {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+    }
+    assert "install -o 10001 -g 10001 -m 0400 /in/tokens.yaml /in/$$s.key /out/$$s/" in script
+    for name in SERVICE_NAMES:
+        assert name in script.split("for s in ")[1].split(";")[0], name
+        assert f"auth-{name}:/out/{name}" in init["volumes"]
+        service = services[name]
+        auth = [v for v in service["volumes"] if ":/etc/cuga/auth" in v]
+        assert auth == [f"auth-{name}:/etc/cuga/auth:ro"], name
+        assert service["depends_on"]["auth-init"] == {"condition": "service_completed_successfully"}
+        assert service["environment"]["CUGA_AUTH__SIGNING_KEY_FILE"] == (
+            f"/etc/cuga/auth/{name}.key"
+        )
+        assert service["environment"]["CUGA_AUTH__TOKENS_FILE"] == "/etc/cuga/auth/tokens.yaml"
+
+
+def _dockerfile_lines() -> list[str]:
+    """Instructions of deploy/Dockerfile, continuation lines joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    return [
+        " ".join(line.split())
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def _froms(lines: list[str]) -> list[str]:
+    """The base images, ARG defaults substituted."""
+    args = dict(
+        line.split(maxsplit=1)[1].split("=", 1)
+        for line in lines
+        if line.startswith("ARG ") and "=" in line
+    )
+    return [
+        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], line.split()[1])
+        for line in lines
+        if line.startswith("FROM ")
+    ]
+
+
+def test_dockerfile_pins_its_base_image_by_digest() -> None:
+    froms = _froms(_dockerfile_lines())
+    assert len(froms) == 2
+    for image in froms:
+        assert re.fullmatch(r"python:3\.\d+-slim@sha256:[0-9a-f]{64}", image), image
+
+
+def test_dockerfile_installs_dependencies_before_it_copies_the_code() -> None:
+    # A code change must not reinstall the dependencies: the layer that installs them
+    # comes from pyproject.toml and constraints.txt alone, before any source is copied.
+    lines = _dockerfile_lines()
+    first, second = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    build = lines[first:second]
+    copies = [i for i, line in enumerate(build) if line.startswith("COPY ")]
+    deps = next(i for i, line in enumerate(build) if "-r requirements.txt" in line)
+    assert build[copies[0]] == "COPY pyproject.toml constraints.txt ./"
+    assert [i for i in copies if i < deps] == [copies[0]]
+    code = next(i for i, line in enumerate(build) if line.startswith("COPY services"))
+    assert deps < code
+    (install,) = [line for line in build[code:] if "pip install" in line and " . " in line]
+    assert "--no-deps" in install
+
+
+def test_dockerignore_keeps_credentials_data_and_tooling_out_of_the_context() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for needed in (".venv", "**/.git", "deploy/cuga-auth", ".cuga", "tests", "**/*.key"):
+        assert needed in patterns, needed
+    # Nothing the Dockerfile copies is ignored.
+    copied = {"pyproject.toml", "constraints.txt", "README.md", "protos", "services"}
+    copied |= {"clients/python", "examples/tools"}
+    assert not copied & set(patterns)
+    assert not any(p.startswith("!") for p in patterns)
 
 
 def test_dockerfile_runs_cuga_serve_as_a_non_root_user() -> None:
-    lines = [
-        line.strip()
-        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    froms = [line.split()[1] for line in lines if line.startswith("FROM ")]
-    assert froms and all(f.startswith("python:") and f.endswith("-slim") for f in froms)
+    lines = _dockerfile_lines()
+    froms = _froms(lines)
+    assert froms and all(f.startswith("python:") and "-slim" in f for f in froms)
     assert 'ENTRYPOINT ["cuga", "serve"]' in lines
     (user,) = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert user.split(":")[0] not in ("0", "root")

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -659,10 +660,18 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def rfc3339(created: float) -> str:
+    """A record's time as RFC 3339 in UTC with microseconds (``2026-12-04T21:03:07.123456Z``),
+    what log pipelines (the collector's ``time_parser``, Loki, Elasticsearch) parse without
+    a layout; logging's default ``2026-12-04 21:03:07,123`` is local time with a comma."""
+    stamp = datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="microseconds")
+    return stamp.removesuffix("+00:00") + "Z"
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": self.formatTime(record),
+            "time": rfc3339(record.created),
             "level": record.levelname,
             "logger": record.name,
             "service": getattr(record, "service", ""),
