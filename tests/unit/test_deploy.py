@@ -131,6 +131,8 @@ def test_every_service_has_account_config_service_and_hardened_deployment(
         _find(docs, "ConfigMap", f"cuga-{name}")
         service = _find(docs, "Service", name)
         assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", port)]
+        # Headless, so a client's dns:/// target resolves to every ready pod (issue 25).
+        assert service["spec"]["clusterIP"] == "None", where
         deployment = _find(docs, "Deployment", name)
         pod = deployment["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] == f"cuga-{name}", where
@@ -194,6 +196,7 @@ def _assert_real_config(env: Mapping[str, str], name: str, where: str) -> None:
             "data_dir",
             "host",
             "grace_period_s",
+            "max_connection_age_s",
             "addresses",
             "calls",
             "limits",
@@ -218,7 +221,9 @@ def test_configuration_keys_are_real_and_addresses_resolve(
         services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
         for key, value in env.items():
             if key.startswith("CUGA_ADDRESSES__"):
-                host, _, port = value.rpartition(":")
+                # Every client balances over every ready pod: dns:/// on a headless Service.
+                assert value.startswith("dns:///"), f"{overlay}/{name}: {key}={value}"
+                host, _, port = value.removeprefix("dns:///").rpartition(":")
                 assert host in services, f"{overlay}/{name}: {key}={value} names no Service"
                 assert int(port) == DEFAULT_PORTS[host]
         if overlay == "dev" or name not in ("coordinator", "planning", "audit", "approval"):

@@ -272,6 +272,23 @@ async def _run_hook(hook: Hook, what: str, name: str) -> None:
         log.exception("%s hook of %s failed", what, name)
 
 
+def server_options(common: CommonConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message size limits, no port sharing, and the
+    connection age after which a client is asked to reconnect (``max_connection_age_s``):
+    without it a client's HTTP/2 connection stays on the pod it first reached for good, and
+    a replica started later gets none of that client's calls. No age grace is set, so open
+    calls and long streams (Orchestrate, Watch, ExecuteSteps) finish on the old connection.
+    """
+    options = [
+        ("grpc.max_receive_message_length", common.limits.max_message_bytes),
+        ("grpc.max_send_message_length", common.limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    if common.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", int(common.max_connection_age_s * 1000)))
+    return options
+
+
 async def start_server(
     definition: ServiceDefinition,
     common: CommonConfig,
@@ -289,12 +306,8 @@ async def start_server(
     """
     host = host or common.host
     if port is None:
-        port = int(common.addresses.of(definition.name).rpartition(":")[2])
-    options = [
-        ("grpc.max_receive_message_length", common.limits.max_message_bytes),
-        ("grpc.max_send_message_length", common.limits.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
+        port = common.addresses.port_of(definition.name)
+    options = server_options(common)
     remote_denials: RemoteDenials | None = None
     counter: DenialCounter | None = None
     interval = common.auth.denial_interval_s

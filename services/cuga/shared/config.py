@@ -76,9 +76,38 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+def target_endpoints(value: str) -> list[tuple[str, str]]:
+    """The ``(host, port)`` pairs a gRPC target names.
+
+    An address is ``host:port``, or a gRPC target URI that balances over several servers:
+    ``dns:///host:port`` (every address the name resolves to; a Kubernetes headless
+    Service's ready pods) or ``ipv4:host:port,host:port`` (a fixed list). Anything else
+    raises ``ValueError``.
+    """
+    if value.startswith("dns:///"):
+        parts = [value[len("dns:///") :]]
+    elif value.startswith("ipv4:"):
+        parts = value[len("ipv4:") :].split(",")
+    else:
+        parts = [value]
+    found = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or "/" in host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"expected host:port, dns:///host:port or ipv4:host:port,..., got {value!r}"
+            )
+        found.append((host, port))
+    return found
+
+
 @dataclass(frozen=True)
 class Addresses:
-    """Where each service listens (host:port); clients dial the same values."""
+    """Where each service listens; clients dial the same values.
+
+    Each is ``host:port`` or a balancing target (``dns:///host:port`` on Kubernetes, with a
+    headless Service: see :func:`target_endpoints`); a service binds the port of its own.
+    """
 
     coordinator: str = f"127.0.0.1:{DEFAULT_PORTS['coordinator']}"
     """Coordinator address."""
@@ -95,14 +124,18 @@ class Addresses:
 
     def __post_init__(self) -> None:
         for name in SERVICE_NAMES:
-            value = getattr(self, name)
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-                raise ConfigError(name, f"expected host:port, got {value!r}")
+            try:
+                target_endpoints(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
 
     def of(self, service: str) -> str:
         """The address of one service by name."""
         return str(getattr(self, service))
+
+    def port_of(self, service: str) -> int:
+        """The port of one service's (first) address: the port that service binds."""
+        return int(target_endpoints(self.of(service))[0][1])
 
 
 @dataclass(frozen=True)
@@ -141,13 +174,19 @@ class CallConfig:
     """Default deadline of one call, seconds (capped by what is left of the run)."""
     retry: TransportRetry = field(default_factory=TransportRetry)
     """Transport retries from the channel's service config."""
+    load_balancing: Literal["round_robin", "pick_first"] = "round_robin"
+    """The channel's load-balancing policy, in its service config. ``round_robin`` keeps a
+    connection to every address the target resolves to (every ready pod of a headless
+    Service) and spreads calls over them; ``pick_first`` sends every call over one
+    connection, so a second replica behind the same name would idle."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s", "must be > 0")
 
     def service_config(self, grpc_service: str) -> str:
-        """The gRPC service config JSON for a channel to ``grpc_service``.
+        """The gRPC service config JSON for a channel to ``grpc_service``: its
+        load-balancing policy and its transport retry policy.
 
         Every RPC of the contract is idempotent (request ids, idempotency keys, reads), so
         the policy applies to the whole service.
@@ -155,6 +194,7 @@ class CallConfig:
         r = self.retry
         return json.dumps(
             {
+                "loadBalancingConfig": [{self.load_balancing: {}}],
                 "methodConfig": [
                     {
                         "name": [{"service": grpc_service}],
@@ -166,7 +206,7 @@ class CallConfig:
                             "retryableStatusCodes": list(r.retryable_status_codes),
                         },
                     }
-                ]
+                ],
             }
         )
 
@@ -223,6 +263,11 @@ class CommonConfig:
     """Interface servers bind to."""
     grace_period_s: float = 10.0
     """On SIGTERM, how long in-flight calls may run before they are cancelled."""
+    max_connection_age_s: float = 300.0
+    """A server sends GOAWAY on a client connection this old (seconds, gRPC adds +-10 %
+    jitter; 0: never), so clients reconnect and re-resolve their target, and a replica
+    that started after them gets its share of calls. Calls and streams open on the old
+    connection run to their end. 0 or >= 1."""
     addresses: Addresses = field(default_factory=Addresses)
     """Service addresses."""
     calls: Calls = field(default_factory=Calls)
@@ -243,6 +288,10 @@ class CommonConfig:
     """The event loop of service processes and the CLI: ``uvloop`` (about a tenth less CPU
     per step, docs/performance.md), ``asyncio`` (the standard library's), or ``auto``:
     uvloop when it is installed (it is a dependency on Linux and macOS), else asyncio."""
+
+    def __post_init__(self) -> None:
+        if self.max_connection_age_s != 0 and not self.max_connection_age_s >= 1:
+            raise ConfigError("max_connection_age_s", "must be 0 (never) or >= 1")
 
     def client_security(self, service: str) -> dict[str, Any]:
         """Keyword arguments that make a typed client call as service ``service``: a token
@@ -437,5 +486,6 @@ __all__ = [
     "TransportRetry",
     "build_dataclass",
     "load_settings",
+    "target_endpoints",
     "yaml_problem",
 ]
