@@ -1,5 +1,6 @@
 """Audit records of a run's events: which event is which kind of record, how a record is
-built, and the shipper that sends them in batches off the run's critical path."""
+built, and the forwarder that ships them from the run store's outbox in batches, off the
+run's critical path."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from cuga.audit.v1 import audit_pb2
@@ -15,8 +17,12 @@ from cuga.common.v1 import common_pb2
 from cuga.orchestrator._audit_payload import event_payload
 from cuga.orchestrator._options import EngineOptions
 from cuga.orchestrator._run import LiveRun
+from cuga.orchestrator._runstore import OutboxEntry, RunStore
 from cuga.shared.authorities import AuditTrail
 from cuga.shared.clock import Clock
+from cuga.shared.errors import CugaError
+from cuga.shared.metrics import AuditMetrics
+from cuga.shared.telemetry import RUN_ID_BAGGAGE
 from cuga.shared.validation import derived_id
 
 log = logging.getLogger("cuga.coordinator")
@@ -81,79 +87,227 @@ class PendingAudit:
         return record
 
 
-class AuditShipper:
-    """Queues the audit records of stored events and sends them in batches: when a batch
-    is full, or after the linger time."""
+#: Status codes after which a batch is worth sending again unchanged.
+_TRANSIENT = frozenset(
+    {
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "ABORTED",
+        "INTERNAL",
+        "UNKNOWN",
+        "CANCELLED",
+    }
+)
+#: First delay after a failed send, seconds; doubles up to _MAX_BACKOFF_S.
+_INITIAL_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 5.0
 
-    def __init__(self, audit: AuditTrail, options: EngineOptions, clock: Clock) -> None:
+
+class AuditForwarder:
+    """Ships the audit records a run owes from the run store's outbox (issue 22 item 8).
+
+    The records are not held here: :class:`~cuga.orchestrator._eventlog.EventLog` writes
+    each audited event's outbox row in the event's own transaction, so a record exists
+    durably from the moment its event does. This forwarder reads the outbox in id order
+    after its cursor (the last row read), sends the records in batches — when a batch is
+    full or after the linger time — and deletes the rows the trail has stored. A failed
+    send is retried with backoff (on the injected clock); a record refused for good is
+    logged as an alarm and dropped, never retried forever. A coordinator killed at any
+    moment leaves its unsent rows in the outbox; the next one (this replica restarted on
+    the same store, or on PostgreSQL any live replica) ships them. Record ids are
+    ``<run>/e<seq>``, so a record sent twice (killed between the send and the delete) is
+    stored once: the audit service answers a known id as a duplicate.
+    """
+
+    def __init__(
+        self,
+        audit: AuditTrail,
+        store: RunStore,
+        options: EngineOptions,
+        clock: Clock,
+        metrics: AuditMetrics | None = None,
+    ) -> None:
         self.audit = audit
+        self._metrics = metrics or AuditMetrics()
+        self._store = store
         self._options = options
         self._clock = clock
-        # The span context of each run with audit records queued (their send joins it).
+        # The span context of each live run with records owed (their send joins it).
         self._parents: dict[str, SpanContext] = {}
-        self._queue: list[PendingAudit] = []
+        self._cursor = 0
+        self._owed = 0  # records stored since the last read (wakes a full batch at once)
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
+        self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.depth = 0
+        """Records owed at the last look (a gauge; the metric thread must not query)."""
+        self.rejected = 0
+        """Records the trail refused for good (logged as alarms)."""
+
+    def start(self) -> None:
+        """Adopt the rows of replicas that are gone and ship what the outbox holds (a
+        restarted coordinator ships what its previous life left)."""
+        adopted = self._store.adopt_outbox()
+        if adopted:
+            log.warning("adopted %d audit record(s) owed by a stopped replica", adopted)
+            self._cursor = 0
+        self._idle.clear()
+        self._ensure_task()
+        self._wakeup.set()
+        self._full.set()  # what is there was owed before this start: no linger
 
     def queue(self, r: LiveRun, event: common_pb2.OrchestrationEvent) -> None:
-        """Queue the record of a stored event (if it is audited)."""
-        kind = audit_kind(event)
-        if kind is None:
+        """Note a stored event: when audited, its record is in the outbox; wake up."""
+        if audit_kind(event) is None or self._closed:
             return
         self._parents[r.run.trace_id] = r.span_ctx
-        # Only a reference here: the record is built by the flusher, off the step's path.
-        self._queue.append(PendingAudit(r.run_id, r.run.trace_id, r.context.profile, kind, event))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._flusher(), name="audit-flusher")
+        self._owed += 1
+        self._idle.clear()
+        self._ensure_task()
         self._wakeup.set()
-        if len(self._queue) >= self._options.audit_batch:
+        if self._owed >= self._options.audit_batch:
             self._full.set()
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Send every queued record and wait until the trail has stored them."""
-        while self._queue:
-            batch, self._queue = self._queue, []
-            await self._send(batch)
-        return await self.audit.flush(timeout)
+        """Wait until the outbox of this replica is empty (every record stored by the
+        trail); False when ``timeout`` passed first (the records stay owed)."""
+        if self._closed:
+            return self._store.outbox_depth() == 0
+        self._idle.clear()
+        self._ensure_task()
+        self._wakeup.set()
+        self._full.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
-    async def close(self) -> None:
-        """Stop the background sender."""
+    async def close(self, timeout: float) -> bool:
+        """Ship for at most ``timeout`` seconds, then stop: what is left stays in the
+        outbox for the next start (so stopping never waits on an audit outage)."""
+        flushed = await self.flush(timeout)
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if not flushed:
+            log.warning(
+                "stopping with %d audit record(s) owed: they stay in the run store's outbox"
+                " and are shipped when the coordinator starts again",
+                self.depth,
+            )
+        return flushed
 
-    async def _flusher(self) -> None:
+    def _ensure_task(self) -> None:
+        if not self._closed and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._forward(), name="audit-forwarder")
+
+    async def _forward(self) -> None:
+        backoff = _INITIAL_BACKOFF_S
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if len(self._queue) < self._options.audit_batch:
+            rows = self._store.outbox(self._cursor, self._options.audit_batch)
+            if not rows:
+                self._owed = 0
+                self.depth = 0
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if not self._full.is_set():
+                    await self._linger()
                 self._full.clear()
-                linger = asyncio.ensure_future(self._clock.sleep(self._options.audit_linger_s))
-                full = asyncio.ensure_future(self._full.wait())
-                try:
-                    await asyncio.wait({linger, full}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    linger.cancel()
-                    full.cancel()
-            if self._queue:
-                batch, self._queue = self._queue, []
-                await self._send(batch)
-
-    async def _send(self, batch: list[PendingAudit]) -> None:
-        # Handed over one run at a time inside the run's span, so the trail (and the audit
-        # service's server span) can place the write in the run's trace.
-        groups: dict[str, list[audit_pb2.AuditRecord]] = {}
-        for pending in batch:
-            groups.setdefault(pending.trace_id, []).append(pending.record())
-        for trace_id, records in groups.items():
-            parent = self._parents.pop(trace_id, None)
-            span = NonRecordingSpan(parent) if parent is not None else trace.INVALID_SPAN
+                continue
             try:
-                with trace.use_span(span):
-                    await self.audit.record_batch(records, timeout=self._options.timeout("audit"))
-            except Exception:  # the audit trail must never fail a run; its client buffers
-                log.exception("audit trail refused %d record(s)", len(records))
+                shipped = await self._send(rows)
+            except Exception as exc:  # delivery is retried, never raised
+                log.warning(
+                    "audit RecordBatch failed (%s); %d record(s) owed, retry in %.2fs",
+                    exc,
+                    len(rows),
+                    backoff,
+                )
+                self.depth = self._store.outbox_depth()
+                await self._clock.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
+            backoff = _INITIAL_BACKOFF_S
+            self._store.outbox_shipped(shipped)
+            self._cursor = rows[-1][0]
+            self._owed = max(0, self._owed - len(rows))
+            self.depth = self._store.outbox_depth()
+
+    async def _linger(self) -> None:
+        """Wait for a full batch or the linger time, whichever comes first."""
+        linger = asyncio.ensure_future(self._clock.sleep(self._options.audit_linger_s))
+        full = asyncio.ensure_future(self._full.wait())
+        try:
+            await asyncio.wait({linger, full}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            linger.cancel()
+            full.cancel()
+
+    async def _send(self, rows: list[OutboxEntry]) -> list[int]:
+        """Send the records of ``rows``, one call per run's trace; the ids now done with.
+
+        Raises:
+            Exception: a transient failure (the rows are sent again after a backoff).
+        """
+        groups: dict[str, list[tuple[int, audit_pb2.AuditRecord]]] = {}
+        for row_id, profile, event in rows:
+            kind = audit_kind(event)
+            if kind is None:  # not audited by this build: nothing to send
+                groups.setdefault("", []).append((row_id, audit_pb2.AuditRecord()))
+                continue
+            record = PendingAudit(event.run_id, event.trace_id, profile, kind, event).record()
+            groups.setdefault(event.trace_id, []).append((row_id, record))
+        done: list[int] = []
+        for trace_id, items in groups.items():
+            if not trace_id:
+                done += [row_id for row_id, _ in items]
+                continue
+            # Handed over inside the run's span, so the trail (and the audit service's
+            # server span) can place the write in the run's trace.
+            parent = self._parents.get(trace_id)
+            span = NonRecordingSpan(parent) if parent is not None else trace.INVALID_SPAN
+            # The run id in baggage too: the audit service's log lines carry it.
+            ctx = baggage.set_baggage(
+                RUN_ID_BAGGAGE, items[0][1].run_id, context=trace.set_span_in_context(span)
+            )
+            token = otel_context.attach(ctx)
+            try:
+                await self._deliver([record for _, record in items])
+            finally:
+                otel_context.detach(token)
+            done += [row_id for row_id, _ in items]
+            self._parents.pop(trace_id, None)
+        return done
+
+    async def _deliver(self, records: list[audit_pb2.AuditRecord]) -> None:
+        """Store ``records``; a batch refused for good is narrowed down to the records
+        refused on their own, which are logged as alarms and dropped."""
+        try:
+            await self.audit.record_batch(records, timeout=self._options.timeout("audit"))
+            return
+        except CugaError as exc:
+            if exc.code.name in _TRANSIENT:
+                raise
+            permanent = exc
+        if len(records) > 1:
+            for record in records:
+                await self._deliver([record])
+            return
+        self.rejected += 1
+        self._metrics.rejected.add(1, {"cuga.reason": permanent.reason or permanent.code.name})
+        log.error(
+            "ALARM: audit record %s (%s) refused by the audit trail for good, the trail is"
+            " missing it: %s",
+            records[0].record_id,
+            records[0].kind,
+            permanent.message,
+        )
 
 
-__all__ = ["AuditShipper", "PendingAudit", "audit_kind"]
+__all__ = ["AuditForwarder", "PendingAudit", "audit_kind"]

@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanContext
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._approvals import ApprovalGate
-from cuga.orchestrator._audit import AuditShipper
+from cuga.orchestrator._audit import AuditForwarder
 from cuga.orchestrator._budget import Budget
 from cuga.orchestrator._driver import RunDriver
 from cuga.orchestrator._errors import (
@@ -59,7 +59,7 @@ from cuga.shared.authorities import (
 )
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.errors import InvalidArgumentError, NotFoundError
-from cuga.shared.metrics import EngineMetrics
+from cuga.shared.metrics import AuditMetrics, EngineMetrics
 from cuga.shared.validation import (
     check_id,
     check_length,
@@ -131,14 +131,14 @@ class CoordinatorAgent:
         self._rt = rt
         self._live: dict[str, LiveRun] = {}
         self._closers = list(closers)
-        self._audit = AuditShipper(audit, rt.options, rt.clock)
+        self._audit = AuditForwarder(audit, store, rt.options, rt.clock, AuditMetrics(meter))
         self._events = EventLog(store, rt.clock, self._audit.queue)
         gate = ApprovalGate(rt, self._events)
         steps = StepRunner(
             rt, self._events, RouteWindow(rt, gate), gate, Budget(self._events, rt.metrics)
         )
         self._driver = RunDriver(rt, self._events, Scheduler(rt, self._events, steps), self._live)
-        self._launcher = Launcher(rt, self._events, self._driver, self._live, self._audit.queue)
+        self._launcher = Launcher(rt, self._events, self._driver, self._live)
 
     # The collaborators, as embedding code and tests reach them (an authority can be
     # replaced, say by a wrapper that observes it).
@@ -456,8 +456,10 @@ class CoordinatorAgent:
 
     async def recover(self) -> list[str]:
         """Mark runs left RUNNING by a stopped coordinator INTERRUPTED (resumable), and
-        resume them at once when ``options.resume_interrupted`` is set."""
+        resume them at once when ``options.resume_interrupted`` is set; start shipping
+        the audit records the run store's outbox holds (a stopped coordinator's too)."""
         store = self._rt.store
+        self._audit.start()
         ids = []
         for run in store.running_runs():
             if run.run_id in self._live:
@@ -476,7 +478,9 @@ class CoordinatorAgent:
         return ids
 
     async def close(self) -> None:
-        """Stop: live runs are left INTERRUPTED (resumable); queued audit records flushed."""
+        """Stop: live runs are left INTERRUPTED (resumable); owed audit records are shipped
+        for at most ``options.audit_close_timeout_s``, the rest stay in the run store's
+        outbox for the next start (an audit outage never holds a stopping coordinator)."""
         self._driver.closing = True
         for r in list(self._live.values()):
             if r.task is not None and not r.task.done():
@@ -484,15 +488,20 @@ class CoordinatorAgent:
         tasks = [r.task for r in self._live.values() if r.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        await self.flush_audit()
-        await self._audit.close()
+        await self._audit.close(self._rt.options.audit_close_timeout_s)
         for closer in reversed(self._closers):
             await closer()
         self._closers.clear()
 
     async def flush_audit(self, timeout: float | None = None) -> bool:
-        """Send every queued audit record and wait until the trail has stored them."""
+        """Wait until the trail has stored every audit record this coordinator owes (its
+        outbox is empty); False when ``timeout`` passed first."""
         return await self._audit.flush(timeout)
+
+    @property
+    def audit_backlog(self) -> int:
+        """Audit records owed at the forwarder's last look (a gauge)."""
+        return self._audit.depth
 
 
 #: Checked by mypy: CoordinatorAgent offers everything OrchestratorProtocol promises.

@@ -1,7 +1,8 @@
 """A run's event log: numbering, storing (write-behind, group commit) and publishing.
 
 Every event is written to the run store before anyone can see it: the run's stream and
-``Watch`` subscribers, and the audit records that follow stored events.
+``Watch`` subscribers, and the audit records that follow stored events (written to the
+store's audit outbox in the event's own transaction, shipped by :mod:`._audit`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cuga.common.v1 import common_pb2
+from cuga.orchestrator._audit import audit_kind
 from cuga.orchestrator._run import LiveRun
 from cuga.orchestrator._runstore import RunStore
 from cuga.shared.clock import Clock
@@ -29,7 +31,8 @@ class EventLog:
     Args:
         store: the run store.
         clock: stamps the events.
-        on_stored: called with each event once stored and published (its audit record).
+        on_stored: called with each event once stored and published (wakes the audit
+            forwarder).
     """
 
     def __init__(self, store: RunStore, clock: Clock, on_stored: OnStored) -> None:
@@ -106,7 +109,10 @@ class EventLog:
             return
         batch, self._outbox = self._outbox, []
         try:
-            self._store.append_events([(r.run, event) for r, event in batch])
+            writes = [(r.run, event) for r, event in batch]
+            # The records these events owe the audit log go into its outbox in the same
+            # transaction (issue 22 item 8): no kill can lose one.
+            self._store.append_events(writes, [w for w in writes if audit_kind(w[1]) is not None])
         except BaseException as exc:
             current = asyncio.current_task()
             for r in dict.fromkeys(r for r, _ in batch):

@@ -270,18 +270,12 @@ async def create_coordinator(
     # Audit.
     audit: AuditTrail
     if "audit" in addresses:
-        from cuga.client.audit_buffer import BufferedAuditTrail
+        from cuga.client.remote import RemoteAuditTrail
 
-        audit_client = AuditClient(addresses["audit"], **opts("audit"))
-        buffered = BufferedAuditTrail(audit_client, spill_dir=common.data_dir / "audit-spill")
-        await buffered.start()
-
-        async def close_audit() -> None:
-            await buffered.close()
-            await audit_client.close()
-
-        closers.append(close_audit)
-        audit = buffered
+        # Unbuffered: the records wait in the run store's audit outbox (issue 22 item 8).
+        remote_audit = RemoteAuditTrail(AuditClient(addresses["audit"], **opts("audit")))
+        closers.append(remote_audit.close)
+        audit = remote_audit
     else:
         from cuga.services.audit.config import AuditConfig
         from cuga.services.audit.domain import AuditLog, open_backend

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
@@ -41,9 +40,6 @@ from cuga.shared.validation import (
     derived_id,
 )
 
-#: Called with each stored event of a resumed run's log (re-queues its audit records).
-Requeue = Callable[[LiveRun, common_pb2.OrchestrationEvent], None]
-
 
 class Launcher:
     """Starts new runs and resumes stopped ones.
@@ -53,7 +49,6 @@ class Launcher:
         events: the event log.
         driver: drives each run's task.
         live: the engine's live runs by id.
-        requeue: given each stored event of a resumed run.
     """
 
     def __init__(
@@ -62,13 +57,11 @@ class Launcher:
         events: EventLog,
         driver: RunDriver,
         live: dict[str, LiveRun],
-        requeue: Requeue,
     ) -> None:
         self._rt = rt
         self._events = events
         self._driver = driver
         self._live = live
-        self._requeue = requeue
 
     # ------------------------------------------------------------------ new runs
 
@@ -290,11 +283,8 @@ class Launcher:
         r = LiveRun(run, request, plan, rt.store.completed_steps(run_id), span.get_span_context())
         self._live[run_id] = r
         after = r.seq
-        # A coordinator killed mid-run dies with the audit records it had queued but not
-        # yet handed over. The event log is durable and record ids are ``run_id/e<seq>``,
-        # so queue the whole log again: the audit service stores each id once.
-        for event in rt.store.events_after(run_id, 0):
-            self._requeue(r, event)
+        # (The audit records its earlier life owed are in the run store's outbox, written
+        # with its events: the forwarder ships them, whatever killed that life.)
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=run.context)
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_PLAN, plan=plan)
         r.task = asyncio.create_task(self._driver.drive(r, span), name=f"run-{run_id}")

@@ -43,6 +43,9 @@ class EngineOptions:
     audit_linger_s: float = 0.05
     """Longest a queued audit record waits for others to fill its batch, seconds. Records
     are stored in the run store first, so waiting trades audit freshness for calls."""
+    audit_close_timeout_s: float = 1.0
+    """How long a stopping engine keeps shipping owed audit records, seconds; what is left
+    stays in the run store's outbox for the next start (keep it well under the grace)."""
     limits: Limits = field(default_factory=Limits)
     """Request limits."""
     resume_interrupted: bool = False
@@ -85,6 +88,7 @@ def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptio
         tool_cache_ttl_s=config.tool_cache_ttl_s,
         audit_batch=config.audit_batch,
         audit_linger_s=config.audit_linger_s,
+        audit_close_timeout_s=config.audit_close_timeout_s,
         limits=settings.common.limits,
         resume_interrupted=config.resume_interrupted,
         max_finishing_runs=config.max_finishing_runs,

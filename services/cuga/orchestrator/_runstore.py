@@ -107,6 +107,33 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+#: The audit outbox (issue 22 item 8): one row per audit record a run owes the audit
+#: log, written in the same transaction as the event it describes (:meth:`SqlRunStore.
+#: append_events`) and deleted once the audit service has stored the record. The record
+#: itself is built from the event (``events``) when it is shipped; ``owner`` is the
+#: replica whose forwarder ships it (a dead replica's rows are adopted by a live one).
+#: Created here, beside the tables above, the way the run store creates its tables.
+_AUDIT_OUTBOX_SQLITE = """
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner   TEXT NOT NULL,
+    run_id  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    profile TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_outbox_by_owner ON audit_outbox (owner, id);
+"""
+_AUDIT_OUTBOX_POSTGRES = """
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id      BIGSERIAL PRIMARY KEY,
+    owner   TEXT NOT NULL,
+    run_id  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    profile TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_outbox_by_owner ON audit_outbox (owner, id);
+"""
+
 _STATE_BY_STAGE = {
     common_pb2.LIFECYCLE_STAGE_COMPLETE: coordinator_pb2.RUN_STATE_COMPLETED,
     common_pb2.LIFECYCLE_STAGE_FAILED: coordinator_pb2.RUN_STATE_FAILED,
@@ -118,6 +145,9 @@ _TERMINAL_STAGES = frozenset(_STATE_BY_STAGE)
 _ROWS_PER_INSERT = 500
 #: One event to write and the run it belongs to (its record is kept up to date).
 EventWrite: TypeAlias = tuple[coordinator_pb2.Run, common_pb2.OrchestrationEvent]
+#: An audit record owed, as stored in the outbox and read back by the forwarder: the
+#: outbox row id, the run's profile and the event the record describes.
+OutboxEntry: TypeAlias = tuple[int, str, common_pb2.OrchestrationEvent]
 #: The newest event of the run of a ``runs`` row, as column ``last_event``.
 _LAST_EVENT = (
     "(SELECT e.event FROM events e WHERE e.run_id = runs.run_id"
@@ -181,9 +211,28 @@ class RunStore(Protocol):
         ``step_result`` of its EXECUTE event)."""
         ...
 
-    def append_events(self, items: Sequence[EventWrite]) -> None:
+    def append_events(
+        self, items: Sequence[EventWrite], audited: Sequence[EventWrite] = ()
+    ) -> None:
         """Write several events, of one run or several, in order and in one transaction:
-        each as :meth:`append_event` would (a group commit)."""
+        each as :meth:`append_event` would (a group commit); ``audited`` (some of
+        ``items``) also get their audit outbox row in that transaction."""
+        ...
+
+    def outbox(self, after_id: int, limit: int) -> list[OutboxEntry]:
+        """Audit records this replica owes, oldest first, after outbox row ``after_id``."""
+        ...
+
+    def outbox_shipped(self, ids: Sequence[int]) -> None:
+        """Remove outbox rows whose records the audit log has stored."""
+        ...
+
+    def outbox_depth(self) -> int:
+        """Audit records this replica still owes."""
+        ...
+
+    def adopt_outbox(self) -> int:
+        """Take over the outbox rows of replicas that are gone; how many were taken."""
         ...
 
     def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
@@ -334,8 +383,12 @@ class SqlRunStore:
         ``step_result`` of its EXECUTE event)."""
         self.append_events(((run, event),))
 
-    def append_events(self, items: Sequence[EventWrite]) -> None:
-        """Write events in order, in one transaction (a group commit).
+    def append_events(
+        self, items: Sequence[EventWrite], audited: Sequence[EventWrite] = ()
+    ) -> None:
+        """Write events in order, in one transaction (a group commit), with the audit
+        outbox rows of the ``audited`` ones (the records they owe the audit log: no kill
+        between the event and its record loses the record).
 
         A run's record is rewritten only when its state changes (a terminal event): its
         progress (``last_seq``, ``stage``, ``updated_at``) is read from its newest event
@@ -363,6 +416,20 @@ class SqlRunStore:
                 items[i : i + _ROWS_PER_INSERT] for i in range(0, len(items), _ROWS_PER_INSERT)
             )
         ]
+        inserts += [
+            (
+                "INSERT INTO audit_outbox (owner, run_id, seq, profile) VALUES "
+                + ", ".join(["(?, ?, ?, ?)"] * len(chunk)),
+                [
+                    v
+                    for run, e in chunk
+                    for v in (self.replica_id, e.run_id, e.seq, run.context.profile)
+                ],
+            )
+            for chunk in (
+                audited[i : i + _ROWS_PER_INSERT] for i in range(0, len(audited), _ROWS_PER_INSERT)
+            )
+        ]
         if len(inserts) == 1 and not changed and not self._notifies:
             self._db.execute(*inserts[0])
             return
@@ -376,6 +443,41 @@ class SqlRunStore:
                 )
             for run_id in dict.fromkeys(event.run_id for _, event in items):
                 self._notify(db, run_id)
+
+    # ------------------------------------------------------------------ the audit outbox
+
+    def outbox(self, after_id: int, limit: int) -> list[OutboxEntry]:
+        """Audit records this replica owes, oldest first, after outbox row ``after_id``."""
+        rows = self._db.execute(
+            "SELECT o.id, o.profile, e.event FROM audit_outbox o"
+            " JOIN events e ON e.run_id = o.run_id AND e.seq = o.seq"
+            " WHERE o.owner = ? AND o.id > ? ORDER BY o.id LIMIT ?",
+            (self.replica_id, after_id, limit),
+        )
+        return [
+            (int(r["id"]), str(r["profile"]), common_pb2.OrchestrationEvent.FromString(r["event"]))
+            for r in rows
+        ]
+
+    def outbox_shipped(self, ids: Sequence[int]) -> None:
+        """Remove outbox rows whose records the audit log has stored."""
+        for i in range(0, len(ids), _ROWS_PER_INSERT):
+            chunk = ids[i : i + _ROWS_PER_INSERT]
+            self._db.execute(
+                f"DELETE FROM audit_outbox WHERE id IN ({', '.join('?' * len(chunk))})",
+                list(chunk),
+            )
+
+    def outbox_depth(self) -> int:
+        """Audit records this replica still owes."""
+        row = self._db.execute(
+            "SELECT COUNT(*) AS n FROM audit_outbox WHERE owner = ?", (self.replica_id,)
+        ).fetchone()
+        return int(row["n"])
+
+    def adopt_outbox(self) -> int:
+        """One process owns a SQLite store: its rows are all its own already."""
+        return 0
 
     def _progressed(self, run_blob: bytes, last_event: bytes | None) -> coordinator_pb2.Run:
         """A stored run record brought up to its newest event (see :meth:`append_event`)."""
@@ -463,7 +565,7 @@ class SQLiteRunStore(SqlRunStore):
 
     def __init__(self, path: str | Path) -> None:
         conn = open_sqlite(path)
-        conn.executescript(_SQLITE_SCHEMA)
+        conn.executescript(_SQLITE_SCHEMA + _AUDIT_OUTBOX_SQLITE)
         columns = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
         if "owner" not in columns:  # a store written before replicas existed
             conn.execute("ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
@@ -502,7 +604,12 @@ class PostgresRunStore(SqlRunStore):
         self._pg = db
         self._liveness_check_s = liveness_check_s
         self._cancel_listener: asyncio.Task[None] | None = None
-        create_schema(db, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
+        create_schema(
+            db,
+            _SQLITE_SCHEMA + _AUDIT_OUTBOX_SQLITE,
+            _POSTGRES_SCHEMA + _AUDIT_OUTBOX_POSTGRES,
+            lock_key=_SCHEMA_LOCK,
+        )
         if not self._hold_replica_lock(db):
             db.close()
             raise RuntimeError(
@@ -653,6 +760,34 @@ class PostgresRunStore(SqlRunStore):
                 )
         return iter(claimed)
 
+    def adopt_outbox(self) -> int:
+        """Take over the audit outbox rows of replicas that are gone (nobody holds their
+        lock), claimed while holding the dead owner's lock, as :meth:`running_runs` does
+        with runs: a record is shipped by one live replica (and were it shipped twice,
+        the audit log stores a record id once)."""
+        owners = [
+            str(r["owner"])
+            for r in self._db.execute(
+                "SELECT DISTINCT owner FROM audit_outbox WHERE owner <> ?", (self.replica_id,)
+            ).fetchall()
+        ]
+        adopted = 0
+        for owner in owners:
+            got = self._db.execute(
+                "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
+            ).fetchone()[0]
+            if not got:
+                continue  # alive: it ships its own
+            try:
+                adopted += self._db.execute(
+                    "UPDATE audit_outbox SET owner = ? WHERE owner = ?", (self.replica_id, owner)
+                ).rowcount
+            finally:
+                self._db.execute(
+                    "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
+                )
+        return adopted
+
     def _owner_of(self, run_id: str) -> tuple[int, str] | None:
         row = self._db.execute(
             "SELECT state, owner FROM runs WHERE run_id = ?", (run_id,)
@@ -720,6 +855,7 @@ __all__ = [
     "CANCEL_CHANNEL",
     "EVENTS_CHANNEL",
     "EventWrite",
+    "OutboxEntry",
     "PostgresRunStore",
     "RunStore",
     "SQLiteRunStore",

@@ -10,15 +10,22 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from google.rpc.error_details_pb2 import ErrorInfo
 
 from cuga.approval.v1 import approval_pb2
+from cuga.audit.v1 import audit_pb2
 from cuga.client._base import BidiStream
-from cuga.client._clients import ApprovalClient, PlanningClient, RoutingClient, WorkerClient
+from cuga.client._clients import (
+    ApprovalClient,
+    AuditClient,
+    PlanningClient,
+    RoutingClient,
+    WorkerClient,
+)
 from cuga.common.v1 import common_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
@@ -99,6 +106,32 @@ class RemoteApprovalManager:
                 approval_pb2.GetRequestRequest(approval_id=approval_id), timeout=5.0
             )
             return response2.request
+
+
+class RemoteAuditTrail:
+    """``AuditTrail`` over ``AuditService``, unbuffered: ``record_batch`` returns once the
+    service has stored the records and raises when it has not.
+
+    The coordinator's records need no buffer of their own: they wait in its run store's
+    audit outbox, and its forwarder retries them (see ``cuga.orchestrator._audit``).
+    """
+
+    def __init__(self, client: AuditClient) -> None:
+        self._client = client
+
+    async def record_batch(
+        self, records: Sequence[audit_pb2.AuditRecord], *, timeout: float | None = None
+    ) -> None:
+        await self._client.record_batch(
+            audit_pb2.RecordBatchRequest(records=records), timeout=timeout
+        )
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        return True  # nothing is held here
+
+    async def close(self) -> None:
+        """Close the client."""
+        await self._client.close()
 
 
 class _Broken(Exception):
@@ -464,6 +497,7 @@ class RemoteWorkerPool:
 
 __all__ = [
     "RemoteApprovalManager",
+    "RemoteAuditTrail",
     "RemotePlanningAuthority",
     "RemoteRoutingAuthority",
     "RemoteWorkerPool",

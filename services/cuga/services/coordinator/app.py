@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from cuga.client import ApprovalClient, AuditClient, PlanningClient, RoutingClient, WorkerClient
-from cuga.client.audit_buffer import BufferedAuditTrail
 from cuga.client.remote import (
     RemoteApprovalManager,
+    RemoteAuditTrail,
     RemotePlanningAuthority,
     RemoteRoutingAuthority,
     RemoteWorkerPool,
@@ -17,7 +17,7 @@ from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.coordinator.servicer import CoordinatorServicer
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.config import EXECUTE_STEPS_METHOD, GRPC_SERVICE_NAMES, Settings
-from cuga.shared.metrics import AuditMetrics, observe_gauge
+from cuga.shared.metrics import observe_gauge
 from cuga.shared.signing import worker_audience
 from cuga.shared.telemetry import Telemetry
 
@@ -41,20 +41,8 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     planning = PlanningClient(common.addresses.planning, **options("planning"))  # type: ignore[arg-type]
     routing = RoutingClient(common.addresses.routing, **options("routing"))  # type: ignore[arg-type]
     approval = ApprovalClient(common.addresses.approval, **options("approval"))  # type: ignore[arg-type]
-    audit_client = AuditClient(common.addresses.audit, **options("audit"))  # type: ignore[arg-type]
-    audit = BufferedAuditTrail(
-        audit_client,
-        spill_dir=common.data_dir / "audit-spill",
-        tracer=telemetry.tracer,
-        metrics=AuditMetrics(telemetry.meter),
-    )
-    observe_gauge(
-        telemetry.meter,
-        "cuga.audit.buffer.depth",
-        lambda: audit.depth,
-        unit="{record}",
-        description="Audit records not yet acknowledged by the audit service",
-    )
+    # Unbuffered: the records wait in the run store's audit outbox (issue 22 item 8).
+    audit = RemoteAuditTrail(AuditClient(common.addresses.audit, **options("audit")))  # type: ignore[arg-type]
     workers = RemoteWorkerPool(
         lambda target: WorkerClient(
             target.address,
@@ -80,9 +68,15 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         tracer=telemetry.tracer,
         meter=telemetry.meter,
     )
+    observe_gauge(
+        telemetry.meter,
+        "cuga.audit.buffer.depth",
+        lambda: agent.audit_backlog,
+        unit="{record}",
+        description="Audit records owed (in the run store's outbox), not yet stored by audit",
+    )
 
     async def started(address: str) -> None:
-        await audit.start()
         await agent.recover()
         await store.listen_for_cancels(agent.cancel_run)  # CancelRun sent to another replica
 

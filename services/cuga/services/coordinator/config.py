@@ -38,6 +38,10 @@ class CoordinatorConfig:
     """Audit records per RecordBatch call once that many are queued, 1 to 1000."""
     audit_linger_s: float = 0.05
     """Longest a queued audit record waits for its batch to fill, seconds, 0 to 5."""
+    audit_close_timeout_s: float = 1.0
+    """How long a stopping coordinator keeps shipping the audit records it owes, seconds,
+    0 to 60; the rest stay in its run store's audit outbox and are shipped when it (or,
+    on PostgreSQL, another replica) starts. Keep it under ``grace_period_s``."""
     resume_interrupted: bool = False
     """On start, resume runs a previous coordinator left running (else mark them INTERRUPTED)."""
     run_store: Literal["sqlite", "postgres"] = "sqlite"
@@ -69,6 +73,8 @@ class CoordinatorConfig:
             raise ConfigError("audit_batch", "must be between 1 and 1000")
         if not 0 <= self.audit_linger_s <= 5:
             raise ConfigError("audit_linger_s", "must be between 0 and 5")
+        if not 0 <= self.audit_close_timeout_s <= 60:
+            raise ConfigError("audit_close_timeout_s", "must be between 0 and 60")
         if not 1 <= self.window <= 256:
             raise ConfigError("window", "must be between 1 and 256")
         if self.route_ttl_s <= 0:

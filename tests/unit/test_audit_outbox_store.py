@@ -1,0 +1,116 @@
+"""The run store's audit outbox (issue 22 item 8), on SQLite and PostgreSQL: the records a
+run owes are written in its events' own transaction, survive a restart of the store, are
+removed once shipped, and a dead replica's are adopted by a live one."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cuga.common.v1 import common_pb2
+from cuga.coordinator.v1 import coordinator_pb2
+from cuga.orchestrator import PostgresRunStore, RunStore, SQLiteRunStore
+from cuga.shared.messages import timestamp
+from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
+
+T0 = 1_700_000_000.0
+Opener = Callable[[], RunStore]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens a store instance (each call a new one, like a restarted process)."""
+    opened: list[RunStore] = []
+
+    def open_store() -> RunStore:
+        store: RunStore
+        if request.param == "sqlite":
+            store = SQLiteRunStore(tmp_path / "coordinator.db")
+        else:
+            store = PostgresRunStore(request.getfixturevalue("postgres_dsn"), replica_id="r1")
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+def _run(store: RunStore, run_id: str) -> coordinator_pb2.Run:
+    run = coordinator_pb2.Run(
+        run_id=run_id,
+        trace_id="a" * 32,
+        context=common_pb2.ExecutionContext(run_id=run_id, profile="tenant-a"),
+        state=coordinator_pb2.RUN_STATE_RUNNING,
+        created_at=timestamp(T0),
+    )
+    store.create_run(run, coordinator_pb2.OrchestrateRequest(goal="g"), "")
+    return run
+
+
+def _event(run_id: str, seq: int, stage: int) -> common_pb2.OrchestrationEvent:
+    return common_pb2.OrchestrationEvent(
+        run_id=run_id,
+        trace_id="a" * 32,
+        seq=seq,
+        stage=stage,  # type: ignore[arg-type]
+        timestamp=timestamp(T0 + seq),
+    )
+
+
+def test_records_owed_are_written_with_their_events_and_outlive_the_store(
+    opener: Opener,
+) -> None:
+    store = opener()
+    run = _run(store, "run-1")
+    writes = [
+        (run, _event("run-1", 1, common_pb2.LIFECYCLE_STAGE_INITIALIZE)),
+        (run, _event("run-1", 2, common_pb2.LIFECYCLE_STAGE_AGGREGATE)),
+        (run, _event("run-1", 3, common_pb2.LIFECYCLE_STAGE_COMPLETE)),
+    ]
+    store.append_events(writes, [writes[0], writes[2]])
+    store.close()  # the process stops here, whatever way
+
+    again = opener()
+    owed = again.outbox(0, 10)
+    assert [(profile, e.seq) for _, profile, e in owed] == [("tenant-a", 1), ("tenant-a", 3)]
+    assert owed[1][2].stage == common_pb2.LIFECYCLE_STAGE_COMPLETE
+    assert again.outbox_depth() == 2
+    assert [e.seq for _, _, e in again.outbox(owed[0][0], 10)] == [3]  # after the cursor
+    again.outbox_shipped([owed[0][0]])
+    assert [e.seq for _, _, e in again.outbox(0, 10)] == [3]
+    again.outbox_shipped([owed[1][0]])
+    assert again.outbox(0, 10) == [] and again.outbox_depth() == 0
+
+
+def test_a_refused_event_write_owes_no_record(opener: Opener) -> None:
+    store = opener()
+    run = _run(store, "run-2")
+    first = (run, _event("run-2", 1, common_pb2.LIFECYCLE_STAGE_INITIALIZE))
+    store.append_events([first], [first])
+    second = (run, _event("run-2", 2, common_pb2.LIFECYCLE_STAGE_PLAN))
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):  # seq 1 again
+        store.append_events([second, first], [second, first])
+    assert [e.seq for _, _, e in store.outbox(0, 10)] == [1]
+    assert [e.seq for e in store.events_after("run-2", 0)] == [1]
+
+
+def test_a_dead_replicas_records_are_adopted_by_a_live_one(postgres_dsn: str) -> None:  # noqa: F811
+    dead = PostgresRunStore(postgres_dsn, replica_id="dead")
+    live = PostgresRunStore(postgres_dsn, replica_id="live")
+    try:
+        run = _run(dead, "run-3")
+        write = (run, _event("run-3", 1, common_pb2.LIFECYCLE_STAGE_INITIALIZE))
+        dead.append_events([write], [write])
+        assert live.adopt_outbox() == 0  # its owner is alive: it ships its own
+        assert live.outbox(0, 10) == []
+        dead.close()
+        assert live.adopt_outbox() == 1
+        assert [e.run_id for _, _, e in live.outbox(0, 10)] == ["run-3"]
+    finally:
+        dead.close()
+        live.close()
