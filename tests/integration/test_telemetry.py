@@ -41,7 +41,7 @@ from cuga.shared.telemetry import (
     otlp_logs_configured,
     setup_telemetry,
 )
-from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.otlp import OtlpReceiver, ReceivedPoint, ReceivedSpan, otlp_receiver
 from tests.support.servers import (
     CLUSTER_ORDER,
     as_identity,
@@ -291,7 +291,11 @@ def _value(receiver: OtlpReceiver, metric: str, service: str, **attrs: object) -
 async def test_metrics_count_what_the_run_did(observed: ObservedRun) -> None:
     r = observed.receiver
     assert _value(r, "cuga.runs.started", "coordinator") == 1
-    assert _value(r, "cuga.runs.completed", "coordinator") == 1
+    # One run-outcome counter, by outcome.
+    assert _value(r, "cuga.runs.ended", "coordinator", **{"cuga.outcome": "COMPLETE"}) == 1
+    assert not [
+        p for p in r.points() if p.metric.startswith(("cuga.runs.completed", "cuga.runs.failed"))
+    ]
     assert _value(r, "cuga.runs.active", "coordinator") == 0
     assert _value(r, "cuga.step.retries", "coordinator", **{"cuga.failure_mode": "AGENT"}) == 1
     flaky = {"cuga.tool": "flaky"}
@@ -302,12 +306,18 @@ async def test_metrics_count_what_the_run_did(observed: ObservedRun) -> None:
     assert _value(r, "cuga.approval.decided", "approval", **{"cuga.outcome": "APPROVED"}) == 1
     assert _value(r, "cuga.approval.pending", "approval") == 0
     assert _value(r, "cuga.audit.buffer.depth", "coordinator") == 0
-    orchestrate = "/cuga.coordinator.v1.CoordinatorService/Orchestrate"
-    assert (
-        _value(r, "cuga.rpc.server.active_streams", "coordinator", **{"rpc.method": orchestrate})
-        == 0
-    )
-    assert _value(r, "rpc.server.duration", "coordinator", **{"rpc.method": orchestrate}) == 1
+    orchestrate = {
+        "rpc.system": "grpc",
+        "rpc.service": "cuga.coordinator.v1.CoordinatorService",
+        "rpc.method": "Orchestrate",
+    }
+    assert _value(r, "cuga.rpc.server.active_streams", "coordinator", **orchestrate) == 0
+    ok = {"rpc.grpc.status_code": 0}
+    assert _value(r, "rpc.server.duration", "coordinator", **orchestrate, **ok) == 1
+    # Both sides of the coordinator's call to planning (RPC semantic conventions).
+    plan = {"rpc.service": "cuga.planning.v1.PlanningService", "rpc.method": "CreatePlan"}
+    assert _value(r, "rpc.client.duration", "coordinator", **plan, **ok) == 1
+    assert _value(r, "rpc.server.duration", "planning", **plan, **ok) == 1
 
 
 async def test_signal_matrix(observed: ObservedRun) -> None:
@@ -482,3 +492,74 @@ def test_json_log_lines_carry_trace_span_run_and_service(
     for line in (inside, outside):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["time"]), line
         assert datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0)
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "cuga.json"
+#: UCUM units the collector's Prometheus exporter spells out as a name suffix; units in
+#: braces (``{run}``) are annotations and add nothing.
+_UNIT_SUFFIXES = {"ms": "milliseconds", "s": "seconds", "By": "bytes"}
+#: Labels every series gets besides its attributes: the resource attributes
+#: (resource_to_telemetry_conversion), Prometheus' own, and histogram buckets.
+_RESOURCE_LABELS = {"service_name", "service_version", "k8s_pod_name", "job", "instance", "le"}
+
+
+def _prometheus_names(point: ReceivedPoint) -> set[str]:
+    """The series names the collector's Prometheus exporter makes of an OTLP metric."""
+    name = re.sub(r"[^a-zA-Z0-9_:]", "_", point.metric)
+    suffix = _UNIT_SUFFIXES.get(point.unit)
+    if suffix and not name.endswith(suffix):
+        name = f"{name}_{suffix}"
+    if point.kind == "counter":
+        return {f"{name}_total"}
+    if point.kind == "histogram":
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return {name}
+
+
+def _promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) an expression uses."""
+    labels: set[str] = set()
+    text = re.sub(r'"[^"]*"', '""', expr)
+    for matchers in re.findall(r"\{([^}]*)\}", text):
+        labels.update(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
+    for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", text):
+        labels.update(label.strip() for label in grouping.split(",") if label.strip())
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\b(?:by|without)\s*\([^)]*\)", " ", text)
+    metrics = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", text))
+    return metrics, labels
+
+
+async def test_the_grafana_dashboard_queries_metrics_the_services_emit(
+    observed: ObservedRun,
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    points = observed.receiver.points()
+    series = set().union(*(_prometheus_names(p) for p in points))
+    attributes = {re.sub(r"\W", "_", key) for p in points for key in p.attributes}
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            metrics, labels = _promql_names(target["expr"])
+            assert metrics, target["expr"]
+            missing = metrics - series
+            assert not missing, f"{panel['title']}: {sorted(missing)} not emitted"
+            unknown = labels - attributes - _RESOURCE_LABELS
+            assert not unknown, f"{panel['title']}: no such label {sorted(unknown)}"
+            used |= metrics
+    # What the issue asks the dashboard to show: runs, steps, latency, approvals pending,
+    # audit lag.
+    assert {
+        "cuga_runs_started_total",
+        "cuga_runs_ended_total",
+        "cuga_step_duration_seconds_bucket",
+        "rpc_server_duration_milliseconds_bucket",
+        "rpc_client_duration_milliseconds_bucket",
+        "cuga_approval_pending",
+        "cuga_audit_buffer_depth",
+    } <= used

@@ -58,6 +58,8 @@ class ReceivedPoint:
     metric: str
     attributes: dict[str, Any]
     value: float  # sum/gauge value, or a histogram's count
+    unit: str = ""
+    kind: str = ""  # "counter" (monotonic sum), "sum" (up-down), "gauge" or "histogram"
 
 
 @dataclass(frozen=True)
@@ -165,15 +167,20 @@ class OtlpReceiver:
                 for m in sm.metrics:
                     kind = m.WhichOneof("data")
                     if kind in ("sum", "gauge"):
+                        shape = "counter" if kind == "sum" and m.sum.is_monotonic else kind
                         for p in getattr(m, kind).data_points:
                             value = p.as_double if p.HasField("as_double") else p.as_int
                             received.append(
-                                ReceivedPoint(service, m.name, _attrs(p.attributes), value)
+                                ReceivedPoint(
+                                    service, m.name, _attrs(p.attributes), value, m.unit, shape
+                                )
                             )
                     elif kind == "histogram":
                         for h in m.histogram.data_points:
                             received.append(
-                                ReceivedPoint(service, m.name, _attrs(h.attributes), h.count)
+                                ReceivedPoint(
+                                    service, m.name, _attrs(h.attributes), h.count, m.unit, kind
+                                )
                             )
         with self._lock:
             self._points.extend(received)

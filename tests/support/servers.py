@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
 
 from cuga.client import WorkerClient
@@ -222,13 +223,20 @@ async def running_service(
     *,
     span_processors: Sequence[SpanProcessor] = (),
     telemetry_env: Mapping[str, str] | None = None,
+    metric_readers: Sequence[MetricReader] = (),
 ) -> AsyncIterator[RunningServer]:
     """A service built and started exactly as ``cuga serve`` does, on a free port.
 
     ``telemetry_env`` replaces ``os.environ`` as the source of the ``OTEL_*`` variables
-    (tests point the exporters at an in-process receiver without touching the process).
+    (tests point the exporters at an in-process receiver without touching the process);
+    ``metric_readers`` are added to its meter provider (an in-memory reader).
     """
-    telemetry = setup_telemetry(f"cuga-{name}", span_processors=span_processors, env=telemetry_env)
+    telemetry = setup_telemetry(
+        f"cuga-{name}",
+        span_processors=span_processors,
+        metric_readers=metric_readers,
+        env=telemetry_env,
+    )
     settings = as_service(settings, name)
     definition = await builder(settings, telemetry)
     server = await start_server(definition, settings.common, port=0, host="127.0.0.1")

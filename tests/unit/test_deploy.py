@@ -458,3 +458,36 @@ def test_dockerfile_runs_cuga_serve_as_a_non_root_user() -> None:
     assert lines.index(f"USER {user}") > max(
         i for i, line in enumerate(lines) if line.startswith(("RUN ", "COPY "))
     )
+
+
+@needs_kubectl
+def test_kubernetes_and_compose_run_one_collector_pipeline_with_metrics_to_prometheus(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    # Kubernetes used to send metrics and logs to `debug` while compose sent metrics to
+    # Prometheus: now both load the very same file (issue 25).
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    (mount,) = compose["services"]["otel-collector"]["volumes"]
+    source = (DEPLOY / mount.split(":")[0]).read_text()
+    config = yaml.safe_load(source)
+    metrics = config["service"]["pipelines"]["metrics"]
+    assert metrics["exporters"] == ["prometheus"]
+    port = int(config["exporters"]["prometheus"]["endpoint"].rpartition(":")[2])
+    for overlay, docs in rendered.items():
+        (configmap,) = [
+            d
+            for d in docs
+            if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("otel-collector")
+        ]
+        assert configmap["data"]["config.yaml"] == source, overlay
+        pod = _find(docs, "Deployment", "otel-collector")["spec"]["template"]
+        names = [v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v]
+        assert names == [configmap["metadata"]["name"]], overlay
+        (container,) = pod["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": port} in container["ports"], overlay
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        service = _find(docs, "Service", "otel-collector")["spec"]
+        assert {"name": "metrics", "port": port, "targetPort": "metrics"} in service["ports"]
+        policy = _find(docs, "NetworkPolicy", "otel-collector")["spec"]
+        scrape = [r for r in policy["ingress"] if {"protocol": "TCP", "port": port} in r["ports"]]
+        assert scrape and _peers(scrape[0]["from"]) == {"prometheus"}, overlay

@@ -164,7 +164,7 @@ class RunDriver:
         # Written together (the COMPLETE write takes the AGGREGATE with it).
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_AGGREGATE, summary=summary, defer=True)
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_COMPLETE, summary=summary)
-        self._rt.metrics.runs_completed.add(1)
+        self._rt.metrics.runs_ended.add(1, self._rt.metrics.ended("COMPLETE"))
         await self.transition(plan_id, common_pb2.PLAN_STATE_COMPLETED, r, "run completed")
 
     # ------------------------------------------------------------------ admission
@@ -278,7 +278,7 @@ class RunDriver:
     def finish_failed(self, r: LiveRun, error: CugaError, step_id: str) -> None:
         """End ``r`` FAILED: its terminal event, with a resumable partial result."""
         metrics = self._rt.metrics
-        metrics.runs_failed.add(1, metrics.mode(error.failure_mode.name))
+        metrics.runs_ended.add(1, metrics.ended("FAILED", error.failure_mode.name))
         log.warning(
             "run %s failed%s (%s): %s",
             r.run_id,
@@ -299,7 +299,7 @@ class RunDriver:
 
     def finish_cancelled(self, r: LiveRun) -> None:
         """End ``r`` CANCELLED: its terminal event."""
-        self._rt.metrics.runs_cancelled.add(1)
+        self._rt.metrics.runs_ended.add(1, self._rt.metrics.ended("CANCELLED"))
         r.run.error = r.cancel_reason
         r.run.completed_steps = len(r.results)
         self._events.emit(

@@ -21,7 +21,8 @@ TOOL = "cuga.tool"
 POLICY = "cuga.policy"
 """Attribute: the routing policy that decided (``round_robin``, ``capability``...)."""
 OUTCOME = "cuga.outcome"
-"""Attribute: how something ended (``ok``/``error``, or an approval status)."""
+"""Attribute: how something ended (``ok``/``error``, an approval status, a run's terminal
+stage)."""
 
 
 def _meter(meter: Meter | None) -> Meter:
@@ -36,14 +37,11 @@ class EngineMetrics:
         self.runs_started = m.create_counter(
             "cuga.runs.started", unit="{run}", description="Runs started (new and resumed)"
         )
-        self.runs_completed = m.create_counter(
-            "cuga.runs.completed", unit="{run}", description="Runs that ended COMPLETE"
-        )
-        self.runs_failed = m.create_counter(
-            "cuga.runs.failed", unit="{run}", description="Runs that ended FAILED, by failure mode"
-        )
-        self.runs_cancelled = m.create_counter(
-            "cuga.runs.cancelled", unit="{run}", description="Runs that ended CANCELLED"
+        self.runs_ended = m.create_counter(
+            "cuga.runs.ended",
+            unit="{run}",
+            description="Runs that reached their terminal event, by outcome (COMPLETE, FAILED,"
+            " CANCELLED) and, for FAILED, failure mode",
         )
         self.runs_active = m.create_up_down_counter(
             "cuga.runs.active", unit="{run}", description="Runs executing in this coordinator"
@@ -64,6 +62,19 @@ class EngineMetrics:
         )
         self._mode_attrs: dict[str, dict[str, str]] = {}
         self._tool_attrs: dict[tuple[str, bool], dict[str, str]] = {}
+        self._end_attrs: dict[tuple[str, str], dict[str, str]] = {}
+
+    def ended(self, outcome: str, failure_mode: str = "") -> dict[str, str]:
+        """The (cached) attributes of one run outcome: ``cuga.outcome`` (``COMPLETE``,
+        ``FAILED``, ``CANCELLED``) and, for a failure, ``cuga.failure_mode``."""
+        key = (outcome, failure_mode)
+        attrs = self._end_attrs.get(key)
+        if attrs is None:
+            attrs = {OUTCOME: outcome}
+            if failure_mode:
+                attrs[FAILURE_MODE] = failure_mode
+            self._end_attrs[key] = attrs
+        return attrs
 
     def mode(self, name: str) -> dict[str, str]:
         """The (cached) attribute dict of one failure mode."""

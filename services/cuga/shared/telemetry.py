@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib.metadata
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from opentelemetry.instrumentation.grpc import (
 )
 from opentelemetry.instrumentation.grpc._aio_client import UnaryUnaryAioClientInterceptor
 from opentelemetry.instrumentation.logging.handler import LoggingHandler
-from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.metrics import Meter
 from opentelemetry.propagate import extract, inject
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk._logs import LoggerProvider
@@ -45,12 +46,63 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from cuga.shared.handlers import rewrap
 
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cuga-orchestrator")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+#: ``service.version`` of every service: the installed cuga-orchestrator's version.
+VERSION = _version()
+
 #: Run id of the work the current task does; put on every log line.
 current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("cuga_run_id", default="")
 #: W3C baggage key the coordinator sets to the run id, so downstream log lines carry it.
 RUN_ID_BAGGAGE = "cuga.run_id"
 
 _HEALTH_METHODS = "/grpc.health.v1.Health/"
+#: Calls that are measured but never traced: a worker's heartbeat every few seconds is
+#: not part of any run, and each one made a trace of its own (48 of 87 in one demo).
+UNTRACED_METHODS = frozenset({"/cuga.routing.v1.RoutingService/Heartbeat"})
+
+
+def rpc_attributes(method: str) -> dict[str, str]:
+    """The RPC semantic-convention attributes of a full method ``/pkg.Service/Method``:
+    ``rpc.system`` (``grpc``), ``rpc.service`` (``pkg.Service``), ``rpc.method``
+    (``Method``)."""
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+class RpcDurations:
+    """``rpc.server.duration`` and ``rpc.client.duration`` as the OpenTelemetry RPC
+    semantic conventions define them (v1.37, the version our spans follow: schema
+    1.11.0 attributes, ``rpc.grpc.status_code`` as an int): histograms in milliseconds,
+    one sample per call, attributes ``rpc.system``, ``rpc.service``, ``rpc.method`` and
+    ``rpc.grpc.status_code``. The client side measures unary calls only, as the
+    convention says (streams have no meaningful client duration).
+
+    Attribute dicts are built once per method and status code: this is on every call.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self.server = meter.create_histogram(
+            "rpc.server.duration", unit="ms", description="Measures the duration of inbound RPC."
+        )
+        self.client = meter.create_histogram(
+            "rpc.client.duration", unit="ms", description="Measures the duration of outbound RPC."
+        )
+        self._attrs: dict[tuple[str, int], dict[str, str | int]] = {}
+
+    def attributes(self, method: str, code: grpc.StatusCode) -> dict[str, str | int]:
+        """The (cached) attributes of one method and status code."""
+        key = (method, code.value[0])
+        found = self._attrs.get(key)
+        if found is None:
+            found = self._attrs[key] = {**rpc_attributes(method), "rpc.grpc.status_code": key[1]}
+        return found
 
 
 def _not_health(details: Any) -> bool:
@@ -165,10 +217,10 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(
-        self, tracer: Tracer, meter: Meter, service_name: str, duration: Histogram
+        self, tracer: Tracer, meter: Meter, service_name: str, durations: RpcDurations
     ) -> None:
         self._tracer = tracer
-        self._duration = duration
+        self._durations = durations
         self._streams = meter.create_up_down_counter(
             "cuga.rpc.server.active_streams",
             unit="{stream}",
@@ -181,14 +233,13 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, method: str, context: grpc.aio.ServicerContext
     ) -> tuple[Span, contextvars.Token[otel_context.Context]]:
         """Start the server span under the caller's context and make it current."""
+        if method in UNTRACED_METHODS:
+            return trace.INVALID_SPAN, otel_context.attach(otel_context.Context())
         carrier = {md.key: md.value for md in context.invocation_metadata() or ()}
         parent = extract(carrier) if carrier else None
-        service, _, name = method.lstrip("/").partition("/")
         attributes: dict[str, Any] = {
-            "rpc.system": "grpc",
+            **rpc_attributes(method),
             "rpc.grpc.status_code": grpc.StatusCode.OK.value[0],
-            "rpc.service": service,
-            "rpc.method": name,
         }
         if "user-agent" in carrier:
             attributes["rpc.user_agent"] = carrier["user-agent"]
@@ -216,14 +267,14 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = found if isinstance(found, grpc.StatusCode) else None
             if type(error) is not Exception and not isinstance(error, asyncio.CancelledError):
                 span.record_exception(error)
-        name = code.name if code is not None else "CANCELLED"
         if code is not None and code is not grpc.StatusCode.OK:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code in _SERVER_ERROR_CODES:
                 span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or ''}"))
-        self._duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": name})
+        code = code or grpc.StatusCode.CANCELLED
+        self._durations.server.record(elapsed_ms, self._durations.attributes(method, code))
         if self._log.isEnabledFor(logging.DEBUG):
-            self._log.debug("%s %s %.1fms", method, name, elapsed_ms)
+            self._log.debug("%s %s %.1fms", method, code.name, elapsed_ms)
 
     def _wrap_unary(
         self, method: str, behavior: Callable[..., Awaitable[Any]]
@@ -247,7 +298,7 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_stream(
         self, method: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., Any]:
-        attributes = {"rpc.method": method}
+        attributes = rpc_attributes(method)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
@@ -274,7 +325,7 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """A bidirectional stream is a transport of calls (ExecuteSteps: one step a
         message) that lives across runs: it is counted as an open stream, and its
         messages get the spans and durations (:class:`StreamedCalls`), not the stream."""
-        attributes = {"rpc.method": method}
+        attributes = rpc_attributes(method)
 
         async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             self._streams.add(1, attributes)
@@ -354,15 +405,14 @@ class StreamedCalls:
     Args:
         tracer: the service's instrumentation tracer.
         method: the full method, ``/package.Service/Rpc`` (the span name).
-        duration: the service's ``rpc.server.duration`` histogram (receivers only).
+        durations: the service's RPC duration histograms (receivers only).
     """
 
-    def __init__(self, tracer: Tracer, method: str, duration: Histogram | None = None) -> None:
+    def __init__(self, tracer: Tracer, method: str, durations: RpcDurations | None = None) -> None:
         self._tracer = tracer
         self.method = method
-        self._duration = duration
-        service, _, name = method.lstrip("/").partition("/")
-        self._attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        self._durations = durations
+        self._attributes = rpc_attributes(method)
 
     def start_client(self) -> tuple[Span, dict[str, str]]:
         """Start the sender's span (child of the current one); its context to send.
@@ -421,10 +471,10 @@ class StreamedCalls:
                 span.set_status(Status(StatusCode.ERROR, f"{code}:{message}"))
         span.end()
         otel_context.detach(token)
-        if self._duration is not None:
-            self._duration.record(
+        if self._durations is not None:
+            self._durations.server.record(
                 (time.perf_counter() - started) * 1000.0,
-                {"rpc.method": self.method, "rpc.grpc.status_code": code.name},
+                self._durations.attributes(self.method, code),
             )
 
 
@@ -441,8 +491,9 @@ class _UnaryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ig
     details): this interceptor is on every step's worker call.
     """
 
-    def __init__(self, tracer: Tracer) -> None:
+    def __init__(self, tracer: Tracer, durations: RpcDurations) -> None:
         self._tracer = tracer
+        self._durations = durations
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
@@ -452,11 +503,11 @@ class _UnaryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ig
             method = method.decode()
         if method.startswith(_HEALTH_METHODS):
             return await continuation(details, request)
-        service, _, name = method.lstrip("/").partition("/")
+        started = time.perf_counter()
+        if method in UNTRACED_METHODS:
+            return await self._untraced(continuation, details, request, method, started)
         span = self._tracer.start_span(
-            method,
-            kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            method, kind=SpanKind.CLIENT, attributes=rpc_attributes(method)
         )
         try:
             metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
@@ -476,18 +527,50 @@ class _UnaryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ig
             span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc.details()}"))
             span.end()
+            self._measure(method, exc.code(), started)
             raise
         except asyncio.CancelledError:
             span.set_status(Status(StatusCode.ERROR, "CANCELLED"))
             span.end()
+            self._measure(method, grpc.StatusCode.CANCELLED, started)
             raise
         except BaseException as exc:
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             span.end()
+            self._measure(method, grpc.StatusCode.UNKNOWN, started)
             raise
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
         span.end()
+        self._measure(method, grpc.StatusCode.OK, started)
         return response
+
+    def _measure(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self._durations.client.record(
+            (time.perf_counter() - started) * 1000.0, self._durations.attributes(method, code)
+        )
+
+    async def _untraced(
+        self,
+        continuation: Callable[..., Any],
+        details: Any,
+        request: Any,
+        method: str,
+        started: float,
+    ) -> Any:
+        """A call measured but not traced: no span, no trace context sent."""
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await (await continuation(details, request))
+            code = grpc.StatusCode.OK
+            return response
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._measure(method, code, started)
 
 
 class _MetadataSetter(Setter[grpc.aio.Metadata]):
@@ -520,24 +603,21 @@ class Telemetry:
             "opentelemetry.instrumentation.grpc",
             schema_url="https://opentelemetry.io/schemas/1.11.0",
         )
-        #: ``rpc.server.duration``: one sample per inbound call, streamed calls included.
-        self.rpc_server_duration = self.meter.create_histogram(
-            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
-        )
+        #: ``rpc.server.duration`` (one sample per inbound call, streamed calls included)
+        #: and ``rpc.client.duration`` (one per outbound unary call).
+        self.rpc_durations = RpcDurations(self.meter)
 
     def server_interceptors(self) -> list[Any]:
         """The server span and metrics interceptor (health checks excluded); it is the
         outermost, so a refused or failed call is still recorded in the call's trace."""
         return [
-            RpcServerInterceptor(
-                self.rpc_tracer, self.meter, self.service_name, self.rpc_server_duration
-            )
+            RpcServerInterceptor(self.rpc_tracer, self.meter, self.service_name, self.rpc_durations)
         ]
 
     def streamed_calls(self, method: str, *, server: bool) -> StreamedCalls:
         """Spans (and, for the ``server`` side, durations) of the calls carried as
         messages of the bidirectional stream ``method``."""
-        return StreamedCalls(self.rpc_tracer, method, self.rpc_server_duration if server else None)
+        return StreamedCalls(self.rpc_tracer, method, self.rpc_durations if server else None)
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         """Export every finished span, log record and metric value now (tests, drains)."""
@@ -569,7 +649,7 @@ class Telemetry:
         # OpenTelemetry's server-streaming interceptor; the unary one replaced by ours; none
         # for bidirectional streams: their messages are the calls (StreamedCalls).
         return [
-            _UnaryClientInterceptor(self.rpc_tracer)
+            _UnaryClientInterceptor(self.rpc_tracer, self.rpc_durations)
             if isinstance(i, UnaryUnaryAioClientInterceptor)
             else i
             for i in found
@@ -600,7 +680,8 @@ def setup_telemetry(
         env: environment to read ``OTEL_*`` from (default ``os.environ``).
     """
     env = os.environ if env is None else env
-    resource = Resource.create({"service.name": service_name})
+    # OTEL_RESOURCE_ATTRIBUTES (k8s.pod.name ...) is merged in by Resource.create; ours win.
+    resource = Resource.create({"service.name": service_name, "service.version": VERSION})
     tracer_provider = TracerProvider(resource=resource)
     for processor in span_processors:
         tracer_provider.add_span_processor(processor)
@@ -714,7 +795,10 @@ def configure_logging(fmt: str = "text", level: str = "INFO", *, service: str = 
 
 __all__ = [
     "RUN_ID_BAGGAGE",
+    "UNTRACED_METHODS",
+    "VERSION",
     "ContextFilter",
+    "RpcDurations",
     "RpcServerInterceptor",
     "StreamedCalls",
     "Telemetry",

@@ -30,6 +30,7 @@ from cuga.cli import (  # noqa: E402
     audit,
     catalog,
     completion,
+    console,
     runs,
     tls,
     tokens,
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cuga {_version()}")
     _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (up, runs, catalog, approvals, audit, tokens, tls, completion):
+    for module in (up, console, runs, catalog, approvals, audit, tokens, tls, completion):
         module.register(sub)
     for leaf in _leaves(parser):
         if leaf is parser:
