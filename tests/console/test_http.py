@@ -5,8 +5,14 @@ API's refusals passed through, sign-out, escaping and the security headers."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import select
+import signal
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +24,7 @@ from cuga.cli.tls import issue, make_ca, write_pair
 from cuga.client import ApprovalClient
 from cuga.common.v1 import common_pb2
 from cuga.console import ConsoleConfig
-from tests.support.console import TRANSFER, LiveConsole, step
+from tests.support.console import TRANSFER, LiveConsole, finish_run, step
 from tests.support.servers import as_identity, token_of
 
 pytestmark = pytest.mark.xdist_group("console")
@@ -202,3 +208,56 @@ def test_pages_escape_what_users_wrote_and_forbid_inline_script(live: LiveConsol
             assert "script-src 'self'" in csp and "unsafe-inline" not in csp
             assert response.headers["x-content-type-options"] == "nosniff"
             assert response.headers["cache-control"] == "no-store"
+
+
+def test_the_audit_page_verifies_a_trace_and_proves_a_record(live: LiveConsole) -> None:
+    run_id = live.start_run("say hello", [step("say", "echo", text="hello")])
+    assert finish_run(live, run_id) == "COMPLETE"
+    with signed_in(live.url, runs=token_of("client")) as client:
+        page = client.get(f"/runs/{run_id}").text
+    trace_id = re.search(r"trace</dt><dd><code>([0-9a-f]{32})</code>", page)
+    assert trace_id, "the run page shows no trace id"
+    with signed_in(live.url, audit=token_of("auditor")) as auditor:
+        response = auditor.get("/audit", params={"trace_id": trace_id.group(1)})
+        assert response.status_code == 200
+        assert re.search(r"verified: \d+ record\(s\) proven included", response.text)
+        links = re.findall(r'href="(/audit/proof\?record_id=[^"]+)"', response.text)
+        assert links, "no record has a proof link"
+        proof = auditor.get(links[0].replace("&amp;", "&"))
+        assert proof.status_code == 200
+        assert 'id="proof-status">holds' in proof.text
+        assert "run_started" in response.text
+    # The runs token opens no audit: the audit service says so.
+    with signed_in(live.url, runs=token_of("client"), audit=token_of("client")) as client:
+        refused = client.get("/audit", params={"trace_id": trace_id.group(1)})
+        assert refused.status_code == 403
+        assert "PERMISSION_DENIED ROLE_NOT_ALLOWED" in refused.text
+
+
+def test_cuga_console_serves_the_same_application(live: LiveConsole, tmp_path: Path) -> None:
+    settings = live.cluster.settings.common.addresses
+    env = {
+        **os.environ,
+        "CUGA_DATA_DIR": str(tmp_path),
+        "CUGA_ADDRESSES__COORDINATOR": settings.coordinator,
+        "CUGA_ADDRESSES__APPROVAL": settings.approval,
+        "CUGA_ADDRESSES__AUDIT": settings.audit,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cuga.cli.main", "console", "--port", "0", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "cuga console printed no address"
+        url = json.loads(proc.stdout.readline())["console"]
+        assert url.startswith("http://127.0.0.1:")
+        with signed_in(url.rstrip("/"), runs=token_of("client")) as client:
+            assert client.get("/runs").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""

@@ -185,3 +185,23 @@ TRANSFER = {
     "amount": 1200,
     "currency": "EUR",
 }
+
+
+def finish_run(live: LiveConsole, run_id: str, timeout: float = 30.0) -> str:
+    """Follow a run to its terminal event, then flush the coordinator's audit records;
+    the terminal stage's name."""
+
+    async def follow() -> str:
+        stage = ""
+        async with CoordinatorClient(
+            live.cluster.address("coordinator"), metadata=as_identity("client")
+        ) as client:
+            async for response in client.watch(
+                coordinator_pb2.WatchRequest(run_id=run_id), timeout=timeout
+            ):
+                stage = common_pb2.LifecycleStage.Name(response.event.stage)
+        agent = live.cluster.servers["coordinator"].definition.registrations[0][1]._agent
+        assert await agent.flush_audit(timeout=timeout)
+        return stage.removeprefix("LIFECYCLE_STAGE_")
+
+    return live.call(follow(), timeout + 10)

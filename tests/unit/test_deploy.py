@@ -40,12 +40,12 @@ SECTIONS: Mapping[str, type] = {
 }
 #: callee -> who may call it (services, and pods labelled cuga.io/role=<role>).
 CALLERS: Mapping[str, set[str]] = {
-    "coordinator": {"role:client"},
+    "coordinator": {"role:client", "console"},
     "planning": {"coordinator"},
     "routing": {"coordinator", "planning", "worker"},
-    "approval": {"coordinator", "role:reviewer"},
+    "approval": {"coordinator", "role:reviewer", "console"},
     "worker": {"coordinator", "planning"},
-    "audit": {"coordinator", "role:auditor"},
+    "audit": {"coordinator", "role:auditor", "console"},
 }
 
 needs_kubectl = pytest.mark.skipif(
@@ -278,6 +278,41 @@ def test_network_policies_allow_exactly_the_authorisation_matrix(
         for caller in SERVICE_NAMES:
             allowed = {callee for callee, who in CALLERS.items() if caller in who}
             assert calls[caller] & set(SERVICE_NAMES) == allowed, caller
+
+
+@needs_kubectl
+def test_the_console_is_deployed_like_a_service_and_holds_no_credential(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    for overlay, docs in rendered.items():
+        _find(docs, "ServiceAccount", "cuga-console")
+        service = _find(docs, "Service", "console")
+        assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("http", 8080)]
+        pod = _find(docs, "Deployment", "console")["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, overlay
+        (container,) = pod["containers"]
+        assert container["command"] == ["cuga", "console"], overlay
+        assert "--secure-cookies" in container["args"], overlay
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/healthz", overlay
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, overlay
+        assert security["capabilities"]["drop"] == ["ALL"], overlay
+        # The console calls as its users: no Secret, no key, no trust file in its pod.
+        assert not [v for v in pod["volumes"] if "secret" in v or "projected" in v], overlay
+        env = _env_of(docs, "console")
+        assert not [k for k in env if k.startswith("CUGA_AUTH__")], overlay
+        settings = load_settings(env={k: v for k, v in env.items() if k.startswith("CUGA_")})
+        services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+        for name in ("coordinator", "approval", "audit"):
+            host, _, port = (
+                settings.common.addresses.of(name).removeprefix("dns:///").rpartition(":")
+            )
+            assert host in services and int(port) == DEFAULT_PORTS[name], (overlay, name)
+        policy = _find(docs, "NetworkPolicy", "console")["spec"]
+        called = set().union(*(_peers(r["to"]) for r in policy["egress"]))
+        assert called == {"coordinator", "approval", "audit"}, overlay
+        assert [r["ports"] for r in policy["ingress"]] == [[{"protocol": "TCP", "port": 8080}]]
 
 
 @needs_kubectl

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -20,6 +24,7 @@ from cuga.shared.config import ConfigError, Settings
 
 #: Where the console listens unless told otherwise (beside the services' 50051-50056).
 DEFAULT_PORT = 8080
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def console_url(config: ConsoleConfig, port: int | None = None) -> str:
@@ -43,11 +48,28 @@ def config_of(args: argparse.Namespace) -> ConsoleConfig:
         raise ConfigProblem(str(exc)) from None
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending like the services: SIGTERM or Ctrl-C drains it and the
+    command exits 0 (uvicorn re-raises the signal after draining by default)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
 async def serve(config: ConsoleConfig, settings: Settings, sock: socket.socket) -> None:
     """Serve the console on a bound socket until the server is told to exit."""
     backend = Backend(settings, config.audit_public_key)
     app = build_app(config, backend)
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app,
             log_level="warning",
