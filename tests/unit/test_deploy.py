@@ -7,6 +7,8 @@ Rendering needs ``kubectl``; without it those tests skip and say so.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -96,6 +98,7 @@ def test_deploy_check_renders_and_validates_every_overlay(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout + done.stderr
     for overlay in OVERLAYS:
         assert re.search(rf"^ok +{overlay}: \d+ resources valid", done.stdout, re.M), done.stdout
+        assert re.search(rf"^ok +{overlay}: policy checks pass", done.stdout, re.M), done.stdout
         assert (tmp_path / f"{overlay}.yaml").stat().st_size > 0
 
 
@@ -107,6 +110,7 @@ def test_deploy_check_fails_on_an_invalid_manifest(tmp_path: Path) -> None:
     shutil.rmtree(copy / "deploy" / "k8s" / "overlays" / "prod")  # one overlay is enough
     (copy / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "deploy_check.py", copy / "scripts")
+    shutil.copy(ROOT / "scripts" / "kube_policy.py", copy / "scripts")
     base = copy / "deploy" / "k8s" / "base" / "routing.yaml"
     base.write_text(base.read_text().replace("containerPort: 50053", "containerPort: high"))
     done = subprocess.run(
@@ -140,12 +144,19 @@ def test_every_service_has_account_config_service_and_hardened_deployment(
         assert pod["securityContext"]["runAsUser"] != 0, where
         (container,) = pod["containers"]
         assert container["args"] == [name], where
-        assert container["ports"] == [{"name": "grpc", "containerPort": port}], where
+        assert container["ports"][0] == {"name": "grpc", "containerPort": port}, where
+        # With mutual TLS (prod), kubelet's plain-text gRPC probes read the health-only port.
+        health = _env_of(docs, name).get("CUGA_HEALTH_PORT")
+        probed = int(health) if health else port
+        if health:
+            assert container["ports"][1:] == [{"name": "health", "containerPort": probed}]
+        else:
+            assert container["ports"] == [{"name": "grpc", "containerPort": port}], where
         assert container["readinessProbe"]["grpc"] == {
-            "port": port,
+            "port": probed,
             "service": GRPC_SERVICE_NAMES[name],
         }, where
-        assert container["livenessProbe"]["grpc"]["port"] == port, where
+        assert container["livenessProbe"]["grpc"]["port"] == probed, where
         for kind in ("requests", "limits"):
             assert set(container["resources"][kind]) == {"cpu", "memory"}, where
         security = container["securityContext"]
@@ -197,6 +208,8 @@ def _assert_real_config(env: Mapping[str, str], name: str, where: str) -> None:
             "host",
             "grace_period_s",
             "max_connection_age_s",
+            "health_port",
+            "tls",
             "addresses",
             "calls",
             "limits",
@@ -526,3 +539,123 @@ def test_kubernetes_and_compose_run_one_collector_pipeline_with_metrics_to_prome
         policy = _find(docs, "NetworkPolicy", "otel-collector")["spec"]
         scrape = [r for r in policy["ingress"] if {"protocol": "TCP", "port": port} in r["ports"]]
         assert scrape and _peers(scrape[0]["from"]) == {"prometheus"}, overlay
+
+
+def _policy() -> Any:
+    """scripts/kube_policy.py, the policy checks make deploy-check runs."""
+    spec = importlib.util.spec_from_file_location(
+        "kube_policy", ROOT / "scripts" / "kube_policy.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _container(docs: list[Doc], name: str) -> Doc:
+    (container,) = _find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _break_readonly(docs: list[Doc]) -> None:
+    _container(docs, "planning")["securityContext"]["readOnlyRootFilesystem"] = False
+
+
+def _break_hpa(docs: list[Doc]) -> None:
+    _find(docs, "Deployment", "worker")["spec"]["replicas"] = 2
+
+
+def _break_tag(docs: list[Doc]) -> None:
+    _container(docs, "audit")["image"] = "ghcr.io/cuga/cuga-orchestrator:latest"
+
+
+def _break_secret(docs: list[Doc]) -> None:
+    _container(docs, "audit")["env"].append({"name": "CUGA_AUDIT__DSN", "value": "postgresql://x"})
+
+
+def _break_service(docs: list[Doc]) -> None:
+    _find(docs, "Service", "routing")["spec"]["selector"]["app.kubernetes.io/component"] = "rout"
+
+
+def _break_pdb(docs: list[Doc]) -> None:
+    _find(docs, "PodDisruptionBudget", "planning")["spec"]["minAvailable"] = 2
+
+
+def _break_issuer(docs: list[Doc]) -> None:
+    _find(docs, "Certificate", "cuga-tls-audit")["spec"]["issuerRef"]["name"] = "letsencrypt"
+
+
+def _break_certificate(docs: list[Doc]) -> None:
+    docs.remove(_find(docs, "Certificate", "cuga-tls-worker"))
+
+
+def _break_probe(docs: list[Doc]) -> None:
+    _container(docs, "approval")["readinessProbe"]["grpc"]["port"] = 9999
+
+
+def _break_account(docs: list[Doc]) -> None:
+    docs.remove(_find(docs, "ServiceAccount", "cuga-routing"))
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("breaks", "finding"),
+    [
+        (_break_readonly, "Deployment/planning container planning: no-read-only-root-fs"),
+        (_break_hpa, "Deployment/worker: hpa-replicas (cuga)"),
+        (_break_tag, "Deployment/audit container audit: latest-tag"),
+        (_break_secret, "Deployment/audit container audit: env-var-secret"),
+        (_break_service, "Service/routing: dangling-service"),
+        (_break_pdb, "PodDisruptionBudget/planning: pdb-min-available"),
+        (_break_issuer, "Certificate/cuga-tls-audit: certificate (cuga)"),
+        (_break_certificate, "Deployment/worker: certificate (cuga): Secret cuga-tls-worker"),
+        (_break_probe, "Deployment/approval container approval: probe-port (cuga)"),
+        (_break_account, "Deployment/routing: non-existent-service-account"),
+    ],
+)
+def test_policy_checks_find_what_a_kubernetes_linter_finds(
+    rendered: dict[str, list[Doc]], breaks: Any, finding: str
+) -> None:
+    policy = _policy()
+    assert policy.check(rendered["prod"]) == []
+    docs = copy.deepcopy(rendered["prod"])
+    breaks(docs)
+    found = policy.check(docs)
+    assert [line for line in found if line.startswith(finding)], found
+
+
+@needs_kubectl
+def test_prod_turns_mutual_tls_on_with_one_cert_manager_certificate_per_service(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    docs = rendered["prod"]
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    assert issuers["cuga-ca"] == {"ca": {"secretName": "cuga-ca"}}
+    assert _find(docs, "Certificate", "cuga-ca")["spec"]["isCA"] is True
+    for name in SERVICE_NAMES:
+        cert = _find(docs, "Certificate", f"cuga-tls-{name}")["spec"]
+        assert cert["issuerRef"]["name"] == "cuga-ca"
+        # Clients dial dns:///<svc>:<port>: the certificate must name the Service.
+        assert cert["dnsNames"] == [name] and cert["commonName"] == name
+        assert {"server auth", "client auth"} <= set(cert["usages"])
+        pod = _find(docs, "Deployment", name)["spec"]["template"]["spec"]
+        (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        # Its own certificate only: no pod mounts another's key or the CA's.
+        assert tls["secret"]["secretName"] == cert["secretName"] == f"cuga-tls-{name}"
+        (mount,) = [m for m in _container(docs, name)["volumeMounts"] if m["name"] == "tls"]
+        assert mount["readOnly"] is True
+        env = _env_of(docs, name)
+        for key, file in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt")):
+            assert env[f"CUGA_TLS__{key}_FILE"] == f"{mount['mountPath']}/{file}", name
+        assert env["CUGA_CALLS__WORKER__SERVER_NAME"] == "worker"
+        settings = load_settings(env={k: v for k, v in env.items() if k.startswith("CUGA_")})
+        assert settings.common.tls.enabled and settings.common.health_port == 8086
+    assert not [
+        v
+        for d in docs
+        if d["kind"] == "Deployment"
+        for v in d["spec"]["template"]["spec"].get("volumes", [])
+        if v.get("secret", {}).get("secretName") == "cuga-ca"
+    ]
+    for name in SERVICE_NAMES:  # dev stays plain text
+        assert "CUGA_TLS__CERT_FILE" not in _env_of(rendered["dev"], name)

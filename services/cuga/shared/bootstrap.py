@@ -218,6 +218,10 @@ class RunningServer:
     port: int
     host: str
     grace_period_s: float
+    health_server: grpc.aio.Server | None = None
+    """The plain-text health-only server (``health_port``), if any."""
+    health_port: int | None = None
+    """Its bound port."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _log_handler: logging.Handler | None = None
     _denials: RemoteDenials | DenialCounter | None = None
@@ -254,6 +258,9 @@ class RunningServer:
         for hook in self.definition.on_stopping:
             await _run_hook(hook, "on_stopping", self.definition.name)
         await self.server.stop(self.grace_period_s if grace is None else grace)
+        if self.health_server is not None:
+            # After the drain: probes saw NOT_SERVING throughout it.
+            await self.health_server.stop(0)
         for hook in self.definition.on_stopped:
             await _run_hook(hook, "on_stopped", self.definition.name)
         if self._log_handler is not None:
@@ -373,6 +380,10 @@ async def start_server(
     elif counter is not None:
         definition.on_stopped.insert(0, counter.close)
     running = RunningServer(definition, server, health, bound, host, common.grace_period_s)
+    if common.health_port is not None:
+        running.health_server, running.health_port = await _start_health_server(
+            health, host, common.health_port
+        )
     running._denials = remote_denials or counter
     running._log_handler = definition.telemetry.log_handler()  # OTLP logs, when configured
     if running._log_handler is not None:
@@ -388,6 +399,23 @@ async def start_server(
     await running.set_serving(True)
     log.info("%s serving on %s", definition.name, running.address)
     return running
+
+
+async def _start_health_server(
+    health: HealthServicer, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """A plain-text server of ``health`` alone, for probes that cannot do mutual TLS.
+
+    It shares the service's health statuses and serves nothing else, so the service's
+    RPCs stay behind TLS; a health status tells nothing a caller could misuse.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the health port {host}:{port}")
+    await server.start()
+    return server, bound
 
 
 def _warn_replayable(service: str, common: CommonConfig) -> None:

@@ -180,6 +180,13 @@ class CallConfig:
     Service) and spreads calls over them; ``pick_first`` sends every call over one
     connection, so a second replica behind the same name would idle."""
 
+    server_name: str = ""
+    """With mutual TLS: the name this downstream's server certificates carry, when it is
+    not the host dialled. Workers are dialled at the pod IP they register, which a
+    certificate issued before the pod existed cannot name: the mtls component gives every
+    worker certificate the name ``worker`` and sets ``calls.worker.server_name: worker``.
+    Empty: the dialled host (or ``tls.server_name``)."""
+
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s", "must be > 0")
@@ -263,6 +270,10 @@ class CommonConfig:
     """Interface servers bind to."""
     grace_period_s: float = 10.0
     """On SIGTERM, how long in-flight calls may run before they are cancelled."""
+    health_port: int | None = None
+    """A second, plain-text port serving only ``grpc.health.v1.Health`` (the same statuses),
+    for probes that cannot speak mutual TLS: Kubernetes' native gRPC probes are plain text.
+    None: health is served on the service's port only. 0 picks a free port (tests)."""
     max_connection_age_s: float = 300.0
     """A server sends GOAWAY on a client connection this old (seconds, gRPC adds +-10 %
     jitter; 0: never), so clients reconnect and re-resolve their target, and a replica
@@ -292,6 +303,8 @@ class CommonConfig:
     def __post_init__(self) -> None:
         if self.max_connection_age_s != 0 and not self.max_connection_age_s >= 1:
             raise ConfigError("max_connection_age_s", "must be 0 (never) or >= 1")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError("health_port", "must be a port number, 0 to 65535")
 
     def client_security(self, service: str) -> dict[str, Any]:
         """Keyword arguments that make a typed client call as service ``service``: a token

@@ -12,6 +12,7 @@ from cuga.shared.errors import from_rpc_error
 from cuga.shared.signing import ServiceSigner, service_audience
 
 Metadata = Sequence[tuple[str, str]]
+_TARGET_NAME_OVERRIDE = "grpc.ssl_target_name_override"
 
 
 class BidiStream:
@@ -103,6 +104,10 @@ class BaseClient:
             ("grpc.max_send_message_length", max_message_bytes),
             *channel_options,
         ]
+        if credentials is not None and self._call.server_name:
+            # This downstream's own certificate name wins over a process-wide one.
+            options = [o for o in options if o[0] != _TARGET_NAME_OVERRIDE]
+            options.append((_TARGET_NAME_OVERRIDE, self._call.server_name))
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(
                 address, options=options, interceptors=list(interceptors) or None
