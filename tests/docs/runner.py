@@ -291,8 +291,10 @@ class PageRun:
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
         env["COLUMNS"] = "200"
-        for name, port in zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True):
+        *ports, console_port = free_ports(len(SERVICE_NAMES) + 1)
+        for name, port in zip(SERVICE_NAMES, ports, strict=True):
             env[f"CUGA_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
+        env["CUGA_CONSOLE_PORT"] = str(console_port)  # `cuga console`'s default port
         env["CUGA_COORDINATOR_ADDRESS"] = env["CUGA_ADDRESSES__COORDINATOR"]
         self.env = env
         self.background: list[Background] = []

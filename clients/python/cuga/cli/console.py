@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -24,6 +25,8 @@ from cuga.shared.config import ConfigError, Settings
 
 #: Where the console listens unless told otherwise (beside the services' 50051-50056).
 DEFAULT_PORT = 8080
+#: Environment variable that changes the default port (as ``--port`` does).
+PORT_ENV = "CUGA_CONSOLE_PORT"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -139,7 +142,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)"
+        "--port",
+        type=int,
+        default=int(os.environ.get(PORT_ENV) or DEFAULT_PORT),
+        help=f"port (default ${PORT_ENV}, else {DEFAULT_PORT}; 0: any free one)",
     )
     p.add_argument("--tls-cert", default="", help="PEM certificate: serve HTTPS (Secure cookie)")
     p.add_argument("--tls-key", default="", help="PEM key of --tls-cert")

@@ -406,6 +406,7 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             json_line({"status": "SERVING"})
         else:
+            out().print(console_hint(), highlight=False)
             out().print("all services SERVING; Ctrl-C stops them")
         while not stop.is_set():
             waiters = [asyncio.ensure_future(p.wait()) for p in c.procs.values()]
@@ -427,6 +428,18 @@ async def _up(args: argparse.Namespace, settings: Settings) -> int:
         await c.stop()
 
 
+def console_hint(*, demo: bool = False) -> str:
+    """Where the web console will be. ``cuga up`` and ``cuga demo`` offer it and leave
+    starting it to the user: it is a process of its own, signed into by people, not by
+    the services (docs/console.md)."""
+    from cuga.cli.console import DEFAULT_PORT, PORT_ENV
+
+    url = f"http://127.0.0.1:{os.environ.get(PORT_ENV) or DEFAULT_PORT}/"
+    if demo:
+        return f"web console: `cuga console` beside `cuga up` serves {url} (docs/console.md)"
+    return f"web console: run `cuga console` in another terminal, then open {url}"
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from cuga.cli.runs import demo_run
 
@@ -443,6 +456,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         async with cluster(settings, env, tls=args.tls) as c:  # makes the local credentials
             if not args.json:
                 talk.print(_table(c.settings, c.procs))
+                talk.print(console_hint(demo=True), highlight=False)
             if c.tls is not None:
                 talk.print(f"mutual TLS: certificates in {c.tls.folder}/", highlight=False)
             return await demo_run(
