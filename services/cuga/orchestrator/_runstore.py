@@ -39,12 +39,12 @@ import psycopg
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.errors import FailedPreconditionError
+from cuga.shared.migrations import Migration, Schema, column_exists
 from cuga.shared.sqldb import (
     LISTEN_READY_S,
     Database,
     PostgresDatabase,
     SQLiteDatabase,
-    create_schema,
     listen,
 )
 from cuga.shared.sqlite import open_sqlite
@@ -62,6 +62,8 @@ def request_key(request: coordinator_pb2.OrchestrateRequest) -> str | None:
 
 log = logging.getLogger("cuga.coordinator")
 
+# The schema is numbered migrations (cuga.shared.migrations, RUN_STORE_SCHEMA below):
+# never edit one that was released; add the next. Migration 1: the tables as first made.
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -72,8 +74,7 @@ CREATE TABLE IF NOT EXISTS runs (
     run         BLOB NOT NULL,      -- coordinator.v1.Run
     request     BLOB NOT NULL,      -- coordinator.v1.OrchestrateRequest (as started)
     plan        BLOB,               -- common.v1.Plan
-    trace_ctx   TEXT NOT NULL DEFAULT '',  -- "<trace_id>:<span_id>" of the root span
-    owner       TEXT NOT NULL DEFAULT ''   -- replica id of the coordinator driving it
+    trace_ctx   TEXT NOT NULL DEFAULT ''   -- "<trace_id>:<span_id>" of the root span
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_ns DESC, run_id DESC);
 CREATE TABLE IF NOT EXISTS events (
@@ -94,11 +95,9 @@ CREATE TABLE IF NOT EXISTS runs (
     run         BYTEA NOT NULL,
     request     BYTEA NOT NULL,
     plan        BYTEA,
-    trace_ctx   TEXT NOT NULL DEFAULT '',
-    owner       TEXT NOT NULL DEFAULT ''
+    trace_ctx   TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_ns DESC, run_id DESC);
-CREATE INDEX IF NOT EXISTS runs_running ON runs (owner) WHERE state = 1;
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     seq    INTEGER NOT NULL,
@@ -134,6 +133,35 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
 CREATE INDEX IF NOT EXISTS audit_outbox_by_owner ON audit_outbox (owner, id);
 """
 
+
+def _add_owner_sqlite(db: Database) -> None:
+    if not column_exists(db, "runs", "owner"):
+        db.execute("ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+
+
+#: Migration 2: the replica id of the coordinator driving a run (several replicas).
+_OWNER_POSTGRES = """
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS runs_running ON runs (owner) WHERE state = 1;
+"""
+
+#: The run store's schema; ``cuga db status`` / ``cuga db migrate`` name it by component.
+RUN_STORE_SCHEMA = Schema(
+    "coordinator.run_store",
+    (
+        Migration(1, "runs and their events", _SQLITE_SCHEMA, _POSTGRES_SCHEMA),
+        Migration(2, "runs.owner: the replica driving a run", _add_owner_sqlite, _OWNER_POSTGRES),
+        Migration(
+            3,
+            "audit_outbox: the records runs owe the audit log",
+            _AUDIT_OUTBOX_SQLITE,
+            _AUDIT_OUTBOX_POSTGRES,
+        ),
+    ),
+    # Session advisory lock held while migrating (replicas start together).
+    lock_key=0x637567_7275,
+)
+
 _STATE_BY_STAGE = {
     common_pb2.LIFECYCLE_STAGE_COMPLETE: coordinator_pb2.RUN_STATE_COMPLETED,
     common_pb2.LIFECYCLE_STAGE_FAILED: coordinator_pb2.RUN_STATE_FAILED,
@@ -161,8 +189,6 @@ CANCEL_CHANNEL = "cuga_run_cancel"
 #: First key of the two-int advisory locks replicas hold (``'cuga'``); the second is
 #: ``hashtext(replica_id)``.
 _REPLICA_LOCK_CLASS = 0x63756761
-#: Session advisory lock held while creating the schema (replicas start together).
-_SCHEMA_LOCK = 0x637567_7275
 
 
 class RunStore(Protocol):
@@ -564,12 +590,9 @@ class SQLiteRunStore(SqlRunStore):
     """
 
     def __init__(self, path: str | Path) -> None:
-        conn = open_sqlite(path)
-        conn.executescript(_SQLITE_SCHEMA + _AUDIT_OUTBOX_SQLITE)
-        columns = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
-        if "owner" not in columns:  # a store written before replicas existed
-            conn.execute("ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
-        super().__init__(SQLiteDatabase(conn), "local")
+        db = SQLiteDatabase(open_sqlite(path))
+        RUN_STORE_SCHEMA.migrate(db)
+        super().__init__(db, "local")
 
 
 class PostgresRunStore(SqlRunStore):
@@ -604,12 +627,7 @@ class PostgresRunStore(SqlRunStore):
         self._pg = db
         self._liveness_check_s = liveness_check_s
         self._cancel_listener: asyncio.Task[None] | None = None
-        create_schema(
-            db,
-            _SQLITE_SCHEMA + _AUDIT_OUTBOX_SQLITE,
-            _POSTGRES_SCHEMA + _AUDIT_OUTBOX_POSTGRES,
-            lock_key=_SCHEMA_LOCK,
-        )
+        RUN_STORE_SCHEMA.migrate(db)  # under the schema's advisory lock
         if not self._hold_replica_lock(db):
             db.close()
             raise RuntimeError(

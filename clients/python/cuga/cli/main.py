@@ -31,6 +31,7 @@ from cuga.cli import (  # noqa: E402
     catalog,
     completion,
     console,
+    db,
     runs,
     tls,
     tokens,
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cuga {_version()}")
     _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (up, console, runs, catalog, approvals, audit, tokens, tls, completion):
+    for module in (up, console, runs, catalog, approvals, audit, tokens, tls, db, completion):
         module.register(sub)
     for leaf in _leaves(parser):
         if leaf is parser:
