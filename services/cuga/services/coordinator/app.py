@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from cuga.client import ApprovalClient, AuditClient, PlanningClient, RoutingClient, WorkerClient
 from cuga.client.remote import (
     RemoteApprovalManager,
@@ -11,7 +14,7 @@ from cuga.client.remote import (
     RemoteWorkerPool,
 )
 from cuga.coordinator.v1 import coordinator_pb2_grpc
-from cuga.orchestrator import CoordinatorAgent, open_run_store
+from cuga.orchestrator import CoordinatorAgent, PostgresRunStore, open_run_store
 from cuga.orchestrator._options import engine_options
 from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.coordinator.servicer import CoordinatorServicer
@@ -20,6 +23,24 @@ from cuga.shared.config import EXECUTE_STEPS_METHOD, GRPC_SERVICE_NAMES, Setting
 from cuga.shared.metrics import observe_gauge
 from cuga.shared.signing import worker_audience
 from cuga.shared.telemetry import Telemetry
+
+log = logging.getLogger("cuga.coordinator")
+
+
+async def adopt_orphans(agent: CoordinatorAgent, interval_s: float) -> None:
+    """Every ``interval_s``, adopt the runs of replicas that are gone.
+
+    A replica that dies leaves its runs RUNNING in the shared store, owned by an id whose
+    advisory lock nobody holds any more; ``recover`` claims them under that lock (so two
+    live replicas never both take one) and resumes them or marks them INTERRUPTED, as it
+    does at start. Without this only a replica that starts would pick them up.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await agent.recover()
+        except Exception:  # the next round tries again (the database may be back)
+            log.exception("adopting the runs of stopped replicas failed")
 
 
 async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
@@ -76,9 +97,19 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         description="Audit records owed (in the run store's outbox), not yet stored by audit",
     )
 
+    adopting: list[asyncio.Task[None]] = []
+
     async def started(address: str) -> None:
         await agent.recover()
         await store.listen_for_cancels(agent.cancel_run)  # CancelRun sent to another replica
+        if isinstance(store, PostgresRunStore) and config.adopt_interval_s:
+            adopting.append(
+                asyncio.create_task(adopt_orphans(agent, config.adopt_interval_s), name="adopt")
+            )
+
+    async def stopping() -> None:
+        for task in adopting:  # a draining replica adopts nothing more
+            task.cancel()
 
     async def stopped() -> None:
         await agent.close()
@@ -101,5 +132,6 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         ],
         telemetry=telemetry,
         on_started=[started],
+        on_stopping=[stopping],
         on_stopped=[stopped],
     )

@@ -53,6 +53,12 @@ class CoordinatorConfig:
     replica_id: str = ""
     """This coordinator's identity in a shared run store; empty: a fresh random id per
     process. Two live coordinators can never hold the same id."""
+    adopt_interval_s: float = 10.0
+    """With ``run_store: postgres``: how often, seconds, a live replica looks for runs left
+    RUNNING by a replica that is gone (nobody holds its lock) and adopts them: resumed at
+    once with ``resume_interrupted``, else marked INTERRUPTED for a client to resume. A
+    dead replica's runs wait at most this long plus the time PostgreSQL takes to end its
+    session (docs/replicas.md). 0: only at start; else 0.1 to 3600."""
     max_streams_per_identity: int = 512
     """Most Orchestrate/Resume/Watch streams one caller identity may hold open at once on
     this replica, 1 to 100000; one more is refused with RESOURCE_EXHAUSTED."""
@@ -67,6 +73,8 @@ class CoordinatorConfig:
             raise ConfigError("dsn", "is required when run_store is postgres")
         if self.run_timeout_s <= 0:
             raise ConfigError("run_timeout_s", "must be > 0")
+        if self.adopt_interval_s != 0 and not 0.1 <= self.adopt_interval_s <= 3600:
+            raise ConfigError("adopt_interval_s", "must be 0 or between 0.1 and 3600")
         if not 1 <= self.parallelism <= 64:
             raise ConfigError("parallelism", "must be between 1 and 64")
         if not 1 <= self.audit_batch <= 1000:
