@@ -261,3 +261,71 @@ def test_cuga_console_serves_the_same_application(live: LiveConsole, tmp_path: P
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_cancel_and_resume_go_to_the_coordinator_as_the_user(
+    live: LiveConsole, reviewer: httpx.Client
+) -> None:
+    # Cancel a run waiting for approval.
+    run_id, _ = pending_approval(live)
+    cancelled = run_id
+    response = reviewer.post(
+        f"/runs/{run_id}/cancel", data={"reason": "wrong supplier", "csrf": csrf_of(reviewer)}
+    )
+    assert response.status_code == 303, response.text
+    assert finish_run(live, run_id) == "CANCELLED"
+    page = reviewer.get(f"/runs/{run_id}").text
+    assert 'id="run-state">CANCELLED' in page
+    assert 'class="step state-cancelled" data-step="pay"' in page
+    assert 'id="cancel"' not in page and 'id="resume"' not in page
+
+    # A denied approval fails the run: its page shows the partial result and Resume.
+    run_id, approval_id = pending_approval(live)
+    csrf = csrf_of(reviewer)
+    response = reviewer.post(
+        f"/approvals/{approval_id}/decide",
+        data={"verdict": "deny", "reason": "no purchase order", "csrf": csrf},
+    )
+    assert response.status_code == 303
+    assert finish_run(live, run_id) == "FAILED"
+    page = reviewer.get(f"/runs/{run_id}").text
+    assert 'id="partial"' in page and "recoveryPlan" in page
+    assert 'class="step state-denied" data-step="pay"' in page
+    assert 'id="resume"' in page
+    response = reviewer.post(f"/runs/{run_id}/resume", data={"csrf": csrf})
+    assert response.status_code == 303, response.text
+    assert live.pending_approval(run_id, "pay")  # resumed: it asks again
+    # A cancelled run cannot be resumed: the coordinator says so, and the page shows it.
+    refused = reviewer.post(f"/runs/{cancelled}/resume", data={"csrf": csrf})
+    assert refused.status_code == 409, refused.text
+    assert "the coordinator service" in refused.text and "FAILED_PRECONDITION" in refused.text
+
+
+def test_the_runs_list_filters_by_state_and_goal(live: LiveConsole) -> None:
+    done = live.start_run("count the apples", [step("n", "calculator", expression="3 + 4")])
+    assert finish_run(live, done) == "COMPLETE"
+    with signed_in(live.url, runs=token_of("client")) as client:
+        completed = client.get("/runs", params={"state": "COMPLETED", "since": "1h"}).text
+        running = client.get("/runs", params={"state": "RUNNING"}).text
+        apples = client.get("/runs", params={"q": "APPLES"}).text
+        pears = client.get("/runs", params={"q": "pears"}).text
+    assert f'data-run="{done}"' in completed
+    assert f'data-run="{done}"' not in running
+    assert f'data-run="{done}"' in apples
+    assert f'data-run="{done}"' not in pears
+
+
+def test_the_event_stream_replays_a_run_and_ends(live: LiveConsole) -> None:
+    run_id = live.start_run("say hi", [step("say", "echo", text="hi")])
+    assert finish_run(live, run_id) == "COMPLETE"
+    with signed_in(live.url, runs=token_of("client")) as client:
+        response = client.get(f"/runs/{run_id}/events", headers={"last-event-id": "2"})
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [f for f in response.text.split("\n\n") if f.strip()]
+        assert frames[-1].startswith("event: end")
+        events = [json.loads(f.split("data: ", 1)[1]) for f in frames[:-1]]
+        assert [e["seq"] for e in events] == list(range(3, 3 + len(events)))  # after #2
+        assert events[-1]["stage"] == "COMPLETE"
+        assert any(e["step_id"] == "say" and e["step_state"] == "done" for e in events)
+    with httpx.Client(base_url=live.url, timeout=30.0) as anonymous:
+        assert anonymous.get(f"/runs/{run_id}/events").status_code == 401

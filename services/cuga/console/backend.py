@@ -10,6 +10,8 @@ decides who is calling (a token takes precedence over a certificate's CN).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any, cast
@@ -27,6 +29,8 @@ from cuga.shared.transparency import SignedCheckpoint
 #: Most events a run page reads before it shows them (a longer run shows its first ones
 #: and says so; the live stream goes on from the last one read).
 MAX_EVENTS = 5000
+#: Seconds a Resume is given to be refused before the console takes it as accepted.
+RESUME_ANSWER_S = 3.0
 
 
 class Backend:
@@ -113,8 +117,14 @@ class Backend:
         return response.run
 
     async def resume_run(self, token: str, run_id: str) -> None:
-        """Ask for the run to be resumed; returns at its first event (the run goes on in
-        the coordinator, and the run page follows it through Watch)."""
+        """Ask for the run to be resumed; returns at its first event, or once
+        :data:`RESUME_ANSWER_S` passed without a refusal (a resumed run may wait for an
+        approval before it says anything). Dropping the stream cancels nothing: the run
+        goes on in the coordinator, and the run page follows it through Watch.
+
+        Raises:
+            CugaError: the coordinator refused (not FAILED or INTERRUPTED, not found, ...).
+        """
         stream = cast(
             AsyncGenerator[coordinator_pb2.ResumeResponse],
             self.coordinator.resume(
@@ -123,8 +133,8 @@ class Backend:
             ),
         )
         try:
-            async for _ in stream:
-                break
+            with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                await asyncio.wait_for(anext(stream), RESUME_ANSWER_S)
         finally:
             await stream.aclose()
 

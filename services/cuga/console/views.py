@@ -203,7 +203,10 @@ def fold(events: Iterable[common_pb2.OrchestrationEvent], run_state_name: str = 
             plan = event.plan
             for step in plan.steps:
                 states.setdefault(step.step_id, "pending")
-        if row.step_state:
+        if row.step_state and not (
+            # A denied step then fails the run: it stays "denied", which says why.
+            states.get(event.step_id) == "denied" and row.step_state == "failed"
+        ):
             states[event.step_id] = row.step_state
         if event.HasField("partial"):
             partial = event.partial

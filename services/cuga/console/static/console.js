@@ -32,6 +32,7 @@ function cell(tr, text) {
 function setStep(stepId, state) {
   const g = document.querySelector('g.step[data-step="' + CSS.escape(stepId) + '"]');
   if (!g) return;
+  if (state === "failed" && g.classList.contains("state-denied")) return;  // stays "denied"
   g.setAttribute("class", "step state-" + state);
   g.querySelectorAll(".state-name").forEach((t) => { t.textContent = state; });
 }
