@@ -32,6 +32,7 @@ _AUDIT_KINDS = {
     common_pb2.LIFECYCLE_STAGE_PLAN: "plan",
     common_pb2.LIFECYCLE_STAGE_ROUTE: "routing_decision",
     common_pb2.LIFECYCLE_STAGE_RETRY: "retry",
+    common_pb2.LIFECYCLE_STAGE_AGGREGATE: "run_summary",
     common_pb2.LIFECYCLE_STAGE_COMPLETE: "run_outcome",
     common_pb2.LIFECYCLE_STAGE_FAILED: "run_outcome",
     common_pb2.LIFECYCLE_STAGE_CANCELLED: "run_cancelled",
@@ -39,7 +40,8 @@ _AUDIT_KINDS = {
 
 
 def audit_kind(event: common_pb2.OrchestrationEvent) -> str | None:
-    """The kind of audit record ``event`` becomes (None: it is not audited)."""
+    """The kind of audit record ``event`` becomes (every event becomes one; None for a
+    stage this build does not know)."""
     payload = event.WhichOneof("payload")
     if payload == "warning":
         return "budget_blocked" if event.warning.code == "BUDGET_BLOCKED" else "budget_warning"
@@ -51,6 +53,8 @@ def audit_kind(event: common_pb2.OrchestrationEvent) -> str | None:
             return "approval_expired"
         return "approval_decided"
     if event.stage == common_pb2.LIFECYCLE_STAGE_EXECUTE:
+        if payload == "skipped":
+            return "step_skipped"
         return "step_failed" if payload == "error" else "step_result"
     return _AUDIT_KINDS.get(event.stage)
 

@@ -1,8 +1,10 @@
 """The run driver: one run's task from its first step to its terminal event.
 
-It runs the scheduler under the run's deadline, turns how the steps ended into exactly
-one terminal event (COMPLETE, FAILED or CANCELLED; a coordinator that is stopping leaves
-the run INTERRUPTED instead), and tells planning the plan's state, off the run's path.
+It runs the scheduler under the run's deadline, turns how the steps ended into an
+AGGREGATE event and exactly one terminal event (COMPLETE, FAILED or CANCELLED; a
+coordinator that is stopping leaves the run INTERRUPTED instead), and tells planning the
+plan's state, off the run's path: ROUTED once routing answered for the first steps, then
+EXECUTING (a resumed run: EXECUTING again), then the final state after the terminal event.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from opentelemetry.trace import Status, StatusCode
 
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
-from cuga.orchestrator._errors import StepFailed, wire_mode
+from cuga.orchestrator._errors import StepFailed, error_detail, wire_mode
 from cuga.orchestrator._eventlog import EventLog
 from cuga.orchestrator._run import LiveRun
 from cuga.orchestrator._runtime import Runtime
-from cuga.orchestrator._scheduler import Scheduler
+from cuga.orchestrator._scheduler import Scheduler, skip
 from cuga.planning.v1 import planning_pb2
 from cuga.shared.errors import (
     CugaError,
@@ -95,10 +97,8 @@ class RunDriver:
 
     async def _drive_in_span(self, r: LiveRun, span: trace.Span) -> None:
         plan_id = r.plan.plan_id
-        # Off the critical path: the first step need not wait for this bookkeeping call.
-        r.executing = asyncio.create_task(
-            self.transition(plan_id, common_pb2.PLAN_STATE_EXECUTING, r, "run started")
-        )
+        # Off the critical path: the first step need not wait for this bookkeeping.
+        r.executing = asyncio.create_task(self._plan_started(r, plan_id))
         try:
             await self._drive_steps(r, span, plan_id)
         finally:
@@ -160,7 +160,7 @@ class RunDriver:
             span.set_status(Status(StatusCode.ERROR, error.message))
             await self.transition(plan_id, common_pb2.PLAN_STATE_FAILED, r, error.message)
             return
-        summary = self.summary(r)
+        summary = self.summary(r, completing=True)
         # Written together (the COMPLETE write takes the AGGREGATE with it).
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_AGGREGATE, summary=summary, defer=True)
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_COMPLETE, summary=summary)
@@ -205,11 +205,35 @@ class RunDriver:
             if self._finishing < self._rt.options.max_finishing_runs:
                 self._finishing_room.set()
 
+    async def _plan_started(self, r: LiveRun, plan_id: str) -> None:
+        """Tell planning the plan started: ROUTED once routing answered for its first
+        steps, then EXECUTING; a resumed run's plan (FAILED, or left EXECUTING) goes to
+        EXECUTING again."""
+        if r.resumed:
+            await self.transition(plan_id, common_pb2.PLAN_STATE_EXECUTING, r, "run resumed")
+            return
+        await r.routed.wait()
+        await self.transition(plan_id, common_pb2.PLAN_STATE_ROUTED, r, "first steps routed")
+        await self.transition(plan_id, common_pb2.PLAN_STATE_EXECUTING, r, "run started")
+
+    async def _started_told(self, r: LiveRun, plan_id: str) -> None:
+        """Before the plan's final state: wait until its start was told. A run that ends
+        before routing answered for any step (routing refused) has nothing ROUTED: its
+        plan goes CREATED -> EXECUTING (allowed for this) before its final state."""
+        if r.executing is None:
+            return
+        if not r.resumed and not r.routed.is_set() and not r.executing.done():
+            r.executing.cancel()  # still waiting for the first route: nothing sent yet
+            await asyncio.gather(r.executing, return_exceptions=True)
+            await self._tell_planning(plan_id, common_pb2.PLAN_STATE_EXECUTING, r, "run started")
+            return
+        await asyncio.gather(r.executing, return_exceptions=True)  # keep the order
+
     async def _tell_planning(self, plan_id: str, state: int, r: LiveRun, reason: str) -> None:
         if self.closing:
             return
-        if state != common_pb2.PLAN_STATE_EXECUTING and r.executing is not None:
-            await asyncio.gather(r.executing, return_exceptions=True)  # keep the order
+        if state not in (common_pb2.PLAN_STATE_EXECUTING, common_pb2.PLAN_STATE_ROUTED):
+            await self._started_told(r, plan_id)
         try:
             await self._rt.planning.transition_plan(
                 planning_pb2.TransitionPlanRequest(
@@ -231,15 +255,17 @@ class RunDriver:
 
     # ------------------------------------------------------------------ the end
 
-    def summary(self, r: LiveRun) -> common_pb2.RunSummary:
-        """The run's outcome so far (AGGREGATE and COMPLETE carry it)."""
+    def summary(self, r: LiveRun, *, completing: bool = False) -> common_pb2.RunSummary:
+        """The run's outcome so far (AGGREGATE carries it, and COMPLETE when
+        ``completing``: only then can it be a partial success)."""
         summary = common_pb2.RunSummary(
             completed_steps=len(r.results),
             failed_steps=len(r.failures),
             skipped_steps=len(r.skipped),
-            partial_success=bool(r.failures or r.skipped),
+            partial_success=completing and bool(r.failures or r.skipped),
             failures=r.failures,
             cost=r.spent,
+            tool_calls=r.calls,
         )
         for sid, result in r.results.items():
             summary.outputs[sid].CopyFrom(result.output)
@@ -265,6 +291,7 @@ class RunDriver:
         budget = common_pb2.ToolBudget()
         budget.CopyFrom(r.plan.budget)
         budget.spent = r.spent
+        budget.calls = r.calls
         partial.budget.CopyFrom(budget)
         for step in r.plan.steps:
             if step.step_id in r.results:
@@ -275,8 +302,18 @@ class RunDriver:
                 partial.recovery_plan.append(step)
         return partial
 
+    def _aggregate(self, r: LiveRun, error: CugaError | None = None, step_id: str = "") -> None:
+        """The AGGREGATE that precedes a FAILED or CANCELLED event (written with it); the
+        step whose failure ends the run counts as failed."""
+        summary = self.summary(r)
+        if step_id and all(f.step_id != step_id for f in r.failures) and error is not None:
+            summary.failed_steps += 1
+            summary.failures.append(error_detail(error, step_id))
+        self._events.emit(r, common_pb2.LIFECYCLE_STAGE_AGGREGATE, summary=summary, defer=True)
+
     def finish_failed(self, r: LiveRun, error: CugaError, step_id: str) -> None:
-        """End ``r`` FAILED: its terminal event, with a resumable partial result."""
+        """End ``r`` FAILED: AGGREGATE, then its terminal event with a resumable partial
+        result."""
         metrics = self._rt.metrics
         metrics.runs_ended.add(1, metrics.ended("FAILED", error.failure_mode.name))
         log.warning(
@@ -289,7 +326,7 @@ class RunDriver:
         trace.get_current_span().set_attribute("cuga.failure_mode", error.failure_mode.name)
         r.run.failure_mode = wire_mode(error.failure_mode)
         r.run.error = error.message
-        r.run.completed_steps = len(r.results)
+        self._aggregate(r, error, step_id)
         self._events.emit(
             r,
             common_pb2.LIFECYCLE_STAGE_FAILED,
@@ -298,10 +335,23 @@ class RunDriver:
         )
 
     def finish_cancelled(self, r: LiveRun) -> None:
-        """End ``r`` CANCELLED: its terminal event."""
+        """End ``r`` CANCELLED: a skip event for each step that never started, AGGREGATE,
+        then its terminal event."""
         self._rt.metrics.runs_ended.add(1, self._rt.metrics.ended("CANCELLED"))
         r.run.error = r.cancel_reason
-        r.run.completed_steps = len(r.results)
+        failed = {f.step_id for f in r.failures}
+        for step in r.plan.steps:
+            sid = step.step_id
+            if sid in r.results or sid in r.skipped or sid in failed or sid in r.started:
+                continue
+            skip(
+                self._events,
+                r,
+                sid,
+                "RUN_CANCELLED",
+                f"the run was cancelled before step {sid} started: {r.cancel_reason}",
+            )
+        self._aggregate(r)
         self._events.emit(
             r, common_pb2.LIFECYCLE_STAGE_CANCELLED, partial=self.partial(r, None, "")
         )

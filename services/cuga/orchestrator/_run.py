@@ -45,8 +45,17 @@ class LiveRun:
         self.cancel_reason = ""
         self.failures: list[common_pb2.ErrorDetail] = []
         self.skipped: set[str] = set()
-        self.spent = sum(r.cost for r in results.values())
+        # Steps the scheduler started in this process (a cancel skips the others).
+        self.started: set[str] = set()
+        # A resumed run goes on from what its record says it spent (every attempt of every
+        # step, failed ones too), at least what its stored results cost.
+        run.spent = max(run.spent, sum(r.cost for r in results.values()))
+        run.tool_calls = max(run.tool_calls, sum(r.attempt or 1 for r in results.values()))
         self.warned: set[str] = set()
+        # Whether the run had events before this process took it up (a resume).
+        self.resumed = run.last_seq > 0
+        # Set once routing answered for the run's first steps (the plan is ROUTED).
+        self.routed = asyncio.Event()
         # Routes asked ahead of their steps, with when they were asked (monotonic).
         self.routes: dict[str, tuple[float, common_pb2.RoutingDecision]] = {}
         # Steps started (in start order) that have not taken their route yet: the next
@@ -63,6 +72,24 @@ class LiveRun:
     @property
     def run_id(self) -> str:
         return self.run.run_id
+
+    @property
+    def spent(self) -> float:
+        """Budget cost units charged so far (kept on the run record, stored with it)."""
+        return self.run.spent
+
+    @spent.setter
+    def spent(self, value: float) -> None:
+        self.run.spent = value
+
+    @property
+    def calls(self) -> int:
+        """Tool calls made so far (kept on the run record, stored with it)."""
+        return self.run.tool_calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.run.tool_calls = value
 
     @property
     def context(self) -> common_pb2.ExecutionContext:

@@ -2,7 +2,8 @@
 
 A step is ready when every step it depends on has a result; ready steps start in plan
 order, up to the run's parallelism. Under CONTINUE a failed step's dependants (and
-theirs) are skipped; otherwise its failure ends the run.
+theirs) are skipped, each with an EXECUTE event saying why (:func:`skip`); otherwise its
+failure ends the run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 
+from cuga.common.v1 import common_pb2
 from cuga.orchestrator._errors import ErrorAction, StepFailed, decide, error_detail
 from cuga.orchestrator._eventlog import EventLog
 from cuga.orchestrator._run import LiveRun
@@ -50,14 +52,27 @@ class Scheduler:
                 heapq.heappush(ready, (position[s.step_id], s.step_id))
 
         def skip_after(failed_sid: str) -> None:
-            # CONTINUE: dependants of a failure are skipped, and theirs in turn.
+            # CONTINUE: dependants of a failure are skipped, and theirs in turn (in plan
+            # order, each with its event).
             stack = list(dependants.get(failed_sid, ()))
+            found: list[str] = []
             while stack:
                 sid = stack.pop()
                 if sid in unfinished and sid not in r.skipped:
                     r.skipped.add(sid)
                     del unfinished[sid]
+                    found.append(sid)
                     stack.extend(dependants.get(sid, ()))
+            for sid in sorted(found, key=position.__getitem__):
+                skip(
+                    self._events,
+                    r,
+                    sid,
+                    "DEPENDENCY_FAILED",
+                    f"step {failed_sid} failed and step {sid} depends on it"
+                    + ("" if failed_sid in steps[sid].depends_on else " through other steps"),
+                    cause=failed_sid,
+                )
 
         def finished(sid: str, exc: BaseException | None) -> None:
             if exc is None:
@@ -85,6 +100,7 @@ class Scheduler:
                     if sid not in unfinished:  # skipped while it waited
                         continue
                     del unfinished[sid]
+                    r.started.add(sid)
                     r.unrouted[sid] = None
                     # A finished step's EXECUTE, deferred: written once this step's request
                     # is sent (this task runs until then before the callback does).
@@ -101,6 +117,7 @@ class Scheduler:
                     if sid not in unfinished:  # skipped while it waited
                         continue
                     del unfinished[sid]
+                    r.started.add(sid)
                     r.unrouted[sid] = None
                     task = asyncio.create_task(self._steps.run(r, steps[sid], strategy, unfinished))
                     running[task] = sid
@@ -117,4 +134,19 @@ class Scheduler:
                 await asyncio.gather(*running, return_exceptions=True)
 
 
-__all__ = ["Scheduler"]
+def skip(
+    events: EventLog, r: LiveRun, sid: str, reason: str, message: str, *, cause: str = ""
+) -> None:
+    """Settle ``sid`` without running it: its EXECUTE event with the ``skipped`` payload
+    (an audit record ``step_skipped``), counted in the run's summary."""
+    r.skipped.add(sid)
+    events.emit(
+        r,
+        common_pb2.LIFECYCLE_STAGE_EXECUTE,
+        step_id=sid,
+        skipped=common_pb2.StepSkipped(reason=reason, message=message, cause_step_id=cause),
+        defer=True,  # written with the next event written (another step's, or AGGREGATE)
+    )
+
+
+__all__ = ["Scheduler", "skip"]

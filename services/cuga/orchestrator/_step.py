@@ -13,7 +13,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from cuga.common.v1 import common_pb2
 from cuga.orchestrator._approvals import ApprovalGate
-from cuga.orchestrator._budget import Budget
+from cuga.orchestrator._budget import Budget, tool_price
 from cuga.orchestrator._errors import ErrorAction, StepFailed, decide, error_detail
 from cuga.orchestrator._eventlog import EventLog
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input, template_references
@@ -85,7 +85,6 @@ class StepRunner:
                         await self._pause_before_retry(r, sid, exc, attempt, policy)
                 span.set_attribute("cuga.worker", decision.target.worker_id)
                 span.set_attribute("cuga.policy", policy_name(decision.policy))
-                self._budget.charge(r, resolved)
                 await self._attempts(r, resolved, decision, strategy)
             except StepFailed as failed:
                 span.set_attribute("cuga.failure_mode", failed.error.failure_mode.name)
@@ -144,6 +143,17 @@ class StepRunner:
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_RETRY, step_id=sid, retry=retry)
         await rt.clock.sleep(delay)
 
+    async def _price(
+        self, r: LiveRun, step: common_pb2.PlanStep, target: common_pb2.WorkerTarget
+    ) -> float:
+        """One call of ``step`` on ``target``: its tool's declared cost (the worker's tool
+        list, cached); the step's estimate when the list cannot be read."""
+        try:
+            spec = (await self._rt.tool_specs(target, r)).get(step.tool)
+        except CugaError:
+            spec = None
+        return tool_price(spec, step)
+
     async def _attempts(
         self,
         r: LiveRun,
@@ -157,8 +167,13 @@ class StepRunner:
         attempt = 0
         target = decision.target
         excluded: list[str] = []
+        charged = 0.0  # this step's charges, every attempt
         while True:
             attempt += 1
+            # Every call is charged before it is sent, at the tool's price: a retry too.
+            price = await self._price(r, step, target)
+            self._budget.charge(r, step, price)
+            charged += price
             with rt.tracer.start_as_current_span(
                 "cuga.step.attempt",
                 attributes={
@@ -190,6 +205,8 @@ class StepRunner:
                         rt.clock.monotonic() - started, rt.metrics.tool(step.tool, True)
                     )
                     result.attempt = attempt
+                    charged += self._budget.settle(r, step, price, result.cost)
+                    result.cost = charged
                     r.results[sid] = result
                     self._events.emit(
                         r,
@@ -199,6 +216,10 @@ class StepRunner:
                         defer=True,
                     )
                     return
+            if error.reason == "WORKER_SATURATED":
+                # Refused unrun: not a call; it costs nothing.
+                self._budget.refund(r, price)
+                charged -= price
             if error.reason == "WORKER_SATURATED" and attempt <= MAX_SATURATED_REROUTES:
                 # Refused unrun (every slot of that worker is busy): whatever the strategy,
                 # the step goes to another worker at once; with none, the refusal stands.

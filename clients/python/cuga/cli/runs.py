@@ -150,6 +150,8 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
         return (
             f"{common_pb2.FailureMode.Name(event.error.failure_mode)[13:]}: {event.error.message}"
         )
+    if kind == "skipped":
+        return f"skipped ({event.skipped.reason}): {event.skipped.message}"
     if kind == "warning":
         return f"warning {event.warning.code}: {event.warning.message}"
     if kind == "partial":

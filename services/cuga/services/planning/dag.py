@@ -254,8 +254,9 @@ def validate_steps(
 ) -> list[common_pb2.PlanStep]:
     """Validate a plan's steps and return copies in topological order.
 
-    Each copy's ``estimated_cost`` is the tool's declared cost when the step gave 0;
-    everything else (capability, reason, optional) stays as given.
+    Each copy's ``estimated_cost`` is at least the tool's declared cost (a step that gave
+    0, or less, gets the declared cost: a client cannot make a plan fit a budget by
+    estimating low); everything else (capability, reason, optional) stays as given.
     """
     check_step_syntax(steps, limits)
     order = topological_order(steps)
@@ -264,8 +265,7 @@ def validate_steps(
     for i in order:
         copy = common_pb2.PlanStep()
         copy.CopyFrom(steps[i])
-        if copy.estimated_cost == 0:
-            copy.estimated_cost = tool_cost(tools[copy.tool])
+        copy.estimated_cost = max(copy.estimated_cost, tool_cost(tools[copy.tool]))
         out.append(copy)
     return out
 

@@ -54,8 +54,11 @@ log = logging.getLogger("cuga.planning")
 
 S = common_pb2
 #: Allowed moves of the plan state machine (a repeat of the current state is a no-op).
-#: CREATED -> EXECUTING is allowed because the coordinator routes steps lazily, as they
-#: become ready, so a plan may start executing before every step is routed.
+#: The coordinator moves a plan CREATED -> ROUTED once routing answered for its first steps
+#: (it routes lazily, a window of ready steps at a time), then EXECUTING. CREATED ->
+#: EXECUTING is allowed for a run that ends before any step was routed (its final state
+#: must follow EXECUTING), and FAILED -> EXECUTING for a run that is resumed (a FAILED run
+#: is resumable, and a resumed run that completes makes its plan COMPLETED).
 TRANSITIONS: Mapping[int, frozenset[int]] = {
     S.PLAN_STATE_CREATED: frozenset(
         {S.PLAN_STATE_ROUTED, S.PLAN_STATE_EXECUTING, S.PLAN_STATE_CANCELLED}
@@ -65,7 +68,7 @@ TRANSITIONS: Mapping[int, frozenset[int]] = {
         {S.PLAN_STATE_COMPLETED, S.PLAN_STATE_FAILED, S.PLAN_STATE_CANCELLED}
     ),
     S.PLAN_STATE_COMPLETED: frozenset(),
-    S.PLAN_STATE_FAILED: frozenset(),
+    S.PLAN_STATE_FAILED: frozenset({S.PLAN_STATE_EXECUTING}),
     S.PLAN_STATE_CANCELLED: frozenset(),
 }
 TERMINAL = frozenset({S.PLAN_STATE_COMPLETED, S.PLAN_STATE_FAILED, S.PLAN_STATE_CANCELLED})
@@ -173,6 +176,7 @@ class Planner:
             draft = self._memory_augmented(profile, request.goal, tools)
         total = math.fsum(s.estimated_cost for s in draft.steps)
         self._check_budget(budget, total, draft.notes)
+        self._check_calls(budget, len(draft.steps), draft.notes)
         now = self._clock.now()
         plan = common_pb2.Plan(
             plan_id=self._new_id(),
@@ -274,6 +278,22 @@ class Planner:
                 f" {budget.ceiling:g} (policy WARN: accepted)"
             )
 
+    def _check_calls(self, budget: common_pb2.ToolBudget, calls: int, notes: list[str]) -> None:
+        """A plan needs at least one tool call per step (retries come on top at run time)."""
+        if budget.max_calls <= 0 or calls <= budget.max_calls:
+            return
+        policy = budget.policy or _POLICY_NAMES[self._config.default_budget_policy]
+        if policy == S.BUDGET_POLICY_BLOCK:
+            raise FailedPreconditionError(
+                f"plan needs {calls} tool calls, budget allows {budget.max_calls}",
+                reason="BUDGET_EXCEEDED",
+                metadata={"required": str(calls), "available": str(budget.max_calls)},
+            )
+        notes.append(
+            f"budget warning: plan needs {calls} tool calls, budget allows"
+            f" {budget.max_calls} (policy WARN: accepted)"
+        )
+
     # ------------------------------------------------------------------- modes
 
     def _ranked(
@@ -346,15 +366,17 @@ class Planner:
         budget: common_pb2.ToolBudget,
     ) -> _Draft:
         draft = self._default(goal, tools)
-        if budget.ceiling <= 0:
+        if budget.ceiling <= 0 and budget.max_calls <= 0:
             return draft
+        ceiling = budget.ceiling if budget.ceiling > 0 else math.inf
+        max_calls = budget.max_calls or len(draft.steps)
         # Greedy by rank: keep a step while the plan still fits, so a cheaper, lower-ranked
         # tool can stand in when the best one alone would cross the ceiling.
         kept: list[common_pb2.PlanStep] = []
         dropped: list[str] = []
         spent = 0.0
         for step in draft.steps:
-            if spent + step.estimated_cost <= budget.ceiling:
+            if spent + step.estimated_cost <= ceiling and len(kept) < max_calls:
                 kept.append(step)
                 spent += step.estimated_cost
             else:
@@ -366,7 +388,7 @@ class Planner:
             kept[0].optional = False
         if dropped:
             draft.notes.append(
-                f"dropped to fit the budget of {budget.ceiling:g}: {', '.join(dropped)}"
+                f"dropped to fit the budget of {_budget_text(budget)}: {', '.join(dropped)}"
             )
         draft.steps = kept
         return draft
@@ -497,6 +519,16 @@ class Planner:
             also=also,
         )
         return plan
+
+
+def _budget_text(budget: common_pb2.ToolBudget) -> str:
+    """``3`` (cost units), ``2 tool calls`` or both: the ceilings a budget sets."""
+    parts = []
+    if budget.ceiling > 0:
+        parts.append(f"{budget.ceiling:g}")
+    if budget.max_calls > 0:
+        parts.append(f"{budget.max_calls} tool calls")
+    return " and ".join(parts)
 
 
 __all__ = ["TERMINAL", "TRANSITIONS", "Planner", "state_name"]
