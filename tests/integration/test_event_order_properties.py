@@ -92,15 +92,25 @@ def test_event_stream_rules_hold_for_any_dag(
     # INITIALIZE, PLAN first; exactly one terminal event, last.
     assert stages[:2] == [S.LIFECYCLE_STAGE_INITIALIZE, S.LIFECYCLE_STAGE_PLAN]
     assert sum(s in TERMINAL for s in stages) == 1 and stages[-1] in TERMINAL
-    if stages[-1] == S.LIFECYCLE_STAGE_COMPLETE:
-        assert stages[-2] == S.LIFECYCLE_STAGE_AGGREGATE
+    # AGGREGATE right before every terminal event (issue 22 item 3).
+    assert (
+        stages[-2] == S.LIFECYCLE_STAGE_AGGREGATE and stages.count(S.LIFECYCLE_STAGE_AGGREGATE) == 1
+    )
     deps = {s.step_id: set(s.depends_on) for s in steps}
     done_at = {e.step_id: e.seq for e in events if e.HasField("step_result")}
     routed_at: dict[str, int] = {}
     for e in events:
         if e.stage == S.LIFECYCLE_STAGE_ROUTE:
             routed_at.setdefault(e.step_id, e.seq)
-        if e.stage == S.LIFECYCLE_STAGE_EXECUTE and e.step_id:
+        if e.HasField("skipped"):
+            # A skipped step never ran: never routed, and what caused it failed before.
+            assert e.step_id not in routed_at and e.step_id not in done_at
+            assert e.skipped.reason == "DEPENDENCY_FAILED"
+            assert any(
+                x.HasField("error") and x.step_id == e.skipped.cause_step_id
+                for x in events[: e.seq - 1]
+            )
+        elif e.stage == S.LIFECYCLE_STAGE_EXECUTE and e.step_id:
             # A step executes after it was routed and after all of its dependencies.
             assert routed_at[e.step_id] < e.seq
             assert all(done_at.get(d, 10**9) < e.seq for d in deps[e.step_id])
@@ -110,6 +120,8 @@ def test_event_stream_rules_hold_for_any_dag(
         summary = events[-1].summary
         assert summary.partial_success == bool(failing)
         assert summary.completed_steps + summary.failed_steps + summary.skipped_steps == len(steps)
+        # Every skipped step has its own event (issue 22 item 4).
+        assert summary.skipped_steps == sum(e.HasField("skipped") for e in events)
     elif failing:
         assert stages[-1] == S.LIFECYCLE_STAGE_FAILED
         assert events[-1].partial.failed_step in failing

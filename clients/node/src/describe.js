@@ -22,6 +22,8 @@ function payloadText(event) {
       return `${event.approval.status || ''} ${event.approval.approvalId}`.trim();
     case 'retry':
       return `attempt ${event.retry.attempt}/${event.retry.maxAttempts}`;
+    case 'skipped':
+      return `skipped (${event.skipped.reason}): ${event.skipped.message}`;
     case 'warning':
       return `warning ${event.warning.code}: ${event.warning.message}`;
     case 'partial':

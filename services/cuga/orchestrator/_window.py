@@ -66,6 +66,7 @@ class RouteWindow:
         asked = rt.clock.monotonic()
         for decision in decisions:
             r.routes[decision.step_id] = (asked, decision)
+        r.routed.set()  # the plan is ROUTED (the driver tells planning, off this path)
         # Approval needs resolved inputs: steps that refer to earlier outputs ask later.
         askable = [
             steps[sid]
