@@ -292,12 +292,18 @@ async def test_cuga_db_status_and_migrate_on_the_configured_store(
         assert await invoke(args, settings) == 0
         return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
-    (before,) = await cuga("db", "status")
-    assert before["component"] == "coordinator.run_store" and before["version"] == 0
-    assert before["pending"] == [f"{m.version} {m.name}" for m in RUN_STORE_SCHEMA.migrations]
-    (done,) = await cuga("db", "migrate")
-    assert done["version"] == 3 and len(done["applied"]) == 3  # type: ignore[arg-type]
-    (after,) = await cuga("db", "status")
-    assert after["version"] == 3 and after["pending"] == []
+    before = {row["component"]: row for row in await cuga("db", "status")}
+    assert set(before) == {"coordinator.run_store", "planning.plans", "planning.memory"}
+    runs = before["coordinator.run_store"]
+    assert runs["version"] == 0
+    assert runs["pending"] == [f"{m.version} {m.name}" for m in RUN_STORE_SCHEMA.migrations]
+    assert before["planning.plans"]["exists"] is False  # no planning.db yet: not made
+    assert not (tmp_path / "data" / "planning.db").exists()
+    done = {row["component"]: row for row in await cuga("db", "migrate")}
+    assert done["coordinator.run_store"]["version"] == 3
+    assert len(done["coordinator.run_store"]["applied"]) == 3  # type: ignore[arg-type]
+    assert done["planning.plans"]["version"] == done["planning.memory"]["version"] == 1
+    after = await cuga("db", "status")
+    assert all(row["pending"] == [] for row in after), after
     columns = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(runs)")}
     assert "owner" in columns

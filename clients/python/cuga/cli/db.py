@@ -4,7 +4,8 @@ Services migrate their stores at start, under the store's advisory lock; these c
 do the same beforehand (a release's migrations applied by a job before its pods roll), or
 show where a database stands. They open the databases the configuration names (the same
 ``CUGA_*`` keys the services read): the coordinator's run store, SQLite under the data
-directory or PostgreSQL by ``coordinator.dsn``.
+directory or PostgreSQL by ``coordinator.dsn``, and planning's plans and plan memory
+(``planning.db`` or ``planning.dsn``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import psycopg
 from cuga.cli._output import ConfigProblem, json_line, out
 from cuga.orchestrator._runstore import RUN_STORE_SCHEMA
 from cuga.services.coordinator.config import CoordinatorConfig
+from cuga.services.planning.config import PlanningConfig
+from cuga.services.planning.memory import MEMORY_SCHEMA
+from cuga.services.planning.store import PLAN_STORE_SCHEMA
 from cuga.shared.config import Settings
 from cuga.shared.migrations import Schema, SchemaStatus
 from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase
@@ -46,14 +50,29 @@ def _redacted(dsn: str) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
 
 
+def _located(schemas: tuple[Schema, ...], kind: str, dsn: str, path: Path) -> list[Store]:
+    if kind == "postgres":
+        return [Store(s, f"postgres:{_redacted(dsn)}", dsn=dsn) for s in schemas]
+    return [Store(s, f"sqlite:{path}", sqlite_path=path) for s in schemas]
+
+
 def stores(settings: Settings) -> list[Store]:
-    """The stores with migrations that this configuration uses."""
+    """The stores with migrations that this configuration uses: the coordinator's run
+    store, planning's plans and plan memory."""
+    data_dir = Path(settings.common.data_dir)
     coordinator = settings.section(CoordinatorConfig, "coordinator")
-    if coordinator.run_store == "postgres":
-        where = f"postgres:{_redacted(coordinator.dsn)}"
-        return [Store(RUN_STORE_SCHEMA, where, dsn=coordinator.dsn)]
-    path = Path(settings.common.data_dir) / "coordinator.db"
-    return [Store(RUN_STORE_SCHEMA, f"sqlite:{path}", sqlite_path=path)]
+    planning = settings.section(PlanningConfig, "planning")
+    return [
+        *_located(
+            (RUN_STORE_SCHEMA,), coordinator.run_store, coordinator.dsn, data_dir / "coordinator.db"
+        ),
+        *_located(
+            (PLAN_STORE_SCHEMA, MEMORY_SCHEMA),
+            planning.store,
+            planning.dsn,
+            data_dir / "planning.db",
+        ),
+    ]
 
 
 @contextmanager

@@ -25,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cuga.shared.clock import Clock, SystemClock
-from cuga.shared.sqldb import Database, as_database, create_schema
+from cuga.shared.migrations import Migration, Schema
+from cuga.shared.sqldb import Database, as_database
 
 DEFAULT_PROFILE = "default"
 
@@ -64,8 +65,14 @@ CREATE TABLE IF NOT EXISTS memory (
 CREATE INDEX IF NOT EXISTS memory_profile_created ON memory (profile, created_at);
 """
 
-#: Advisory lock key held while creating the table (replicas start together).
+#: Advisory lock key held while migrating the table (replicas start together).
 _SCHEMA_LOCK = 0x637567_6D65
+#: Plan memory's schema as numbered migrations (never edit a released one; add the next).
+MEMORY_SCHEMA = Schema(
+    "planning.memory",
+    (Migration(1, "plan memory", _SQLITE_SCHEMA, _POSTGRES_SCHEMA),),
+    lock_key=_SCHEMA_LOCK,
+)
 #: The insertion-order column that breaks ties of ``created_at``.
 _ORDER = {"sqlite": "rowid", "postgres": "n"}
 
@@ -186,7 +193,7 @@ class VectorMemory:
         self._max = max_records_per_profile
         self._clock = clock or SystemClock()
         self._order = _ORDER[self._conn.dialect]
-        create_schema(self._conn, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
+        MEMORY_SCHEMA.migrate(self._conn)
 
     @property
     def embedder(self) -> Embedder:

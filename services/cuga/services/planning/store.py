@@ -22,7 +22,8 @@ from pathlib import Path
 from cuga.common.v1 import common_pb2
 from cuga.services.planning.config import PlanningConfig
 from cuga.shared.errors import AlreadyExistsError, NotFoundError
-from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, as_database, create_schema
+from cuga.shared.migrations import Migration, Schema
+from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, as_database
 from cuga.shared.sqlite import open_sqlite
 
 _SQLITE_SCHEMA = """
@@ -93,8 +94,15 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
 
-#: Advisory lock key held while creating planning's tables (replicas start together).
+#: Advisory lock key held while migrating planning's tables (replicas start together).
 SCHEMA_LOCK = 0x637567_706C
+#: The plan store's schema as numbered migrations (never edit a released one; add the
+#: next). ``cuga db status`` / ``cuga db migrate`` name it by component.
+PLAN_STORE_SCHEMA = Schema(
+    "planning.plans",
+    (Migration(1, "plans, their transitions and request ids", _SQLITE_SCHEMA, _POSTGRES_SCHEMA),),
+    lock_key=SCHEMA_LOCK,
+)
 
 CREATE = "create"
 TRANSITION = "transition"
@@ -135,7 +143,7 @@ class PlanStore:
 
     def __init__(self, conn: Database | sqlite3.Connection) -> None:
         self._conn = as_database(conn)
-        create_schema(self._conn, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=SCHEMA_LOCK)
+        PLAN_STORE_SCHEMA.migrate(self._conn)
 
     @property
     def connection(self) -> Database:
@@ -332,6 +340,7 @@ def open_database(config: PlanningConfig, data_dir: str | Path) -> Database:
 
 __all__ = [
     "CREATE",
+    "PLAN_STORE_SCHEMA",
     "SCHEMA_LOCK",
     "TRANSITION",
     "PlanStore",
