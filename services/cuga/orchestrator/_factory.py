@@ -205,6 +205,7 @@ async def create_coordinator(
         from cuga.services.planning.config import PlanningConfig
         from cuga.services.planning.domain import Planner
         from cuga.services.planning.memory import HashingEmbedder, VectorMemory
+        from cuga.services.planning.planners import load_planner
         from cuga.services.planning.store import PlanStore, open_database
 
         planning_config = section(PlanningConfig, "planning", default_mode=planning_mode)
@@ -223,6 +224,7 @@ async def create_coordinator(
             config=planning_config,
             limits=common.limits,
             clock=clock,
+            planner=load_planner(planning_config.planner, planning_config, limits=common.limits),
         )
 
         async def close_planning() -> None:

@@ -48,8 +48,9 @@ class LiveRun:
         # Steps the scheduler started in this process (a cancel skips the others).
         self.started: set[str] = set()
         # A resumed run goes on from what its record says it spent (every attempt of every
-        # step, failed ones too), at least what its stored results cost.
-        run.spent = max(run.spent, sum(r.cost for r in results.values()))
+        # step, failed ones too), at least what planning (an LLM planner's tokens, in the
+        # plan's budget.spent) and its stored results cost.
+        run.spent = max(run.spent, plan.budget.spent + sum(r.cost for r in results.values()))
         run.tool_calls = max(run.tool_calls, sum(r.attempt or 1 for r in results.values()))
         self.warned: set[str] = set()
         # Whether the run had events before this process took it up (a resume).

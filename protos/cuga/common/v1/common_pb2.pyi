@@ -190,7 +190,7 @@ class PlanStep(_message.Message):
     def __init__(self, step_id: _Optional[str] = ..., tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., capability: _Optional[str] = ..., estimated_cost: _Optional[float] = ..., reason: _Optional[str] = ..., optional: _Optional[bool] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("plan_id", "goal", "steps", "budget", "state", "mode", "created_at", "updated_at", "profile", "source_run_id", "notes", "estimated_cost")
+    __slots__ = ("plan_id", "goal", "steps", "budget", "state", "mode", "created_at", "updated_at", "profile", "source_run_id", "notes", "estimated_cost", "planner", "planning_cost", "planner_exchanges")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,9 @@ class Plan(_message.Message):
     SOURCE_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
+    PLANNING_COST_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_EXCHANGES_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     goal: str
     steps: _containers.RepeatedCompositeFieldContainer[PlanStep]
@@ -215,7 +218,32 @@ class Plan(_message.Message):
     source_run_id: str
     notes: _containers.RepeatedScalarFieldContainer[str]
     estimated_cost: float
-    def __init__(self, plan_id: _Optional[str] = ..., goal: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[PlanStep, _Mapping]]] = ..., budget: _Optional[_Union[ToolBudget, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., mode: _Optional[_Union[PlanningMode, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profile: _Optional[str] = ..., source_run_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., estimated_cost: _Optional[float] = ...) -> None: ...
+    planner: str
+    planning_cost: float
+    planner_exchanges: _containers.RepeatedCompositeFieldContainer[PlannerExchange]
+    def __init__(self, plan_id: _Optional[str] = ..., goal: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[PlanStep, _Mapping]]] = ..., budget: _Optional[_Union[ToolBudget, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., mode: _Optional[_Union[PlanningMode, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profile: _Optional[str] = ..., source_run_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., estimated_cost: _Optional[float] = ..., planner: _Optional[str] = ..., planning_cost: _Optional[float] = ..., planner_exchanges: _Optional[_Iterable[_Union[PlannerExchange, _Mapping]]] = ...) -> None: ...
+
+class PlannerExchange(_message.Message):
+    __slots__ = ("round", "model", "request_json", "answer", "prompt_tokens", "completion_tokens", "cost", "problem", "duration")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model: str
+    request_json: str
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    problem: str
+    duration: _duration_pb2.Duration
+    def __init__(self, round: _Optional[int] = ..., model: _Optional[str] = ..., request_json: _Optional[str] = ..., answer: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., problem: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WorkerTarget(_message.Message):
     __slots__ = ("worker_id", "address")

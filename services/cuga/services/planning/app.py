@@ -14,6 +14,7 @@ from cuga.services.planning.catalog import StaticToolCatalog, ToolCatalog, load_
 from cuga.services.planning.config import PlanningConfig
 from cuga.services.planning.domain import Planner
 from cuga.services.planning.memory import HashingEmbedder, VectorMemory
+from cuga.services.planning.planners import load_planner
 from cuga.services.planning.servicer import PlanningServicer
 from cuga.services.planning.store import PlanStore, open_database
 from cuga.shared.bootstrap import ServiceDefinition
@@ -179,7 +180,15 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
 
         closers.append(close_clients)
 
-    planner = Planner(store, catalog, memory, config=config, limits=common.limits, clock=clock)
+    planner = Planner(
+        store,
+        catalog,
+        memory,
+        config=config,
+        limits=common.limits,
+        clock=clock,
+        planner=load_planner(config.planner, config, limits=common.limits),
+    )
 
     async def on_started(address: str) -> None:
         pruned = store.prune_requests(clock.now() - config.request_retention_s)

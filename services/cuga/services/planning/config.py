@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
+from cuga.services.planning.llm import LLMConfig
 from cuga.shared.config import ConfigError
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_PLANNER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 PlanningModeName = Literal["explicit", "default", "budget_aware", "memory_augmented"]
 BudgetPolicyName = Literal["warn", "block"]
@@ -18,6 +23,15 @@ class PlanningConfig:
 
     default_mode: PlanningModeName = "default"
     """Mode used when a request says UNSPECIFIED and gives no steps."""
+    planner: str = "keyword"
+    """What proposes the steps in the default, budget-aware and memory-augmented modes:
+    ``keyword`` (the offline ranker), ``llm`` (an OpenAI-compatible endpoint, see
+    ``llm``), or the name of an entry point of the group ``cuga.planners``."""
+    planner_allowlist: tuple[str, ...] = ("cuga.services.planning",)
+    """Module namespaces a planner entry point may live in; one outside them is refused
+    at start, before its module is imported."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """The ``llm`` planner's endpoint, model, key, timeout and token prices."""
     default_budget_policy: BudgetPolicyName = "warn"
     """Policy applied at plan time when a budget says BUDGET_POLICY_UNSPECIFIED."""
     catalog_ttl_s: float = 5.0
@@ -49,6 +63,13 @@ class PlanningConfig:
     """PostgreSQL connection string (libpq DSN or URI). Required when store is postgres."""
 
     def __post_init__(self) -> None:
+        if not _PLANNER_NAME.fullmatch(self.planner):
+            raise ConfigError("planner", f"{self.planner!r} is not a planner name")
+        for ns in self.planner_allowlist:
+            if not _DOTTED.fullmatch(ns):
+                raise ConfigError("planner_allowlist", f"{ns!r} is not a dotted module name")
+        if self.planner == "llm" and not self.llm.model:
+            raise ConfigError("llm.model", "is required when planner is llm")
         if self.store == "postgres" and not self.dsn.strip():
             raise ConfigError("dsn", "is required when store is postgres")
         if not 0 <= self.catalog_ttl_s <= 3600:

@@ -16,19 +16,24 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from jsonschema import exceptions as jsonschema_exceptions
-
 from cuga.common.v1 import common_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.services.planning.catalog import ToolCatalog
 from cuga.services.planning.config import PlanningConfig
 from cuga.services.planning.dag import (
     SchemaValidators,
-    tool_cost,
     validate_steps,
 )
 from cuga.services.planning.memory import VectorMemory, normalise_profile
-from cuga.services.planning.ranking import derive_input, rank_tools
+from cuga.services.planning.planners import (
+    KeywordPlanner,
+    PlannerLike,
+    PlanningRequest,
+    Recall,
+    ToolInfo,
+    planner_name,
+    propose,
+)
 from cuga.services.planning.store import CREATE, PlanStore
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import Limits
@@ -39,7 +44,7 @@ from cuga.shared.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
-from cuga.shared.messages import timestamp, to_struct
+from cuga.shared.messages import timestamp
 from cuga.shared.sqldb import Database
 from cuga.shared.validation import (
     MAX_STEP_REASON_CHARS,
@@ -105,6 +110,18 @@ class _Draft:
     steps: list[common_pb2.PlanStep]
     notes: list[str] = field(default_factory=list)
     source_run_id: str = ""
+    planner: str = ""
+    cost: float = 0.0
+    exchanges: list[common_pb2.PlannerExchange] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """What every mode passes on to the planner."""
+
+    request: planning_pb2.CreatePlanRequest
+    budget: common_pb2.ToolBudget
+    timeout: float | None
 
 
 class Planner:
@@ -118,6 +135,8 @@ class Planner:
         limits: goal, step and input limits.
         clock: time source for ``created_at``/``updated_at`` and transition stamps.
         new_id: plan id factory (tests pin it).
+        planner: what proposes steps in the non-explicit modes (a ``Planner`` or a
+            callable, see ``planners.py``; default the keyword ranker).
     """
 
     def __init__(
@@ -130,6 +149,7 @@ class Planner:
         limits: Limits | None = None,
         clock: Clock | None = None,
         new_id: Callable[[], str] = _new_plan_id,
+        planner: PlannerLike | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -139,6 +159,10 @@ class Planner:
         self._clock = clock or SystemClock()
         self._new_id = new_id
         self._validators = SchemaValidators()
+        self._planner: PlannerLike = planner or KeywordPlanner(
+            rank_threshold=self._config.rank_threshold,
+            max_steps=self._config.max_ranked_steps,
+        )
 
     # ----------------------------------------------------------------- CreatePlan
 
@@ -166,16 +190,21 @@ class Planner:
                     )
                 return self._store.get(stored.plan_id)
         tools = await self._tools(timeout)
+        ask = _Ask(request, budget, timeout)
         if mode == S.PLANNING_MODE_EXPLICIT:
             draft = _Draft(validate_steps(request.steps, tools, self._limits, self._validators))
         elif mode == S.PLANNING_MODE_DEFAULT:
-            draft = self._default(request.goal, tools)
+            draft = await self._default(request.goal, tools, ask)
         elif mode == S.PLANNING_MODE_BUDGET_AWARE:
-            draft = self._budget_aware(request.goal, tools, budget)
+            draft = await self._budget_aware(request.goal, tools, budget, ask)
         else:
-            draft = self._memory_augmented(profile, request.goal, tools)
+            draft = await self._memory_augmented(profile, request.goal, tools, ask)
+        if draft.cost:
+            # What planning itself cost (an LLM's tokens) is the run's first expense.
+            budget.spent = draft.cost
+            draft.notes.append(f"planning cost {draft.cost:g} of the budget")
         total = math.fsum(s.estimated_cost for s in draft.steps)
-        self._check_budget(budget, total, draft.notes)
+        self._check_budget(budget, total + draft.cost, draft.notes)
         self._check_calls(budget, len(draft.steps), draft.notes)
         now = self._clock.now()
         plan = common_pb2.Plan(
@@ -191,6 +220,9 @@ class Planner:
             source_run_id=draft.source_run_id,
             notes=draft.notes,
             estimated_cost=total,
+            planner=draft.planner,
+            planning_cost=draft.cost,
+            planner_exchanges=draft.exchanges,
         )
         stored_plan = self._store.insert(
             plan, request_id=request.request_id, fingerprint=fingerprint
@@ -296,76 +328,61 @@ class Planner:
 
     # ------------------------------------------------------------------- modes
 
-    def _ranked(
-        self, goal: str, tools: Mapping[str, common_pb2.ToolSpec], notes: list[str]
-    ) -> list[common_pb2.PlanStep]:
-        """Steps for the tools that match the goal, best first (default mode)."""
-        steps: list[common_pb2.PlanStep] = []
-        for scored in rank_tools(goal, tools.values()):
-            name = scored.tool.name
-            if scored.score < self._config.rank_threshold:
-                break
-            if not (scored.keyword_hits or scored.name_hits):
-                # Words of a description alone ("returns", "two", "number") say little
-                # about what a tool is for: such a plan would be an unrelated tool.
-                notes.append(
-                    f"skipped tool {name!r}: only its description matches the goal"
-                    f" ({', '.join(repr(w) for w in scored.description_hits)})"
-                )
-                continue
-            if len(steps) >= self._config.max_ranked_steps:
-                notes.append(
-                    f"more tools matched; kept the best {self._config.max_ranked_steps}"
-                    " (planning.max_ranked_steps)"
-                )
-                break
-            derived = derive_input(goal, scored.tool)
-            if derived.value is None:
-                notes.append(f"skipped tool {name!r}: it {derived.problem}")
-                continue
-            try:
-                problems = self._validators.errors(scored.tool, derived.value)
-            except jsonschema_exceptions.SchemaError:
-                notes.append(f"skipped tool {name!r}: its input schema is invalid")
-                continue
-            if problems:
-                notes.append(
-                    f"skipped tool {name!r}: the goal does not fit its input ({problems[0]})"
-                )
-                continue
-            reason = scored.reason
-            if derived.filled:
-                reason += f"; input {', '.join(derived.filled)} = the goal"
-            steps.append(
-                common_pb2.PlanStep(
-                    step_id=f"s{len(steps) + 1}-{name}"[:64],
-                    tool=name,
-                    input=to_struct(derived.value),
-                    estimated_cost=tool_cost(scored.tool),
-                    reason=reason[:MAX_STEP_REASON_CHARS],
-                    # The best match is the core of the plan; the others may be dropped.
-                    optional=bool(steps),
-                )
-            )
-        return steps
-
-    def _default(self, goal: str, tools: Mapping[str, common_pb2.ToolSpec]) -> _Draft:
-        notes: list[str] = []
-        steps = self._ranked(goal, tools, notes)
-        if not steps:
+    async def _propose(
+        self,
+        goal: str,
+        tools: Mapping[str, common_pb2.ToolSpec],
+        ask: _Ask,
+        mode: str,
+        recalls: tuple[Recall, ...] = (),
+    ) -> _Draft:
+        """Ask the planner, then validate its steps like a client's plan."""
+        name = planner_name(self._planner)
+        planning_request = PlanningRequest(
+            goal=goal,
+            context=ask.request.context,
+            tools={n: ToolInfo.from_spec(spec) for n, spec in tools.items()},
+            recalls=recalls,
+            budget=ask.budget,
+            mode=mode,
+            deadline_s=ask.timeout,
+        )
+        try:
+            proposal = await propose(self._planner, planning_request)
+        except ValueError as exc:
+            raise FailedPreconditionError(
+                f"planner {name!r} answered something that is not a plan: {exc}",
+                reason="PLANNER_INVALID_PLAN",
+            ) from None
+        notes = list(proposal.notes)
+        if not proposal.steps:
             detail = f" ({'; '.join(notes)})" if notes else ""
             raise FailedPreconditionError(
                 f"no registered tool matches the goal{detail}", reason="NO_MATCHING_TOOL"
             )
-        return _Draft(steps, notes)
+        try:
+            steps = validate_steps(proposal.steps, tools, self._limits, self._validators)
+        except InvalidArgumentError as exc:
+            # The client asked for a goal; a bad plan is the planner's fault, not theirs.
+            raise FailedPreconditionError(
+                f"planner {name!r} proposed an invalid plan: {exc.message}",
+                reason="PLANNER_INVALID_PLAN",
+            ) from None
+        return _Draft(steps, notes, planner=name, cost=proposal.cost, exchanges=proposal.exchanges)
 
-    def _budget_aware(
+    async def _default(
+        self, goal: str, tools: Mapping[str, common_pb2.ToolSpec], ask: _Ask
+    ) -> _Draft:
+        return await self._propose(goal, tools, ask, "default")
+
+    async def _budget_aware(
         self,
         goal: str,
         tools: Mapping[str, common_pb2.ToolSpec],
         budget: common_pb2.ToolBudget,
+        ask: _Ask,
     ) -> _Draft:
-        draft = self._default(goal, tools)
+        draft = await self._propose(goal, tools, ask, "budget_aware")
         if budget.ceiling <= 0 and budget.max_calls <= 0:
             return draft
         ceiling = budget.ceiling if budget.ceiling > 0 else math.inf
@@ -390,11 +407,11 @@ class Planner:
             draft.notes.append(
                 f"dropped to fit the budget of {_budget_text(budget)}: {', '.join(dropped)}"
             )
-        draft.steps = kept
+        draft.steps = _close_dependencies(kept, draft.notes)
         return draft
 
-    def _memory_augmented(
-        self, profile: str, goal: str, tools: Mapping[str, common_pb2.ToolSpec]
+    async def _memory_augmented(
+        self, profile: str, goal: str, tools: Mapping[str, common_pb2.ToolSpec], ask: _Ask
     ) -> _Draft:
         notes: list[str] = []
         hits = self._memory.search(
@@ -403,10 +420,12 @@ class Planner:
             limit=MEMORY_CANDIDATES,
             min_score=self._config.memory_similarity_threshold,
         )
+        recalls: list[Recall] = []
         for hit in hits:
             run_id = str(hit.payload.get("run_id", ""))
             try:
                 past = common_pb2.Plan.FromString(base64.b64decode(str(hit.payload["plan"])))
+                recalls.append(Recall(hit.text, hit.score, run_id, tuple(past.steps)))
                 steps = validate_steps(past.steps, tools, self._limits, self._validators)
             except CugaError as exc:
                 notes.append(f"past run {run_id} no longer validates: {exc.message}")
@@ -423,12 +442,14 @@ class Planner:
                 f"reused the plan of run {run_id} for the similar goal {hit.text[:200]!r}"
                 f" (similarity {hit.score:.2f})"
             )
-            return _Draft(steps, notes, source_run_id=run_id)
+            return _Draft(steps, notes, source_run_id=run_id, planner="memory")
         notes.append(
             "no similar completed goal in memory"
             f" (threshold {self._config.memory_similarity_threshold:g}); planned in default mode"
+            if not recalls
+            else "no remembered plan validates today; the planner was given them as examples"
         )
-        draft = self._default(goal, tools)
+        draft = await self._propose(goal, tools, ask, "memory_augmented", tuple(recalls))
         draft.notes[:0] = notes
         return draft
 
@@ -529,6 +550,26 @@ def _budget_text(budget: common_pb2.ToolBudget) -> str:
     if budget.max_calls > 0:
         parts.append(f"{budget.max_calls} tool calls")
     return " and ".join(parts)
+
+
+def _close_dependencies(
+    steps: list[common_pb2.PlanStep], notes: list[str]
+) -> list[common_pb2.PlanStep]:
+    """``steps`` without those that depend, directly or not, on a step that was dropped
+    (they are in topological order, so one pass sees every dependency first)."""
+    kept: list[common_pb2.PlanStep] = []
+    ids: set[str] = set()
+    orphans: list[str] = []
+    for step in steps:
+        missing = [d for d in step.depends_on if d not in ids]
+        if missing:
+            orphans.append(f"{step.step_id} (needs {', '.join(missing)})")
+            continue
+        kept.append(step)
+        ids.add(step.step_id)
+    if orphans:
+        notes.append(f"dropped with the steps they depend on: {', '.join(orphans)}")
+    return kept
 
 
 __all__ = ["TERMINAL", "TRANSITIONS", "Planner", "state_name"]

@@ -98,6 +98,34 @@ def rank_tools(goal: str, tools: Iterable[common_pb2.ToolSpec]) -> list[ToolScor
     return sorted((s for s in scored if s.score > 0), key=lambda s: (-s.score, s.tool.name))
 
 
+#: Property names (as words) that hold a reference to something, not free text: the goal
+#: sentence put there would be a file name or an address nobody has ("summarize it" as a
+#: path). Such a property cannot be derived from the goal.
+_REFERENCE_WORDS = frozenset(
+    {"path", "file", "filename", "dir", "directory", "url", "uri", "id", "email", "account"}
+)
+
+
+def _reference_kind(name: str, schema: Mapping[str, Any]) -> str:
+    """What a string property refers to (``file path``, ``uri``...), or ``""`` for text."""
+    fmt = schema.get("format")
+    if isinstance(fmt, str) and fmt:
+        return f"{fmt} (its schema's format)"
+    if "enum" in schema or "const" in schema:
+        return "value from a fixed list"
+    described = words(str(schema.get("description", "")))
+    named = words(_CAMEL.sub(" ", name).replace("_", " ").replace("-", " "))
+    hit = sorted(named & _REFERENCE_WORDS) or sorted(described & {"path", "url", "uri"})
+    if hit:
+        return hit[0] if hit[0] != "path" else "file path"
+    return ""
+
+
+def _prose(name: str, schema: Any) -> bool:
+    """Whether a string property takes free text such as the goal sentence."""
+    return isinstance(schema, Mapping) and not _reference_kind(name, schema)
+
+
 @dataclass(frozen=True)
 class DerivedInput:
     """The input built for a tool from the goal, or why none could be."""
@@ -113,6 +141,8 @@ def derive_input(goal: str, tool: common_pb2.ToolSpec) -> DerivedInput:
     - No properties required: the input is empty, except that a schema with exactly one
       string property gets the goal in it.
     - Exactly one required property, of type string: it gets the goal.
+    - Never into a property that refers to something (a file path, URL, id, a ``format``
+      or an ``enum``): the goal sentence is not a file name.
     - Anything else needs facts the goal text alone does not give: no input.
     The caller still validates the result against the schema.
     """
@@ -127,10 +157,16 @@ def derive_input(goal: str, tool: common_pb2.ToolSpec) -> DerivedInput:
         if isinstance(sub, Mapping) and sub.get("type") == "string"
     ]
     if not required:
-        if len(strings) == 1:
+        if len(strings) == 1 and _prose(strings[0], props[strings[0]]):
             return DerivedInput({strings[0]: goal}, filled=(strings[0],))
         return DerivedInput({})
     if len(required) == 1 and required[0] in strings:
+        if not _prose(required[0], props[required[0]]):
+            return DerivedInput(
+                None,
+                problem=f"needs {required[0]!r}, a {_reference_kind(required[0], props[required[0]])},"
+                " which the goal text is not",
+            )
         return DerivedInput({required[0]: goal}, filled=(required[0],))
     return DerivedInput(
         None,
