@@ -306,12 +306,32 @@ async def test_cancel_run_stops_running_steps(env: Env) -> None:
     stream = env.agent.orchestrate("g", plan=[step("g", "gate", name="c1")])
     first = await anext(stream)
     await asyncio.wait_for(ENTERED["c1"].wait(), 10)
-    run = await env.agent.cancel_run(first.run_id, "changed my mind")
+    parked = asyncio.Event()
+    env.agent._live[first.run_id].in_flight = _Parked(parked)
+    cancelling = asyncio.ensure_future(env.agent.cancel_run(first.run_id, "changed my mind"))
+    await asyncio.wait_for(parked.wait(), 10)  # the cancel arrived with the step at its worker
+    GATES["c1"].set()  # the worker finishes the tool it had started (it cannot kill it)
+    run = await asyncio.wait_for(cancelling, 10)
     assert run.state == 4  # RUN_STATE_CANCELLED
     rest = [e async for e in stream]
     assert stages(rest)[-1] == "CANCELLED"
-    assert rest[-1].partial.recovery_plan[0].step_id == "g"
-    GATES["c1"].set()  # the worker finishes the tool it had started (it cannot kill it)
+    # Its answer, while the run wound down, is recorded (issue 22 item 5); a cancelled run
+    # is never resumed: nothing to recover.
+    assert [e.step_id for e in rest if e.HasField("step_result")] == ["g"]
+    assert [c.step_id for c in rest[-1].partial.completed_steps] == ["g"]
+    assert not rest[-1].partial.recovery_plan and not rest[-1].partial.unfinished_steps
+
+
+class _Parked(dict):  # type: ignore[type-arg]
+    """A run's ``in_flight`` that sets ``event`` when a worker call is parked in it."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__()
+        self._event = event
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        self._event.set()
 
 
 async def test_run_deadline_fails_with_resource(env: Env) -> None:

@@ -48,6 +48,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
     "approval": {
         "RequestApproval": COORDINATOR_ONLY,
         "RequestApprovalBatch": COORDINATOR_ONLY,
+        "WithdrawApprovals": COORDINATOR_ONLY,
         "AwaitDecision": COORDINATOR_ONLY,
         "GetRequest": {"coordinator", "reviewer"},
         "SubmitDecision": {"reviewer"},

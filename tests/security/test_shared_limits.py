@@ -238,6 +238,7 @@ ROWS: list[Row] = [
     *_rows("approval", "RequestApprovalBatch", "context", CONTEXT_CASES),
     *_rows("approval", "RequestApprovalBatch", "steps[0]", STEP_CASES),
     *_rows("approval", "SubmitDecision", "", REQUEST_ID_CASES),
+    *_rows("approval", "WithdrawApprovals", "", REQUEST_ID_CASES),
     # worker
     *_rows("worker", "ExecuteStep", "context", CONTEXT_CASES),
     *_rows("worker", "ExecuteStep", "step", STEP_CASES),
@@ -339,6 +340,8 @@ class World:
                 return approval_pb2.RequestApprovalBatchRequest(
                     steps=[_transfer()], context=ctx, sensitive_tools=["transfer_funds"]
                 )
+            case ("approval", "WithdrawApprovals"):
+                return approval_pb2.WithdrawApprovalsRequest(run_id="run-limits", reason="limits")
             case ("approval", "SubmitDecision"):
                 return approval_pb2.SubmitDecisionRequest(
                     approval_id=self.approval_id, verdict=approval_pb2.VERDICT_APPROVE
@@ -386,6 +389,10 @@ class World:
                 ]
                 for table in tables:
                     if db.name == "audit.db" and table != "audit_records":
+                        continue
+                    if table == "audit_outbox":
+                        # Drained by the coordinator's forwarder as audit stores earlier
+                        # runs' records; its rows are written only with events (counted).
                         continue
                     query = f'SELECT COUNT(*) FROM "{table}"'  # table names come from the schema
                     if db.name == "audit.db":

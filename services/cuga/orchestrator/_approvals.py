@@ -2,7 +2,10 @@
 
 Approvals are asked ahead for a window of steps in one call (:meth:`ApprovalGate.ask`,
 from the route window); a step whose input refers to earlier outputs asks when its input
-is resolved. A PENDING request is waited on with ``AwaitDecision`` (no thread held).
+is resolved. A PENDING request is waited on with ``AwaitDecision`` (no thread held). A
+resumed run whose step was denied or expired asks afresh: the new request supersedes the
+old one (``supersedes``, in its APPROVAL events and audit records), so a resume gets a new
+decision instead of the old denial (issue 22 item 6).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class ApprovalGate:
                     steps=steps,
                     context=r.context,
                     sensitive_tools=sorted(sensitive),
+                    supersedes={
+                        s.step_id: r.supersede[s.step_id] for s in steps if s.step_id in r.supersede
+                    },
                 ),
                 timeout=rt.remaining_capped(r.context, "approval"),
             )
@@ -82,6 +88,7 @@ class ApprovalGate:
             reviewer_group=request.reviewer_group,
             required_approvals=request.required_approvals,
             expires_at=request.expires_at,
+            supersedes=request.supersedes,
         )
         if request.status == common_pb2.APPROVAL_STATUS_PENDING:
             self._events.emit(r, common_pb2.LIFECYCLE_STAGE_APPROVAL, step_id=sid, approval=info)

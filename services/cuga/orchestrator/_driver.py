@@ -18,6 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
+from cuga.orchestrator._cancel import settle_cancel
 from cuga.orchestrator._errors import StepFailed, error_detail, wire_mode
 from cuga.orchestrator._eventlog import EventLog
 from cuga.orchestrator._run import LiveRun
@@ -141,6 +142,7 @@ class RunDriver:
                 await self.transition(plan_id, common_pb2.PLAN_STATE_FAILED, r, "deadline passed")
                 return
             if r.cancel_reason:
+                await settle_cancel(self._rt, self._events, r)
                 self.finish_cancelled(r)
                 await self.transition(plan_id, common_pb2.PLAN_STATE_CANCELLED, r, r.cancel_reason)
                 return
@@ -298,8 +300,9 @@ class RunDriver:
                 partial.completed_steps.add(
                     step_id=step.step_id, output=r.results[step.step_id].output
                 )
-            else:
+            elif error is not None:  # a cancelled run is never resumed: nothing to recover
                 partial.recovery_plan.append(step)
+        partial.unfinished_steps.extend(r.unfinished)
         return partial
 
     def _aggregate(self, r: LiveRun, error: CugaError | None = None, step_id: str = "") -> None:

@@ -31,6 +31,7 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._approvals import ApprovalGate
 from cuga.orchestrator._audit import AuditForwarder
 from cuga.orchestrator._budget import Budget
+from cuga.orchestrator._cancel import withdraw_approvals
 from cuga.orchestrator._driver import RunDriver
 from cuga.orchestrator._errors import (
     ApprovalDeniedError,
@@ -444,6 +445,7 @@ class CoordinatorAgent:
                 SpanContext(0, 0, False),
             )
             r.cancel_reason = reason or "cancelled by request"
+            await withdraw_approvals(self._rt, r)
             self._driver.finish_cancelled(r)
         return store.get_run(run_id) or run
 

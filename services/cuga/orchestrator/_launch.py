@@ -40,6 +40,9 @@ from cuga.shared.validation import (
     derived_id,
 )
 
+#: Approval outcomes a resumed run asks afresh after (they were acted on: the run failed).
+_NEGATIVE = frozenset({common_pb2.APPROVAL_STATUS_DENIED, common_pb2.APPROVAL_STATUS_EXPIRED})
+
 
 class Launcher:
     """Starts new runs and resumes stopped ones.
@@ -285,6 +288,11 @@ class Launcher:
         after = r.seq
         # (The audit records its earlier life owed are in the run store's outbox, written
         # with its events: the forwarder ships them, whatever killed that life.)
+        # A step its earlier life saw denied (or expired) asks afresh, superseding that
+        # request, instead of replaying the denial (issue 22 item 6).
+        for event in rt.store.events_after(run_id, 0):
+            if event.HasField("approval") and event.approval.status in _NEGATIVE:
+                r.supersede[event.step_id] = event.approval.approval_id
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=run.context)
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_PLAN, plan=plan)
         r.task = asyncio.create_task(self._driver.drive(r, span), name=f"run-{run_id}")

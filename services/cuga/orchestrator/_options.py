@@ -43,6 +43,10 @@ class EngineOptions:
     audit_linger_s: float = 0.05
     """Longest a queued audit record waits for others to fill its batch, seconds. Records
     are stored in the run store first, so waiting trades audit freshness for calls."""
+    cancel_wait_s: float = 2.0
+    """How long a cancelled run waits for the steps its workers are running to answer,
+    seconds: an answer in time is recorded (a result in ``completed_steps``), a step
+    still running is named in the partial result's ``unfinished_steps``."""
     audit_close_timeout_s: float = 1.0
     """How long a stopping engine keeps shipping owed audit records, seconds; what is left
     stays in the run store's outbox for the next start (keep it well under the grace)."""
@@ -89,6 +93,7 @@ def engine_options(config: CoordinatorConfig, settings: Settings) -> EngineOptio
         audit_batch=config.audit_batch,
         audit_linger_s=config.audit_linger_s,
         audit_close_timeout_s=config.audit_close_timeout_s,
+        cancel_wait_s=config.cancel_wait_s,
         limits=settings.common.limits,
         resume_interrupted=config.resume_interrupted,
         max_finishing_runs=config.max_finishing_runs,

@@ -63,6 +63,13 @@ class LiveRun:
         # route window asks for them first, so ready siblings are routed together.
         self.unrouted: dict[str, None] = {}
         self.approvals: dict[str, approval_pb2.ApprovalRequest] = {}
+        # A step's latest DENIED or EXPIRED approval in the stored log (a resumed run asks
+        # afresh, superseding it, instead of replaying the denial).
+        self.supersede: dict[str, str] = {}
+        # Worker calls in flight when the run was cancelled (step id -> the call and its
+        # attempt), and those that had not finished when it stopped waiting for them.
+        self.in_flight: dict[str, tuple[asyncio.Future[common_pb2.StepResult], int]] = {}
+        self.unfinished: list[str] = []
         self.finished = asyncio.Event()
         self.prepare_lock = asyncio.Lock()
         self.executing: asyncio.Task[None] | None = None

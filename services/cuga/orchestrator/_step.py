@@ -7,7 +7,9 @@ routed around. The step's final failure leaves as :class:`StepFailed`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
@@ -188,10 +190,16 @@ class StepRunner:
                 started = rt.clock.monotonic()
                 try:
                     timeout = rt.remaining_capped(r.context, "worker")
-                    result = await rt.workers.execute_step(
-                        target,
-                        _execute_request(r, step, attempt, rt.clock.now() + timeout),
-                        timeout=timeout,
+                    result = await _call_worker(
+                        rt,
+                        r,
+                        sid,
+                        attempt,
+                        rt.workers.execute_step(
+                            target,
+                            _execute_request(r, step, attempt, rt.clock.now() + timeout),
+                            timeout=timeout,
+                        ),
                     )
                 except CugaError as exc:
                     rt.metrics.step_duration.record(
@@ -257,6 +265,27 @@ class StepRunner:
                 self._events.emit(
                     r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=elsewhere
                 )
+
+
+async def _call_worker(
+    rt: Runtime,
+    r: LiveRun,
+    sid: str,
+    attempt: int,
+    call: Coroutine[Any, Any, common_pb2.StepResult],
+) -> common_pb2.StepResult:
+    """``call``, the worker call of one attempt; a cancel of the run (issue 22 item 5)
+    leaves it running in ``r.in_flight``, so the driver can record its result: the worker
+    may run the tool to its end whether or not the engine waits for it."""
+    future = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if r.cancel_reason and not future.done():
+            r.in_flight[sid] = (future, attempt)
+        else:
+            future.cancel()
+        raise
 
 
 def _execute_request(

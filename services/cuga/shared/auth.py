@@ -585,9 +585,15 @@ AUTHORIZATION_MATRIX: tuple[Grant, ...] = (
     ),
     Grant(
         _APPROVAL,
-        ("RequestApproval", "RequestApprovalBatch", "AwaitDecision", "GetRequest"),
+        (
+            "RequestApproval",
+            "RequestApprovalBatch",
+            "AwaitDecision",
+            "GetRequest",
+            "WithdrawApprovals",
+        ),
         (ROLE_COORDINATOR,),
-        "the coordinator asks for and waits on approvals",
+        "the coordinator asks for and waits on approvals, and withdraws a cancelled run's",
     ),
     Grant(
         _APPROVAL,

@@ -69,6 +69,12 @@ class ApprovalManager(Protocol):
         """Until decided or expired; still PENDING when ``timeout`` passes first."""
         ...
 
+    async def withdraw_approvals(
+        self, request: approval_pb2.WithdrawApprovalsRequest, *, timeout: float | None = None
+    ) -> list[approval_pb2.ApprovalRequest]:
+        """Withdraw a cancelled run's PENDING requests; the ones withdrawn."""
+        ...
+
 
 @runtime_checkable
 class AuditTrail(Protocol):

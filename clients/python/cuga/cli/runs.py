@@ -139,7 +139,8 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
     if kind == "approval":
         a = event.approval
         who = f" by {a.decided_by}" if a.decided_by else ""
-        return f"{common_pb2.ApprovalStatus.Name(a.status)[16:]}{who} ({a.approval_id})"
+        again = f", superseding {a.supersedes}" if a.supersedes else ""
+        return f"{common_pb2.ApprovalStatus.Name(a.status)[16:]}{who} ({a.approval_id}{again})"
     if kind == "retry":
         r = event.retry
         return (
@@ -156,6 +157,9 @@ def describe(event: common_pb2.OrchestrationEvent) -> str:
         return f"warning {event.warning.code}: {event.warning.message}"
     if kind == "partial":
         p = event.partial
+        if event.stage == common_pb2.LIFECYCLE_STAGE_CANCELLED:  # never resumed
+            running = f", {len(p.unfinished_steps)} left running" if p.unfinished_steps else ""
+            return f"{len(p.completed_steps)} step(s) done{running}; {p.error}"
         return f"{len(p.completed_steps)} step(s) done, {len(p.recovery_plan)} to resume; {p.error}"
     if kind == "summary":
         s = event.summary

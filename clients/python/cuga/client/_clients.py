@@ -401,6 +401,19 @@ class ApprovalClient(BaseClient):
         )
         return response
 
+    async def withdraw_approvals(
+        self,
+        request: approval_pb2.WithdrawApprovalsRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> approval_pb2.WithdrawApprovalsResponse:
+        """WithdrawApprovals."""
+        response: approval_pb2.WithdrawApprovalsResponse = await self._unary(
+            "withdraw_approvals", self._stub.WithdrawApprovals, request, timeout, metadata
+        )
+        return response
+
     async def submit_decision(
         self,
         request: approval_pb2.SubmitDecisionRequest,

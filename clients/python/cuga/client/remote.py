@@ -107,6 +107,11 @@ class RemoteApprovalManager:
             )
             return response2.request
 
+    async def withdraw_approvals(
+        self, request: approval_pb2.WithdrawApprovalsRequest, *, timeout: float | None = None
+    ) -> list[approval_pb2.ApprovalRequest]:
+        return list((await self._client.withdraw_approvals(request, timeout=timeout)).requests)
+
 
 class RemoteAuditTrail:
     """``AuditTrail`` over ``AuditService``, unbuffered: ``record_batch`` returns once the

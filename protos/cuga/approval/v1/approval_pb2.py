@@ -27,43 +27,51 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63uga/approval/v1/approval.proto\x12\x10\x63uga.approval.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x10ReviewerDecision\x12\x10\n\x08reviewer\x18\x01 \x01(\t\x12*\n\x07verdict\x18\x02 \x01(\x0e\x32\x19.cuga.approval.v1.Verdict\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\ndecided_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x03\n\x0f\x41pprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x11\n\trequester\x18\x07 \x01(\t\x12.\n\x06status\x18\x08 \x01(\x0e\x32\x1e.cuga.common.v1.ApprovalStatus\x12\x0c\n\x04rule\x18\t \x01(\t\x12\x16\n\x0ereviewer_group\x18\n \x01(\t\x12\x1a\n\x12required_approvals\x18\x0b \x01(\r\x12\x35\n\tdecisions\x18\x0c \x03(\x0b\x32\".cuga.approval.v1.ReviewerDecision\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x10 \x01(\t\"\x9a\x01\n\x16RequestApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04step\x18\x02 \x01(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x11\n\tsensitive\x18\x04 \x01(\x08\"M\n\x17RequestApprovalResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"\xa6\x01\n\x1bRequestApprovalBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x17\n\x0fsensitive_tools\x18\x04 \x03(\t\"S\n\x1cRequestApprovalBatchResponse\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"+\n\x14\x41waitDecisionRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"K\n\x15\x41waitDecisionResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"|\n\x15SubmitDecisionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12*\n\x07verdict\x18\x03 \x01(\x0e\x32\x19.cuga.approval.v1.Verdict\x12\x0e\n\x06reason\x18\x04 \x01(\t\"L\n\x16SubmitDecisionResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"L\n\x12ListPendingRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\"c\n\x13ListPendingResponse\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.cuga.approval.v1.ApprovalRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x11GetRequestRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"H\n\x12GetRequestResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest*I\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_APPROVE\x10\x01\x12\x10\n\x0cVERDICT_DENY\x10\x02\x32\xec\x04\n\x0f\x41pprovalService\x12\x66\n\x0fRequestApproval\x12(.cuga.approval.v1.RequestApprovalRequest\x1a).cuga.approval.v1.RequestApprovalResponse\x12u\n\x14RequestApprovalBatch\x12-.cuga.approval.v1.RequestApprovalBatchRequest\x1a..cuga.approval.v1.RequestApprovalBatchResponse\x12`\n\rAwaitDecision\x12&.cuga.approval.v1.AwaitDecisionRequest\x1a\'.cuga.approval.v1.AwaitDecisionResponse\x12\x63\n\x0eSubmitDecision\x12\'.cuga.approval.v1.SubmitDecisionRequest\x1a(.cuga.approval.v1.SubmitDecisionResponse\x12Z\n\x0bListPending\x12$.cuga.approval.v1.ListPendingRequest\x1a%.cuga.approval.v1.ListPendingResponse\x12W\n\nGetRequest\x12#.cuga.approval.v1.GetRequestRequest\x1a$.cuga.approval.v1.GetRequestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63uga/approval/v1/approval.proto\x12\x10\x63uga.approval.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x10ReviewerDecision\x12\x10\n\x08reviewer\x18\x01 \x01(\t\x12*\n\x07verdict\x18\x02 \x01(\x0e\x32\x19.cuga.approval.v1.Verdict\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\ndecided_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x04\n\x0f\x41pprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x11\n\trequester\x18\x07 \x01(\t\x12.\n\x06status\x18\x08 \x01(\x0e\x32\x1e.cuga.common.v1.ApprovalStatus\x12\x0c\n\x04rule\x18\t \x01(\t\x12\x16\n\x0ereviewer_group\x18\n \x01(\t\x12\x1a\n\x12required_approvals\x18\x0b \x01(\r\x12\x35\n\tdecisions\x18\x0c \x03(\x0b\x32\".cuga.approval.v1.ReviewerDecision\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x12\n\nsupersedes\x18\x11 \x01(\t\x12\x17\n\x0fwithdraw_reason\x18\x12 \x01(\t\"\xae\x01\n\x16RequestApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04step\x18\x02 \x01(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x11\n\tsensitive\x18\x04 \x01(\x08\x12\x12\n\nsupersedes\x18\x05 \x01(\t\"M\n\x17RequestApprovalResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"\xac\x02\n\x1bRequestApprovalBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x17\n\x0fsensitive_tools\x18\x04 \x03(\t\x12Q\n\nsupersedes\x18\x05 \x03(\x0b\x32=.cuga.approval.v1.RequestApprovalBatchRequest.SupersedesEntry\x1a\x31\n\x0fSupersedesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x1cRequestApprovalBatchResponse\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"+\n\x14\x41waitDecisionRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"K\n\x15\x41waitDecisionResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"|\n\x15SubmitDecisionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12*\n\x07verdict\x18\x03 \x01(\x0e\x32\x19.cuga.approval.v1.Verdict\x12\x0e\n\x06reason\x18\x04 \x01(\t\"L\n\x16SubmitDecisionResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"L\n\x12ListPendingRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\"c\n\x13ListPendingResponse\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.cuga.approval.v1.ApprovalRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x11GetRequestRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"H\n\x12GetRequestResponse\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.cuga.approval.v1.ApprovalRequest\"N\n\x18WithdrawApprovalsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x19WithdrawApprovalsResponse\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.cuga.approval.v1.ApprovalRequest*I\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_APPROVE\x10\x01\x12\x10\n\x0cVERDICT_DENY\x10\x02\x32\xda\x05\n\x0f\x41pprovalService\x12\x66\n\x0fRequestApproval\x12(.cuga.approval.v1.RequestApprovalRequest\x1a).cuga.approval.v1.RequestApprovalResponse\x12u\n\x14RequestApprovalBatch\x12-.cuga.approval.v1.RequestApprovalBatchRequest\x1a..cuga.approval.v1.RequestApprovalBatchResponse\x12`\n\rAwaitDecision\x12&.cuga.approval.v1.AwaitDecisionRequest\x1a\'.cuga.approval.v1.AwaitDecisionResponse\x12\x63\n\x0eSubmitDecision\x12\'.cuga.approval.v1.SubmitDecisionRequest\x1a(.cuga.approval.v1.SubmitDecisionResponse\x12Z\n\x0bListPending\x12$.cuga.approval.v1.ListPendingRequest\x1a%.cuga.approval.v1.ListPendingResponse\x12W\n\nGetRequest\x12#.cuga.approval.v1.GetRequestRequest\x1a$.cuga.approval.v1.GetRequestResponse\x12l\n\x11WithdrawApprovals\x12*.cuga.approval.v1.WithdrawApprovalsRequest\x1a+.cuga.approval.v1.WithdrawApprovalsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuga.approval.v1.approval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=1898
-  _globals['_VERDICT']._serialized_end=1971
+  _globals['_REQUESTAPPROVALBATCHREQUEST_SUPERSEDESENTRY']._loaded_options = None
+  _globals['_REQUESTAPPROVALBATCHREQUEST_SUPERSEDESENTRY']._serialized_options = b'8\001'
+  _globals['_VERDICT']._serialized_start=2259
+  _globals['_VERDICT']._serialized_end=2332
   _globals['_REVIEWERDECISION']._serialized_start=146
   _globals['_REVIEWERDECISION']._serialized_end=290
   _globals['_APPROVALREQUEST']._serialized_start=293
-  _globals['_APPROVALREQUEST']._serialized_end=785
-  _globals['_REQUESTAPPROVALREQUEST']._serialized_start=788
-  _globals['_REQUESTAPPROVALREQUEST']._serialized_end=942
-  _globals['_REQUESTAPPROVALRESPONSE']._serialized_start=944
-  _globals['_REQUESTAPPROVALRESPONSE']._serialized_end=1021
-  _globals['_REQUESTAPPROVALBATCHREQUEST']._serialized_start=1024
-  _globals['_REQUESTAPPROVALBATCHREQUEST']._serialized_end=1190
-  _globals['_REQUESTAPPROVALBATCHRESPONSE']._serialized_start=1192
-  _globals['_REQUESTAPPROVALBATCHRESPONSE']._serialized_end=1275
-  _globals['_AWAITDECISIONREQUEST']._serialized_start=1277
-  _globals['_AWAITDECISIONREQUEST']._serialized_end=1320
-  _globals['_AWAITDECISIONRESPONSE']._serialized_start=1322
-  _globals['_AWAITDECISIONRESPONSE']._serialized_end=1397
-  _globals['_SUBMITDECISIONREQUEST']._serialized_start=1399
-  _globals['_SUBMITDECISIONREQUEST']._serialized_end=1523
-  _globals['_SUBMITDECISIONRESPONSE']._serialized_start=1525
-  _globals['_SUBMITDECISIONRESPONSE']._serialized_end=1601
-  _globals['_LISTPENDINGREQUEST']._serialized_start=1603
-  _globals['_LISTPENDINGREQUEST']._serialized_end=1679
-  _globals['_LISTPENDINGRESPONSE']._serialized_start=1681
-  _globals['_LISTPENDINGRESPONSE']._serialized_end=1780
-  _globals['_GETREQUESTREQUEST']._serialized_start=1782
-  _globals['_GETREQUESTREQUEST']._serialized_end=1822
-  _globals['_GETREQUESTRESPONSE']._serialized_start=1824
-  _globals['_GETREQUESTRESPONSE']._serialized_end=1896
-  _globals['_APPROVALSERVICE']._serialized_start=1974
-  _globals['_APPROVALSERVICE']._serialized_end=2594
+  _globals['_APPROVALREQUEST']._serialized_end=830
+  _globals['_REQUESTAPPROVALREQUEST']._serialized_start=833
+  _globals['_REQUESTAPPROVALREQUEST']._serialized_end=1007
+  _globals['_REQUESTAPPROVALRESPONSE']._serialized_start=1009
+  _globals['_REQUESTAPPROVALRESPONSE']._serialized_end=1086
+  _globals['_REQUESTAPPROVALBATCHREQUEST']._serialized_start=1089
+  _globals['_REQUESTAPPROVALBATCHREQUEST']._serialized_end=1389
+  _globals['_REQUESTAPPROVALBATCHREQUEST_SUPERSEDESENTRY']._serialized_start=1340
+  _globals['_REQUESTAPPROVALBATCHREQUEST_SUPERSEDESENTRY']._serialized_end=1389
+  _globals['_REQUESTAPPROVALBATCHRESPONSE']._serialized_start=1391
+  _globals['_REQUESTAPPROVALBATCHRESPONSE']._serialized_end=1474
+  _globals['_AWAITDECISIONREQUEST']._serialized_start=1476
+  _globals['_AWAITDECISIONREQUEST']._serialized_end=1519
+  _globals['_AWAITDECISIONRESPONSE']._serialized_start=1521
+  _globals['_AWAITDECISIONRESPONSE']._serialized_end=1596
+  _globals['_SUBMITDECISIONREQUEST']._serialized_start=1598
+  _globals['_SUBMITDECISIONREQUEST']._serialized_end=1722
+  _globals['_SUBMITDECISIONRESPONSE']._serialized_start=1724
+  _globals['_SUBMITDECISIONRESPONSE']._serialized_end=1800
+  _globals['_LISTPENDINGREQUEST']._serialized_start=1802
+  _globals['_LISTPENDINGREQUEST']._serialized_end=1878
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=1880
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=1979
+  _globals['_GETREQUESTREQUEST']._serialized_start=1981
+  _globals['_GETREQUESTREQUEST']._serialized_end=2021
+  _globals['_GETREQUESTRESPONSE']._serialized_start=2023
+  _globals['_GETREQUESTRESPONSE']._serialized_end=2095
+  _globals['_WITHDRAWAPPROVALSREQUEST']._serialized_start=2097
+  _globals['_WITHDRAWAPPROVALSREQUEST']._serialized_end=2175
+  _globals['_WITHDRAWAPPROVALSRESPONSE']._serialized_start=2177
+  _globals['_WITHDRAWAPPROVALSRESPONSE']._serialized_end=2257
+  _globals['_APPROVALSERVICE']._serialized_start=2335
+  _globals['_APPROVALSERVICE']._serialized_end=3065
 # @@protoc_insertion_point(module_scope)

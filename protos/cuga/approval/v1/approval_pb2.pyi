@@ -34,7 +34,7 @@ class ReviewerDecision(_message.Message):
     def __init__(self, reviewer: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., reason: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ApprovalRequest(_message.Message):
-    __slots__ = ("approval_id", "run_id", "step_id", "tool", "input", "profile", "requester", "status", "rule", "reviewer_group", "required_approvals", "decisions", "created_at", "expires_at", "decided_at", "trace_id")
+    __slots__ = ("approval_id", "run_id", "step_id", "tool", "input", "profile", "requester", "status", "rule", "reviewer_group", "required_approvals", "decisions", "created_at", "expires_at", "decided_at", "trace_id", "supersedes", "withdraw_reason")
     APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class ApprovalRequest(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAW_REASON_FIELD_NUMBER: _ClassVar[int]
     approval_id: str
     run_id: str
     step_id: str
@@ -67,19 +69,23 @@ class ApprovalRequest(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     decided_at: _timestamp_pb2.Timestamp
     trace_id: str
-    def __init__(self, approval_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., profile: _Optional[str] = ..., requester: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ApprovalStatus, str]] = ..., rule: _Optional[str] = ..., reviewer_group: _Optional[str] = ..., required_approvals: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[ReviewerDecision, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    supersedes: str
+    withdraw_reason: str
+    def __init__(self, approval_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., profile: _Optional[str] = ..., requester: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ApprovalStatus, str]] = ..., rule: _Optional[str] = ..., reviewer_group: _Optional[str] = ..., required_approvals: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[ReviewerDecision, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., supersedes: _Optional[str] = ..., withdraw_reason: _Optional[str] = ...) -> None: ...
 
 class RequestApprovalRequest(_message.Message):
-    __slots__ = ("request_id", "step", "context", "sensitive")
+    __slots__ = ("request_id", "step", "context", "sensitive", "supersedes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SENSITIVE_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     step: _common_pb2.PlanStep
     context: _common_pb2.ExecutionContext
     sensitive: bool
-    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[_Union[_common_pb2.PlanStep, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., sensitive: _Optional[bool] = ...) -> None: ...
+    supersedes: str
+    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[_Union[_common_pb2.PlanStep, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., sensitive: _Optional[bool] = ..., supersedes: _Optional[str] = ...) -> None: ...
 
 class RequestApprovalResponse(_message.Message):
     __slots__ = ("request",)
@@ -88,16 +94,25 @@ class RequestApprovalResponse(_message.Message):
     def __init__(self, request: _Optional[_Union[ApprovalRequest, _Mapping]] = ...) -> None: ...
 
 class RequestApprovalBatchRequest(_message.Message):
-    __slots__ = ("request_id", "steps", "context", "sensitive_tools")
+    __slots__ = ("request_id", "steps", "context", "sensitive_tools", "supersedes")
+    class SupersedesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SENSITIVE_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.PlanStep]
     context: _common_pb2.ExecutionContext
     sensitive_tools: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.PlanStep, _Mapping]]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., sensitive_tools: _Optional[_Iterable[str]] = ...) -> None: ...
+    supersedes: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.PlanStep, _Mapping]]] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., sensitive_tools: _Optional[_Iterable[str]] = ..., supersedes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RequestApprovalBatchResponse(_message.Message):
     __slots__ = ("requests",)
@@ -164,3 +179,19 @@ class GetRequestResponse(_message.Message):
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     request: ApprovalRequest
     def __init__(self, request: _Optional[_Union[ApprovalRequest, _Mapping]] = ...) -> None: ...
+
+class WithdrawApprovalsRequest(_message.Message):
+    __slots__ = ("request_id", "run_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    run_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WithdrawApprovalsResponse(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ApprovalRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ApprovalRequest, _Mapping]]] = ...) -> None: ...

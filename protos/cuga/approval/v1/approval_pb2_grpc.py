@@ -65,6 +65,11 @@ class ApprovalServiceStub:
                 request_serializer=cuga_dot_approval_dot_v1_dot_approval__pb2.GetRequestRequest.SerializeToString,
                 response_deserializer=cuga_dot_approval_dot_v1_dot_approval__pb2.GetRequestResponse.FromString,
                 _registered_method=True)
+        self.WithdrawApprovals = channel.unary_unary(
+                '/cuga.approval.v1.ApprovalService/WithdrawApprovals',
+                request_serializer=cuga_dot_approval_dot_v1_dot_approval__pb2.WithdrawApprovalsRequest.SerializeToString,
+                response_deserializer=cuga_dot_approval_dot_v1_dot_approval__pb2.WithdrawApprovalsResponse.FromString,
+                _registered_method=True)
 
 
 class ApprovalServiceServicer:
@@ -115,6 +120,15 @@ class ApprovalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WithdrawApprovals(self, request, context):
+        """Withdraws every PENDING request of a run whose run ended undecided (it was
+        cancelled): each becomes WITHDRAWN, a final state nobody may decide, and its waiters
+        return. Idempotent: a repeat withdraws nothing more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApprovalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_ApprovalServiceServicer_to_server(servicer, server):
                     servicer.GetRequest,
                     request_deserializer=cuga_dot_approval_dot_v1_dot_approval__pb2.GetRequestRequest.FromString,
                     response_serializer=cuga_dot_approval_dot_v1_dot_approval__pb2.GetRequestResponse.SerializeToString,
+            ),
+            'WithdrawApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawApprovals,
+                    request_deserializer=cuga_dot_approval_dot_v1_dot_approval__pb2.WithdrawApprovalsRequest.FromString,
+                    response_serializer=cuga_dot_approval_dot_v1_dot_approval__pb2.WithdrawApprovalsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +331,33 @@ class ApprovalService:
             '/cuga.approval.v1.ApprovalService/GetRequest',
             cuga_dot_approval_dot_v1_dot_approval__pb2.GetRequestRequest.SerializeToString,
             cuga_dot_approval_dot_v1_dot_approval__pb2.GetRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuga.approval.v1.ApprovalService/WithdrawApprovals',
+            cuga_dot_approval_dot_v1_dot_approval__pb2.WithdrawApprovalsRequest.SerializeToString,
+            cuga_dot_approval_dot_v1_dot_approval__pb2.WithdrawApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,7 @@ class ApprovalStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     APPROVAL_STATUS_APPROVED: _ClassVar[ApprovalStatus]
     APPROVAL_STATUS_DENIED: _ClassVar[ApprovalStatus]
     APPROVAL_STATUS_EXPIRED: _ClassVar[ApprovalStatus]
+    APPROVAL_STATUS_WITHDRAWN: _ClassVar[ApprovalStatus]
 LIFECYCLE_STAGE_UNSPECIFIED: LifecycleStage
 LIFECYCLE_STAGE_INITIALIZE: LifecycleStage
 LIFECYCLE_STAGE_PLAN: LifecycleStage
@@ -127,6 +128,7 @@ APPROVAL_STATUS_PENDING: ApprovalStatus
 APPROVAL_STATUS_APPROVED: ApprovalStatus
 APPROVAL_STATUS_DENIED: ApprovalStatus
 APPROVAL_STATUS_EXPIRED: ApprovalStatus
+APPROVAL_STATUS_WITHDRAWN: ApprovalStatus
 
 class ExecutionContext(_message.Message):
     __slots__ = ("trace_id", "run_id", "profile", "user_id", "metadata", "deadline", "delegate_id")
@@ -336,7 +338,7 @@ class CompletedStep(_message.Message):
     def __init__(self, step_id: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class PartialResult(_message.Message):
-    __slots__ = ("run_id", "completed_steps", "failed_step", "error", "failure_mode", "recovery_plan", "goal", "context", "plan_id", "budget")
+    __slots__ = ("run_id", "completed_steps", "failed_step", "error", "failure_mode", "recovery_plan", "goal", "context", "plan_id", "budget", "unfinished_steps")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
     FAILED_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +349,7 @@ class PartialResult(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    UNFINISHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     completed_steps: _containers.RepeatedCompositeFieldContainer[CompletedStep]
     failed_step: str
@@ -357,10 +360,11 @@ class PartialResult(_message.Message):
     context: ExecutionContext
     plan_id: str
     budget: ToolBudget
-    def __init__(self, run_id: _Optional[str] = ..., completed_steps: _Optional[_Iterable[_Union[CompletedStep, _Mapping]]] = ..., failed_step: _Optional[str] = ..., error: _Optional[str] = ..., failure_mode: _Optional[_Union[FailureMode, str]] = ..., recovery_plan: _Optional[_Iterable[_Union[PlanStep, _Mapping]]] = ..., goal: _Optional[str] = ..., context: _Optional[_Union[ExecutionContext, _Mapping]] = ..., plan_id: _Optional[str] = ..., budget: _Optional[_Union[ToolBudget, _Mapping]] = ...) -> None: ...
+    unfinished_steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., completed_steps: _Optional[_Iterable[_Union[CompletedStep, _Mapping]]] = ..., failed_step: _Optional[str] = ..., error: _Optional[str] = ..., failure_mode: _Optional[_Union[FailureMode, str]] = ..., recovery_plan: _Optional[_Iterable[_Union[PlanStep, _Mapping]]] = ..., goal: _Optional[str] = ..., context: _Optional[_Union[ExecutionContext, _Mapping]] = ..., plan_id: _Optional[str] = ..., budget: _Optional[_Union[ToolBudget, _Mapping]] = ..., unfinished_steps: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApprovalInfo(_message.Message):
-    __slots__ = ("approval_id", "status", "rule", "reviewer_group", "required_approvals", "expires_at", "decided_by", "reason")
+    __slots__ = ("approval_id", "status", "rule", "reviewer_group", "required_approvals", "expires_at", "decided_by", "reason", "supersedes")
     APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +373,7 @@ class ApprovalInfo(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
     approval_id: str
     status: ApprovalStatus
     rule: str
@@ -377,7 +382,8 @@ class ApprovalInfo(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     decided_by: str
     reason: str
-    def __init__(self, approval_id: _Optional[str] = ..., status: _Optional[_Union[ApprovalStatus, str]] = ..., rule: _Optional[str] = ..., reviewer_group: _Optional[str] = ..., required_approvals: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    supersedes: str
+    def __init__(self, approval_id: _Optional[str] = ..., status: _Optional[_Union[ApprovalStatus, str]] = ..., rule: _Optional[str] = ..., reviewer_group: _Optional[str] = ..., required_approvals: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., supersedes: _Optional[str] = ...) -> None: ...
 
 class RetryInfo(_message.Message):
     __slots__ = ("attempt", "max_attempts", "delay", "error")

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cuga.approval.v1 import approval_pb2
@@ -77,6 +77,9 @@ PENDING = common_pb2.APPROVAL_STATUS_PENDING
 APPROVED = common_pb2.APPROVAL_STATUS_APPROVED
 DENIED = common_pb2.APPROVAL_STATUS_DENIED
 EXPIRED = common_pb2.APPROVAL_STATUS_EXPIRED
+WITHDRAWN = common_pb2.APPROVAL_STATUS_WITHDRAWN
+#: Final states a resumed run may ask afresh after (RequestApproval ``supersedes``).
+SUPERSEDABLE = frozenset({DENIED, EXPIRED, WITHDRAWN})
 DEFAULT_PROFILE = "default"
 MAX_REASON_CHARS = 1024
 #: Compare-and-swap attempts of one decision or expiry before giving up with ABORTED
@@ -315,6 +318,7 @@ class ApprovalManager:
         check_request_id(request.request_id)
         self._check_context(request.context, request.HasField("context"))
         self._check_step("step", request.step, request.HasField("step"))
+        check_id("supersedes", request.supersedes, required=False)
         ctx = request.context
         if request.request_id:
             existing = self._store.by_request_id(request.request_id)
@@ -328,6 +332,7 @@ class ApprovalManager:
             requester,
             request.request_id,
             asked_by,
+            {request.step.step_id: request.supersedes} if request.supersedes else {},
         )
         return results[0]
 
@@ -355,6 +360,11 @@ class ApprovalManager:
         check_count("sensitive_tools", request.sensitive_tools, self._limits.max_steps)
         for i, tool in enumerate(request.sensitive_tools):
             check_id(f"sensitive_tools[{i}]", tool, pattern=TOOL_NAME_PATTERN)
+        step_ids = {step.step_id for step in request.steps}
+        for sid, previous in request.supersedes.items():
+            if sid not in step_ids:
+                raise InvalidArgumentError(f"supersedes[{sid!r}]", "names no step of this request")
+            check_id(f"supersedes[{sid!r}]", previous)
         return self._decide_steps(
             request.context,
             list(request.steps),
@@ -362,6 +372,98 @@ class ApprovalManager:
             requester,
             "",
             asked_by,
+            dict(request.supersedes),
+        )
+
+    def _check_supersedable(self, previous: str, run_id: str, step_id: str) -> None:
+        """A fresh request may replace only a final, negative answer of the same step.
+
+        Raises:
+            InvalidArgumentError: ``previous`` is not a request of this run's step.
+            FailedPreconditionError: it is still PENDING or was APPROVED.
+        """
+        stored = self._load(previous)
+        if stored is None or (stored.request.run_id, stored.request.step_id) != (
+            run_id,
+            step_id,
+        ):
+            raise InvalidArgumentError(
+                "supersedes", f"{previous!r} is no approval request of step {step_id!r}"
+            )
+        status = stored.request.status
+        if status not in SUPERSEDABLE:
+            raise FailedPreconditionError(
+                f"approval {previous!r} is {status_name(status)}; only a DENIED, EXPIRED or"
+                " WITHDRAWN request can be superseded",
+                reason="NOT_SUPERSEDABLE",
+            )
+
+    # ------------------------------------------------------------------ withdrawals
+
+    async def withdraw_approvals(
+        self,
+        request: approval_pb2.WithdrawApprovalsRequest,
+        *,
+        viewer: Identity | None = None,
+        timeout: float | None = None,
+    ) -> list[ApprovalRequest]:
+        """Withdraw every PENDING request of a run (it was cancelled): each becomes
+        WITHDRAWN, a final state nobody may decide, and its waiters return.
+
+        Idempotent: a repeat finds nothing PENDING and withdraws nothing. A request that
+        a reviewer decided (or that expired) a moment earlier keeps that outcome.
+
+        Args:
+            request: the run and the reason.
+            viewer: the caller; requests of profiles it may not act on are left alone.
+            timeout: unused (local calls do not block).
+
+        Returns:
+            The requests this call withdrew.
+        """
+        check_request_id(request.request_id)
+        check_id("run_id", request.run_id)
+        check_length("reason", request.reason, MAX_REASON_CHARS)
+        withdrawn: list[ApprovalRequest] = []
+        for stored in self._store.pending_of_run(request.run_id):
+            if viewer is not None and not viewer.may_access_profile(stored.request.profile):
+                continue
+            done = self._withdraw(stored, request.reason)
+            if done is not None:
+                withdrawn.append(done)
+        if withdrawn:
+            self._pending = self._store.count_all_pending()
+        return withdrawn
+
+    def _withdraw(self, stored: StoredRequest, reason: str) -> ApprovalRequest | None:
+        """Withdraw one request if still PENDING (compare-and-swap, as :meth:`_expire`)."""
+        for _ in range(_MAX_ATTEMPTS):
+            request = stored.request
+            if request.status != PENDING:
+                return None  # decided or expired first: that outcome stands
+            withdrawn = ApprovalRequest()
+            withdrawn.CopyFrom(request)
+            withdrawn.status = WITHDRAWN
+            withdrawn.withdraw_reason = reason
+            withdrawn.decided_at.CopyFrom(timestamp(self._clock.now()))
+            if self._store.update(withdrawn, version=stored.version):
+                self._metrics.decided.add(1, {OUTCOME: status_name(WITHDRAWN)})
+                log.info(
+                    "approval withdrawn: %s (run %s step %s): %s",
+                    withdrawn.approval_id,
+                    withdrawn.run_id,
+                    withdrawn.step_id,
+                    reason,
+                )
+                self._notify(withdrawn.approval_id)
+                return withdrawn
+            current = self._store.get(request.approval_id)
+            if current is None:
+                return None
+            stored = current
+        raise AbortedError(
+            f"approval {stored.request.approval_id!r} kept changing while withdrawing; retry",
+            reason="CONCURRENT_DECISIONS",
         )
 
     def _check_context(self, ctx: common_pb2.ExecutionContext, present: bool) -> None:
@@ -391,8 +493,10 @@ class ApprovalManager:
         requester: str,
         request_id: str,
         asked_by: str = "",
+        supersedes: Mapping[str, str] | None = None,
     ) -> list[ApprovalRequest]:
         profile = ctx.profile or DEFAULT_PROFILE
+        supersedes = supersedes or {}
         context = {
             "run_id": ctx.run_id,
             "profile": profile,
@@ -404,11 +508,14 @@ class ApprovalManager:
         results: list[ApprovalRequest] = []
         new: list[tuple[ApprovalRequest, str, str]] = []
         for step in steps:
-            existing = self._store.by_step(ctx.run_id, step.step_id)
+            previous = supersedes.get(step.step_id, "")
+            existing = self._store.by_step(ctx.run_id, step.step_id, previous)
             if existing is not None:
                 _check_same_step(step.tool, existing)
                 results.append(self._reload(existing))
                 continue
+            if previous:
+                self._check_supersedable(previous, ctx.run_id, step.step_id)
             decision = self._policy.decide(
                 tool=step.tool,
                 profile=profile,
@@ -425,6 +532,7 @@ class ApprovalManager:
                 requester=requester or ctx.user_id,
                 rule=rule.name if rule is not None else "",
                 trace_id=ctx.trace_id,
+                supersedes=previous,
             )
             out.input.CopyFrom(step.input)
             out.created_at.CopyFrom(timestamp(now))

@@ -110,6 +110,13 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
         )
         return approval_pb2.ListPendingResponse(requests=page, next_page_token=token)
 
+    async def WithdrawApprovals(
+        self, request: approval_pb2.WithdrawApprovalsRequest, context: grpc.aio.ServicerContext
+    ) -> approval_pb2.WithdrawApprovalsResponse:
+        identity = self._caller()
+        withdrawn = await self._manager.withdraw_approvals(request, viewer=identity)
+        return approval_pb2.WithdrawApprovalsResponse(requests=withdrawn)
+
     async def GetRequest(
         self, request: approval_pb2.GetRequestRequest, context: grpc.aio.ServicerContext
     ) -> approval_pb2.GetRequestResponse:

@@ -45,6 +45,15 @@ log = logging.getLogger("cuga.approval")
 
 PENDING = common_pb2.APPROVAL_STATUS_PENDING
 
+
+def step_key(step_id: str, supersedes: str = "") -> str:
+    """What the ``step_id`` column holds: the step id for a step's first request, and
+    ``<step_id>#<approval_id>`` for a request superseding an earlier one (issue 22 item
+    6), so the unique ``(run_id, step_id)`` key keeps one request per (step, round)
+    without a change of schema; ``#`` is not in a step id's alphabet."""
+    return f"{step_id}#{supersedes}" if supersedes else step_id
+
+
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS approvals (
     approval_id TEXT PRIMARY KEY,
@@ -178,9 +187,21 @@ class SqlApprovalStore:
         """The request with ``approval_id``."""
         return self._select_one(self._db, "approval_id = ?", (approval_id,))
 
-    def by_step(self, run_id: str, step_id: str) -> StoredRequest | None:
-        """The request of one step of one run."""
-        return self._select_one(self._db, "run_id = ? AND step_id = ?", (run_id, step_id))
+    def by_step(self, run_id: str, step_id: str, supersedes: str = "") -> StoredRequest | None:
+        """The request of one step of one run: its first, or the one superseding the
+        request ``supersedes``."""
+        return self._select_one(
+            self._db, "run_id = ? AND step_id = ?", (run_id, step_key(step_id, supersedes))
+        )
+
+    def pending_of_run(self, run_id: str) -> list[StoredRequest]:
+        """The PENDING requests of one run."""
+        rows = self._db.execute(
+            "SELECT body, user_id, request_id, version FROM approvals"
+            " WHERE run_id = ? AND status = ? ORDER BY created_at, approval_id",
+            (run_id, PENDING),
+        ).fetchall()
+        return [stored for stored in map(self._row, rows) if stored is not None]
 
     def by_request_id(self, request_id: str) -> StoredRequest | None:
         """The request created by the RequestApproval call with ``request_id``."""
@@ -225,7 +246,7 @@ class SqlApprovalStore:
                         request.approval_id,
                         request_id or None,
                         request.run_id,
-                        request.step_id,
+                        step_key(request.step_id, request.supersedes),
                         request.profile,
                         user_id,
                         request.status,
@@ -240,7 +261,9 @@ class SqlApprovalStore:
                     continue
                 # In READ COMMITTED the conflicting row, committed, is visible now.
                 existing = self._select_one(
-                    db, "run_id = ? AND step_id = ?", (request.run_id, request.step_id)
+                    db,
+                    "run_id = ? AND step_id = ?",
+                    (request.run_id, step_key(request.step_id, request.supersedes)),
                 )
                 if existing is None and request_id:
                     existing = self._select_one(db, "request_id = ?", (request_id,))
@@ -453,4 +476,5 @@ __all__ = [
     "SqlApprovalStore",
     "StoredRequest",
     "open_approval_store",
+    "step_key",
 ]

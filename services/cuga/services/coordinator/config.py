@@ -38,6 +38,10 @@ class CoordinatorConfig:
     """Audit records per RecordBatch call once that many are queued, 1 to 1000."""
     audit_linger_s: float = 0.05
     """Longest a queued audit record waits for its batch to fill, seconds, 0 to 5."""
+    cancel_wait_s: float = 2.0
+    """How long a cancelled run waits for the steps already at workers to answer, seconds,
+    0 to 60: an answer in time is recorded with the run (its result in the CANCELLED
+    event's ``completed_steps``); a step still running is named in ``unfinished_steps``."""
     audit_close_timeout_s: float = 1.0
     """How long a stopping coordinator keeps shipping the audit records it owes, seconds,
     0 to 60; the rest stay in its run store's audit outbox and are shipped when it (or,
@@ -81,6 +85,8 @@ class CoordinatorConfig:
             raise ConfigError("audit_batch", "must be between 1 and 1000")
         if not 0 <= self.audit_linger_s <= 5:
             raise ConfigError("audit_linger_s", "must be between 0 and 5")
+        if not 0 <= self.cancel_wait_s <= 60:
+            raise ConfigError("cancel_wait_s", "must be between 0 and 60")
         if not 0 <= self.audit_close_timeout_s <= 60:
             raise ConfigError("audit_close_timeout_s", "must be between 0 and 60")
         if not 1 <= self.window <= 256:
