@@ -25,8 +25,14 @@ venv: $(STAMP) ## Create .venv and install the project (pinned by constraints.tx
 demo: $(STAMP) ## Start every service on SQLite under ./.cuga, run a sample orchestration, stop
 	$(BIN)/cuga demo
 
-test: $(STAMP) ## Run the whole suite
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+test: $(STAMP) ## Run the whole suite under coverage (every process it starts), print the table
+	@rm -f .coverage .coverage.*
+	@status=0; \
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage run -m pytest \
+		-n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
+	$(BIN)/python -m coverage combine -q && $(BIN)/python -m coverage report || \
+		{ [ $$status -ne 0 ] || status=$$?; }; \
+	exit $$status
 
 soak: $(STAMP) ## Fault and load suite at full counts: >= 20 runs per kill/drain, 12 load rounds (make test runs a quick round)
 	CUGA_SOAK=1 $(BIN)/python -m pytest tests/fault -n $(PYTEST_WORKERS) --timeout 1800 -q
@@ -70,4 +76,4 @@ up: $(STAMP) ## Run all six services in the foreground (Ctrl-C stops them)
 	$(BIN)/cuga up
 
 clean: ## Remove the venv and local data
-	rm -rf $(VENV) .cuga .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cuga .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

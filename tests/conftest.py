@@ -18,3 +18,30 @@ from tests.support.servers import make_settings  # noqa: E402
 def settings(tmp_path: Path) -> Settings:
     """Default settings with a private data directory."""
     return make_settings(tmp_path / "data")
+
+
+#: The roadmap's bars for the suite's kinds of test (docs/testing.md): shown after each run.
+BARS = {"unit": 50, "integration": 15}
+_PASSED: dict[str, int] = dict.fromkeys(BARS, 0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test ``unit`` (tests/unit: in-process, no server) or ``integration``."""
+    here = Path(__file__).parent
+    for item in items:
+        suite = item.path.relative_to(here).parts[0]
+        item.add_marker(pytest.mark.unit if suite == "unit" else pytest.mark.integration)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count passed tests by kind (the controller sees its xdist workers' reports here)."""
+    if report.when == "call" and report.passed:
+        for kind in BARS:
+            if kind in report.keywords:
+                _PASSED[kind] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the passed unit and integration tests against the roadmap's bars."""
+    shown = ", ".join(f"{_PASSED[k]} {k} (bar {BARS[k]})" for k in BARS)
+    terminalreporter.write_line(f"passed by kind: {shown}")
