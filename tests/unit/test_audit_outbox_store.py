@@ -4,16 +4,21 @@ removed once shipped, and a dead replica's are adopted by a live one."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from cuga.audit.v1 import audit_pb2
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import PostgresRunStore, RunStore, SQLiteRunStore
+from cuga.orchestrator._audit import AuditForwarder
+from cuga.orchestrator._options import EngineOptions
+from cuga.shared.clock import SystemClock
 from cuga.shared.messages import timestamp
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
 
@@ -112,5 +117,55 @@ def test_a_dead_replicas_records_are_adopted_by_a_live_one(postgres_dsn: str) ->
         assert live.adopt_outbox() == 1
         assert [e.run_id for _, _, e in live.outbox(0, 10)] == ["run-3"]
     finally:
+        dead.close()
+        live.close()
+
+
+class _Trail:
+    """An audit trail that stores whatever it is given (record ids, in order); while
+    ``gate`` is closed a send waits on it (``sending`` says one does)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.gate = asyncio.Event()
+        self.sending = asyncio.Event()
+
+    async def record_batch(
+        self, records: Sequence[audit_pb2.AuditRecord], *, timeout: float | None = None
+    ) -> None:
+        self.sending.set()
+        await self.gate.wait()
+        self.ids += [r.record_id for r in records]
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        return True
+
+
+async def test_a_forwarder_ships_rows_it_adopts_behind_its_cursor(
+    postgres_dsn: str,  # noqa: F811
+) -> None:
+    """A replica dies leaving a record owed under a lower id than a live replica's; the
+    live one adopts it (as recover() does, at start and every adopt_interval_s) while its
+    forwarder is sending its own: the adopted record must still be shipped, not left
+    behind the cursor."""
+    dead = PostgresRunStore(postgres_dsn, replica_id="dead")
+    live = PostgresRunStore(postgres_dsn, replica_id="live")
+    trail = _Trail()
+    forwarder = AuditForwarder(trail, live, EngineOptions(), SystemClock())
+    try:
+        for store, run_id in ((dead, "run-d"), (live, "run-l")):
+            write = (_run(store, run_id), _event(run_id, 1, common_pb2.LIFECYCLE_STAGE_INITIALIZE))
+            store.append_events([write], [write])
+        forwarder.start()
+        await asyncio.wait_for(trail.sending.wait(), 10)  # run-l's record on its way
+        dead.close()
+        forwarder.start()  # adopts run-d's row, whose id is behind run-l's
+        trail.gate.set()
+        assert await forwarder.flush(10)
+        assert sorted(trail.ids) == ["run-d/e1", "run-l/e1"]
+        assert live.outbox_depth() == 0
+    finally:
+        trail.gate.set()
+        await forwarder.close(1.0)
         dead.close()
         live.close()

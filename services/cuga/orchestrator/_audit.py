@@ -140,6 +140,7 @@ class AuditForwarder:
         # The span context of each live run with records owed (their send joins it).
         self._parents: dict[str, SpanContext] = {}
         self._cursor = 0
+        self._rewind = False  # rows were adopted: read the outbox from its start again
         self._owed = 0  # records stored since the last read (wakes a full batch at once)
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
@@ -153,11 +154,12 @@ class AuditForwarder:
 
     def start(self) -> None:
         """Adopt the rows of replicas that are gone and ship what the outbox holds (a
-        restarted coordinator ships what its previous life left)."""
+        restarted coordinator ships what its previous life left). Called at start and
+        whenever the engine adopts stopped replicas' runs (``recover``)."""
         adopted = self._store.adopt_outbox()
         if adopted:
             log.warning("adopted %d audit record(s) owed by a stopped replica", adopted)
-            self._cursor = 0
+            self._rewind = True  # their ids may lie behind the cursor
         self._idle.clear()
         self._ensure_task()
         self._wakeup.set()
@@ -213,6 +215,8 @@ class AuditForwarder:
     async def _forward(self) -> None:
         backoff = _INITIAL_BACKOFF_S
         while True:
+            if self._rewind:
+                self._rewind, self._cursor = False, 0
             rows = self._store.outbox(self._cursor, self._options.audit_batch)
             if not rows:
                 self._owed = 0
