@@ -56,7 +56,7 @@ class GatedPlanning:
     async def transition_plan(
         self, request: planning_pb2.TransitionPlanRequest, *, timeout: float | None = None
     ) -> S.Plan:
-        if request.to_state != S.PLAN_STATE_EXECUTING:
+        if request.to_state not in (S.PLAN_STATE_ROUTED, S.PLAN_STATE_EXECUTING):
             await self.permits.acquire()
             self.passed += 1
         return await self.inner.transition_plan(request, timeout=timeout)
