@@ -148,10 +148,14 @@ def test_every_action_needs_the_sessions_csrf_token(
     assert approval_status(live, approval_id) == "APPROVAL_STATUS_PENDING"
     assert live.run_state(run_id) == "RUNNING"
     assert reviewer.get("/runs").status_code == 200  # still signed in: sign-out was forged
-    # The real form works: deny it, so it leaves the queue.
+    # The real form works, also from a page served as https:// by a proxy that ends TLS in
+    # front of this http:// console (the browser's Origin then names https and our host):
+    # deny it, so it leaves the queue.
+    host = live.url.split("://", 1)[1].rstrip("/")
     response = reviewer.post(
         f"/approvals/{approval_id}/decide",
         data={"verdict": "deny", "reason": "test over", "csrf": good},
+        headers={"origin": f"https://{host}"},
     )
     assert response.status_code == 303, response.text
     assert approval_status(live, approval_id) == "APPROVAL_STATUS_DENIED"
