@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -195,15 +195,16 @@ async def test_a_process_killed_from_outside_fails_its_call(
 
 
 async def test_a_dead_zygote_is_replaced(pool: ToolProcessPool, sandbox: Path) -> None:
+    others = _zygotes_of(os.getpid())  # other tests' pools in this process (xdist)
     before = int(value_to_python(await _call(pool, sandbox, "quick"))["pid"])
-    [zygote] = _zygotes_of(os.getpid())
+    [zygote] = _zygotes_of(os.getpid(), besides=others)
     os.kill(zygote, signal.SIGKILL)
     await ended(zygote, BOUND_S)
     await ended(before, BOUND_S)  # its tool processes die with it
     async with asyncio.timeout(BOUND_S):  # and the pool forgets them
         await pool.wait_for(lambda c: before not in pool.pids)
     after = int(value_to_python(await _call(pool, sandbox, "quick"))["pid"])
-    assert after != before and _zygotes_of(os.getpid()) not in ([], [zygote])
+    assert after != before and _zygotes_of(os.getpid(), besides=others) not in ([], [zygote])
 
 
 async def test_close_kills_and_reaps_every_process(sandbox: Path) -> None:
@@ -251,6 +252,7 @@ def test_the_pool_works_on_uvloop(sandbox: Path) -> None:
 
 
 async def test_close_during_a_start_neither_hangs_nor_leaks(sandbox: Path) -> None:
+    others = _zygotes_of(os.getpid())  # other tests' pools in this process (xdist)
     pool = ToolProcessPool(2, preload=PRELOAD)
     call = asyncio.ensure_future(_call(pool, sandbox, "quick"))  # starts the zygote
     await pool.wait_for(lambda c: c.busy == 1)
@@ -263,11 +265,12 @@ async def test_close_during_a_start_neither_hangs_nor_leaks(sandbox: Path) -> No
     else:
         assert value_to_python(outcome)["n"] == 0
     assert pool.pids == []
-    assert _zygotes_of(os.getpid()) == []
+    assert _zygotes_of(os.getpid(), besides=others) == []
 
 
-def _zygotes_of(parent: int) -> list[int]:
-    """Tool process zygotes whose parent is ``parent``."""
+def _zygotes_of(parent: int, besides: Collection[int] = ()) -> list[int]:
+    """Tool process zygotes whose parent is ``parent``, other than ``besides`` (a pool
+    another test or a server of a session fixture in this pytest process still holds)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -278,8 +281,9 @@ def _zygotes_of(parent: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"cuga.services.worker.toolproc" in cmdline:
-            found.append(int(entry.name))
+        pid = int(entry.name)
+        if ppid == parent and pid not in besides and b"cuga.services.worker.toolproc" in cmdline:
+            found.append(pid)
     return found
 
 
