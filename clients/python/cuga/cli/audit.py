@@ -248,13 +248,13 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
-def _saved(path: str) -> SavedCheckpoint:
+def _saved(path: str, option: str = "--since") -> SavedCheckpoint:
     try:
         return load_checkpoint(path)
     except OSError as exc:
-        raise ConfigProblem(f"--since: cannot read {path}: {exc.strerror}") from None
+        raise ConfigProblem(f"{option}: cannot read {path}: {exc.strerror}") from None
     except ProofError as exc:
-        raise UsageError(f"--since: {exc}") from None
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _problem(message: str, as_json: bool, **extra: object) -> int:
@@ -316,7 +316,7 @@ async def checkpoint_command(args: argparse.Namespace, settings: Settings) -> in
     key = args.public_key or None
     pinned_by = "--public-key" if key else ""
     if not key and args.output and os.path.exists(args.output):  # noqa: ASYNC240 - one stat
-        key, pinned_by = _saved(args.output).public_key, args.output
+        key, pinned_by = _saved(args.output, "--output").public_key, args.output
     client = _client(settings)
     try:
         cp, saved = await _checked(AuditVerifier(client, key).checkpoint())
