@@ -6,7 +6,9 @@ as themselves. Nothing is installed globally except the logging handler; the gRP
 interceptors are attached explicitly by the bootstrap and by client channels. W3C trace
 context travels in gRPC metadata through the global propagator (tracecontext + baggage by
 default). OTLP export is switched on only by the standard ``OTEL_EXPORTER_OTLP_*``
-variables; without them nothing is exported and nothing fails.
+variables; without them nothing is exported and nothing fails. Sampling follows the
+standard ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default: parent-based
+always-on, every span recorded).
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_OFF,
+    DEFAULT_ON,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from cuga.shared.handlers import rewrap
@@ -138,6 +149,57 @@ def otlp_logs_configured(env: Mapping[str, str] | None = None) -> bool:
     return bool(
         env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
     )
+
+
+#: ``OTEL_TRACES_SAMPLER`` values (the specification's built-in samplers) and whether
+#: each takes a ratio in ``OTEL_TRACES_SAMPLER_ARG``.
+TRACE_SAMPLERS: Mapping[str, bool] = {
+    "always_on": False,
+    "always_off": False,
+    "traceidratio": True,
+    "parentbased_always_on": False,
+    "parentbased_always_off": False,
+    "parentbased_traceidratio": True,
+}
+
+
+def sampler_from_env(env: Mapping[str, str] | None = None) -> Sampler:
+    """The trace sampler the standard ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``
+    variables name; ``parentbased_always_on`` (every span recorded) when unset.
+
+    The SDK's own reading of them logs a warning and falls back to the default on a value
+    it does not know; a service here refuses to start instead, naming the variable, so a
+    typo cannot silently keep every span (or drop them all).
+
+    Raises:
+        ValueError: an unknown sampler (the message lists the valid ones), or a ratio that
+            is not a number in [0, 1].
+    """
+    env = os.environ if env is None else env
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name not in TRACE_SAMPLERS:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER: unknown sampler {name!r} (valid: {', '.join(TRACE_SAMPLERS)})"
+        )
+    if not TRACE_SAMPLERS[name]:
+        return {
+            "always_on": ALWAYS_ON,
+            "always_off": ALWAYS_OFF,
+            "parentbased_always_on": DEFAULT_ON,
+            "parentbased_always_off": DEFAULT_OFF,
+        }[name]
+    text = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(text) if text else 1.0
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:  # also refuses nan
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER_ARG: {name} needs a ratio between 0 and 1, got {text!r}"
+        )
+    if name == "traceidratio":
+        return TraceIdRatioBased(ratio)
+    return ParentBasedTraceIdRatio(ratio)
 
 
 def _otlp_options(env: Mapping[str, str], signal: str) -> dict[str, Any]:
@@ -677,12 +739,16 @@ def setup_telemetry(
         service_name: ``service.name`` resource attribute, e.g. ``cuga-planning``.
         span_processors: extra processors (tests pass an in-memory exporter's).
         metric_readers: extra metric readers (tests pass an in-memory reader).
-        env: environment to read ``OTEL_*`` from (default ``os.environ``).
+        env: environment to read ``OTEL_*`` from (default ``os.environ``); the trace
+            sampler is :func:`sampler_from_env`'s.
+
+    Raises:
+        ValueError: ``OTEL_TRACES_SAMPLER`` or its argument is invalid (named).
     """
     env = os.environ if env is None else env
     # OTEL_RESOURCE_ATTRIBUTES (k8s.pod.name ...) is merged in by Resource.create; ours win.
     resource = Resource.create({"service.name": service_name, "service.version": VERSION})
-    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler_from_env(env))
     for processor in span_processors:
         tracer_provider.add_span_processor(processor)
     traces, metrics = otlp_configured(env)
@@ -795,6 +861,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO", *, service: str = 
 
 __all__ = [
     "RUN_ID_BAGGAGE",
+    "TRACE_SAMPLERS",
     "UNTRACED_METHODS",
     "VERSION",
     "ContextFilter",
@@ -806,5 +873,6 @@ __all__ = [
     "current_run_id",
     "otlp_configured",
     "otlp_logs_configured",
+    "sampler_from_env",
     "setup_telemetry",
 ]
