@@ -11,6 +11,8 @@ or with remote ones for the authorities named in ``addresses``::
         print(event.stage, event.seq)
 """
 
+from typing import Any
+
 from cuga.common.v1.common_pb2 import (
     ExecutionContext,
     OrchestrationEvent,
@@ -18,7 +20,6 @@ from cuga.common.v1.common_pb2 import (
     Plan,
     PlanStep,
     RoutingDecision,
-    ToolBudget,
 )
 from cuga.orchestrator._engine import (
     ApprovalDeniedError,
@@ -32,6 +33,27 @@ from cuga.orchestrator._factory import create_coordinator
 from cuga.orchestrator._policy import ExponentialBackoffPolicy, RetryPolicy
 from cuga.orchestrator._protocol import ErrorPropagation, LifecycleStage, OrchestratorProtocol
 from cuga.orchestrator._runstore import PostgresRunStore, RunStore, SQLiteRunStore, open_run_store
+from cuga.orchestrator._seed import (
+    ApprovalCheck,
+    ApprovalPolicy,
+    AuditTrailView,
+    EmbeddedCoordinator,
+    EmbeddedWorker,
+    ToolBudget,
+    VectorMemory,
+    budget_policy,
+    error_strategy,
+)
+from cuga.services.planning.memory import Embedder, HashingEmbedder, MemoryHit
+from cuga.services.planning.planners import (
+    KeywordPlanner,
+    Planner,
+    PlanningRequest,
+    Proposal,
+    Recall,
+    ToolInfo,
+)
+from cuga.shared.auth import Identity
 from cuga.shared.authorities import (
     ApprovalManager,
     AuditTrail,
@@ -40,29 +62,56 @@ from cuga.shared.authorities import (
     WorkerPool,
 )
 from cuga.shared.errors import CugaError, FailureMode, ToolExecutionError, classify_failure
+from cuga.tools import ToolRegistry, ToolSpec
+
+
+def __getattr__(name: str) -> Any:
+    # The LLM planner imports the openai client: only when it is asked for.
+    if name in ("LLMPlanner", "LLMConfig"):
+        from cuga.services.planning import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'cuga.orchestrator' has no attribute {name!r}")
+
 
 __all__ = [
+    "ApprovalCheck",
     "ApprovalDeniedError",
     "ApprovalManager",
+    "ApprovalPolicy",
     "ApprovalTimeoutError",
     "AuditTrail",
+    "AuditTrailView",
     "CoordinatorAgent",
     "CugaError",
+    "EmbeddedCoordinator",
+    "EmbeddedWorker",
+    "Embedder",
     "EngineOptions",
     "ErrorAction",
     "ErrorPropagation",
     "ExecutionContext",
     "ExponentialBackoffPolicy",
     "FailureMode",
+    "HashingEmbedder",
+    "Identity",
+    "KeywordPlanner",
+    "LLMConfig",
+    "LLMPlanner",
     "LifecycleStage",
+    "MemoryHit",
     "OrchestrationError",
     "OrchestrationEvent",
     "OrchestratorProtocol",
     "PartialResult",
     "Plan",
     "PlanStep",
+    "Planner",
     "PlanningAuthority",
+    "PlanningRequest",
     "PostgresRunStore",
+    "Proposal",
+    "Recall",
     "RetryPolicy",
     "RoutingAuthority",
     "RoutingDecision",
@@ -70,8 +119,14 @@ __all__ = [
     "SQLiteRunStore",
     "ToolBudget",
     "ToolExecutionError",
+    "ToolInfo",
+    "ToolRegistry",
+    "ToolSpec",
+    "VectorMemory",
     "WorkerPool",
+    "budget_policy",
     "classify_failure",
     "create_coordinator",
+    "error_strategy",
     "open_run_store",
 ]

@@ -15,10 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from cuga.common.v1 import common_pb2
-from cuga.orchestrator._engine import CoordinatorAgent
 from cuga.orchestrator._options import engine_options
 from cuga.orchestrator._policy import ExponentialBackoffPolicy
 from cuga.orchestrator._runstore import open_run_store
+from cuga.orchestrator._seed import (
+    ApprovalCheck,
+    AuditTrailView,
+    EmbeddedCoordinator,
+    EmbeddedWorker,
+    EmbeddedWorkerPool,
+    VectorMemory,
+)
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.authorities import (
     ApprovalManager,
@@ -48,6 +55,9 @@ def _choice(name: str, value: str, valid: Sequence[str]) -> None:
 
 
 async def create_coordinator(
+    planner: Any = None,
+    workers: Sequence[EmbeddedWorker | Mapping[str, Any]] | None = None,
+    memory: VectorMemory | None = None,
     *,
     routing_policy: str = "round_robin",
     planning_mode: str = "default",
@@ -60,10 +70,23 @@ async def create_coordinator(
     clock: Clock | None = None,
     run_store: str | None = None,
     dsn: str | None = None,
-) -> CoordinatorAgent:
+    approval_policy: Any = None,
+) -> EmbeddedCoordinator:
     """Build a :class:`CoordinatorAgent`; ``await agent.close()`` when done.
 
+    The first three arguments are the CUGA roadmap's (docs/migrating-from-cuga.md); each
+    configures an embedded authority, so naming that authority in ``addresses`` too is a
+    ``ValueError``.
+
     Args:
+        planner: what proposes steps when a run gives none: a ``Planner`` (``plan(request)``,
+            sync or async) or a callable taking the ``PlanningRequest`` (default:
+            ``planning.planner``, the keyword ranker).
+        workers: several in-process workers (``EmbeddedWorker`` or mappings with ``id``,
+            ``tools``, ``capabilities``), each registered with routing and chosen by
+            ``routing_policy`` (default: one worker ``local`` with every installed tool).
+        memory: the ``VectorMemory`` memory-augmented planning uses (its embedder and cap);
+            bound to planning's store, so ``memory.search`` works once this returns.
         routing_policy: ``round_robin`` | ``capability`` | ``load_balanced``.
         planning_mode: ``explicit`` | ``default`` | ``budget_aware`` | ``memory_augmented``
             (the default for requests that name none).
@@ -78,6 +101,9 @@ async def create_coordinator(
         clock: time source (tests inject a FakeClock).
         run_store: ``sqlite`` | ``postgres`` (default: ``coordinator.run_store``, sqlite).
         dsn: PostgreSQL DSN of the run store (default: ``coordinator.dsn``).
+        approval_policy: the embedded approval authority's policy: an ``ApprovalPolicy``
+            or a callable taking an ``ApprovalCheck`` and returning whether the step needs
+            a reviewer (default: ``approval.policy_file``, else every sensitive tool).
 
     Raises:
         ValueError: an unknown choice, listing the valid values.
@@ -90,6 +116,24 @@ async def create_coordinator(
     addresses = dict(addresses or {})
     for name in addresses:
         _choice("addresses key", name, AUTHORITIES)
+    for chosen, authority in (
+        (planner, "planning"),
+        (workers, "worker"),
+        (memory, "planning"),
+        (approval_policy, "approval"),
+    ):
+        if chosen is not None and authority in addresses:
+            raise ValueError(
+                f"the {authority} authority is remote ({addresses[authority]}): configure it"
+                " on its service, not in create_coordinator"
+            )
+    if memory is not None and not isinstance(memory, VectorMemory):
+        raise TypeError(f"memory must be a cuga.orchestrator.VectorMemory, not {type(memory)!r}")
+    embedded = [EmbeddedWorker.of(w) for w in workers or ()]
+    if workers is not None and not embedded:
+        raise ValueError("workers is empty: give at least one worker, or leave it out")
+    if len({w.id for w in embedded}) != len(embedded):
+        raise ValueError("workers: two workers have the same id")
     settings = settings or load_settings()
     if data_dir is not None:
         settings = settings.with_overrides(data_dir=Path(data_dir))
@@ -128,9 +172,36 @@ async def create_coordinator(
         }
 
     # Worker pool and its tools.
-    workers: WorkerPool
+    pool_: WorkerPool
     local_tools: list[Any] = []
-    if "worker" in addresses:
+    local_workers: list[tuple[str, list[Any], set[str]]] = []  # id, tool specs, capabilities
+    embedded_pool: EmbeddedWorkerPool | None = None
+    if embedded:
+        from cuga.services.worker.app import build_agent, build_registry
+        from cuga.services.worker.config import WorkerConfig
+
+        worker_config = section(WorkerConfig, "worker", register_with_routing=False)
+        agents = {}
+        for w in embedded:
+            extra = [t for t in w.tools if isinstance(t, ToolSpec)]
+            names = tuple(t if isinstance(t, str) else t.name for t in w.tools)
+            config_w = dataclasses.replace(
+                worker_config,
+                worker_id=w.id,
+                tools=names,
+                capabilities=(*worker_config.capabilities, *w.capabilities),
+            )
+            registry = build_registry(config_w, [*extra, *(tools or ())])
+            agent = build_agent(settings, config_w, registry, clock=clock)
+            agents[w.id] = agent
+            specs_w = agent.list_tools()
+            local_tools.extend(s for s in specs_w if s.name not in {t.name for t in local_tools})
+            caps = {c for s in specs_w for c in s.capabilities} | set(config_w.capabilities)
+            local_workers.append((w.id, specs_w, caps))
+        embedded_pool = EmbeddedWorkerPool(agents)
+        closers.append(embedded_pool.close)
+        pool_ = embedded_pool
+    elif "worker" in addresses:
         pool = RemoteWorkerPool(
             lambda target: WorkerClient(
                 target.address, audience=worker_audience(target.worker_id), **opts("worker")
@@ -141,7 +212,7 @@ async def create_coordinator(
             grants=security.get("signer"),
         )
         closers.append(pool.close)
-        workers = pool
+        pool_ = pool
     else:
         from cuga.services.worker.app import build_agent, build_registry
         from cuga.services.worker.config import WorkerConfig
@@ -153,7 +224,10 @@ async def create_coordinator(
         closers.append(agent.close)
         local_pool = LocalWorkerPool(agent)
         local_tools = local_pool.agent.list_tools()
-        workers = local_pool
+        local_workers.append(
+            ("local", local_tools, {c for s in local_tools for c in s.capabilities})
+        )
+        pool_ = local_pool
 
     # Routing.
     routing: RoutingAuthority
@@ -173,25 +247,22 @@ async def create_coordinator(
             worker_registry, config=routing_config, limits=common.limits
         )
         if "worker" in addresses:
-            tool_names = sorted(
-                {s.name for s in await workers.list_tools(_target(addresses, settings))}
-            )
-            caps: set[str] = set()
-        else:
-            tool_names = sorted(s.name for s in local_tools)
-            caps = {c for s in local_tools for c in s.capabilities}
-        await local_routing.register_worker(
-            routing_pb2.RegisterWorkerRequest(
-                worker=routing_pb2.WorkerInfo(
-                    worker_id=_target(addresses, settings).worker_id
-                    if "worker" in addresses
-                    else "local",
-                    address=addresses.get("worker", "in-process:1"),  # never dialled
-                    tools=tool_names,
-                    capabilities=sorted(caps),
+            remote_tools = await pool_.list_tools(_target(addresses, settings))
+            local_workers = [(_target(addresses, settings).worker_id, remote_tools, set())]
+        for i, (worker_id, specs_w, caps) in enumerate(local_workers, start=1):
+            await local_routing.register_worker(
+                routing_pb2.RegisterWorkerRequest(
+                    worker=routing_pb2.WorkerInfo(
+                        worker_id=worker_id,
+                        # Never dialled: the pool runs the step in this process.
+                        address=addresses.get("worker", f"in-process:{i}"),
+                        tools=sorted({s.name for s in specs_w}),
+                        capabilities=sorted(caps),
+                    )
                 )
             )
-        )
+        if embedded_pool is not None:
+            embedded_pool.attach(worker_registry)
         routing = local_routing
 
     # Planning.
@@ -204,27 +275,40 @@ async def create_coordinator(
         from cuga.services.planning.catalog import StaticToolCatalog
         from cuga.services.planning.config import PlanningConfig
         from cuga.services.planning.domain import Planner
-        from cuga.services.planning.memory import HashingEmbedder, VectorMemory
+        from cuga.services.planning.memory import HashingEmbedder
+        from cuga.services.planning.memory import VectorMemory as StoredMemory
         from cuga.services.planning.planners import load_planner
         from cuga.services.planning.store import PlanStore, open_database
 
-        planning_config = section(PlanningConfig, "planning", default_mode=planning_mode)
-        specs = local_tools or await workers.list_tools(_target(addresses, settings))
+        memory_overrides: dict[str, Any] = {}
+        if memory is not None:
+            memory_overrides["memory_max_records_per_profile"] = memory.max_records_per_profile
+            if memory.similarity_threshold is not None:
+                memory_overrides["memory_similarity_threshold"] = memory.similarity_threshold
+        planning_config = section(
+            PlanningConfig, "planning", default_mode=planning_mode, **memory_overrides
+        )
+        specs = local_tools or await pool_.list_tools(_target(addresses, settings))
         conn = open_database(planning_config, common.data_dir)
-        memory = VectorMemory(
+        stored_memory = StoredMemory(
             conn,
-            HashingEmbedder(planning_config.embedding_dims),
+            (memory.embedder if memory is not None else None)
+            or HashingEmbedder(planning_config.embedding_dims),
             max_records_per_profile=planning_config.memory_max_records_per_profile,
             clock=clock,
         )
+        if memory is not None:
+            memory.bind(stored_memory)
         planning = Planner(
             PlanStore(conn),
             StaticToolCatalog(specs),
-            memory,
+            stored_memory,
             config=planning_config,
             limits=common.limits,
             clock=clock,
-            planner=load_planner(planning_config.planner, planning_config, limits=common.limits),
+            planner=planner
+            if planner is not None
+            else load_planner(planning_config.planner, planning_config, limits=common.limits),
         )
 
         async def close_planning() -> None:
@@ -245,13 +329,24 @@ async def create_coordinator(
         from cuga.services.approval.store import ApprovalStore
 
         approval_config = section(ApprovalConfig, "approval")
-        policy = (
-            load_policy(
+        if isinstance(approval_policy, ApprovalPolicy):
+            policy = approval_policy
+        elif approval_policy is not None:
+            from cuga.orchestrator._seed import ApprovalPolicy as policy_of
+
+            if not callable(approval_policy):
+                raise TypeError(
+                    "approval_policy must be an ApprovalPolicy or a callable taking an"
+                    f" ApprovalCheck, not {type(approval_policy).__name__}"
+                )
+            check: Callable[[ApprovalCheck], bool] = approval_policy
+            policy = policy_of(check, timeout_s=approval_config.default_timeout_s)
+        elif approval_config.policy_file is not None:
+            policy = load_policy(
                 approval_config.policy_file, default_timeout_s=approval_config.default_timeout_s
             )
-            if approval_config.policy_file is not None
-            else ApprovalPolicy.default(approval_config.default_timeout_s)
-        )
+        else:
+            policy = ApprovalPolicy.default(approval_config.default_timeout_s)
         approval_store = ApprovalStore(common.data_dir / "approval.db")
         local_approval = LocalApprovalManager(
             approval_store,
@@ -271,6 +366,7 @@ async def create_coordinator(
 
     # Audit.
     audit: AuditTrail
+    audit_reader: Any = None
     if "audit" in addresses:
         from cuga.client.remote import RemoteAuditTrail
 
@@ -293,6 +389,7 @@ async def create_coordinator(
 
         closers.append(close_log)
         audit = log
+        audit_reader = log
 
     from cuga.services.coordinator.config import CoordinatorConfig
 
@@ -316,17 +413,19 @@ async def create_coordinator(
         store.close()
 
     closers.append(close_store)
-    agent_ = CoordinatorAgent(
+    agent_ = EmbeddedCoordinator(
         planning=planning,
         routing=routing,
         approval=approval,
         audit=audit,
-        workers=workers,
+        workers=pool_,
         store=store,
         options=options,
         clock=clock,
         closers=closers,
     )
+    agent_.audit_view = AuditTrailView(audit, audit_reader)
+    agent_.vector_memory = memory
     await agent_.recover()
     await store.listen_for_cancels(agent_.cancel_run)  # CancelRun sent to another replica
     return agent_

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from google.protobuf import struct_pb2
 
 from cuga.common.v1 import common_pb2
-from cuga.shared.errors import InvalidArgumentError
+from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.errors import InvalidArgumentError, classify_failure
 from cuga.shared.messages import struct_to_dict, to_struct
 from cuga.shared.templates import Reference, references
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,65 @@ class ExponentialBackoffPolicy:
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """The (jittered) delay before the attempt after ``attempt``."""
         return (rng or random).uniform(0.0, self.cap(attempt))
+
+    @overload
+    async def execute(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        retry_if: Callable[[BaseException], bool] | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> T: ...
+
+    @overload
+    async def execute(
+        self,
+        fn: Callable[[], T],
+        *,
+        retry_if: Callable[[BaseException], bool] | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> T: ...
+
+    async def execute(
+        self,
+        fn: Callable[[], Any],
+        *,
+        retry_if: Callable[[BaseException], bool] | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> Any:
+        """Call ``fn`` (plain or ``async``, no arguments) until it returns, at most
+        ``max_attempts`` times, waiting :meth:`delay` between attempts.
+
+        The engine retries steps itself (``error_strategy="retry"``); this is the same
+        policy for a caller's own code, as the CUGA roadmap's ``RetryPolicy.execute(fn)``.
+
+        Args:
+            fn: what to call; wrap arguments with ``functools.partial`` or a lambda.
+            retry_if: whether a failure is retried (default: its failure mode is
+                retryable: AGENT, SYSTEM, RESOURCE; never POLICY or USER).
+            clock: where the delays are slept (tests inject a ``FakeClock``).
+            rng: jitter source.
+
+        Raises:
+            BaseException: the last failure, or the first one that is not retried.
+        """
+        should_retry = retry_if or (lambda exc: classify_failure(exc).retryable)
+        sleeper = clock or SystemClock()
+        attempt = 1
+        while True:
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    return await result
+                return result
+            except Exception as exc:
+                if attempt >= self.max_attempts or not should_retry(exc):
+                    raise
+            await sleeper.sleep(self.delay(attempt, rng))
+            attempt += 1
 
     def with_overrides(self, msg: common_pb2.RetryPolicy | None) -> ExponentialBackoffPolicy:
         """This policy with the fields a request sets replaced (validated)."""
