@@ -125,3 +125,55 @@ async def test_checkpoint_prove_and_a_pinned_key(
             args = parse(argv)
             assert await args.handler(args, settings) == 1
             assert "not the pinned" in capsys.readouterr().err
+
+
+async def test_query_table_limits_time_filters_and_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUGA_TOKEN", token_of("auditor"))
+    settings = make_settings(tmp_path / "data")
+    async with running_service("audit", build, settings) as server:
+        settings = with_address(settings, "audit", server.address)
+        client = AuditClient(server.address, metadata=as_identity("tester"))
+        records = []
+        for i in range(3):
+            record = audit_pb2.AuditRecord(record_id=f"r{i}", trace_id=TRACE, kind="plan")
+            record.timestamp.FromJsonString(f"2030-01-0{i + 1}T12:00:00Z")
+            records.append(record)
+        await client.record_batch(audit_pb2.RecordBatchRequest(records=records))
+        await client.close()
+
+        # A table by default; --limit shows the first N and says how to see more.
+        assert await invoke(parse(["audit", "query", "--limit", "2"]), settings) == 0
+        shown = capsys.readouterr().out
+        assert "tester/r0" in shown and "tester/r1" in shown and "tester/r2" not in shown
+        assert "(first 2 records; raise --limit for more)" in shown
+        assert await invoke(parse(["audit", "query"]), settings) == 0
+        assert "raise --limit" not in capsys.readouterr().out
+
+        # --since/--until: ISO 8601, UTC when no zone is given; the end is exclusive.
+        args = parse(
+            ["audit", "query", "--json", "--since", "2030-01-02T12:00:00",
+             "--until", "2030-01-03T13:00:00+01:00"]
+        )  # fmt: skip
+        assert await invoke(args, settings) == 0
+        ids = [json.loads(x)["record_id"] for x in capsys.readouterr().out.splitlines()]
+        assert ids == ["tester/r1"]
+
+        # JSON lines to stdout without -o.
+        assert await invoke(parse(["audit", "export", "--since", "2030-01-03"]), settings) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [json.loads(x)["record_id"] for x in lines] == ["tester/r2"]
+
+        # The service's verdict on a trace, as text.
+        assert await invoke(parse(["audit", "verify", TRACE]), settings) == 0
+        assert "ok: 3 record(s) verified" in capsys.readouterr().out
+
+        for argv, message in (
+            (["audit", "query", "--limit", "0"], "--limit: must be at least 1"),
+            (["audit", "export", "--until", "soon"], "--until: 'soon' is not an ISO 8601 time"),
+            (["audit", "verify"], "verify: give a TRACE_ID, or --since FILE for the whole log"),
+        ):
+            assert await invoke(parse(argv), settings) == ExitCode.USAGE
+            err = capsys.readouterr().err
+            assert message in err and len(err.splitlines()) == 1, err

@@ -39,6 +39,8 @@ class Store:
     """``sqlite:<path>`` or ``postgres:<dsn without its password>``."""
     sqlite_path: Path | None = None
     dsn: str = ""
+    setting: str = ""
+    """The configuration key naming the database (``coordinator.dsn``)."""
 
 
 def _redacted(dsn: str) -> str:
@@ -50,9 +52,12 @@ def _redacted(dsn: str) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
 
 
-def _located(schemas: tuple[Schema, ...], kind: str, dsn: str, path: Path) -> list[Store]:
+def _located(
+    schemas: tuple[Schema, ...], kind: str, dsn: str, path: Path, setting: str
+) -> list[Store]:
     if kind == "postgres":
-        return [Store(s, f"postgres:{_redacted(dsn)}", dsn=dsn) for s in schemas]
+        where = f"postgres:{_redacted(dsn)}"
+        return [Store(s, where, dsn=dsn, setting=setting) for s in schemas]
     return [Store(s, f"sqlite:{path}", sqlite_path=path) for s in schemas]
 
 
@@ -64,15 +69,26 @@ def stores(settings: Settings) -> list[Store]:
     planning = settings.section(PlanningConfig, "planning")
     return [
         *_located(
-            (RUN_STORE_SCHEMA,), coordinator.run_store, coordinator.dsn, data_dir / "coordinator.db"
+            (RUN_STORE_SCHEMA,),
+            coordinator.run_store,
+            coordinator.dsn,
+            data_dir / "coordinator.db",
+            "coordinator.dsn",
         ),
         *_located(
             (PLAN_STORE_SCHEMA, MEMORY_SCHEMA),
             planning.store,
             planning.dsn,
             data_dir / "planning.db",
+            "planning.dsn",
         ),
     ]
+
+
+def _one_line(exc: Exception) -> str:
+    # libpq's messages span lines ("... Connection refused\n\tIs the server running
+    # ..."); a command's error is one line.
+    return " ".join(str(exc).split())
 
 
 @contextmanager
@@ -87,7 +103,13 @@ def _open(store: Store, *, create: bool) -> Iterator[Database | None]:
         try:
             db = PostgresDatabase(store.dsn)
         except psycopg.OperationalError as exc:
-            raise ConfigProblem(f"{store.where}: cannot connect: {exc}".strip()) from None
+            raise ConfigProblem(
+                f"{store.where} ({store.setting}): cannot connect: {_one_line(exc)}"
+            ) from None
+        except psycopg.ProgrammingError as exc:
+            raise ConfigProblem(
+                f"{store.setting}: not a libpq connection string or URI: {_one_line(exc)}"
+            ) from None
     try:
         yield db
     finally:
