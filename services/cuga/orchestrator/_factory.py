@@ -139,6 +139,7 @@ async def create_coordinator(
         settings = settings.with_overrides(data_dir=Path(data_dir))
     common = settings.common
     private_dir(common.data_dir)
+    durability = common.sqlite.synchronous  # every embedded SQLite store's
     clock = clock or SystemClock()
     closers: list[Closer] = []
 
@@ -289,7 +290,7 @@ async def create_coordinator(
             PlanningConfig, "planning", default_mode=planning_mode, **memory_overrides
         )
         specs = local_tools or await pool_.list_tools(_target(addresses, settings))
-        conn = open_database(planning_config, common.data_dir)
+        conn = open_database(planning_config, common.data_dir, synchronous=durability)
         stored_memory = StoredMemory(
             conn,
             (memory.embedder if memory is not None else None)
@@ -347,7 +348,7 @@ async def create_coordinator(
             )
         else:
             policy = ApprovalPolicy.default(approval_config.default_timeout_s)
-        approval_store = ApprovalStore(common.data_dir / "approval.db")
+        approval_store = ApprovalStore(common.data_dir / "approval.db", synchronous=durability)
         local_approval = LocalApprovalManager(
             approval_store,
             policy,
@@ -381,7 +382,9 @@ async def create_coordinator(
         backend_name = {"json": "jsonl"}.get(audit_backend, audit_backend)
         audit_config = section(AuditConfig, "audit", backend=backend_name)
         log = AuditLog(
-            open_backend(audit_config, common.data_dir, clock), clock=clock, limits=common.limits
+            open_backend(audit_config, common.data_dir, clock, synchronous=durability),
+            clock=clock,
+            limits=common.limits,
         )
 
         async def close_log() -> None:
@@ -407,6 +410,7 @@ async def create_coordinator(
         data_dir=common.data_dir,
         dsn=coordinator_config.dsn,
         replica_id=coordinator_config.replica_id,
+        synchronous=durability,
     )
 
     async def close_store() -> None:

@@ -587,10 +587,11 @@ class SQLiteRunStore(SqlRunStore):
 
     Args:
         path: the database file (``coordinator.db`` under the data directory).
+        synchronous: the durability, ``sqlite.synchronous`` (``normal`` | ``full``).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        db = SQLiteDatabase(open_sqlite(path))
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        db = SQLiteDatabase(open_sqlite(path, synchronous=synchronous))
         RUN_STORE_SCHEMA.migrate(db)
         super().__init__(db, "local")
 
@@ -853,15 +854,21 @@ class PostgresRunStore(SqlRunStore):
 
 
 def open_run_store(
-    kind: str, *, data_dir: str | Path, dsn: str = "", replica_id: str = ""
+    kind: str,
+    *,
+    data_dir: str | Path,
+    dsn: str = "",
+    replica_id: str = "",
+    synchronous: str = "normal",
 ) -> RunStore:
-    """The configured run store: ``sqlite`` (``<data_dir>/coordinator.db``) or ``postgres``.
+    """The configured run store: ``sqlite`` (``<data_dir>/coordinator.db``, at the
+    durability ``synchronous`` names: ``sqlite.synchronous``) or ``postgres``.
 
     Raises:
         ValueError: an unknown kind, or postgres without a DSN.
     """
     if kind == "sqlite":
-        return SQLiteRunStore(Path(data_dir) / "coordinator.db")
+        return SQLiteRunStore(Path(data_dir) / "coordinator.db", synchronous=synchronous)
     if kind == "postgres":
         if not dsn.strip():
             raise ValueError("run_store postgres needs a DSN (coordinator.dsn)")

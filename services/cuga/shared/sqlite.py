@@ -1,4 +1,5 @@
-"""Embedded SQLite storage: one connection per store, WAL, fsync at checkpoints.
+"""Embedded SQLite storage: one connection per store, WAL, fsync at checkpoints (``normal``)
+or at every commit (``full``), as ``sqlite.synchronous`` says.
 
 Database files are owner-only (0600) in an owner-only directory (0700), whatever the
 umask: the file is created 0600 before SQLite opens it, and SQLite gives the ``-wal`` and
@@ -12,20 +13,32 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from cuga.shared.config import SQLITE_SYNCHRONOUS, ConfigError
 from cuga.shared.files import private_dir, private_file, tighten
 
 #: Files SQLite keeps beside a database, named ``<database><suffix>``.
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-def open_sqlite(path: str | Path) -> sqlite3.Connection:
+def open_sqlite(path: str | Path, *, synchronous: str = "normal") -> sqlite3.Connection:
     """Open (creating it and its directory, owner-only) a SQLite database tuned for a
     single-writer service.
 
-    WAL with ``synchronous=NORMAL`` keeps every committed transaction across a process
-    crash (only an OS crash can lose the last commits), at a fraction of FULL's fsyncs.
-    Autocommit is off at the Python level; callers use ``with conn:`` transactions.
+    ``synchronous`` is the configured durability (``sqlite.synchronous``, see
+    :class:`cuga.shared.config.SqliteConfig`): WAL with ``normal`` keeps every committed
+    transaction across a process crash (only an OS crash can lose the last commits), at a
+    fraction of ``full``'s fsyncs; ``full`` syncs every commit. Autocommit is off at the
+    Python level; callers use ``with conn:`` transactions.
+
+    Raises:
+        ConfigError: ``synchronous`` is not ``normal`` or ``full`` (names
+            ``sqlite.synchronous``).
     """
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ConfigError(
+            "sqlite.synchronous",
+            f"must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {synchronous!r}",
+        )
     if str(path) != ":memory:":
         file = Path(path)
         private_dir(file.parent)
@@ -34,7 +47,7 @@ def open_sqlite(path: str | Path) -> sqlite3.Connection:
             tighten(file.with_name(file.name + suffix))
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row

@@ -37,7 +37,12 @@ async def build(
     else:
         policy = ApprovalPolicy.default(config.default_timeout_s)
     auth = settings.common.auth
-    store = open_approval_store(config.store, data_dir=settings.common.data_dir, dsn=config.dsn)
+    store = open_approval_store(
+        config.store,
+        data_dir=settings.common.data_dir,
+        dsn=config.dsn,
+        synchronous=settings.common.sqlite.synchronous,
+    )
     manager = ApprovalManager(
         store,
         policy,

@@ -396,10 +396,11 @@ class SQLiteApprovalStore(SqlApprovalStore):
     Args:
         path: the database file (``approval.db`` under the data directory; ``:memory:``
             for tests).
+        synchronous: the durability, ``sqlite.synchronous`` (``normal`` | ``full``).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        conn = open_sqlite(path)
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        conn = open_sqlite(path, synchronous=synchronous)
         # A file written before `version` existed: add it before the indexes need it.
         tables = {r["name"] for r in conn.execute("SELECT name FROM sqlite_master")}
         if "approvals" in tables:
@@ -451,14 +452,17 @@ class PostgresApprovalStore(SqlApprovalStore):
         )
 
 
-def open_approval_store(kind: str, *, data_dir: str | Path, dsn: str = "") -> SqlApprovalStore:
-    """The configured store: ``sqlite`` (``<data_dir>/approval.db``) or ``postgres``.
+def open_approval_store(
+    kind: str, *, data_dir: str | Path, dsn: str = "", synchronous: str = "normal"
+) -> SqlApprovalStore:
+    """The configured store: ``sqlite`` (``<data_dir>/approval.db``, at the durability
+    ``synchronous`` names: ``sqlite.synchronous``) or ``postgres``.
 
     Raises:
         ValueError: an unknown kind, or postgres without a DSN.
     """
     if kind == "sqlite":
-        return SQLiteApprovalStore(Path(data_dir) / "approval.db")
+        return SQLiteApprovalStore(Path(data_dir) / "approval.db", synchronous=synchronous)
     if kind == "postgres":
         if not dsn.strip():
             raise ValueError("approval store postgres needs a DSN (approval.dsn)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -52,7 +53,12 @@ async def build(
         signer = await asyncio.to_thread(
             load_key_signer, key_file or data_dir / DEFAULT_KEY_PATH, create=key_file is None
         )
-    backend = await asyncio.to_thread(open_backend, config, data_dir, clock)
+    backend = await asyncio.to_thread(
+        functools.partial(open_backend, synchronous=settings.common.sqlite.synchronous),
+        config,
+        data_dir,
+        clock,
+    )
     # The namespace of the records the audit service writes itself (refusals, alarms).
     writer = settings.common.auth.identity or "audit"
     audit = AuditLog(

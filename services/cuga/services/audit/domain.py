@@ -83,12 +83,15 @@ EXPORT_PAGE = 500
 _MAX_SIZE = 2**63 - 1
 
 
-def open_backend(config: AuditConfig, data_dir: Path, clock: Clock | None = None) -> AuditBackend:
-    """The backend ``config`` names, opened (schema created, files indexed)."""
+def open_backend(
+    config: AuditConfig, data_dir: Path, clock: Clock | None = None, *, synchronous: str = "normal"
+) -> AuditBackend:
+    """The backend ``config`` names, opened (schema created, files indexed); a SQLite one
+    at the durability ``synchronous`` names (``sqlite.synchronous``)."""
     if config.backend == "sqlite":
         from cuga.services.audit.sqlite_backend import SQLiteAuditTrail
 
-        return SQLiteAuditTrail(data_dir / "audit.db")
+        return SQLiteAuditTrail(data_dir / "audit.db", synchronous=synchronous)
     if config.backend == "jsonl":
         from cuga.services.audit.jsonl_backend import JSONAuditTrail
 

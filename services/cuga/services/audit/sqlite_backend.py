@@ -21,9 +21,9 @@ class SQLiteAuditTrail(SqlAuditBackend):
 
     PH = "?"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
         self.path = Path(path)
-        self._conn = open_sqlite(path)
+        self._conn = open_sqlite(path, synchronous=synchronous)
         self._lock = threading.Lock()
         with self._lock:
             self._conn.executescript(SCHEMA)

@@ -76,7 +76,11 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         grants=security["signer"],
     )
     store = open_run_store(
-        config.run_store, data_dir=common.data_dir, dsn=config.dsn, replica_id=config.replica_id
+        config.run_store,
+        data_dir=common.data_dir,
+        dsn=config.dsn,
+        replica_id=config.replica_id,
+        synchronous=common.sqlite.synchronous,
     )
     agent = CoordinatorAgent(
         planning=RemotePlanningAuthority(planning),

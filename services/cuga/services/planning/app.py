@@ -135,7 +135,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     config = settings.section(PlanningConfig, "planning")
     common = settings.common
     clock = SystemClock()
-    conn = open_database(config, common.data_dir)
+    conn = open_database(config, common.data_dir, synchronous=common.sqlite.synchronous)
     store = PlanStore(conn)
     memory = VectorMemory(
         conn,

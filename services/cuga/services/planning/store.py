@@ -331,11 +331,14 @@ class PlanStore:
         self._conn.close()
 
 
-def open_database(config: PlanningConfig, data_dir: str | Path) -> Database:
-    """Planning's database as configured: ``<data_dir>/planning.db`` or ``planning.dsn``."""
+def open_database(
+    config: PlanningConfig, data_dir: str | Path, *, synchronous: str = "normal"
+) -> Database:
+    """Planning's database as configured: ``<data_dir>/planning.db`` (at the durability
+    ``synchronous`` names: ``sqlite.synchronous``) or ``planning.dsn``."""
     if config.store == "postgres":
         return PostgresDatabase(config.dsn)
-    return SQLiteDatabase(open_sqlite(Path(data_dir) / "planning.db"))
+    return SQLiteDatabase(open_sqlite(Path(data_dir) / "planning.db", synchronous=synchronous))
 
 
 __all__ = [

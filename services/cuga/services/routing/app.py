@@ -28,7 +28,9 @@ async def build(
         clock: time source for liveness; the system clock unless a test injects one.
     """
     config = settings.section(RoutingConfig, "routing")
-    store = SQLiteWorkerStore(settings.common.data_dir / DB_FILE)
+    store = SQLiteWorkerStore(
+        settings.common.data_dir / DB_FILE, synchronous=settings.common.sqlite.synchronous
+    )
     try:
         registry = WorkerRegistry(
             clock or SystemClock(),

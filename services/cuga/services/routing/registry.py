@@ -77,8 +77,8 @@ class WorkerStore(Protocol):
 class SQLiteWorkerStore:
     """Registrations in one SQLite file (``routing.db``)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self._conn = open_sqlite(path)
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        self._conn = open_sqlite(path, synchronous=synchronous)
         with Transaction(self._conn) as conn:
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS workers (

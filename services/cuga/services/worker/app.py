@@ -83,7 +83,10 @@ def build_agent(
         )
     return WorkerAgent(
         registry,
-        IdempotencyStore(data_dir / f"worker-{config.worker_id}.db"),
+        IdempotencyStore(
+            data_dir / f"worker-{config.worker_id}.db",
+            synchronous=settings.common.sqlite.synchronous,
+        ),
         worker_id=config.worker_id,
         sandbox_dir=private_dir(config.sandbox(data_dir)),  # owner-only, made here
         policy=ToolPolicy(config.profile_tools),

@@ -79,8 +79,8 @@ class IdempotencyStore:
     wins (``INSERT OR IGNORE``).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self._conn: sqlite3.Connection = open_sqlite(path)
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        self._conn: sqlite3.Connection = open_sqlite(path, synchronous=synchronous)
         with Transaction(self._conn) as conn:
             conn.execute(_SCHEMA)
 
