@@ -260,6 +260,25 @@ class Limits:
     """Largest page a List RPC returns."""
 
 
+#: The durability levels of the embedded SQLite stores (``sqlite.synchronous``).
+SQLITE_SYNCHRONOUS = ("normal", "full")
+
+
+@dataclass(frozen=True)
+class SqliteConfig:
+    """Settings of every embedded SQLite store: the coordinator's run store, planning's
+    plans and memory, approvals, the audit trail, the worker's idempotency records and
+    routing's registry (the embedded engine's too)."""
+
+    synchronous: Literal["normal", "full"] = "normal"
+    """Durability, SQLite's ``PRAGMA synchronous`` (every store runs in WAL mode).
+    ``normal``: a committed transaction survives a crash of the process; an OS crash or
+    power loss can lose the last commits (no fsync per commit; the WAL is synced at
+    checkpoints). ``full``: a commit is fsynced before it returns, so it survives an OS
+    crash too, at one fsync per commit (LangGraph's ``SqliteSaver`` runs at this level).
+    docs/performance.md measures both."""
+
+
 @dataclass(frozen=True)
 class CommonConfig:
     """Keys every service reads."""
@@ -299,6 +318,8 @@ class CommonConfig:
     """The event loop of service processes and the CLI: ``uvloop`` (about a tenth less CPU
     per step, docs/performance.md), ``asyncio`` (the standard library's), or ``auto``:
     uvloop when it is installed (it is a dependency on Linux and macOS), else asyncio."""
+    sqlite: SqliteConfig = field(default_factory=SqliteConfig)
+    """The embedded SQLite stores' durability (``sqlite.synchronous``)."""
 
     def __post_init__(self) -> None:
         if self.max_connection_age_s != 0 and not self.max_connection_age_s >= 1:
@@ -486,6 +507,7 @@ __all__ = [
     "EXECUTE_STEPS_METHOD",
     "GRPC_SERVICE_NAMES",
     "SERVICE_NAMES",
+    "SQLITE_SYNCHRONOUS",
     "Addresses",
     "CallConfig",
     "Calls",
@@ -494,6 +516,7 @@ __all__ = [
     "Limits",
     "ServiceName",
     "Settings",
+    "SqliteConfig",
     "TransportRetry",
     "build_dataclass",
     "load_settings",
