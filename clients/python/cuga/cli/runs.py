@@ -11,10 +11,11 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from rich.markup import escape
 
 from cuga.cli._output import CommandError, ExitCode, UsageError, err, json_line, out, plain
@@ -105,22 +106,31 @@ def parse_plan(
         raw = dict(raw)
         if "id" in raw:
             raw["step_id"] = raw.pop("id")
-        step = common_pb2.PlanStep()
-        try:
-            json_format.ParseDict(raw, step)
-        except json_format.ParseError as exc:
-            raise ValueError(f"{where}: steps[{i}]: {exc}") from None
-        steps.append(step)
+        steps.append(_parsed(raw, common_pb2.PlanStep(), f"{where}: steps[{i}]"))
     budget = None
     if data.get("budget") is not None:
         if not isinstance(data["budget"], dict):
             raise ValueError(f"{where}: budget must be a mapping ({{ceiling: N, policy: ...}})")
-        budget = common_pb2.ToolBudget()
-        try:
-            json_format.ParseDict(data["budget"], budget)
-        except json_format.ParseError as exc:
-            raise ValueError(f"{where}: budget: {exc}") from None
+        budget = _parsed(data["budget"], common_pb2.ToolBudget(), f"{where}: budget")
     return steps, budget
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _parsed(raw: dict[str, Any], message: M, where: str) -> M:
+    """``raw`` parsed into ``message``; a bad key or value is one line naming it."""
+    fields = message.DESCRIPTOR.fields
+    names = {f.name for f in fields} | {f.json_name for f in fields}
+    unknown = [str(key) for key in raw if key not in names]
+    if unknown:
+        known = ", ".join("id" if f.name == "step_id" else f.name for f in fields)
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
+    try:
+        json_format.ParseDict(raw, message)
+    except json_format.ParseError as exc:
+        raise ValueError(f"{where}: {' '.join(str(exc).split())}") from None
+    return message
 
 
 def describe(event: common_pb2.OrchestrationEvent) -> str:
