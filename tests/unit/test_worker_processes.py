@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from cuga.shared.errors import (
 from cuga.shared.messages import to_struct, value_to_python
 from cuga.tools import ToolContext, ToolRegistry, ToolSpec
 from cuga.worker.v1 import worker_pb2
+from tests.support.faults import until
 from tests.support.process_tools import PROCESS_TOOLS, Gate, ended, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,27 @@ async def _call(
     assert slot is not None, "no free slot"
     async with asyncio.timeout(timeout):
         return await pool.run(slot, HANDLERS[tool], inputs, ToolContext(sandbox_dir=sandbox))
+
+
+async def _overrun(
+    pool: ToolProcessPool, sandbox: Path, tool: str, reached: Callable[[], object], **inputs: Any
+) -> None:
+    """Call ``tool`` and let the call time out once ``reached()`` is true: the handler got
+    as far as the test needs (at a gate). A fixed short timeout could fire first when a
+    loaded machine is slow to start the zygote or the process."""
+    slot = pool.acquire()
+    assert slot is not None, "no free slot"
+    ctx = ToolContext(sandbox_dir=sandbox)
+
+    async def arrived() -> bool:
+        return bool(reached())
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(None) as deadline:
+            call = asyncio.ensure_future(pool.run(slot, HANDLERS[tool], inputs, ctx))
+            await until(arrived, timeout_s=BOUND_S, what=f"{tool} to reach its gate", every_s=0.02)
+            deadline.reschedule(asyncio.get_running_loop().time())
+            await call
 
 
 # -- the pool ----------------------------------------------------------------------------
@@ -127,8 +149,7 @@ async def test_an_overrun_is_killed_after_the_grace_and_frees_its_slot(
     pool: ToolProcessPool, sandbox: Path
 ) -> None:
     with Gate(sandbox, "stuck") as gate:
-        with pytest.raises(TimeoutError):
-            await _call(pool, sandbox, "wait_at_gate", timeout=0.5, gate="stuck")
+        await _overrun(pool, sandbox, "wait_at_gate", gate.pids, gate="stuck")
         # Answered, but its process still runs: the slot is held and the call lingers.
         [pid] = gate.pids()
         assert (pool.busy, pool.lingering) == (1, 1)
@@ -145,8 +166,7 @@ async def test_an_overrun_that_ends_within_the_grace_keeps_its_process(sandbox: 
     pool = ToolProcessPool(1, grace_s=60.0, preload=PRELOAD)
     try:
         with Gate(sandbox, "late") as gate:
-            with pytest.raises(TimeoutError):
-                await _call(pool, sandbox, "wait_at_gate", timeout=0.5, gate="late")
+            await _overrun(pool, sandbox, "wait_at_gate", gate.pids, gate="late")
             assert pool.acquire() is None  # its only slot is still held
             gate.open()
             async with asyncio.timeout(BOUND_S):
@@ -161,8 +181,7 @@ async def test_the_kill_reaches_what_the_handler_started(
     pool: ToolProcessPool, sandbox: Path
 ) -> None:
     with Gate(sandbox, "family") as gate:
-        with pytest.raises(TimeoutError):
-            await _call(pool, sandbox, "hang_with_child", timeout=0.5, gate="family")
+        await _overrun(pool, sandbox, "hang_with_child", gate.pids, gate="family")
         [grandchild] = gate.grandchild_pids()
         async with asyncio.timeout(BOUND_S):
             await pool.wait_for(lambda c: c.busy == 0)
@@ -209,9 +228,9 @@ async def test_a_dead_zygote_is_replaced(pool: ToolProcessPool, sandbox: Path) -
 
 async def test_close_kills_and_reaps_every_process(sandbox: Path) -> None:
     pool = ToolProcessPool(3, grace_s=60.0, preload=PRELOAD)
-    with Gate(sandbox, "closing"):
-        with pytest.raises(TimeoutError):  # one lingering, for a minute
-            await _call(pool, sandbox, "wait_at_gate", timeout=0.5, gate="closing")
+    with Gate(sandbox, "closing") as gate:
+        # one lingering, for a minute
+        await _overrun(pool, sandbox, "wait_at_gate", gate.pids, gate="closing")
         await pool.start(3)  # and two idle
         pids = pool.pids
         assert len(pids) == 4  # the zygote and three tool processes
@@ -235,8 +254,7 @@ def test_the_pool_works_on_uvloop(sandbox: Path) -> None:
             answer = value_to_python(await _call(pool, sandbox, "quick", n=3))
             assert answer["n"] == 3
             with Gate(sandbox, "uv") as gate:
-                with pytest.raises(TimeoutError):
-                    await _call(pool, sandbox, "wait_at_gate", timeout=0.5, gate="uv")
+                await _overrun(pool, sandbox, "wait_at_gate", gate.pids, gate="uv")
                 async with asyncio.timeout(BOUND_S):
                     await pool.wait_for(lambda c: c.busy == 0)
                 await ended(gate.pids()[0], BOUND_S)
