@@ -7,7 +7,10 @@ and get_decisions, embedded and against a real AuditService."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from cuga.client import AuditClient
 from cuga.common.v1 import common_pb2 as S
 from cuga.orchestrator import (
     ApprovalCheck,
+    ApprovalStatus,
     EmbeddedWorker,
     ExecutionContext,
     HashingEmbedder,
@@ -34,6 +38,7 @@ from cuga.services.audit.app import build as build_audit
 from cuga.shared.clock import FakeClock
 from cuga.shared.errors import PermissionDeniedError
 from cuga.shared.messages import struct_to_dict, to_struct
+from tests.docs import runner
 from tests.support.servers import as_identity, as_service, make_settings, running_service
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
 
@@ -349,3 +354,83 @@ async def test_audit_trail_answers_the_seeds_calls_against_the_service(tmp_path:
     assert [r.kind for r in records] == ["plan"]
     assert struct_to_dict(records[0].payload)["plan"]["plan_id"] == "plan-x"
     assert records[0].record_id.startswith("coordinator/py-")
+
+
+# -- the seed-style example, the migration guide and the README ---------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "seed_example.py"
+
+
+async def test_the_seed_example_runs_as_a_script(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLE),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    lines = [line.strip() for line in out.decode().splitlines()]
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "10 FAILED pay" in lines and "18 COMPLETE" in lines, lines
+    assert "partial result: ['add'] done, pay failed" in lines
+    assert "memory: add the two invoices, then pay the total | other profile: []" in lines
+    decisions = next(line for line in lines if line.startswith("decisions: "))
+    assert decisions.count("approval_decided") == 2 and decisions.count("plan,") == 2
+    # No internal module is needed: only cuga.orchestrator, cuga.tools and cuga.client.
+    imported = re.findall(r"^(?:from|import) (cuga[\w.]*)", EXAMPLE.read_text(), re.M)
+    assert imported and set(imported) <= {"cuga.orchestrator", "cuga.tools", "cuga.client"}
+
+
+def test_the_migration_guide_shows_the_example_unchanged_and_runs_it() -> None:
+    page = ROOT / "docs" / "migrating-from-cuga.md"
+    found = runner.blocks(page)
+    written = [b for b in found if b.marker == "file seed_example.py"]
+    assert len(written) == 1 and written[0].body == EXAMPLE.read_text(encoding="utf-8")
+    later = found[found.index(written[0]) + 1 :]
+    assert any(
+        b.runs and any(c.text == "python seed_example.py" for c in b.commands()) for b in later
+    ), "the guide runs the script it shows (tests/docs checks its output)"
+    roadmap = [
+        "CoordinatorAgent",
+        "OrchestratorProtocol",
+        "RoutingAuthority",
+        "PlanningAuthority",
+        "ToolBudget",
+        "RetryPolicy",
+        "RetryPolicy.execute",
+        "FailureMode",
+        "ErrorPropagation",
+        "PartialResult",
+        "AuditTrail",
+        "ApprovalPolicy",
+        "ApprovalManager",
+        "ToolRegistry",
+        "ToolSpec",
+        "VectorMemory",
+        "create_coordinator",
+        "round_robin",
+        "capability",
+        "load_balanced",
+    ]
+    text = page.read_text(encoding="utf-8")
+    assert [name for name in roadmap if f"`{name}" not in text] == []
+
+
+def test_the_readme_runs_its_embedded_python_as_printed() -> None:
+    found = runner.blocks(ROOT / "README.md")
+    python = [b for b in found if b.lang == "python" and "create_coordinator" in b.body]
+    assert len(python) == 1 and python[0].marker == "file embedded.py"
+    after = found[found.index(python[0]) + 1]
+    assert after.runs and [c.text for c in after.commands()] == ["python embedded.py"]
+    imported = re.findall(r"^(?:from|import) (cuga[\w.]*)", python[0].body, re.M)
+    assert set(imported) == {"cuga.orchestrator"}
+
+
+def test_approval_status_matches_the_proto_enum() -> None:
+    assert {s.name: s.value for s in ApprovalStatus} == {
+        name.removeprefix("APPROVAL_STATUS_"): value for name, value in S.ApprovalStatus.items()
+    }

@@ -36,6 +36,7 @@ from cuga.orchestrator._runstore import PostgresRunStore, RunStore, SQLiteRunSto
 from cuga.orchestrator._seed import (
     ApprovalCheck,
     ApprovalPolicy,
+    ApprovalStatus,
     AuditTrailView,
     EmbeddedCoordinator,
     EmbeddedWorker,
@@ -79,6 +80,7 @@ __all__ = [
     "ApprovalDeniedError",
     "ApprovalManager",
     "ApprovalPolicy",
+    "ApprovalStatus",
     "ApprovalTimeoutError",
     "AuditTrail",
     "AuditTrailView",

@@ -9,6 +9,7 @@ thin adapters over the authorities, no second implementation of any of them.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -152,6 +153,20 @@ def as_budget(value: common_pb2.ToolBudget | Mapping[str, Any] | float | None) -
 
 
 # --------------------------------------------------------------------------- approvals
+
+
+class ApprovalStatus(enum.IntEnum):
+    """Where an approval stands (values match ``cuga.common.v1.ApprovalStatus``):
+    ``ApprovalStatus(event.approval.status) is ApprovalStatus.PENDING`` is a step waiting
+    for a reviewer."""
+
+    UNSPECIFIED = 0
+    NOT_REQUIRED = 1
+    PENDING = 2
+    APPROVED = 3
+    DENIED = 4
+    EXPIRED = 5
+    WITHDRAWN = 6
 
 
 @dataclass(frozen=True)
@@ -629,6 +644,7 @@ __all__ = [
     "DECISION_KINDS",
     "ApprovalCheck",
     "ApprovalPolicy",
+    "ApprovalStatus",
     "AuditTrailView",
     "EmbeddedCoordinator",
     "EmbeddedWorker",
