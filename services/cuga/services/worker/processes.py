@@ -81,10 +81,11 @@ class _Channel(asyncio.Protocol):
             return
         frame = bytes(self._buffer[toolproc.HEADER.size : end])
         del self._buffer[:end]
-        reply, self.reply = self.reply, None
-        if reply is None or reply.done() or self._buffer:
+        if self.reply is None or self.reply.done() or self._buffer:
+            # _fail fails the call waiting, if any: a second answer makes the first suspect
             self._fail(ToolProcessFailed("it sent a message nobody asked for"))
         else:
+            reply, self.reply = self.reply, None
             reply.set_result(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
