@@ -311,8 +311,10 @@ async def test_a_python_approval_policy_decided_by_a_named_reviewer(tmp_path: Pa
 
 
 async def test_audit_trail_answers_the_seeds_calls_embedded(tmp_path: Path) -> None:
+    clock = FakeClock(start=1_800_000_000.0)
+    clock.auto_advance = True  # the engine's waits pass at once
     agent = await create_coordinator(
-        planning_mode="explicit", settings=make_settings(tmp_path / "data")
+        planning_mode="explicit", settings=make_settings(tmp_path / "data"), clock=clock
     )
     try:
         events = [e async for e in agent.orchestrate("one", plan=[step("a", "echo", n=1)])]
@@ -329,6 +331,8 @@ async def test_audit_trail_answers_the_seeds_calls_embedded(tmp_path: Path) -> N
     assert [r.kind for r in mine] == ["plan", "routing_decision"]
     assert struct_to_dict(mine[1].payload)["decision"]["step_id"] == "a"
     assert LifecycleStage(events[2].stage) == LifecycleStage.ROUTE
+    # Stamped by the coordinator's clock, not the wall clock.
+    assert {r.timestamp.seconds // 1_000_000 for r in mine} == {1800}
 
 
 async def test_audit_trail_answers_the_seeds_calls_against_the_service(tmp_path: Path) -> None:

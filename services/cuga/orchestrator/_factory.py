@@ -199,7 +199,7 @@ async def create_coordinator(
             local_tools.extend(s for s in specs_w if s.name not in {t.name for t in local_tools})
             caps = {c for s in specs_w for c in s.capabilities} | set(config_w.capabilities)
             local_workers.append((w.id, specs_w, caps))
-        embedded_pool = EmbeddedWorkerPool(agents)
+        embedded_pool = EmbeddedWorkerPool(agents, clock=clock)
         closers.append(embedded_pool.close)
         pool_ = embedded_pool
     elif "worker" in addresses:
@@ -428,7 +428,7 @@ async def create_coordinator(
         clock=clock,
         closers=closers,
     )
-    agent_.audit_view = AuditTrailView(audit, audit_reader)
+    agent_.audit_view = AuditTrailView(audit, audit_reader, clock=clock)
     agent_.vector_memory = memory
     await agent_.recover()
     await store.listen_for_cancels(agent_.cancel_run)  # CancelRun sent to another replica

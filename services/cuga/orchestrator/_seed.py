@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cuga.orchestrator._engine import CoordinatorAgent
 from cuga.orchestrator._protocol import ErrorPropagation
 from cuga.shared.auth import Identity
 from cuga.shared.authorities import AuditTrail
+from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.messages import timestamp
 from cuga.tools import ToolSpec
 from cuga.worker.v1 import worker_pb2
@@ -161,12 +161,19 @@ class ApprovalStatus(enum.IntEnum):
     for a reviewer."""
 
     UNSPECIFIED = 0
+    """No approval information (an event without an approval)."""
     NOT_REQUIRED = 1
+    """The policy let the step run without a reviewer."""
     PENDING = 2
+    """Waiting for a reviewer's decision."""
     APPROVED = 3
+    """A reviewer approved; the step runs."""
     DENIED = 4
+    """A reviewer denied; the step fails with POLICY (a resume asks again)."""
     EXPIRED = 5
+    """Nobody decided before the request's timeout; the step fails with POLICY."""
     WITHDRAWN = 6
+    """The run was cancelled while the request was pending."""
 
 
 @dataclass(frozen=True)
@@ -270,18 +277,25 @@ class AuditTrailView:
         reader: where they are read (``None``: reads raise ``PermissionError`` naming what
             to pass).
         actor: who the records say wrote them.
+        clock: time source of the records' timestamps (the coordinator's).
     """
 
     def __init__(
-        self, writer: AuditTrail, reader: Any | None = None, *, actor: str = "coordinator"
+        self,
+        writer: AuditTrail,
+        reader: Any | None = None,
+        *,
+        actor: str = "coordinator",
+        clock: Clock | None = None,
     ) -> None:
         self._writer = writer
         self._reader = reader
         self._actor = actor
+        self._clock = clock or SystemClock()
 
     def with_reader(self, reader: Any) -> AuditTrailView:
         """The same trail read through ``reader`` (an AuditClient with an auditor's token)."""
-        return AuditTrailView(self._writer, reader, actor=self._actor)
+        return AuditTrailView(self._writer, reader, actor=self._actor, clock=self._clock)
 
     async def _write(
         self,
@@ -296,7 +310,7 @@ class AuditTrailView:
             profile=context.profile,
             kind=kind,
             actor=self._actor,
-            timestamp=timestamp(time.time()),
+            timestamp=timestamp(self._clock.now()),
         )
         record.payload.update(payload)
         await self._writer.record_batch([record])
@@ -407,10 +421,15 @@ class EmbeddedWorkerPool:
     """
 
     def __init__(
-        self, agents: Mapping[str, WorkerAgent], registry: WorkerRegistry | None = None
+        self,
+        agents: Mapping[str, WorkerAgent],
+        registry: WorkerRegistry | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self._agents = dict(agents)
         self._registry = registry
+        self._clock = clock or SystemClock()
         self._load = {worker_id: _Load() for worker_id in agents}
 
     def attach(self, registry: WorkerRegistry) -> None:
@@ -447,12 +466,12 @@ class EmbeddedWorkerPool:
         load = self._load[target.worker_id]
         load.in_flight += 1
         self._report(target.worker_id)
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             return await agent.execute(request, timeout=timeout)
         finally:
             load.in_flight -= 1
-            elapsed = time.monotonic() - started
+            elapsed = self._clock.monotonic() - started
             load.latency_s = (
                 elapsed if load.latency_s == 0 else 0.8 * load.latency_s + 0.2 * elapsed
             )
@@ -541,7 +560,9 @@ class EmbeddedCoordinator(CoordinatorAgent):
     ``get_decisions`` (:attr:`audit_trail`), and the embedded memory."""
 
     audit_view: AuditTrailView | None = None
+    """What :attr:`audit_trail` answers with (``create_coordinator`` sets its reader)."""
     vector_memory: VectorMemory | None = None
+    """The ``memory`` given to ``create_coordinator``, bound to planning's store."""
 
     def orchestrate(
         self,
@@ -604,7 +625,7 @@ class EmbeddedCoordinator(CoordinatorAgent):
     def audit_trail(self) -> AuditTrailView:
         """``record_plan``, ``record_decision``, ``get_decisions(trace_id)``."""
         if self.audit_view is None:
-            self.audit_view = AuditTrailView(self.audit)
+            self.audit_view = AuditTrailView(self.audit, clock=self.clock)
         return self.audit_view
 
     async def approve(self, approval_id: str, *, by: str | Identity, reason: str = "") -> Any:
