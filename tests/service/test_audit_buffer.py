@@ -6,6 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cuga.audit.v1 import audit_pb2
 from cuga.client import AuditClient
@@ -15,6 +18,7 @@ from cuga.shared.authorities import AuditTrail
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import CallConfig
 from cuga.shared.messages import to_struct
+from cuga.shared.telemetry import setup_telemetry
 from tests.support.ports import free_port
 from tests.support.servers import as_identity, make_settings, running_service
 
@@ -190,3 +194,144 @@ async def test_records_keep_the_time_they_were_enqueued(tmp_path: Path) -> None:
         assert [r.timestamp.seconds for r in stored] == [1_750_000_000]
         await client.close()
         await buf.close()
+
+
+async def test_bad_sizes_are_refused_at_construction(tmp_path: Path) -> None:
+    client = AuditClient(dead_address(), metadata=as_identity("tester"))
+    for size in (0, 1001):
+        with pytest.raises(ValueError, match="batch_size must be between 1 and 1000"):
+            BufferedAuditTrail(client, spill_dir=tmp_path, batch_size=size)
+    with pytest.raises(ValueError, match="max_buffered must be at least batch_size"):
+        BufferedAuditTrail(client, spill_dir=tmp_path, batch_size=10, max_buffered=9)
+
+
+async def test_a_closed_trail_refuses_records_and_closes_once(tmp_path: Path) -> None:
+    spill = tmp_path / "spill"
+    buf = BufferedAuditTrail(
+        AuditClient(dead_address(), call=CALL, metadata=as_identity("tester")), spill_dir=spill
+    )
+    await buf.close(timeout=0)  # never started: nothing to stop, nothing to spill
+    await buf.close(timeout=0)
+    assert not list(spill.glob("spill-*"))
+    with pytest.raises(RuntimeError, match="BufferedAuditTrail is closed"):
+        await buf.record_batch([rec(0)])
+
+
+async def test_a_record_without_an_id_gets_one(tmp_path: Path) -> None:
+    async with running_service("audit", build, make_settings(tmp_path / "data")) as server:
+        buf = BufferedAuditTrail(
+            AuditClient(server.address, call=CALL, metadata=as_identity("tester")),
+            spill_dir=tmp_path,
+        )
+        await buf.start()
+        nameless = rec(0)
+        nameless.ClearField("record_id")
+        await buf.record_batch([nameless])
+        assert await buf.flush(10)
+        (stored,) = await stored_ids(server.address)
+        assert len(stored) == 32 and int(stored, 16) >= 0
+        await buf.close()
+
+
+async def test_spill_files_with_unreadable_lines_or_gone_lose_only_those(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spill = tmp_path / "spill"
+    down = BufferedAuditTrail(
+        AuditClient(dead_address(), call=CALL, metadata=as_identity("tester")),
+        spill_dir=spill,
+        batch_size=5,
+        max_buffered=5,
+    )
+    await down.record_batch([rec(i) for i in range(12)])
+    await down.close(timeout=0)
+    (segment,) = spill.glob("spill-*.jsonl")
+    lines = segment.read_text().splitlines()
+    assert len(lines) == 12
+    # A torn write and a blank line among the records: only the torn record is lost.
+    lines[3] = lines[3][: len(lines[3]) // 2]
+    lines.insert(6, "")
+    segment.write_text("".join(x + "\n" for x in lines))
+
+    async with running_service("audit", build, make_settings(tmp_path / "data")) as server:
+        up = BufferedAuditTrail(
+            AuditClient(server.address, call=CALL, metadata=as_identity("tester")),
+            spill_dir=spill,
+            batch_size=5,
+            max_buffered=5,
+        )
+        assert await up.flush(20)
+        assert await stored_ids(server.address) == [rec(i).record_id for i in range(12) if i != 3]
+        await up.close()
+    assert "unreadable spilled audit record dropped" in caplog.text
+    assert not list(spill.glob("spill-*"))
+
+    # A spill file cut short underneath a running trail: what it lost is gone, the rest is
+    # delivered and nothing waits for the missing lines.
+    cut = BufferedAuditTrail(
+        AuditClient(dead_address(), call=CALL, metadata=as_identity("tester")),
+        spill_dir=tmp_path / "cut",
+        batch_size=5,
+        max_buffered=5,
+    )
+    await cut.record_batch([rec(i) for i in range(20, 28)])
+    assert cut.spilled == 3
+    (segment,) = (tmp_path / "cut").glob("spill-*.jsonl")
+    segment.write_text(segment.read_text().splitlines()[0] + "\n")
+    async with running_service("audit", build, make_settings(tmp_path / "data2")) as server:
+        await cut.retarget(AuditClient(server.address, call=CALL, metadata=as_identity("tester")))
+        assert await cut.flush(20)
+        assert cut.spilled == 0 and cut.depth == 0
+        assert await stored_ids(server.address) == [rec(i).record_id for i in range(20, 26)]
+        await cut.close()
+
+
+async def test_a_batch_is_sent_in_its_runs_trace_or_linked_to_each_run(tmp_path: Path) -> None:
+    server_spans, client_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    client_telemetry = setup_telemetry(
+        "cuga-test-coordinator", span_processors=[SimpleSpanProcessor(client_spans)], env={}
+    )
+    tracer = client_telemetry.tracer
+    async with running_service(
+        "audit",
+        build,
+        make_settings(tmp_path / "data"),
+        span_processors=[SimpleSpanProcessor(server_spans)],
+        telemetry_env={},
+    ) as server:
+        buf = BufferedAuditTrail(
+            AuditClient(
+                server.address,
+                call=CALL,
+                metadata=as_identity("tester"),
+                interceptors=client_telemetry.client_interceptors(),
+            ),
+            spill_dir=tmp_path / "spill",
+            tracer=tracer,
+        )
+
+        def of_run(span: trace.Span, run_id: str, i: int) -> audit_pb2.AuditRecord:
+            record = rec(i)
+            record.trace_id = format(span.get_span_context().trace_id, "032x")
+            record.run_id = run_id
+            return record
+
+        with tracer.start_as_current_span("run-a") as run_a:
+            await buf.record_batch([of_run(run_a, "run-a", 0), of_run(run_a, "run-a", 1)])
+        assert await buf.flush(10)
+        sends = [s for s in server_spans.get_finished_spans() if s.name.endswith("RecordBatch")]
+        assert [s.context.trace_id for s in sends] == [run_a.get_span_context().trace_id]
+        server_spans.clear()
+
+        # Two runs' records in one batch: one cuga.audit.send span, linked to both runs.
+        with tracer.start_as_current_span("run-b") as run_b:
+            await buf.record_batch([of_run(run_b, "run-b", 2)])
+        with tracer.start_as_current_span("run-c") as run_c:
+            await buf.record_batch([of_run(run_c, "run-c", 3)])
+        assert await buf.flush(10)
+        await buf.close()
+    (send,) = [s for s in client_spans.get_finished_spans() if s.name == "cuga.audit.send"]
+    linked = {link.context.trace_id for link in send.links}
+    assert linked == {run_b.get_span_context().trace_id, run_c.get_span_context().trace_id}
+    (served,) = [s for s in server_spans.get_finished_spans() if s.name.endswith("RecordBatch")]
+    assert served.context.trace_id == send.context.trace_id

@@ -256,9 +256,9 @@ class BufferedAuditTrail:
                 self._reader = None
                 self._segments.popleft().unlink(missing_ok=True)
                 continue
-            self._spilled -= 1
             if not line.strip():
-                continue
+                continue  # not counted in _spilled either (_count_lines)
+            self._spilled -= 1
             try:
                 self._memory.append(_load(line))
             except json_format.ParseError:
