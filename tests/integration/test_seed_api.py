@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +37,7 @@ from cuga.orchestrator import (
 )
 from cuga.services.audit.app import build as build_audit
 from cuga.shared.clock import FakeClock
+from cuga.shared.config import ConfigError
 from cuga.shared.errors import PermissionDeniedError
 from cuga.shared.messages import struct_to_dict, to_struct
 from tests.docs import runner
@@ -100,6 +102,58 @@ async def test_planner_workers_memory_in_the_seeds_positions(tmp_path: Path) -> 
     assert len(asked) == 1 and set(asked[0].tools) == {"echo"}
     # round_robin over the two embedded workers (before: one worker "local" ran all).
     assert targets(events) == {"a": "w-a", "b": "w-b", "c": "w-a"}
+
+
+class TwoEchoes:
+    """A Planner object (async), as the roadmap's planner argument."""
+
+    name = "two-echoes"
+
+    async def plan(self, request: PlanningRequest) -> list[dict[str, object]]:
+        return [
+            {"id": "first", "tool": "echo", "input": {"n": 1}},
+            {"id": "second", "tool": "echo", "input": {"n": 2}, "depends_on": ["first"]},
+        ]
+
+
+@pytest.mark.parametrize(("planner", "name"), [(TwoEchoes(), "two-echoes"), ("keyword", "keyword")])
+async def test_a_planner_object_or_a_planner_name(
+    tmp_path: Path, planner: object, name: str
+) -> None:
+    agent = await create_coordinator(planner, settings=make_settings(tmp_path / "data"))
+    try:
+        events = [e async for e in agent.orchestrate("echo hello")]
+    finally:
+        await agent.close()
+    assert events[-1].stage == S.LIFECYCLE_STAGE_COMPLETE, events[-1]
+    assert events[1].plan.planner == name
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"planner": 42}, TypeError, "planner must be a Planner"),
+        ({"workers": [{"tools": ["echo"]}]}, ValueError, "a worker needs an id"),
+        ({"workers": [{"id": "w", "tool": ["echo"]}]}, ValueError, "unknown keys tool"),
+        ({"workers": [EmbeddedWorker("bad id!")]}, ConfigError, "worker_id"),
+        ({"workers": [EmbeddedWorker("w", ["nope"])]}, ConfigError, "worker.tools"),
+        ({"workers": [EmbeddedWorker("w"), EmbeddedWorker("w")]}, ValueError, "same id"),
+        ({"workers": []}, ValueError, "workers is empty"),
+        ({"memory": {"dims": 3}}, TypeError, "memory must be a cuga.orchestrator.VectorMemory"),
+        ({"approval_policy": "strict"}, TypeError, "approval_policy must be"),
+        (
+            {"planner": TwoEchoes(), "addresses": {"planning": "127.0.0.1:1"}},
+            ValueError,
+            "the planning authority is remote",
+        ),
+    ],
+)
+async def test_bad_seed_arguments_are_refused_naming_them(
+    tmp_path: Path, arguments: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        agent = await create_coordinator(settings=make_settings(tmp_path / "data"), **arguments)
+        await agent.close()
 
 
 async def test_capability_sends_each_tool_to_the_worker_that_has_it(tmp_path: Path) -> None:

@@ -80,8 +80,9 @@ async def create_coordinator(
 
     Args:
         planner: what proposes steps when a run gives none: a ``Planner`` (``plan(request)``,
-            sync or async) or a callable taking the ``PlanningRequest`` (default:
-            ``planning.planner``, the keyword ranker).
+            sync or async), a callable taking the ``PlanningRequest``, or a planner name
+            as ``planning.planner`` takes it (``keyword``, ``llm``, an entry point)
+            (default: ``planning.planner``, the keyword ranker).
         workers: several in-process workers (``EmbeddedWorker`` or mappings with ``id``,
             ``tools``, ``capabilities``), each registered with routing and chosen by
             ``routing_policy`` (default: one worker ``local`` with every installed tool).
@@ -127,6 +128,16 @@ async def create_coordinator(
                 f"the {authority} authority is remote ({addresses[authority]}): configure it"
                 " on its service, not in create_coordinator"
             )
+    if not (
+        planner is None
+        or isinstance(planner, str)
+        or callable(planner)
+        or callable(getattr(planner, "plan", None))
+    ):
+        raise TypeError(
+            "planner must be a Planner (with plan(request)), a callable taking a"
+            f" PlanningRequest, or a planner name such as 'llm'; not {type(planner).__name__}"
+        )
     if memory is not None and not isinstance(memory, VectorMemory):
         raise TypeError(f"memory must be a cuga.orchestrator.VectorMemory, not {type(memory)!r}")
     embedded = [EmbeddedWorker.of(w) for w in workers or ()]
@@ -307,9 +318,13 @@ async def create_coordinator(
             config=planning_config,
             limits=common.limits,
             clock=clock,
-            planner=planner
-            if planner is not None
-            else load_planner(planning_config.planner, planning_config, limits=common.limits),
+            planner=load_planner(
+                planner if isinstance(planner, str) else planning_config.planner,
+                planning_config,
+                limits=common.limits,
+            )
+            if planner is None or isinstance(planner, str)
+            else planner,
         )
 
         async def close_planning() -> None:
