@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test soak fuzz lint fmt protos protos-check up clean
+.PHONY: help venv demo test soak fuzz lint fmt protos protos-check docs up clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ protos: $(STAMP) ## Regenerate the Python stubs from protos/
 
 protos-check: $(STAMP) ## Fail when the committed stubs drift from protos/
 	$(BIN)/python scripts/gen_protos.py --check
+
+docs: $(STAMP) ## API reference (Python API + gRPC contract) into build/docs/; fails on a gap
+	$(BIN)/python scripts/gen_docs.py --out build/docs
 
 .PHONY: deploy-check
 deploy-check: $(STAMP) ## Render every kustomize overlay (kubectl) and validate it offline

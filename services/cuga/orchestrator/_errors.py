@@ -25,6 +25,9 @@ class OrchestrationError(CugaError):
     gRPC as ABORTED with reason ``RUN_INTERRUPTED``) when the run stops without a terminal
     event: its coordinator stopped, or the run store refused its events. The run is left
     to be resumed; ABORTED is SYSTEM, so a client may retry by resuming.
+
+    Attributes:
+        step_id: the step the run stopped at; empty when it stopped between steps.
     """
 
     code = grpc.StatusCode.ABORTED
@@ -46,8 +49,11 @@ class ErrorAction(enum.Enum):
     """What :meth:`CoordinatorAgent.handle_error` decides for a failed attempt."""
 
     RETRY = "retry"
+    """Try the step again, after the retry policy's backoff."""
     CONTINUE = "continue"
+    """Record the failure, skip the step's dependants and run the other steps."""
     FAIL = "fail"
+    """Fail the run: no further step starts."""
 
 
 class StepFailed(Exception):

@@ -14,25 +14,43 @@ class LifecycleStage(enum.IntEnum):
     """Stages of a run (values match ``cuga.common.v1.LifecycleStage``)."""
 
     UNSPECIFIED = 0
+    """Never sent; the zero value."""
     INITIALIZE = 1
+    """The run was accepted and its context fixed."""
     PLAN = 2
+    """The plan was created (payload: ``plan``)."""
     ROUTE = 3
+    """A worker was chosen for a step (payload: ``decision``)."""
     APPROVAL = 4
+    """A human sign-off was requested or decided (payload: ``approval``)."""
     EXECUTE = 5
+    """A step finished (payload: ``step_result`` or ``error``) or was settled without
+    running (payload: ``skipped``)."""
     RETRY = 6
+    """A step attempt failed and will be tried again (payload: ``retry``)."""
     AGGREGATE = 7
+    """Every step is settled (payload: ``summary``); precedes each terminal event."""
     COMPLETE = 8
+    """Terminal: the run succeeded, possibly with ``partial_success`` (payload: ``summary``)."""
     FAILED = 9
+    """Terminal: the run failed (payload: ``partial``, which :meth:`CoordinatorAgent.resume`
+    accepts)."""
     CANCELLED = 10
+    """Terminal: the run was cancelled (payload: ``partial``)."""
 
 
 class ErrorPropagation(enum.IntEnum):
     """What a run does when a step fails (values match ``cuga.common.v1``)."""
 
     UNSPECIFIED = 0
+    """The coordinator's configured default (``FAIL_FAST`` unless configured)."""
     FAIL_FAST = 1
+    """Stop at the first failed step and cancel the steps running beside it."""
     RETRY = 2
+    """Retry retryable failures per the retry policy, then fail."""
     CONTINUE = 3
+    """Record the failure, skip its dependants, run everything else; the run ends COMPLETE
+    with ``partial_success`` set."""
 
 
 @runtime_checkable

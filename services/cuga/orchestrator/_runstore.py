@@ -209,7 +209,7 @@ class RunStore(Protocol):
         ...
 
     def run_for_request(self, request_id: str) -> str | None:
-        """The run started by an idempotency key (:func:`request_key`), if any."""
+        """The run started by an idempotency key (``request_key``), if any."""
         ...
 
     def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
@@ -610,7 +610,7 @@ class PostgresRunStore(SqlRunStore):
 
     Raises:
         psycopg.OperationalError: the database cannot be reached.
-        RuntimeError: another live coordinator holds ``replica_id``.
+        RuntimeError: another live coordinator holds the same replica id.
     """
 
     def __init__(
@@ -685,7 +685,7 @@ class PostgresRunStore(SqlRunStore):
     async def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
         """LISTEN for cancel requests addressed to this replica on a connection of its own
         (re-opened after a failure) and run ``cancel`` for each; return once the LISTEN is
-        in place (or after :data:`~cuga.shared.sqldb.LISTEN_READY_S`, logged)."""
+        in place (or after ``cuga.shared.sqldb.LISTEN_READY_S``, logged)."""
         if self._cancel_listener is not None:
             return
         listening = asyncio.Event()

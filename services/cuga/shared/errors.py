@@ -27,11 +27,21 @@ class FailureMode(enum.IntEnum):
     """Why a step failed; decides whether it is retried (values match ``cuga.common.v1``)."""
 
     UNSPECIFIED = 0
+    """No failure, or not classified."""
     AGENT = 1
+    """The tool or agent misbehaved (INTERNAL, UNKNOWN; any other exception in a tool).
+    Retried."""
     SYSTEM = 2
+    """Infrastructure was unavailable (UNAVAILABLE, ABORTED; ``ConnectionError``). Retried."""
     RESOURCE = 3
+    """A deadline or quota was hit (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED; ``TimeoutError``).
+    Retried with backoff."""
     POLICY = 4
+    """A rule refused the action (PERMISSION_DENIED, UNAUTHENTICATED, a denied approval;
+    ``PermissionError``). Never retried."""
     USER = 5
+    """The request itself was wrong (INVALID_ARGUMENT, NOT_FOUND, OUT_OF_RANGE,
+    FAILED_PRECONDITION; ``ValueError``). Never retried."""
 
     @property
     def retryable(self) -> bool:
@@ -85,6 +95,7 @@ class CugaError(Exception):
     """Root of every error the orchestrator raises or receives over the wire.
 
     Attributes:
+        message: what went wrong, for a person (also ``str(error)``).
         code: the gRPC status code the error crosses the wire as.
         reason: UPPER_SNAKE machine-readable reason (the failure mode name by default).
         failure_mode: classification deciding retry.
@@ -215,7 +226,12 @@ class UnimplementedError(CugaError):
 
 
 class ToolExecutionError(CugaError):
-    """A tool raised; ``failure_mode`` says how (see :func:`classify_failure`)."""
+    """A tool raised; its failure mode says how (see :func:`classify_failure`).
+
+    Attributes:
+        wire_code: the status code a worker answers with for this failure mode
+            (``FAILURE_MODE_STATUS``), so the coordinator classifies it the same way.
+    """
 
     code = grpc.StatusCode.INTERNAL
 

@@ -54,7 +54,7 @@ class SchemaProblem:
     path: tuple[str | int, ...]
     """Where in the input: keys and indexes from its root."""
     message: str
-    """What is wrong, quoting the value (at most :data:`MAX_MESSAGE_CHARS` characters)."""
+    """What is wrong, quoting the value (at most 300 characters)."""
     rule: str
     """The schema keyword violated (``minimum``, ``pattern``, ``required`` ...)."""
     instance: Any

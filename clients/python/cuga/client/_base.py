@@ -11,6 +11,8 @@ from cuga.shared.config import GRPC_SERVICE_NAMES, CallConfig
 from cuga.shared.errors import from_rpc_error
 from cuga.shared.signing import ServiceSigner, service_audience
 
+#: gRPC call metadata: ``(key, value)`` pairs sent with a call (a person's
+#: ``authorization: Bearer <token>``).
 Metadata = Sequence[tuple[str, str]]
 _TARGET_NAME_OVERRIDE = "grpc.ssl_target_name_override"
 
@@ -65,14 +67,20 @@ class BaseClient:
     given interceptors (OpenTelemetry's, so W3C trace context travels in metadata) and the
     message size limit. Every call has a deadline: the keyword-only ``timeout`` or the
     per-RPC default. ``grpc.RpcError`` never escapes: it becomes the typed
-    :class:`~cuga.shared.errors.CugaError` subclass the server raised.
+    :class:`CugaError` subclass the server raised.
 
     Credentials: ``metadata`` (a person's bearer token) goes on every call; a service passes
     its ``signer`` instead, which puts a token for this client's ``audience`` (default: the
     service's name; a worker's is ``worker:<worker_id>``) on every call, so the callee
     receives nothing it could present to anyone else.
+
+    Attributes:
+        address: where the channel connects, ``host:port``.
+        audience: whom the ``signer``'s tokens are for (see above).
     """
 
+    #: The service's short name (``planning``, ``coordinator`` ...): picks its transport
+    #: retry policy, its call configuration and the token audience.
     SERVICE: ClassVar[str]
     #: The generated stub class of the service.
     STUB: ClassVar[type]

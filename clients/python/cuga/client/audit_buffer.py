@@ -1,10 +1,10 @@
 """The coordinator's remote audit trail: queue, send in the background, never lose a record.
 
-:class:`BufferedAuditTrail` implements :class:`cuga.shared.authorities.AuditTrail` over an
+:class:`BufferedAuditTrail` implements :class:`cuga.orchestrator.AuditTrail` over an
 :class:`~cuga.client.AuditClient`. ``record_batch`` only enqueues, so audit stays off the
 run's critical path and an audit outage never fails a run. A background flusher sends
 ``RecordBatch`` calls in order; while the service is down or slow it retries with
-exponential backoff (on an injected :class:`~cuga.shared.clock.Clock`).
+exponential backoff (on an injected clock, ``cuga.shared.clock.Clock``).
 
 Memory is bounded: past ``max_buffered`` records, new records are appended to spill files
 (``spill-<seq>.jsonl``, one JSON-serialised ``AuditRecord`` per line) under ``spill_dir``
@@ -61,7 +61,7 @@ _TRANSIENT = {
 
 
 class BufferedAuditTrail:
-    """An :class:`~cuga.shared.authorities.AuditTrail` that buffers and retries.
+    """An :class:`cuga.orchestrator.AuditTrail` that buffers and retries.
 
     Args:
         client: the audit client; owned (closed by :meth:`close` or :meth:`retarget`).

@@ -2,7 +2,7 @@
 
 ``cuga audit checkpoint|verify --since|prove`` are built on this; so can any Python
 auditor. Every check is done here, from the records' content, with the RFC 9162 and
-RFC 8785 rules of :mod:`cuga.shared.transparency`: the service supplies data and proofs,
+RFC 8785 rules of ``cuga.shared.transparency``: the service supplies data and proofs,
 never verdicts.
 
 * :meth:`AuditVerifier.checkpoint` — the current checkpoint, its signature checked.
@@ -14,7 +14,7 @@ never verdicts.
   roots rebuilt from them.
 * :meth:`AuditVerifier.prove` — one record's inclusion proof.
 
-A failed check raises :class:`~cuga.shared.transparency.ProofError` naming what is wrong.
+A failed check raises ``ProofError`` (``cuga.shared.transparency``) naming what is wrong.
 """
 
 from __future__ import annotations
@@ -48,8 +48,11 @@ class SavedCheckpoint:
     """A checkpoint as saved to a file (one JSON object per line; the last one counts)."""
 
     note: str
+    """The checkpoint's signed note, as the service returned it."""
     public_key: str
+    """The key that signed it (the one you pin), as the service names it."""
     origin: str
+    """The log's name, the note's first line."""
 
     def to_json(self, checkpoint: SignedCheckpoint) -> str:
         """The line :func:`load_checkpoint` reads (also the service's sink line form)."""
@@ -86,11 +89,15 @@ class Report:
     """What a verification found good."""
 
     old: SignedCheckpoint | None
+    """The saved checkpoint the check started from; None when there was none."""
     new: SignedCheckpoint
+    """The service's current checkpoint, its signature and consistency with ``old`` checked."""
     records_checked: int = 0
+    """Records whose leaf hash was recomputed from their content and proven in the log."""
     pruned: int = 0
     """Leaves whose record retention removed (hash only: content not checkable)."""
     notes: list[str] = field(default_factory=list)
+    """What a person should know about the result (what was not checked, and why)."""
 
 
 def record_leaf(record: audit_pb2.AuditRecord) -> bytes:

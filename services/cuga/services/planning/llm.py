@@ -161,6 +161,7 @@ class LLMPlanner:
     """
 
     name = "llm"
+    """The name ``planning.planner`` chooses it by, and that its plans record."""
 
     def __init__(
         self,

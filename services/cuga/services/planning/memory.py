@@ -112,10 +112,12 @@ class HashingEmbedder:
 
     @property
     def name(self) -> str:
+        """``hashing-v1-<dims>``: another size is another embedding space."""
         return f"hashing-v1-{self._dims}"
 
     @property
     def dims(self) -> int:
+        """The number of buckets, the length of every vector (512 by default)."""
         return self._dims
 
     @staticmethod
@@ -130,6 +132,8 @@ class HashingEmbedder:
         return feats
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """A ``(len(texts), dims)`` float32 array, one L2-normalised row per text (a text
+        without a word gives a zero row)."""
         out = np.zeros((len(texts), self._dims), dtype=np.float32)
         for row, text in enumerate(texts):
             for feature, weight in self.features(text):
@@ -147,12 +151,17 @@ class MemoryHit:
     """One search result."""
 
     record_id: str
+    """The stored record's id."""
     key: str
+    """The key it was stored under (unique per profile; storing the key again replaces it)."""
     text: str
+    """The text that was embedded."""
     payload: Mapping[str, Any]
+    """What was stored with the text (JSON)."""
     score: float
     """Cosine similarity to the query, -1 to 1."""
     created_at: float
+    """When it was stored, seconds since the epoch."""
 
 
 def normalise_profile(profile: str) -> str:

@@ -239,6 +239,7 @@ class KeywordPlanner:
     """
 
     name = "keyword"
+    """The name ``planning.planner`` chooses it by, and that its plans record."""
 
     def __init__(self, *, rank_threshold: float = 2.0, max_steps: int = 8) -> None:
         self._threshold = rank_threshold
