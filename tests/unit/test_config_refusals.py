@@ -18,6 +18,7 @@ import pytest
 from cuga.services.approval.config import ApprovalConfig
 from cuga.services.audit.config import AuditConfig
 from cuga.services.coordinator.config import CoordinatorConfig
+from cuga.services.planning.config import PlanningConfig
 from cuga.services.worker.config import WorkerConfig
 from cuga.shared.config import (
     CommonConfig,
@@ -33,6 +34,7 @@ SECTIONS: dict[str, type[Any]] = {
     "approval": ApprovalConfig,
     "audit": AuditConfig,
     "worker": WorkerConfig,
+    "planning": PlanningConfig,
 }
 
 
@@ -135,6 +137,33 @@ REFUSED = [
     ("CUGA_WORKER__OVERRUN_GRACE_S", "60.5", "overrun_grace_s", "between 0 and 60", "60"),
     ("CUGA_WORKER__MAX_THREADS", "0", "max_threads", "between 1 and 1024", "1024"),
     ("CUGA_WORKER__PROFILE_TOOLS", "{p: {allow: 3}}", "profile_tools.p.allow", "a list", "{}"),
+    # planning's llm planner
+    (
+        "CUGA_PLANNING__LLM__BASE_URL",
+        "ftp://x/v1",
+        "llm.base_url",
+        "not an http(s) URL",
+        "http://h/v1",
+    ),
+    ("CUGA_PLANNING__LLM__TIMEOUT_S", "0.04", "llm.timeout_s", "between 0.05 and 600", "0.05"),
+    ("CUGA_PLANNING__LLM__MAX_TOKENS", "15", "llm.max_tokens", "between 16 and 65536", "16"),
+    ("CUGA_PLANNING__LLM__TEMPERATURE", "2.1", "llm.temperature", "between 0 and 2", "2"),
+    (
+        "CUGA_PLANNING__LLM__PROMPT_TOKEN_PRICE",
+        "-0.1",
+        "llm.prompt_token_price",
+        "a finite number >= 0",
+        "0",
+    ),
+    (
+        "CUGA_PLANNING__LLM__COMPLETION_TOKEN_PRICE",
+        ".inf",
+        "llm.completion_token_price",
+        "a finite number >= 0",
+        "0.5",
+    ),
+    ("CUGA_PLANNING__LLM__REPAIR_ROUNDS", "2", "llm.repair_rounds", "must be 0 or 1", "0"),
+    ("CUGA_PLANNING__PLANNER", "llm", "llm.model", "required when planner is llm", "keyword"),
 ]
 
 
