@@ -9,6 +9,11 @@ or with remote ones for the authorities named in ``addresses``::
     agent = await create_coordinator(data_dir="./.cuga")
     async for event in agent.orchestrate("add two numbers", plan=steps):
         print(event.stage, event.seq)
+
+The CUGA roadmap's shapes work as written — ``create_coordinator(planner, workers,
+memory, ...)``, ``ToolBudget(ceiling=100, policy="warn")``, ``ApprovalPolicy(callable)``,
+``agent.audit_trail.get_decisions(trace_id)``, ``RetryPolicy.execute(fn)``;
+docs/migrating-from-cuga.md maps each name and says what differs.
 """
 
 from typing import Any
