@@ -11,6 +11,7 @@ import pytest
 
 from cuga.common.v1 import common_pb2 as c
 from cuga.services.planning.config import PlanningConfig
+from cuga.services.planning.llm import LLMConfig, LLMPlanner
 from cuga.services.planning.planners import (
     KeywordPlanner,
     PlanningRequest,
@@ -178,6 +179,8 @@ def test_a_step_given_as_a_mapping_is_refused_naming_the_step_and_problem() -> N
         ({"id": "a", "tool": "echo", "colour": "red"}, "step 0 has unknown keys: colour"),
         ({"id": "a", "tool": "echo", "input": ["x"]}, "step 0: input must be a mapping"),
         ({"id": 5, "tool": "echo"}, "step 0: "),
+        # step_id given: id is no alias any more, but an unknown key
+        ({"id": "a", "step_id": "b", "tool": "echo"}, "step 0 has unknown keys: id"),
     ]:
         with pytest.raises(ValueError, match=problem):
             to_step(item, 0)  # type: ignore[arg-type]
@@ -226,3 +229,11 @@ def test_an_entry_point_that_cannot_load_or_is_no_planner_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         load_planner("doc", config, entry_points=[ep("doc", "tests.support.planners:__doc__")])
     assert info.value.problem == "planner 'doc' is a str, not a planner"
+
+
+def test_the_built_in_planners_and_the_installed_entry_points_are_found_by_name() -> None:
+    llm = load_planner("llm", PlanningConfig(llm=LLMConfig(model="m")))
+    assert isinstance(llm, LLMPlanner)
+    # without a list, the installed distributions' cuga.planners entry points are searched
+    with pytest.raises(ConfigError, match="no planner named 'absent' \\(known: keyword, llm"):
+        load_planner("absent", PlanningConfig())
