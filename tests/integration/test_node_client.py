@@ -137,4 +137,4 @@ async def test_npm_test_passes_against_live_services(node_modules: Path, cluster
     assert proc.returncode == 0, f"npm test failed:\n{text}"
     # The runner's summary: every test ran and none was skipped.
     assert "# fail 0" in text and "# skipped 0" in text, text
-    assert "# tests 10" in text and "# pass 10" in text, text
+    assert "# tests 11" in text and "# pass 11" in text, text

@@ -134,7 +134,8 @@ async def test_orchestrate_with_descriptors_from_reflection_only(cluster: Cluste
             response_deserializer=response_cls.FromString,
         )
         call = orchestrate(request, timeout=TIMEOUT_S, metadata=as_identity("client"))
-        events = [json_format.MessageToDict(r)["event"] async for r in call]
+        # A message carries one or more events (``events``, in seq order).
+        events = [e async for r in call for e in json_format.MessageToDict(r)["events"]]
 
     stages = [e["stage"].removeprefix("LIFECYCLE_STAGE_") for e in events]
     assert stages[:2] == ["INITIALIZE", "PLAN"]

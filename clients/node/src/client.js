@@ -3,9 +3,12 @@
  * A small typed client of cuga.coordinator.v1.CoordinatorService.
  *
  * Streams (`orchestrate`, `resume`, `watch`) are async iterables of OrchestrationEvent
- * objects; leaving the loop (break/return/throw) or calling `cancel()` drops the stream,
- * which does not cancel the run — `watch(runId, afterSeq)` re-attaches. Unary calls carry
- * a deadline (never unset) and are retried on UNAVAILABLE by the channel's service config.
+ * objects, one event at a time in seq order, however many each stream message carried
+ * (`events`: several when several were ready at once; a coordinator of before batching
+ * sent one, in `event`); leaving the loop (break/return/throw) or calling `cancel()` drops
+ * the stream, which does not cancel the run — `watch(runId, afterSeq)` re-attaches. Unary
+ * calls carry a deadline (never unset) and are retried on UNAVAILABLE by the channel's
+ * service config.
  */
 const grpc = require('@grpc/grpc-js');
 const { loadContracts } = require('./contracts');
@@ -48,6 +51,15 @@ function stageName(stage) {
   return String(stage).replace(/^LIFECYCLE_STAGE_/, '');
 }
 
+/**
+ * The events one stream message carries, in seq order: its `events`, or (a coordinator of
+ * before batching) its single `event`.
+ */
+function eventsOf(response) {
+  if (response.events && response.events.length) return response.events;
+  return response.event ? [response.event] : [];
+}
+
 /** One server stream of OrchestrationEvents. */
 class EventStream {
   constructor(call) {
@@ -64,7 +76,7 @@ class EventStream {
 
   async *[Symbol.asyncIterator]() {
     try {
-      for await (const response of this._call) yield response.event;
+      for await (const response of this._call) yield* eventsOf(response);
       this._ended = true;
     } catch (err) {
       this._ended = true;
@@ -192,4 +204,11 @@ class CoordinatorClient {
   }
 }
 
-module.exports = { CoordinatorClient, EventStream, isTerminal, stageName, TERMINAL_STAGES };
+module.exports = {
+  CoordinatorClient,
+  EventStream,
+  eventsOf,
+  isTerminal,
+  stageName,
+  TERMINAL_STAGES,
+};

@@ -17,7 +17,7 @@ const {
   verifyConsistency,
   verifyInclusion,
 } = require('./audit');
-const { CoordinatorClient, EventStream, isTerminal, stageName } = require('./client');
+const { CoordinatorClient, EventStream, eventsOf, isTerminal, stageName } = require('./client');
 const { DEFAULT_PROTO_ROOT, loadContracts } = require('./contracts');
 const { CugaError, STATUS_FAILURE_MODES } = require('./errors');
 const { describeEvent } = require('./describe');
@@ -31,6 +31,7 @@ module.exports = {
   EventStream,
   STATUS_FAILURE_MODES,
   describeEvent,
+  eventsOf,
   fromStruct,
   fromValue,
   isTerminal,

@@ -2,7 +2,7 @@
 const assert = require('node:assert/strict');
 const { after, before, test } = require('node:test');
 const grpc = require('@grpc/grpc-js');
-const { CugaError, fromValue, isTerminal, stageName, toStruct } = require('..');
+const { CugaError, eventsOf, fromValue, isTerminal, stageName, toStruct } = require('..');
 const { collect, newClient } = require('./helpers');
 
 const TIMEOUT = { timeout: 20000 };
@@ -72,6 +72,27 @@ test('a dropped stream does not stop the run; Watch re-attaches after a seq', TI
   // Watch from 0 replays the whole, identical log.
   const replay = await collect(client.watch(runId, 0));
   assert.deepEqual(replay, [...seen, ...rest]);
+});
+
+test('a message carries the events ready at once; the stream yields each', TIMEOUT, async () => {
+  const events = await collect(client.orchestrate({ goal: 'replay at once', steps: plan() }));
+  const runId = events[0].runId;
+  // The raw stub shows the messages as the coordinator wrote them: a replay's stored
+  // events are all ready at once, so they come together.
+  const messages = await new Promise((resolve, reject) => {
+    const got = [];
+    const deadline = Date.now() + 10000;
+    const call = client._stub.Watch({ runId, afterSeq: 0 }, client._metadata(), { deadline });
+    call.on('data', (message) => got.push(message));
+    call.on('error', reject);
+    call.on('end', () => resolve(got));
+  });
+  assert.ok(messages.length < events.length, `${messages.length} messages, ${events.length} events`);
+  assert.ok(messages.every((m) => m.events.length > 0 && !m.event));
+  assert.deepEqual(messages.flatMap(eventsOf), events);
+  assert.deepEqual(await collect(client.watch(runId, 0)), events);
+  // A message in the shape of before batching (one `event`) still reads.
+  assert.deepEqual(eventsOf({ events: [], event: events[0] }), [events[0]]);
 });
 
 test('a failing step ends the run FAILED with a partial result', TIMEOUT, async () => {

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
@@ -78,6 +78,29 @@ _ENDED = frozenset(
         coordinator_pb2.RUN_STATE_CANCELLED,
     }
 )
+
+
+#: Bounds of one list of :meth:`CoordinatorAgent.watch_batches` (one stream message): at
+#: most this many events and serialised bytes, well under gRPC's 4 MiB message limit.
+BATCH_MAX_EVENTS = 256
+BATCH_MAX_BYTES = 1024 * 1024
+
+
+def _batches(
+    events: Sequence[common_pb2.OrchestrationEvent], max_events: int, max_bytes: int
+) -> Iterator[list[common_pb2.OrchestrationEvent]]:
+    """``events`` in consecutive lists within the bounds (a larger event alone)."""
+    batch: list[common_pb2.OrchestrationEvent] = []
+    size = 0
+    for event in events:
+        more = event.ByteSize()
+        if batch and (len(batch) >= max_events or size + more > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(event)
+        size += more
+    if batch:
+        yield batch
 
 
 class CoordinatorAgent:
@@ -313,6 +336,27 @@ class CoordinatorAgent:
         self, run_id: str, after_seq: int
     ) -> AsyncIterator[common_pb2.OrchestrationEvent]:
         """Stored events after ``after_seq``, then live ones until the run ends."""
+        async for batch in self.watch_batches(run_id, after_seq):
+            for event in batch:
+                yield event
+
+    async def watch_batches(
+        self,
+        run_id: str,
+        after_seq: int,
+        *,
+        max_events: int = BATCH_MAX_EVENTS,
+        max_bytes: int = BATCH_MAX_BYTES,
+    ) -> AsyncIterator[list[common_pb2.OrchestrationEvent]]:
+        """What :meth:`watch` yields, as lists of the events ready at once.
+
+        Each list holds consecutive events in seq order: the stored ones in lists of up to
+        ``max_events`` events and ``max_bytes`` serialised bytes (one event larger than that
+        goes alone), then each time the run publishes, every event published since the
+        reader last took some, within the same bounds. A reader that keeps up gets one
+        event a list; one that falls behind (a slow client, a busy coordinator) gets what
+        piled up in one. The events, their order and their seqs are those of :meth:`watch`.
+        """
         check_id("run_id", run_id)
         store = self._rt.store
         if store.get_run(run_id) is None:
@@ -325,32 +369,53 @@ class CoordinatorAgent:
         try:
             last = after_seq
             ended = False  # a terminal event was yielded
-            for event in store.events_after(run_id, after_seq):
-                yield event
-                last = event.seq
-                ended = ended or event.stage in TERMINAL
+            stored = store.events_after(run_id, after_seq)
+            for batch in _batches(stored, max_events, max_bytes):
+                yield batch
+                last = batch[-1].seq
+                ended = ended or any(event.stage in TERMINAL for event in batch)
             if queue is None:
                 # Not running in this process: a shared store (PostgreSQL) follows it on
                 # the replica that drives it; otherwise the log is all there is.
                 async for event in store.follow(run_id, last):
-                    yield event
+                    yield [event]
                     ended = ended or event.stage in TERMINAL
                 self._check_ended(run_id, ended)
                 return
             if ended or (live is not None and live.finished.is_set() and queue.empty()):
                 self._check_ended(run_id, ended)
                 return
+            held: common_pb2.OrchestrationEvent | None = None  # past the last list's bounds
             while True:
-                item = await queue.get()
-                if item is None:
-                    self._check_ended(run_id, ended)
-                    return
-                if item.seq <= last:
-                    continue
-                yield item
-                last = item.seq
-                if item.stage in TERMINAL:
-                    return
+                item = held if held is not None else await queue.get()
+                held = None
+                batch = []
+                size = 0
+                while True:
+                    if item is None:  # the run's task ended
+                        if batch:
+                            yield batch
+                        self._check_ended(run_id, ended)
+                        return
+                    if item.seq > last:
+                        if batch:
+                            if not size:
+                                size = batch[0].ByteSize()
+                            more = item.ByteSize()
+                            if len(batch) >= max_events or size + more > max_bytes:
+                                held = item
+                                break
+                            size += more
+                        batch.append(item)
+                        last = item.seq
+                        if item.stage in TERMINAL:
+                            yield batch
+                            return
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    yield batch
         finally:
             if live is not None and queue is not None:
                 with contextlib.suppress(ValueError):

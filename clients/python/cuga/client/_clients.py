@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from cuga.approval.v1 import approval_pb2, approval_pb2_grpc
 from cuga.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -12,6 +12,31 @@ from cuga.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cuga.planning.v1 import planning_pb2, planning_pb2_grpc
 from cuga.routing.v1 import routing_pb2, routing_pb2_grpc
 from cuga.worker.v1 import worker_pb2, worker_pb2_grpc
+
+_EventMessage = TypeVar(
+    "_EventMessage",
+    coordinator_pb2.OrchestrateResponse,
+    coordinator_pb2.ResumeResponse,
+    coordinator_pb2.WatchResponse,
+)
+
+
+async def _one_event_each(
+    stream: AsyncIterator[_EventMessage], kind: type[_EventMessage]
+) -> AsyncIterator[_EventMessage]:
+    """The messages of an Orchestrate, Resume or Watch stream as one response per event.
+
+    A coordinator puts every event ready at once in one message (``events``, in seq
+    order); this yields each in a response of its own, in ``event``, so a caller reads
+    one event a response whatever the message held. A message of a coordinator of before
+    batching (``event`` only) is yielded as it came.
+    """
+    async for message in stream:
+        if not message.events:
+            yield message
+            continue
+        for event in message.events:
+            yield kind(event=event)
 
 
 class CoordinatorClient(BaseClient):
@@ -32,10 +57,10 @@ class CoordinatorClient(BaseClient):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[coordinator_pb2.OrchestrateResponse]:
-        """Orchestrate (server stream)."""
-        async for item in self._stream(
-            "orchestrate", self._stub.Orchestrate, request, timeout, metadata
-        ):
+        """Orchestrate (server stream): one response per event, in ``event`` (a message
+        of several events is unpacked, see :func:`_one_event_each`)."""
+        stream = self._stream("orchestrate", self._stub.Orchestrate, request, timeout, metadata)
+        async for item in _one_event_each(stream, coordinator_pb2.OrchestrateResponse):
             yield item
 
     async def resume(
@@ -45,8 +70,9 @@ class CoordinatorClient(BaseClient):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[coordinator_pb2.ResumeResponse]:
-        """Resume (server stream)."""
-        async for item in self._stream("resume", self._stub.Resume, request, timeout, metadata):
+        """Resume (server stream): one response per event, in ``event``."""
+        stream = self._stream("resume", self._stub.Resume, request, timeout, metadata)
+        async for item in _one_event_each(stream, coordinator_pb2.ResumeResponse):
             yield item
 
     async def watch(
@@ -56,8 +82,9 @@ class CoordinatorClient(BaseClient):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[coordinator_pb2.WatchResponse]:
-        """Watch (server stream)."""
-        async for item in self._stream("watch", self._stub.Watch, request, timeout, metadata):
+        """Watch (server stream): one response per event, in ``event``."""
+        stream = self._stream("watch", self._stub.Watch, request, timeout, metadata)
+        async for item in _one_event_each(stream, coordinator_pb2.WatchResponse):
             yield item
 
     async def get_run(

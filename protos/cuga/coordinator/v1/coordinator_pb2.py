@@ -26,41 +26,47 @@ from cuga.common.v1 import common_pb2 as cuga_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%cuga/coordinator/v1/coordinator.proto\x12\x13\x63uga.coordinator.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x03\n\x12OrchestrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x38\n\x0e\x65rror_strategy\x18\x04 \x01(\x0e\x32 .cuga.common.v1.ErrorPropagation\x12\'\n\x05steps\x18\x05 \x03(\x0b\x32\x18.cuga.common.v1.PlanStep\x12*\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x1a.cuga.common.v1.ToolBudget\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.cuga.common.v1.PlanningMode\x12\x35\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1d.cuga.common.v1.RoutingPolicy\x12\x31\n\x0cretry_policy\x18\t \x01(\x0b\x32\x1b.cuga.common.v1.RetryPolicy\x12\x13\n\x0bparallelism\x18\n \x01(\r\"H\n\x13OrchestrateResponse\x12\x31\n\x05\x65vent\x18\x01 \x01(\x0b\x32\".cuga.common.v1.OrchestrationEvent\"\xde\x01\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06run_id\x18\x02 \x01(\tH\x00\x12\x30\n\x07partial\x18\x03 \x01(\x0b\x32\x1d.cuga.common.v1.PartialResultH\x00\x12\x38\n\x0e\x65rror_strategy\x18\x04 \x01(\x0e\x32 .cuga.common.v1.ErrorPropagation\x12\x31\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x1b.cuga.common.v1.RetryPolicyB\x08\n\x06target\"C\n\x0eResumeResponse\x12\x31\n\x05\x65vent\x18\x01 \x01(\x0b\x32\".cuga.common.v1.OrchestrationEvent\"1\n\x0cWatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"B\n\rWatchResponse\x12\x31\n\x05\x65vent\x18\x01 \x01(\x0b\x32\".cuga.common.v1.OrchestrationEvent\"\xae\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0c\n\x04goal\x18\x03 \x01(\t\x12\x31\n\x07\x63ontext\x18\x04 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.cuga.coordinator.v1.RunState\x12-\n\x05stage\x18\x06 \x01(\x0e\x32\x1e.cuga.common.v1.LifecycleStage\x12\x0f\n\x07plan_id\x18\x07 \x01(\t\x12\x10\n\x08last_seq\x18\x08 \x01(\x04\x12\x13\n\x0btotal_steps\x18\t \x01(\r\x12\x17\n\x0f\x63ompleted_steps\x18\n \x01(\r\x12\x38\n\x0e\x65rror_strategy\x18\x0b \x01(\x0e\x32 .cuga.common.v1.ErrorPropagation\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0c\x66\x61ilure_mode\x18\x0e \x01(\x0e\x32\x1b.cuga.common.v1.FailureMode\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x17\n\x0fpartial_success\x18\x10 \x01(\x08\x12\r\n\x05spent\x18\x11 \x01(\x01\x12\x12\n\ntool_calls\x18\x12 \x01(\r\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"7\n\x0eGetRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.cuga.coordinator.v1.Run\"w\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.cuga.coordinator.v1.RunState\x12\x0f\n\x07profile\x18\x04 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.cuga.coordinator.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x10\x43\x61ncelRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x11\x43\x61ncelRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.cuga.coordinator.v1.Run*\x9f\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x02\x12\x14\n\x10RUN_STATE_FAILED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x05\x32\xa7\x04\n\x12\x43oordinatorService\x12\x62\n\x0bOrchestrate\x12\'.cuga.coordinator.v1.OrchestrateRequest\x1a(.cuga.coordinator.v1.OrchestrateResponse0\x01\x12S\n\x06Resume\x12\".cuga.coordinator.v1.ResumeRequest\x1a#.cuga.coordinator.v1.ResumeResponse0\x01\x12P\n\x05Watch\x12!.cuga.coordinator.v1.WatchRequest\x1a\".cuga.coordinator.v1.WatchResponse0\x01\x12Q\n\x06GetRun\x12\".cuga.coordinator.v1.GetRunRequest\x1a#.cuga.coordinator.v1.GetRunResponse\x12W\n\x08ListRuns\x12$.cuga.coordinator.v1.ListRunsRequest\x1a%.cuga.coordinator.v1.ListRunsResponse\x12Z\n\tCancelRun\x12%.cuga.coordinator.v1.CancelRunRequest\x1a&.cuga.coordinator.v1.CancelRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%cuga/coordinator/v1/coordinator.proto\x12\x13\x63uga.coordinator.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x03\n\x12OrchestrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x38\n\x0e\x65rror_strategy\x18\x04 \x01(\x0e\x32 .cuga.common.v1.ErrorPropagation\x12\'\n\x05steps\x18\x05 \x03(\x0b\x32\x18.cuga.common.v1.PlanStep\x12*\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x1a.cuga.common.v1.ToolBudget\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.cuga.common.v1.PlanningMode\x12\x35\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1d.cuga.common.v1.RoutingPolicy\x12\x31\n\x0cretry_policy\x18\t \x01(\x0b\x32\x1b.cuga.common.v1.RetryPolicy\x12\x13\n\x0bparallelism\x18\n \x01(\r\"\x80\x01\n\x13OrchestrateResponse\x12\x35\n\x05\x65vent\x18\x01 \x01(\x0b\x32\".cuga.common.v1.OrchestrationEventB\x02\x18\x01\x12\x32\n\x06\x65vents\x18\x02 \x03(\x0b\x32\".cuga.common.v1.OrchestrationEvent\"\xde\x01\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06run_id\x18\x02 \x01(\tH\x00\x12\x30\n\x07partial\x18\x03 \x01(\x0b\x32\x1d.cuga.common.v1.PartialResultH\x00\x12\x38\n\x0e\x65rror_strategy\x18\x04 \x01(\x0e\x32 .cuga.common.v1.ErrorPropagation\x12\x31\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x1b.cuga.common.v1.RetryPolicyB\x08\n\x06target\"{\n\x0eResumeResponse\x12\x35\n\x05\x65vent\x18\x01 \x01(\x0b\x32\".cuga.common.v1.OrchestrationEventB\x02\x18\x01\x12\x32\n\x06\x65vents\x18\x02 \x03(\x0b\x32\".cuga.common.v1.OrchestrationEvent\"1\n\x0cWatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"z\n\rWatchResponse\x12\x35\n\x05\x65vent\x18\x01 \x01(\x0b\x32\".cuga.common.v1.OrchestrationEventB\x02\x18\x01\x12\x32\n\x06\x65vents\x18\x02 \x03(\x0b\x32\".cuga.common.v1.OrchestrationEvent\"\xae\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0c\n\x04goal\x18\x03 \x01(\t\x12\x31\n\x07\x63ontext\x18\x04 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.cuga.coordinator.v1.RunState\x12-\n\x05stage\x18\x06 \x01(\x0e\x32\x1e.cuga.common.v1.LifecycleStage\x12\x0f\n\x07plan_id\x18\x07 \x01(\t\x12\x10\n\x08last_seq\x18\x08 \x01(\x04\x12\x13\n\x0btotal_steps\x18\t \x01(\r\x12\x17\n\x0f\x63ompleted_steps\x18\n \x01(\r\x12\x38\n\x0e\x65rror_strategy\x18\x0b \x01(\x0e\x32 .cuga.common.v1.ErrorPropagation\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0c\x66\x61ilure_mode\x18\x0e \x01(\x0e\x32\x1b.cuga.common.v1.FailureMode\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x17\n\x0fpartial_success\x18\x10 \x01(\x08\x12\r\n\x05spent\x18\x11 \x01(\x01\x12\x12\n\ntool_calls\x18\x12 \x01(\r\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"7\n\x0eGetRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.cuga.coordinator.v1.Run\"w\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.cuga.coordinator.v1.RunState\x12\x0f\n\x07profile\x18\x04 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.cuga.coordinator.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x10\x43\x61ncelRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x11\x43\x61ncelRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.cuga.coordinator.v1.Run*\x9f\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x02\x12\x14\n\x10RUN_STATE_FAILED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x05\x32\xa7\x04\n\x12\x43oordinatorService\x12\x62\n\x0bOrchestrate\x12\'.cuga.coordinator.v1.OrchestrateRequest\x1a(.cuga.coordinator.v1.OrchestrateResponse0\x01\x12S\n\x06Resume\x12\".cuga.coordinator.v1.ResumeRequest\x1a#.cuga.coordinator.v1.ResumeResponse0\x01\x12P\n\x05Watch\x12!.cuga.coordinator.v1.WatchRequest\x1a\".cuga.coordinator.v1.WatchResponse0\x01\x12Q\n\x06GetRun\x12\".cuga.coordinator.v1.GetRunRequest\x1a#.cuga.coordinator.v1.GetRunResponse\x12W\n\x08ListRuns\x12$.cuga.coordinator.v1.ListRunsRequest\x1a%.cuga.coordinator.v1.ListRunsResponse\x12Z\n\tCancelRun\x12%.cuga.coordinator.v1.CancelRunRequest\x1a&.cuga.coordinator.v1.CancelRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuga.coordinator.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=2023
-  _globals['_RUNSTATE']._serialized_end=2182
+  _globals['_ORCHESTRATERESPONSE'].fields_by_name['event']._loaded_options = None
+  _globals['_ORCHESTRATERESPONSE'].fields_by_name['event']._serialized_options = b'\030\001'
+  _globals['_RESUMERESPONSE'].fields_by_name['event']._loaded_options = None
+  _globals['_RESUMERESPONSE'].fields_by_name['event']._serialized_options = b'\030\001'
+  _globals['_WATCHRESPONSE'].fields_by_name['event']._loaded_options = None
+  _globals['_WATCHRESPONSE'].fields_by_name['event']._serialized_options = b'\030\001'
+  _globals['_RUNSTATE']._serialized_start=2192
+  _globals['_RUNSTATE']._serialized_end=2351
   _globals['_ORCHESTRATEREQUEST']._serialized_start=125
   _globals['_ORCHESTRATEREQUEST']._serialized_end=544
-  _globals['_ORCHESTRATERESPONSE']._serialized_start=546
-  _globals['_ORCHESTRATERESPONSE']._serialized_end=618
-  _globals['_RESUMEREQUEST']._serialized_start=621
-  _globals['_RESUMEREQUEST']._serialized_end=843
-  _globals['_RESUMERESPONSE']._serialized_start=845
-  _globals['_RESUMERESPONSE']._serialized_end=912
-  _globals['_WATCHREQUEST']._serialized_start=914
-  _globals['_WATCHREQUEST']._serialized_end=963
-  _globals['_WATCHRESPONSE']._serialized_start=965
-  _globals['_WATCHRESPONSE']._serialized_end=1031
-  _globals['_RUN']._serialized_start=1034
-  _globals['_RUN']._serialized_end=1592
-  _globals['_GETRUNREQUEST']._serialized_start=1594
-  _globals['_GETRUNREQUEST']._serialized_end=1625
-  _globals['_GETRUNRESPONSE']._serialized_start=1627
-  _globals['_GETRUNRESPONSE']._serialized_end=1682
-  _globals['_LISTRUNSREQUEST']._serialized_start=1684
-  _globals['_LISTRUNSREQUEST']._serialized_end=1803
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1805
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1888
-  _globals['_CANCELRUNREQUEST']._serialized_start=1890
-  _globals['_CANCELRUNREQUEST']._serialized_end=1960
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1962
-  _globals['_CANCELRUNRESPONSE']._serialized_end=2020
-  _globals['_COORDINATORSERVICE']._serialized_start=2185
-  _globals['_COORDINATORSERVICE']._serialized_end=2736
+  _globals['_ORCHESTRATERESPONSE']._serialized_start=547
+  _globals['_ORCHESTRATERESPONSE']._serialized_end=675
+  _globals['_RESUMEREQUEST']._serialized_start=678
+  _globals['_RESUMEREQUEST']._serialized_end=900
+  _globals['_RESUMERESPONSE']._serialized_start=902
+  _globals['_RESUMERESPONSE']._serialized_end=1025
+  _globals['_WATCHREQUEST']._serialized_start=1027
+  _globals['_WATCHREQUEST']._serialized_end=1076
+  _globals['_WATCHRESPONSE']._serialized_start=1078
+  _globals['_WATCHRESPONSE']._serialized_end=1200
+  _globals['_RUN']._serialized_start=1203
+  _globals['_RUN']._serialized_end=1761
+  _globals['_GETRUNREQUEST']._serialized_start=1763
+  _globals['_GETRUNREQUEST']._serialized_end=1794
+  _globals['_GETRUNRESPONSE']._serialized_start=1796
+  _globals['_GETRUNRESPONSE']._serialized_end=1851
+  _globals['_LISTRUNSREQUEST']._serialized_start=1853
+  _globals['_LISTRUNSREQUEST']._serialized_end=1972
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1974
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2057
+  _globals['_CANCELRUNREQUEST']._serialized_start=2059
+  _globals['_CANCELRUNREQUEST']._serialized_end=2129
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2131
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2189
+  _globals['_COORDINATORSERVICE']._serialized_start=2354
+  _globals['_COORDINATORSERVICE']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

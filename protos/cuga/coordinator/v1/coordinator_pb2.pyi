@@ -51,10 +51,12 @@ class OrchestrateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., goal: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.ExecutionContext, _Mapping]] = ..., error_strategy: _Optional[_Union[_common_pb2.ErrorPropagation, str]] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.PlanStep, _Mapping]]] = ..., budget: _Optional[_Union[_common_pb2.ToolBudget, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.PlanningMode, str]] = ..., routing_policy: _Optional[_Union[_common_pb2.RoutingPolicy, str]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., parallelism: _Optional[int] = ...) -> None: ...
 
 class OrchestrateResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "events")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     event: _common_pb2.OrchestrationEvent
-    def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.OrchestrationEvent]
+    def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ..., events: _Optional[_Iterable[_Union[_common_pb2.OrchestrationEvent, _Mapping]]] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
     __slots__ = ("request_id", "run_id", "partial", "error_strategy", "retry_policy")
@@ -71,10 +73,12 @@ class ResumeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., partial: _Optional[_Union[_common_pb2.PartialResult, _Mapping]] = ..., error_strategy: _Optional[_Union[_common_pb2.ErrorPropagation, str]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ...) -> None: ...
 
 class ResumeResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "events")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     event: _common_pb2.OrchestrationEvent
-    def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.OrchestrationEvent]
+    def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ..., events: _Optional[_Iterable[_Union[_common_pb2.OrchestrationEvent, _Mapping]]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("run_id", "after_seq")
@@ -85,10 +89,12 @@ class WatchRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class WatchResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "events")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     event: _common_pb2.OrchestrationEvent
-    def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.OrchestrationEvent]
+    def __init__(self, event: _Optional[_Union[_common_pb2.OrchestrationEvent, _Mapping]] = ..., events: _Optional[_Iterable[_Union[_common_pb2.OrchestrationEvent, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "trace_id", "goal", "context", "state", "stage", "plan_id", "last_seq", "total_steps", "completed_steps", "error_strategy", "created_at", "updated_at", "failure_mode", "error", "partial_success", "spent", "tool_calls")

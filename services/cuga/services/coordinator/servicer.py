@@ -9,6 +9,10 @@ Besides mapping, the servicer applies the caller-dependent rules of the service:
   answer NOT_FOUND exactly as absent ones do (a ``run_id`` chosen by the caller that another
   profile's run holds included); ``request_id`` deduplication is per requester and profile;
 * the per-identity limit on concurrent streams.
+
+A stream message carries every event that is ready when it is written (``events``, see
+:meth:`CoordinatorAgent.watch_batches`): one event a message while the reader keeps up,
+several once it falls behind or on a replay, so a busy coordinator writes fewer messages.
 """
 
 from __future__ import annotations
@@ -136,8 +140,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if request.context.run_id:
             self._free_run_id(request.context.run_id)
         with self.streams.stream():
-            async for event in self._agent.orchestrate_request(request):
-                yield coordinator_pb2.OrchestrateResponse(event=event)
+            run_id = await self._agent.start(request)
+            async for batch in self._agent.watch_batches(run_id, 0):
+                yield coordinator_pb2.OrchestrateResponse(events=batch)
 
     async def Resume(
         self, request: coordinator_pb2.ResumeRequest, context: grpc.aio.ServicerContext
@@ -153,18 +158,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         )
         self._visible_run(request.run_id if which == "run_id" else request.partial.run_id)
         with self.streams.stream():
-            async for event in self._agent.resume(
+            run_id, after = await self._agent.start_resume(
                 target, error_strategy=request.error_strategy, retry_policy=retry
-            ):
-                yield coordinator_pb2.ResumeResponse(event=event)
+            )
+            async for batch in self._agent.watch_batches(run_id, after):
+                yield coordinator_pb2.ResumeResponse(events=batch)
 
     async def Watch(
         self, request: coordinator_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.WatchResponse]:
         self._visible_run(request.run_id)
         with self.streams.stream():
-            async for event in self._agent.watch(request.run_id, request.after_seq):
-                yield coordinator_pb2.WatchResponse(event=event)
+            async for batch in self._agent.watch_batches(request.run_id, request.after_seq):
+                yield coordinator_pb2.WatchResponse(events=batch)
 
     async def GetRun(
         self, request: coordinator_pb2.GetRunRequest, context: grpc.aio.ServicerContext
