@@ -88,6 +88,15 @@ def _builder(name: str) -> Builder:
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         settings = settings.with_overrides(log_format="json")
+    # gRPC reports a taken port only as a RuntimeError after the service was built.
+    host = settings.common.host
+    port = settings.common.addresses.port_of(args.service) if args.port is None else args.port
+    if port and port_in_use(host, port):
+        raise ConfigProblem(
+            f"port {port} ({args.service}) is already in use on {host}",
+            hint=f"stop what holds it, or serve on another port (--port, or"
+            f" CUGA_ADDRESSES__{args.service.upper()})",
+        )
     try:
         await serve(args.service, _builder(args.service), settings, port=args.port)
     except OSError as exc:  # the port is taken, the data directory not writable, ...
