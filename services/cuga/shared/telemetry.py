@@ -384,9 +384,9 @@ class RpcServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_bidi(
         self, method: str, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Any]:
-        """A bidirectional stream is a transport of calls (ExecuteSteps: one step a
-        message) that lives across runs: it is counted as an open stream, and its
-        messages get the spans and durations (:class:`StreamedCalls`), not the stream."""
+        """A bidirectional stream is a transport of calls (ExecuteSteps: step attempts,
+        one or more a message) that lives across runs: it is counted as an open stream, and
+        its calls get the spans and durations (:class:`StreamedCalls`), not the stream."""
         attributes = rpc_attributes(method)
 
         async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -457,8 +457,8 @@ def _parent_context(carrier: Mapping[str, str]) -> otel_context.Context | None:
 class StreamedCalls:
     """Spans and durations of calls that travel as messages of a long-lived stream.
 
-    ``ExecuteSteps`` carries one step attempt per request message and its outcome in one
-    response message. Each such call gets what a unary call gets from the interceptors:
+    ``ExecuteSteps`` carries step attempts in its request messages and their outcomes in
+    its response messages (one or more a message). Each such call gets what a unary call gets from the interceptors:
     at the sender a CLIENT span whose W3C context (and baggage) travels in the message's
     ``trace_context`` map; at the receiver a SERVER span, its child, with the same name,
     attributes and status rules as :class:`RpcServerInterceptor`'s, and one

@@ -29,6 +29,7 @@ from cuga.client._clients import (
 from cuga.common.v1 import common_pb2
 from cuga.planning.v1 import planning_pb2
 from cuga.routing.v1 import routing_pb2
+from cuga.shared.batching import BatchWriter, WriterClosed
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import TransportRetry
 from cuga.shared.errors import (
@@ -157,8 +158,10 @@ def _expire(future: asyncio.Future[worker_pb2.ExecuteStepsResponse]) -> None:
 
 
 class _StepStream:
-    """One ExecuteSteps stream: requests written under a lock (one write at a time), one
-    reader task resolving each request's future by call id."""
+    """One ExecuteSteps stream: requests written by a :class:`BatchWriter` (the requests
+    ready at once in one message's ``calls``, one write at a time), one reader task
+    resolving each request's future by call id (answers come in ``answers``; a worker of
+    before batching answers one a message, in the message's own fields)."""
 
     def __init__(self, call: BidiStream, expires: float) -> None:
         self.call = call
@@ -167,7 +170,7 @@ class _StepStream:
         up on; a request with a later deadline goes on a newer stream."""
         self.open = True
         self.pending: dict[int, asyncio.Future[worker_pb2.ExecuteStepsResponse]] = {}
-        self._lock = asyncio.Lock()
+        self.writer = BatchWriter(self._write)
         self.reader = asyncio.create_task(self._read(), name="worker-step-stream")
 
     async def _read(self) -> None:
@@ -176,12 +179,13 @@ class _StepStream:
         )
         try:
             while True:
-                response = await self.call.read()
-                if response is None:
+                message = await self.call.read()
+                if message is None:
                     break
-                future = self.pending.pop(response.call_id, None)
-                if future is not None and not future.done():
-                    future.set_result(response)
+                for response in message.answers or (message,):
+                    future = self.pending.pop(response.call_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(response)
         except CugaError as exc:
             failure = exc
         except asyncio.CancelledError:
@@ -196,18 +200,21 @@ class _StepStream:
                 if not future.done():
                     future.set_exception(_Broken(failure))
 
+    async def _write(self, calls: list[worker_pb2.ExecuteStepsRequest]) -> None:
+        await self.call.write(worker_pb2.ExecuteStepsRequest(calls=calls))
+
     async def send(
         self, call_id: int, request: worker_pb2.ExecuteStepsRequest
     ) -> asyncio.Future[worker_pb2.ExecuteStepsResponse]:
-        """Write one request; the future of its response (or of the stream's failure)."""
+        """Write one request (with the others ready at once); the future of its response
+        (or of the stream's failure)."""
         future: asyncio.Future[worker_pb2.ExecuteStepsResponse] = (
             asyncio.get_running_loop().create_future()
         )
         self.pending[call_id] = future
         try:
-            async with self._lock:
-                await self.call.write(request)
-        except (CugaError, asyncio.InvalidStateError) as exc:  # failed, or finished meanwhile
+            await self.writer.put(request)
+        except (CugaError, asyncio.InvalidStateError, WriterClosed) as exc:  # failed or closed
             self.open = False
             self.forget(call_id, future)
             if isinstance(exc, CugaError):
@@ -234,14 +241,15 @@ class _StepStream:
         answered the ones sent."""
         self.open = False
         try:
-            async with self._lock:
-                await self.call.done_writing()
+            await self.writer.close()  # the requests already put go first
+            await self.call.done_writing()
         except Exception as exc:  # the stream failed already: its reader fails its requests
             log.debug("could not half-close a retired step stream: %s", exc)
 
     async def close(self) -> None:
         """Abandon the stream (pending requests fail as broken)."""
         self.open = False
+        self.writer.cancel()
         self.call.cancel()
         self.reader.cancel()
         await asyncio.gather(self.reader, return_exceptions=True)

@@ -26,7 +26,7 @@ from cuga.common.v1 import common_pb2 as cuga_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63uga/worker/v1/worker.proto\x12\x0e\x63uga.worker.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x12\x45xecuteStepRequest\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x02 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x34\n\x10\x61ttempt_deadline\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05grant\x18\x06 \x01(\t\"A\n\x13\x45xecuteStepResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.cuga.common.v1.StepResult\"\xde\x01\n\x13\x45xecuteStepsRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x33\n\x07request\x18\x02 \x01(\x0b\x32\".cuga.worker.v1.ExecuteStepRequest\x12L\n\rtrace_context\x18\x03 \x03(\x0b\x32\x35.cuga.worker.v1.ExecuteStepsRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x14\x45xecuteStepsResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.cuga.common.v1.StepResultH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.cuga.worker.v1.StepErrorH\x00\x42\t\n\x07outcome\"\xb6\x01\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.cuga.worker.v1.StepError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.cuga.common.v1.ToolSpec\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x98\x02\n\rWorkerService\x12V\n\x0b\x45xecuteStep\x12\".cuga.worker.v1.ExecuteStepRequest\x1a#.cuga.worker.v1.ExecuteStepResponse\x12]\n\x0c\x45xecuteSteps\x12#.cuga.worker.v1.ExecuteStepsRequest\x1a$.cuga.worker.v1.ExecuteStepsResponse(\x01\x30\x01\x12P\n\tListTools\x12 .cuga.worker.v1.ListToolsRequest\x1a!.cuga.worker.v1.ListToolsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63uga/worker/v1/worker.proto\x12\x0e\x63uga.worker.v1\x1a\x1b\x63uga/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x12\x45xecuteStepRequest\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x18.cuga.common.v1.PlanStep\x12\x31\n\x07\x63ontext\x18\x02 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x34\n\x10\x61ttempt_deadline\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05grant\x18\x06 \x01(\t\"A\n\x13\x45xecuteStepResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.cuga.common.v1.StepResult\"\x92\x02\n\x13\x45xecuteStepsRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x33\n\x07request\x18\x02 \x01(\x0b\x32\".cuga.worker.v1.ExecuteStepRequest\x12L\n\rtrace_context\x18\x03 \x03(\x0b\x32\x35.cuga.worker.v1.ExecuteStepsRequest.TraceContextEntry\x12\x32\n\x05\x63\x61lls\x18\x04 \x03(\x0b\x32#.cuga.worker.v1.ExecuteStepsRequest\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x01\n\x14\x45xecuteStepsResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.cuga.common.v1.StepResultH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.cuga.worker.v1.StepErrorH\x00\x12\x35\n\x07\x61nswers\x18\x04 \x03(\x0b\x32$.cuga.worker.v1.ExecuteStepsResponseB\t\n\x07outcome\"\xb6\x01\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.cuga.worker.v1.StepError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.cuga.common.v1.ToolSpec\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x98\x02\n\rWorkerService\x12V\n\x0b\x45xecuteStep\x12\".cuga.worker.v1.ExecuteStepRequest\x1a#.cuga.worker.v1.ExecuteStepResponse\x12]\n\x0c\x45xecuteSteps\x12#.cuga.worker.v1.ExecuteStepsRequest\x1a$.cuga.worker.v1.ExecuteStepsResponse(\x01\x30\x01\x12P\n\tListTools\x12 .cuga.worker.v1.ListToolsRequest\x1a!.cuga.worker.v1.ListToolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTESTEPRESPONSE']._serialized_start=334
   _globals['_EXECUTESTEPRESPONSE']._serialized_end=399
   _globals['_EXECUTESTEPSREQUEST']._serialized_start=402
-  _globals['_EXECUTESTEPSREQUEST']._serialized_end=624
-  _globals['_EXECUTESTEPSREQUEST_TRACECONTEXTENTRY']._serialized_start=573
-  _globals['_EXECUTESTEPSREQUEST_TRACECONTEXTENTRY']._serialized_end=624
-  _globals['_EXECUTESTEPSRESPONSE']._serialized_start=627
-  _globals['_EXECUTESTEPSRESPONSE']._serialized_end=767
-  _globals['_STEPERROR']._serialized_start=770
-  _globals['_STEPERROR']._serialized_end=952
-  _globals['_STEPERROR_METADATAENTRY']._serialized_start=905
-  _globals['_STEPERROR_METADATAENTRY']._serialized_end=952
-  _globals['_LISTTOOLSREQUEST']._serialized_start=954
-  _globals['_LISTTOOLSREQUEST']._serialized_end=1011
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=1013
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=1098
-  _globals['_WORKERSERVICE']._serialized_start=1101
-  _globals['_WORKERSERVICE']._serialized_end=1381
+  _globals['_EXECUTESTEPSREQUEST']._serialized_end=676
+  _globals['_EXECUTESTEPSREQUEST_TRACECONTEXTENTRY']._serialized_start=625
+  _globals['_EXECUTESTEPSREQUEST_TRACECONTEXTENTRY']._serialized_end=676
+  _globals['_EXECUTESTEPSRESPONSE']._serialized_start=679
+  _globals['_EXECUTESTEPSRESPONSE']._serialized_end=874
+  _globals['_STEPERROR']._serialized_start=877
+  _globals['_STEPERROR']._serialized_end=1059
+  _globals['_STEPERROR_METADATAENTRY']._serialized_start=1012
+  _globals['_STEPERROR_METADATAENTRY']._serialized_end=1059
+  _globals['_LISTTOOLSREQUEST']._serialized_start=1061
+  _globals['_LISTTOOLSREQUEST']._serialized_end=1118
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=1120
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1205
+  _globals['_WORKERSERVICE']._serialized_start=1208
+  _globals['_WORKERSERVICE']._serialized_end=1488
 # @@protoc_insertion_point(module_scope)

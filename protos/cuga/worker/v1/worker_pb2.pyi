@@ -33,7 +33,7 @@ class ExecuteStepResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[_common_pb2.StepResult, _Mapping]] = ...) -> None: ...
 
 class ExecuteStepsRequest(_message.Message):
-    __slots__ = ("call_id", "request", "trace_context")
+    __slots__ = ("call_id", "request", "trace_context", "calls")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,20 +44,24 @@ class ExecuteStepsRequest(_message.Message):
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     request: ExecuteStepRequest
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, call_id: _Optional[int] = ..., request: _Optional[_Union[ExecuteStepRequest, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    calls: _containers.RepeatedCompositeFieldContainer[ExecuteStepsRequest]
+    def __init__(self, call_id: _Optional[int] = ..., request: _Optional[_Union[ExecuteStepRequest, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., calls: _Optional[_Iterable[_Union[ExecuteStepsRequest, _Mapping]]] = ...) -> None: ...
 
 class ExecuteStepsResponse(_message.Message):
-    __slots__ = ("call_id", "result", "error")
+    __slots__ = ("call_id", "result", "error", "answers")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     result: _common_pb2.StepResult
     error: StepError
-    def __init__(self, call_id: _Optional[int] = ..., result: _Optional[_Union[_common_pb2.StepResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+    answers: _containers.RepeatedCompositeFieldContainer[ExecuteStepsResponse]
+    def __init__(self, call_id: _Optional[int] = ..., result: _Optional[_Union[_common_pb2.StepResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[ExecuteStepsResponse, _Mapping]]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message", "reason", "domain", "metadata")

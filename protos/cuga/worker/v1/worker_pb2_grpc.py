@@ -65,12 +65,13 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExecuteSteps(self, request_iterator, context):
-        """The same as ExecuteStep, for many steps over one long-lived stream: each request
-        message is one attempt, each response message answers one request by call_id, in the
-        order the steps finish. What the coordinator uses: a message on an open stream costs
-        a fraction of a new call (docs/worker.md, "The step stream"). A worker that starts
-        draining answers new requests UNAVAILABLE (reason WORKER_DRAINING), finishes the ones
-        it runs, then ends the stream with OK.
+        """The same as ExecuteStep, for many steps over one long-lived stream: a request message
+        carries one or more attempts (`calls`), a response message one or more answers
+        (`answers`), each by call_id, in the order the steps finish; several go in one message
+        when several are ready at once. What the coordinator uses: a message on an open stream
+        costs a fraction of a new call (docs/worker.md, "The step stream"). A worker that
+        starts draining answers new requests UNAVAILABLE (reason WORKER_DRAINING), finishes the
+        ones it runs, then ends the stream with OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,6 +11,7 @@ import grpc
 
 from cuga.services.worker.domain import DOMAIN, WorkerAgent, remaining
 from cuga.shared.auth import DenialReporter, StepGrantCheck
+from cuga.shared.batching import BatchWriter
 from cuga.shared.config import EXECUTE_STEPS_METHOD
 from cuga.shared.errors import (
     CugaError,
@@ -81,6 +82,11 @@ def step_error(error: CugaError) -> worker_pb2.StepError:
 class _StepStream:
     """One open ExecuteSteps stream: requests run concurrently, answers go out as they end.
 
+    A request message carries one or more attempts (``calls``; a caller of before
+    batching sends one in the message's own fields). Answers ready at once go out in one
+    message (``answers``), through a :class:`BatchWriter`; a caller that sent single
+    attempts gets one answer a message, in the message's own fields, as before.
+
     It ends (OK) when the caller has half-closed and every request is answered, or when
     the worker drains and every request it had taken is answered; a request that breaks
     the protocol (no call id, or one still in use) ends it with INVALID_ARGUMENT.
@@ -103,7 +109,15 @@ class _StepStream:
         self._eof = False
         self._error: CugaError | None = None
         self._finished = asyncio.Event()
-        self._write_lock = asyncio.Lock()
+        self._batched = False  # the caller sends ``calls``: answer in ``answers``
+        self._writer = BatchWriter(self._write)
+
+    async def _write(self, answers: list[worker_pb2.ExecuteStepsResponse]) -> None:
+        if self._batched:
+            await self._context.write(worker_pb2.ExecuteStepsResponse(answers=answers))
+            return
+        for answer in answers:
+            await self._context.write(answer)
 
     def drain(self) -> None:
         """Take no new request; end once the ones taken are answered."""
@@ -120,6 +134,7 @@ class _StepStream:
             await self._finished.wait()
         finally:
             reader.cancel()
+            self._writer.cancel()  # answers not yet written have nowhere to go
             # Requests still running finish (their records are written); their answers
             # have nowhere to go once the stream is gone.
         if reader.done() and not reader.cancelled() and reader.exception() is not None:
@@ -129,8 +144,11 @@ class _StepStream:
 
     async def _read(self, requests: AsyncIterator[worker_pb2.ExecuteStepsRequest]) -> None:
         try:
-            async for request in requests:
-                self._take(request)
+            async for message in requests:
+                if message.calls:
+                    self._take_calls(message)
+                else:
+                    self._take(message, "")
                 if self._finished.is_set():
                     return
         except BaseException:
@@ -139,18 +157,37 @@ class _StepStream:
         self._eof = True
         self._check_finished()
 
-    def _take(self, request: worker_pb2.ExecuteStepsRequest) -> None:
+    def _take_calls(self, message: worker_pb2.ExecuteStepsRequest) -> None:
+        if message.call_id or message.HasField("request") or message.trace_context:
+            self._protocol_error(
+                "call_id",
+                "must be unset in a message with calls (its attempts are in calls)",
+            )
+            return
+        self._batched = True
+        for i, call in enumerate(message.calls):
+            if call.calls:
+                self._protocol_error(f"calls[{i}].calls", "must be empty")
+                return
+            if not self._take(call, f"calls[{i}]."):
+                return
+
+    def _protocol_error(self, field: str, problem: str) -> None:
+        self._error = InvalidArgumentError(field, problem)
+        self._check_finished()
+
+    def _take(self, request: worker_pb2.ExecuteStepsRequest, where: str) -> bool:
         call_id = request.call_id
         if call_id == 0 or call_id in self._running:
-            self._error = InvalidArgumentError(
-                "call_id",
+            self._protocol_error(
+                f"{where}call_id",
                 "is required (1 or more)" if call_id == 0 else f"{call_id} is still in use",
             )
-            self._check_finished()
-            return
+            return False
         task = asyncio.create_task(self._answer(request))
         self._running[call_id] = task
         task.add_done_callback(lambda _: self._done(call_id))
+        return True
 
     def _done(self, call_id: int) -> None:
         self._running.pop(call_id, None)
@@ -200,12 +237,11 @@ class _StepStream:
                 current_run_id.reset(run)
             # The answer first, the span's end after it: the caller waits on the answer,
             # and a server span covers sending it, as a unary call's does.
-            async with self._write_lock:
-                try:
-                    await self._context.write(response)
-                except Exception as exc:  # the stream is gone; the outcome is in the store
-                    log.debug("answer to call %d not sent: %s", request.call_id, exc)
-                    self._finished.set()
+            try:
+                await self._writer.put(response)
+            except Exception as exc:  # the stream is gone; the outcome is in the store
+                log.debug("answer to call %d not sent: %s", request.call_id, exc)
+                self._finished.set()
         finally:
             if span is not None and token is not None and self._calls is not None:
                 self._calls.end_server(span, token, code, message, started)
