@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from cuga.common.v1 import common_pb2
 from cuga.orchestrator import ExponentialBackoffPolicy
 from cuga.orchestrator._policy import resolve_input, template_references
+from cuga.shared.clock import FakeClock
 from cuga.shared.errors import InvalidArgumentError
 from cuga.shared.messages import struct_to_dict, to_struct
 
@@ -59,3 +60,57 @@ def test_reference_to_missing_key_names_the_step() -> None:
         resolve_input(_step({"n": "{{steps.s1.output.nope}}"}), {"s1": {"total": 1}})
     with pytest.raises(InvalidArgumentError, match="s9"):
         resolve_input(_step({"n": "{{steps.s9.output}}"}), {})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"base_delay": 0}, "base_delay must be > 0"),
+        ({"multiplier": 0.9}, "multiplier must be >= 1"),
+        ({"base_delay": 2, "max_delay": 1}, "max_delay must be >= base_delay"),
+        ({"max_attempts": 0}, "max_attempts must be between 1 and 20"),
+        ({"max_attempts": 21}, "max_attempts must be between 1 and 20"),
+    ],
+)
+def test_a_policy_out_of_bounds_is_refused_naming_the_field(
+    kwargs: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ExponentialBackoffPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_execute_retries_only_what_retry_if_accepts() -> None:
+    clock = FakeClock()
+    clock.auto_advance = True
+    calls: list[int] = []
+
+    def down_twice() -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise ConnectionError("down")
+        return "up"
+
+    policy = ExponentialBackoffPolicy(base_delay=1, multiplier=2, max_attempts=3)
+    only_connection = lambda exc: isinstance(exc, ConnectionError)  # noqa: E731
+    assert await policy.execute(down_twice, retry_if=only_connection, clock=clock) == "up"
+    assert len(calls) == 3 and len(clock.slept) == 2
+    assert clock.slept[0] <= 1 and clock.slept[1] <= 2
+
+    async def refused() -> None:
+        calls.append(1)
+        raise PermissionError("no")
+
+    calls.clear()
+    with pytest.raises(PermissionError):
+        await policy.execute(refused, retry_if=only_connection, clock=clock)
+    assert len(calls) == 1  # not retried
+
+
+def test_template_references_are_found_in_lists_and_nested_objects() -> None:
+    step = _step(
+        {
+            "items": ["{{steps.a.output}}", {"deep": ["x", "{{ steps.b.output.v }}"]}, 3],
+            "plain": "no reference",
+        }
+    )
+    assert template_references(step) == {"a", "b"}
