@@ -105,11 +105,23 @@ def _message(error: jsonschema_rs.ValidationError) -> str:
     return error.message
 
 
-def _problem(error: jsonschema_rs.ValidationError) -> SchemaProblem:
-    message = _message(error)
+def _problem(error: jsonschema_rs.ValidationError, instance: Any) -> SchemaProblem:
+    message, rule = _message(error), error.kind.name
+    value: Any = error.instance
+    path = list(error.schema_path)
+    if isinstance(error.kind, _KIND.FalseSchema) and path and path[-1] == "additionalProperties":
+        # jsonschema-rs compiles ``additionalProperties: false`` beside no ``properties``
+        # into a false schema for the first member's value ("False schema does not allow
+        # 1", at the object's path): every member is unexpected, say which.
+        for part in error.instance_path:  # the object, found where the validator was
+            instance = instance[part]
+        extra = ", ".join(repr(name) for name in sorted(instance))
+        verb = "was" if len(instance) == 1 else "were"
+        message = f"Additional properties are not allowed ({extra} {verb} unexpected)"
+        rule, value = "additionalProperties", instance
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + "..."
-    return SchemaProblem(tuple(error.instance_path), message, error.kind.name, error.instance)
+    return SchemaProblem(tuple(error.instance_path), message, rule, value)
 
 
 def _path_order(problem: SchemaProblem) -> tuple[tuple[bool, str | int], ...]:
@@ -150,7 +162,8 @@ class InputSchema:
         """Every way ``instance`` fails the schema, in the order of their places."""
         if self._validator.is_valid(instance):
             return []
-        return sorted(map(_problem, self._validator.iter_errors(instance)), key=_path_order)
+        problems = (_problem(e, instance) for e in self._validator.iter_errors(instance))
+        return sorted(problems, key=_path_order)
 
     def best_problem(self, instance: Any) -> SchemaProblem | None:
         """The most telling way ``instance`` fails (None when it does not): the one nearest
@@ -159,7 +172,7 @@ class InputSchema:
             return None
         best: SchemaProblem | None = None
         for error in self._validator.iter_errors(instance):
-            problem = _problem(error)
+            problem = _problem(error, instance)
             if best is None or _rank(problem) > _rank(best):
                 best = problem
         return best
