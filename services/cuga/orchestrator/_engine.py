@@ -220,6 +220,7 @@ class CoordinatorAgent:
 
     @property
     def metrics(self) -> EngineMetrics:
+        """The engine's OpenTelemetry instruments (no-ops without a ``meter``)."""
         return self._rt.metrics
 
     # ------------------------------------------------------------------ public API

@@ -58,7 +58,7 @@ class CoordinatorClient(BaseClient):
         metadata: Metadata | None = None,
     ) -> AsyncIterator[coordinator_pb2.OrchestrateResponse]:
         """Orchestrate (server stream): one response per event, in ``event`` (a message
-        of several events is unpacked, see :func:`_one_event_each`)."""
+        of several events is unpacked into one response each)."""
         stream = self._stream("orchestrate", self._stub.Orchestrate, request, timeout, metadata)
         async for item in _one_event_each(stream, coordinator_pb2.OrchestrateResponse):
             yield item

@@ -57,15 +57,18 @@ class RemotePlanningAuthority:
     async def create_plan(
         self, request: planning_pb2.CreatePlanRequest, *, timeout: float | None = None
     ) -> common_pb2.Plan:
+        """Build, validate and store a plan (``CreatePlan``)."""
         return (await self._client.create_plan(request, timeout=timeout)).plan
 
     async def get_plan(self, plan_id: str, *, timeout: float | None = None) -> common_pb2.Plan:
+        """A stored plan (``GetPlan``)."""
         request = planning_pb2.GetPlanRequest(plan_id=plan_id)
         return (await self._client.get_plan(request, timeout=timeout)).plan
 
     async def transition_plan(
         self, request: planning_pb2.TransitionPlanRequest, *, timeout: float | None = None
     ) -> common_pb2.Plan:
+        """Move a plan to another state (``TransitionPlan``); the plan in its new state."""
         return (await self._client.transition_plan(request, timeout=timeout)).plan
 
 
@@ -78,6 +81,7 @@ class RemoteRoutingAuthority:
     async def route_batch(
         self, request: routing_pb2.RouteBatchRequest, *, timeout: float | None = None
     ) -> list[common_pb2.RoutingDecision]:
+        """One decision per step, in order (``RouteBatch``)."""
         return list((await self._client.route_batch(request, timeout=timeout)).decisions)
 
 
@@ -90,11 +94,15 @@ class RemoteApprovalManager:
     async def request_approval_batch(
         self, request: approval_pb2.RequestApprovalBatchRequest, *, timeout: float | None = None
     ) -> list[approval_pb2.ApprovalRequest]:
+        """One request per step: NOT_REQUIRED, PENDING or already decided
+        (``RequestApprovalBatch``)."""
         return list((await self._client.request_approval_batch(request, timeout=timeout)).requests)
 
     async def await_decision(
         self, approval_id: str, *, timeout: float | None = None
     ) -> approval_pb2.ApprovalRequest:
+        """The request once decided or expired; still PENDING when ``timeout`` passes
+        first (``AwaitDecision``, then ``GetRequest`` should that answer be lost)."""
         try:
             response = await self._client.await_decision(
                 approval_pb2.AwaitDecisionRequest(approval_id=approval_id), timeout=timeout
@@ -111,6 +119,8 @@ class RemoteApprovalManager:
     async def withdraw_approvals(
         self, request: approval_pb2.WithdrawApprovalsRequest, *, timeout: float | None = None
     ) -> list[approval_pb2.ApprovalRequest]:
+        """Withdraw a cancelled run's PENDING requests (``WithdrawApprovals``); the ones
+        withdrawn."""
         return list((await self._client.withdraw_approvals(request, timeout=timeout)).requests)
 
 
@@ -128,11 +138,14 @@ class RemoteAuditTrail:
     async def record_batch(
         self, records: Sequence[audit_pb2.AuditRecord], *, timeout: float | None = None
     ) -> None:
+        """Store records in order, idempotent by record id (``RecordBatch``); raises when
+        the service did not store them."""
         await self._client.record_batch(
             audit_pb2.RecordBatchRequest(records=records), timeout=timeout
         )
 
     async def flush(self, timeout: float | None = None) -> bool:
+        """True at once: every record given was stored before ``record_batch`` returned."""
         return True  # nothing is held here
 
     async def close(self) -> None:
@@ -389,6 +402,9 @@ class RemoteWorkerPool:
         *,
         timeout: float | None = None,
     ) -> common_pb2.StepResult:
+        """Run one step on ``target``, exactly once per idempotency key, over the worker's
+        step stream (see the class docstring); ``timeout`` defaults to
+        ``default_timeout_s``."""
         worker = self._worker(target)
         now = self._clock.monotonic()
         deadline = now + (self._default_timeout if timeout is None else timeout)
@@ -485,6 +501,7 @@ class RemoteWorkerPool:
     async def list_tools(
         self, target: common_pb2.WorkerTarget, *, timeout: float | None = None
     ) -> list[common_pb2.ToolSpec]:
+        """The tools ``target`` runs, every page of its ``ListTools``."""
         tools: list[common_pb2.ToolSpec] = []
         token = ""
         while True:
