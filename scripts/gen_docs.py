@@ -26,6 +26,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "build" / "docs"
+TITLE = "cuga API reference"
 #: The public Python API: these packages and their public (not ``_``-prefixed) submodules.
 PYTHON_MODULES = ("cuga.orchestrator", "cuga.tools", "cuga.client")
 #: A docstring cross-reference, in the Sphinx roles our docstrings use.
@@ -653,10 +655,16 @@ def broken_links(out: Path) -> list[str]:
 def build(
     out: Path = OUT, *, protos: Path = PROTOS, modules: Sequence[str] = PYTHON_MODULES
 ) -> list[str]:
-    """Build the reference into ``out`` (emptied first); return every problem found."""
-    if out.exists():
-        for page in sorted(out.rglob("*"), reverse=True):
-            page.unlink() if page.is_file() else page.rmdir()
+    """Build the reference into ``out``; return every problem found.
+
+    ``out`` is emptied first when it holds a reference built before; any other directory
+    that is not empty is refused rather than emptied.
+    """
+    if out.exists() and any(out.iterdir()):
+        index = out / "index.html"
+        if not index.is_file() or TITLE not in index.read_text(encoding="utf-8"):
+            raise SystemExit(f"{out}: not empty and not an API reference; choose another --out")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     contract = read_contract(proto_descriptors(protos))
     with warnings.catch_warnings(record=True) as caught:
@@ -670,9 +678,9 @@ def build(
     render_protos(contract, out / "grpc")
     _page(
         out / "index.html",
-        "cuga API reference",
+        TITLE,
         [
-            "<h1>cuga API reference</h1><ul>",
+            f"<h1>{TITLE}</h1><ul>",
             '<li><a href="python/index.html">Python API</a>: ',
             ", ".join(f"<code>{html.escape(m)}</code>" for m in docs),
             '</li><li><a href="grpc/index.html">gRPC contract</a>: ',

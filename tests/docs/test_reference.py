@@ -194,3 +194,10 @@ def test_a_link_that_leads_nowhere_is_found(tmp_path: Path) -> None:
         "index.html: link sub/page.html#gone leads nowhere",
         "index.html: link nowhere.html leads nowhere",
     ]
+
+
+def test_a_directory_it_did_not_build_is_never_emptied(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not an API reference"):
+        gen_docs.build(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
