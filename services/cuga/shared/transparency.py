@@ -30,6 +30,8 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,10 +100,78 @@ def leaf_data(content: Mapping[str, Any]) -> bytes:
 def canonical_json(value: Any) -> str:
     """RFC 8785 canonical JSON text of a JSON-like value.
 
+    The common case — keys below U+D800, strings without surrogates, integers and whole
+    floats within 2^53, other floats at least 10^-4 in magnitude — is
+    written by the standard library's C encoder, whose output is then the same text (see
+    :func:`_plain_json`); anything else by the ``rfc8785`` package. A property test pins
+    the two against each other.
+
     Raises:
         ValueError: a value JSON cannot carry (NaN, Infinity, an integer beyond 2^53).
     """
+    plain = _plain_json(value)
+    if plain is not _NOT_PLAIN:
+        return _PLAIN_ENCODER.encode(plain)
     return rfc8785.dumps(value).decode("utf-8")
+
+
+#: Sorted keys, no whitespace, UTF-8 text as is, only quote, backslash and control
+#: characters escaped (``\b \t \n \f \r``, else ``\u00xx`` in lowercase): RFC 8785's
+#: string and structure rules.
+_PLAIN_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+)
+_NOT_PLAIN: Any = object()
+_MAX_SAFE_INT = 2**53 - 1
+
+
+def _plain_text(text: str) -> bool:
+    # Non-ASCII text: UTF-16 order = code point order below U+D800, and no lone surrogate
+    # (which UTF-8 cannot encode; rfc8785 refuses it).
+    return text.isascii() or max(text) < "\ud800"
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` with whole floats as ints, when json's encoder writes it as RFC 8785
+    does; ``_NOT_PLAIN`` otherwise.
+
+    Where the two differ, and this returns ``_NOT_PLAIN``: object keys are sorted by
+    UTF-16 code units (Python sorts by code points: they agree below U+D800); numbers
+    are written as ECMAScript does: a whole double without a fraction (json writes
+    ``1.0``; exact below 2^53, beyond that its shortest digits padded with zeros up to
+    10^21, then as an exponent: those go to the package); a fraction in fixed notation down to
+    10^-6 (json switches to an exponent below 10^-4, so those go to the package); NaN,
+    Infinity and integers beyond 2^53 are refused (the package raises).
+    """
+    if isinstance(value, str):
+        return value if _plain_text(value) else _NOT_PLAIN
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else _NOT_PLAIN
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value) if abs(value) <= _MAX_SAFE_INT else _NOT_PLAIN
+        return value if math.isfinite(value) and abs(value) >= 1e-4 else _NOT_PLAIN
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not _plain_text(key):
+                return _NOT_PLAIN
+            plain = _plain_json(item)
+            if plain is _NOT_PLAIN:
+                return _NOT_PLAIN
+            out[key] = plain
+        return out
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            plain = _plain_json(item)
+            if plain is _NOT_PLAIN:
+                return _NOT_PLAIN
+            items.append(plain)
+        return items
+    return _NOT_PLAIN
 
 
 def leaf_content(record: audit_pb2.AuditRecord) -> dict[str, Any]:
