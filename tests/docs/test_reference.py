@@ -9,7 +9,7 @@ these checks failing on a small package, contract and site made to be wrong.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 import textwrap
 from pathlib import Path
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
-assert _spec is not None and _spec.loader is not None
-gen_docs = importlib.util.module_from_spec(_spec)
-sys.modules["gen_docs"] = gen_docs
-_spec.loader.exec_module(gen_docs)
+# scripts/ is what `python scripts/gen_docs.py` has first on its path.
+sys.path.insert(0, str(ROOT / "scripts"))
+apiref_grpc = importlib.import_module("apiref_grpc")
+apiref_python = importlib.import_module("apiref_python")
+gen_docs = importlib.import_module("gen_docs")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_the_reference_has_no_problem(site: tuple[Path, list[str]]) -> None:
 
 def test_every_public_python_name_has_its_entry(site: tuple[Path, list[str]]) -> None:
     out, _ = site
-    for name in gen_docs.PYTHON_MODULES:
+    for name in apiref_python.PYTHON_MODULES:
         module = importlib.import_module(name)
         page = (out / "python" / f"{name.replace('.', '/')}.html").read_text(encoding="utf-8")
         for public in module.__all__:
@@ -48,7 +48,7 @@ def test_every_public_python_name_has_its_entry(site: tuple[Path, list[str]]) ->
 
 def test_every_rpc_has_its_entry(site: tuple[Path, list[str]]) -> None:
     out, _ = site
-    files = gen_docs.proto_descriptors()
+    files = apiref_grpc.proto_descriptors()
     assert {f.package for f in files.file} == {
         p.stem.removesuffix(".html") for p in (out / "grpc").glob("cuga.*.html")
     }
@@ -109,15 +109,15 @@ def test_an_undocumented_name_and_a_broken_reference_are_found(
     (tmp_path / "refcheck_bad" / "__init__.py").write_text(BAD_PACKAGE, encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "refcheck_bad", raising=False)
-    modules = gen_docs.python_modules(["refcheck_bad"])
-    gen_docs.adopt_comments(modules)
-    assert sorted(gen_docs.undocumented(modules)) == [
+    modules = apiref_python.python_modules(["refcheck_bad"])
+    apiref_python.adopt_comments(modules)
+    assert sorted(apiref_python.undocumented(modules)) == [
         "attribute refcheck_bad.Shape.SQUARE has no docstring",
         "attribute refcheck_bad.Tool.size has no docstring",
         "function refcheck_bad.helper has no docstring",
         "method refcheck_bad.Tool.stop has no docstring",
     ]
-    assert gen_docs.broken_references(modules) == [
+    assert apiref_python.broken_references(modules) == [
         "refcheck_bad.Tool: :class:`Missing` names nothing documented"
     ]
 
@@ -165,7 +165,7 @@ def test_an_uncommented_proto_element_is_found(tmp_path: Path) -> None:
     proto = tmp_path / "demo" / "v1" / "demo.proto"
     proto.parent.mkdir(parents=True)
     proto.write_text(BAD_PROTO, encoding="utf-8")
-    contract = gen_docs.read_contract(gen_docs.proto_descriptors(tmp_path))
+    contract = apiref_grpc.read_contract(apiref_grpc.proto_descriptors(tmp_path))
     assert sorted(contract.problems) == [
         "enum value demo.v1.Mood.MOOD_HAPPY (demo/v1/demo.proto) has no comment",
         "field demo.v1.GreetRequest.times (demo/v1/demo.proto) has no comment",
@@ -173,7 +173,7 @@ def test_an_uncommented_proto_element_is_found(tmp_path: Path) -> None:
         "oneof demo.v1.GreetRequest.how (demo/v1/demo.proto) has no comment",
         "rpc demo.v1.GreeterService.Wave (demo/v1/demo.proto) has no comment",
     ]
-    gen_docs.render_protos(contract, tmp_path / "site" / "grpc")
+    apiref_grpc.render_protos(contract, tmp_path / "site" / "grpc")
     (tmp_path / "site" / "index.html").write_text('<a href="grpc/index.html">contract</a>')
     assert gen_docs.broken_links(tmp_path / "site") == []
 
