@@ -364,6 +364,25 @@ async def test_a_python_approval_policy_decided_by_a_named_reviewer(tmp_path: Pa
     assert {c.tool for c in seen} == {"echo"} and {c.input["amount"] for c in seen} == {5, 500}
 
 
+async def test_an_approval_callable_that_raises_fails_the_step_closed(tmp_path: Path) -> None:
+    def broken(check: ApprovalCheck) -> bool:
+        return bool(check.input["amount"])  # echo's input has no amount
+
+    agent = await create_coordinator(
+        approval_policy=broken, planning_mode="explicit", settings=make_settings(tmp_path / "data")
+    )
+    try:
+        events = [e async for e in agent.orchestrate("x", plan=[step("a", "echo", n=1)])]
+    finally:
+        await agent.close()
+    assert events[-1].stage == S.LIFECYCLE_STAGE_FAILED
+    failed = next(e for e in events if e.HasField("error"))
+    assert (failed.step_id, failed.error.reason) == ("a", "APPROVAL_POLICY_FAILED")
+    assert failed.error.failure_mode == S.FAILURE_MODE_POLICY  # never retried
+    assert failed.error.message == "approval policy broken raised KeyError: 'amount'"
+    assert not any(e.HasField("step_result") for e in events)  # the tool never ran
+
+
 async def test_audit_trail_answers_the_seeds_calls_embedded(tmp_path: Path) -> None:
     clock = FakeClock(start=1_800_000_000.0)
     clock.auto_advance = True  # the engine's waits pass at once

@@ -26,6 +26,7 @@ from cuga.orchestrator._protocol import ErrorPropagation
 from cuga.shared.auth import Identity
 from cuga.shared.authorities import AuditTrail
 from cuga.shared.clock import Clock, SystemClock
+from cuga.shared.errors import FailedPreconditionError, FailureMode
 from cuga.shared.messages import timestamp
 from cuga.tools import ToolSpec
 from cuga.worker.v1 import worker_pb2
@@ -245,7 +246,15 @@ def _callable_policy(check: Callable[[ApprovalCheck], bool], timeout_s: float) -
             input: Mapping[str, Any],
             context: Mapping[str, Any],
         ) -> PolicyDecision:
-            required = bool(check(ApprovalCheck(tool, input, profile, sensitive, context)))
+            try:
+                required = bool(check(ApprovalCheck(tool, input, profile, sensitive, context)))
+            except Exception as exc:
+                # Fail closed and say whose code failed: the step is not run unreviewed.
+                raise FailedPreconditionError(
+                    f"approval policy {name} raised {type(exc).__name__}: {exc}",
+                    reason="APPROVAL_POLICY_FAILED",
+                    failure_mode=FailureMode.POLICY,
+                ) from exc
             return PolicyDecision(required, rule if required else None)
 
     return CallablePolicy((rule,), source=f"python callable {name}")
