@@ -40,10 +40,13 @@ def python_modules(specs: Sequence[str] = PYTHON_MODULES) -> Docs:
         module = importlib.import_module(name)
         # A name of __all__ served by a module __getattr__ (LLMPlanner: the openai client is
         # imported only when asked for) is not in the module's __dict__, where pdoc looks.
-        for public in getattr(module, "__all__", ()):
-            if public not in vars(module):
-                setattr(module, public, getattr(module, public))
+        lazy = [public for public in getattr(module, "__all__", ()) if public not in vars(module)]
+        for public in lazy:
+            setattr(module, public, getattr(module, public))
         modules[name] = pdoc.doc.Module(module)
+        modules[name].members  # noqa: B018 (read now, while the lazy names are there)
+        for public in lazy:  # the module as it was: what it serves lazily stays lazy
+            delattr(module, public)
     return modules
 
 
