@@ -328,6 +328,38 @@ async def test_the_seeds_strings_for_budgets_and_strategies(tmp_path: Path) -> N
     assert (summary.completed_steps, summary.failed_steps, summary.partial_success) == (1, 1, True)
 
 
+async def test_resume_takes_the_seeds_retry_policy_and_strategy_strings(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+    )
+    agent = await create_coordinator(tools=TEST_TOOLS, planning_mode="explicit", settings=settings)
+    # Fails its first four calls: one in the first run, then three retries on resume; the
+    # default policy's three attempts would not be enough, the given five are.
+    plan = [step("f", "flaky", name="f", fail_times=4, error="connection")]
+    policy = RetryPolicy(base_delay=0.001, max_delay=0.001, max_attempts=5)
+    try:
+        first = [e async for e in agent.orchestrate("flaky", plan=plan)]
+        resumed = [
+            e
+            async for e in agent.resume(
+                first[-1].partial, error_strategy="retry", retry_policy=policy
+            )
+        ]
+        action = agent.handle_error(ConnectionError("down"), "retry", attempt=1, max_attempts=3)
+        same = agent.handle_error(
+            ConnectionError("down"), S.ERROR_PROPAGATION_RETRY, attempt=1, max_attempts=3
+        )
+        with pytest.raises(TypeError, match="retry_policy must be"):
+            agent.resume(first[-1].partial, retry_policy={"max_attempts": 5})  # type: ignore[arg-type]
+    finally:
+        await agent.close()
+    assert first[-1].stage == S.LIFECYCLE_STAGE_FAILED
+    assert resumed[-1].stage == S.LIFECYCLE_STAGE_COMPLETE, resumed[-1]
+    assert [e.retry.attempt for e in resumed if e.HasField("retry")] == [1, 2, 3]
+    assert action == same
+
+
 async def test_a_python_approval_policy_decided_by_a_named_reviewer(tmp_path: Path) -> None:
     seen: list[ApprovalCheck] = []
 

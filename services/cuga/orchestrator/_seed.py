@@ -22,6 +22,8 @@ from cuga.audit.v1 import audit_pb2
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._engine import CoordinatorAgent
+from cuga.orchestrator._errors import ErrorAction
+from cuga.orchestrator._policy import ExponentialBackoffPolicy
 from cuga.orchestrator._protocol import ErrorPropagation
 from cuga.shared.auth import Identity
 from cuga.shared.authorities import AuditTrail
@@ -597,13 +599,27 @@ class EmbeddedCoordinator(CoordinatorAgent):
         target: str | common_pb2.PartialResult,
         *,
         error_strategy: str | int = common_pb2.ERROR_PROPAGATION_UNSPECIFIED,
-        retry_policy: common_pb2.RetryPolicy | None = None,
+        retry_policy: common_pb2.RetryPolicy | ExponentialBackoffPolicy | None = None,
     ) -> AsyncIterator[common_pb2.OrchestrationEvent]:
-        """Continue a failed or interrupted run (strategy as in :meth:`orchestrate`)."""
+        """Continue a failed or interrupted run (strategy as in :meth:`orchestrate`;
+        ``retry_policy`` the message or a :class:`RetryPolicy`)."""
         return super().resume(
             target,
             error_strategy=_strategy(error_strategy),
-            retry_policy=retry_policy,
+            retry_policy=retry_policy_message(retry_policy),
+        )
+
+    def handle_error(
+        self,
+        error: BaseException,
+        strategy: str | int,
+        *,
+        attempt: int = 1,
+        max_attempts: int = 1,
+    ) -> ErrorAction:
+        """What a failed attempt leads to; ``strategy`` may be ``"retry"`` and the like."""
+        return super().handle_error(
+            error, error_strategy(strategy), attempt=attempt, max_attempts=max_attempts
         )
 
     async def wait_run(self, run_id: str) -> coordinator_pb2.Run:
@@ -665,6 +681,23 @@ _ENDED = frozenset(
 )
 
 
+def retry_policy_message(
+    policy: common_pb2.RetryPolicy | ExponentialBackoffPolicy | None,
+) -> common_pb2.RetryPolicy | None:
+    """A ``RetryPolicy`` (the dataclass) as the ``cuga.common.v1.RetryPolicy`` message a
+    resume request carries; a message or ``None`` is returned as it is."""
+    if policy is None or isinstance(policy, common_pb2.RetryPolicy):
+        return policy
+    if not isinstance(policy, ExponentialBackoffPolicy):
+        raise TypeError(
+            f"retry_policy must be a RetryPolicy or its message, not {type(policy).__name__}"
+        )
+    message = common_pb2.RetryPolicy(multiplier=policy.multiplier, max_attempts=policy.max_attempts)
+    message.base_delay.FromNanoseconds(round(policy.base_delay * 1e9))
+    message.max_delay.FromNanoseconds(round(policy.max_delay * 1e9))
+    return message
+
+
 def _strategy(value: str | int) -> Any:
     # The engine's parameter is the protobuf enum type; its values are these ints.
     return error_strategy(value)
@@ -684,4 +717,5 @@ __all__ = [
     "as_budget",
     "budget_policy",
     "error_strategy",
+    "retry_policy_message",
 ]
