@@ -72,7 +72,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
 	@touch $(BENCH_STAMP)
 
 .PHONY: bench
-bench: $(BENCH_STAMP) ## Benchmarks B0-B5 as ratios to baselines of the same run (BENCH_ARGS=--profile|--quick)
+bench: $(BENCH_STAMP) ## Benchmarks B0-B6: B0, B1, B2, B6 in interleaved rounds, ratios at equal durability (BENCH_ARGS=--rounds N|--profile|--quick)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 up: $(STAMP) ## Run all six services in the foreground (Ctrl-C stops them)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,8 +78,18 @@ async def _paced_cpu(channel: grpc.aio.Channel, pid: int, sizes: FloorSizes, sen
     return time.process_time() - client + cpu_seconds(pid) - server
 
 
-async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
-    """Start the floor server as a process, measure, stop it; return B0's figures."""
+@dataclass
+class Floor:
+    """A running floor server: its channel, the unary call and its process id."""
+
+    channel: grpc.aio.Channel
+    call: Any
+    pid: int
+
+
+@asynccontextmanager
+async def floor_server() -> AsyncIterator[Floor]:
+    """Start the floor server as a process and a channel to it; stop both at the end."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -89,17 +101,7 @@ async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
     try:
         port = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(METHOD)
-            await _sequential(call, sizes.warmup)
-            cpu = time.process_time(), cpu_seconds(proc.pid)
-            rounds = [await _sequential(call, sizes.calls_per_round) for _ in range(sizes.rounds)]
-            unary_cpu = time.process_time() - cpu[0] + cpu_seconds(proc.pid) - cpu[1]
-            latency = summarize_rounds(rounds, scale=1e6)
-            calls_per_s = await _concurrent(call, sizes.concurrency, sizes.concurrent_seconds)
-            # The paced stream's CPU less its control's (same waits, no messages): the
-            # messages' own cost, without the timers that pace them.
-            paced = await _paced_cpu(channel, proc.pid, sizes, send=True)
-            control = await _paced_cpu(channel, proc.pid, sizes, send=False)
+            yield Floor(channel, channel.unary_unary(METHOD), proc.pid)
     finally:
         proc.stdin.close()
         try:
@@ -107,17 +109,53 @@ async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def sequential_calls(floor: Floor, n: int) -> list[float]:
+    """``n`` sequential bare calls; each one's time, seconds."""
+    return await _sequential(floor.call, n)
+
+
+async def floor_extras(floor: Floor, sizes: FloorSizes) -> dict[str, Any]:
+    """What B0 measures besides the sequential latency: calls/s of concurrent callers and
+    the CPU of one stream message sent on its own."""
+    calls_per_s = await _concurrent(floor.call, sizes.concurrency, sizes.concurrent_seconds)
+    # The paced stream's CPU less its control's (same waits, no messages): the
+    # messages' own cost, without the timers that pace them.
+    paced = await _paced_cpu(floor.channel, floor.pid, sizes, send=True)
+    control = await _paced_cpu(floor.channel, floor.pid, sizes, send=False)
     return {
-        "unary_p50_us": latency["p50"],
-        "unary_p99_us": latency["p99"],
-        "unary_mean_us": latency["mean"],
-        "samples": latency["n"],
         "calls_per_s": calls_per_s,
         "concurrency": sizes.concurrency,
-        "unary_cpu_us": 1e6 * unary_cpu / (sizes.rounds * sizes.calls_per_round),
         "stream_msg_cpu_us": 1e6 * max(0.0, paced - control) / sizes.stream_messages,
         "stream_pace_s": sizes.stream_pace_s,
     }
 
 
-__all__ = ["FloorSizes", "run_b0"]
+async def run_b0(sizes: FloorSizes) -> dict[str, Any]:
+    """Start the floor server as a process, measure, stop it; return B0's figures."""
+    async with floor_server() as floor:
+        await _sequential(floor.call, sizes.warmup)
+        cpu = time.process_time(), cpu_seconds(floor.pid)
+        rounds = [await _sequential(floor.call, sizes.calls_per_round) for _ in range(sizes.rounds)]
+        unary_cpu = time.process_time() - cpu[0] + cpu_seconds(floor.pid) - cpu[1]
+        latency = summarize_rounds(rounds, scale=1e6)
+        extras = await floor_extras(floor, sizes)
+    return {
+        "unary_p50_us": latency["p50"],
+        "unary_p99_us": latency["p99"],
+        "unary_mean_us": latency["mean"],
+        "samples": latency["n"],
+        "unary_cpu_us": 1e6 * unary_cpu / (sizes.rounds * sizes.calls_per_round),
+        **extras,
+    }
+
+
+__all__ = [
+    "Floor",
+    "FloorSizes",
+    "floor_extras",
+    "floor_server",
+    "run_b0",
+    "sequential_calls",
+]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -75,6 +76,51 @@ def _measure(
     return summarize_rounds(rounds, scale=1e6)
 
 
+class GraphRunner:
+    """A compiled graph on one saver; :meth:`invoke` runs it once on a fresh thread id."""
+
+    def __init__(self, nodes: int, checkpointer: Any, name: str) -> None:
+        self._stamps: list[float] = []
+        self._app = _build(nodes, self._stamps, checkpointer)
+        self._nodes = nodes
+        self._name = name
+        self._count = 0
+
+    def invoke(self) -> list[float]:
+        """One invocation (``durability="sync"``); the gaps between nodes, seconds."""
+        self._stamps.clear()
+        self._count += 1
+        config = {"configurable": {"thread_id": f"{self._name}-{self._count}"}}
+        out = self._app.invoke({"n": 0}, config, durability="sync")
+        assert out["n"] == self._nodes, out
+        return intervals(self._stamps)
+
+
+@contextmanager
+def sqlite_saver_graph(synchronous: str, nodes: int = 50) -> Iterator[GraphRunner]:
+    """The graph on ``SqliteSaver`` in a temp file at durability ``synchronous``:
+    ``full`` is ``SqliteSaver`` as shipped (WAL, SQLite's default ``synchronous=FULL``,
+    checked), ``normal`` the same on a connection set to ``synchronous=NORMAL``."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    with tempfile.TemporaryDirectory(prefix=f"cuga-bench-lg-{synchronous}-") as tmp:
+        if synchronous == "full":
+            with SqliteSaver.from_conn_string(str(Path(tmp) / "checkpoints.db")) as saver:
+                saver.setup()
+                level = saver.conn.execute("PRAGMA synchronous").fetchone()[0]
+                if level != 2:
+                    raise RuntimeError(f"SqliteSaver as shipped runs synchronous={level}, not FULL")
+                yield GraphRunner(nodes, saver, "full")
+            return
+        conn = sqlite3.connect(str(Path(tmp) / "normal.db"), check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            yield GraphRunner(nodes, SqliteSaver(conn), "normal")
+        finally:
+            conn.close()
+
+
 def run_b2(sizes: GraphSizes) -> dict[str, Any]:
     """Measure the graph with SqliteSaver (sync and async durability) and InMemorySaver."""
     from langgraph.checkpoint.memory import InMemorySaver
@@ -112,4 +158,4 @@ def run_b2(sizes: GraphSizes) -> dict[str, Any]:
     }
 
 
-__all__ = ["GraphSizes", "run_b2"]
+__all__ = ["GraphRunner", "GraphSizes", "run_b2", "sqlite_saver_graph"]

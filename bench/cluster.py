@@ -1,7 +1,8 @@
 """The six services as real processes, the way ``cuga up`` runs them, on free ports.
 
-Run store and audit on SQLite in a temp data directory, the tracing SDK on with no
-exporter (no ``OTEL_*`` variables), logging at WARNING. Auth is on (the default): the
+Every store on SQLite in a temp data directory (WAL, ``synchronous=NORMAL`` unless the
+caller asks for ``full``), the tracing SDK on with no exporter (no ``OTEL_*`` variables
+unless the caller sets a sampler), logging at WARNING. Auth is on (the default): the
 :class:`~cuga.cli.up.Cluster` makes local bearer tokens the way ``cuga demo`` does, every
 service checks the caller's token and sends its own downstream, and the bench client calls
 as ``client``. B1 reports whether the coordinator enforced credentials in the run.
@@ -137,9 +138,16 @@ class BenchCluster:
 
 
 @asynccontextmanager
-async def bench_cluster(data_dir: Path) -> AsyncIterator[BenchCluster]:
-    """Start the six services as processes under ``data_dir``; stop them at the end."""
+async def bench_cluster(
+    data_dir: Path, extra_env: Mapping[str, str] | None = None
+) -> AsyncIterator[BenchCluster]:
+    """Start the six services as processes under ``data_dir``; stop them at the end.
+
+    ``extra_env`` is added to the services' environment: ``CUGA_SQLITE__SYNCHRONOUS``
+    (every store's durability), ``OTEL_TRACES_SAMPLER`` (spans sampled out).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
+    env.update(extra_env or {})
     env["CUGA_DATA_DIR"] = str(data_dir)
     env["CUGA_LOG_LEVEL"] = "WARNING"
     for name, port in zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True):

@@ -1,6 +1,11 @@
-"""``make bench``: run B0 to B5, print the figures, the ratios and which targets are met.
+"""``make bench``: run B0 to B6, print the figures, the ratios and which targets are met.
 
-Usage: ``python -m bench.run [--quick] [--only b0,b1,...] [--b4-runs N] [--profile [--native]]``.
+B0, B1, B2 and B6 run in interleaved rounds (:mod:`bench.rounds`): every ratio is taken
+within a round and the report gives the median of the rounds' ratios and their spread,
+for means and p50s, at equal durability (both NORMAL, both FULL). B3, B4 and B5 follow.
+
+Usage: ``python -m bench.run [--quick] [--only b0,b1,...] [--rounds N] [--b4-runs N]
+[--profile [--native]]``.
 Results go to ``bench/results/`` as JSON and Markdown (``latest.*`` and a timestamped
 copy). The exit status is 1 when a benchmark could not run, 0 otherwise: targets that are
 not met are reported, not treated as failures.
@@ -28,19 +33,22 @@ from cuga.shared import grpc_env
 
 grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
 
-from bench.b0_floor import FloorSizes, run_b0  # noqa: E402
-from bench.b1_steps import StepSizes, run_b1  # noqa: E402
-from bench.b2_langgraph import GraphSizes, run_b2  # noqa: E402
+from bench.b0_floor import FloorSizes  # noqa: E402
+from bench.b1_steps import StepSizes  # noqa: E402
+from bench.b2_langgraph import GraphSizes  # noqa: E402
 from bench.b3_concurrency import ConcurrencySizes, run_b3  # noqa: E402
 from bench.b4_memory import MemorySizes, run_b4  # noqa: E402
 from bench.b5_audit import AuditSizes, run_b5  # noqa: E402
 from bench.cluster import bench_cluster  # noqa: E402
 from bench.profile import ProfileSizes, render_profile, run_profile  # noqa: E402
 from bench.report import build_results, render_markdown, write_results  # noqa: E402
+from bench.rounds import RoundSizes, loadavg, run_rounds  # noqa: E402
 from cuga.shared.bootstrap import run  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALL = ("b0", "b1", "b2", "b3", "b4", "b5")
+ALL = ("b0", "b1", "b2", "b3", "b4", "b5", "b6")
+#: The benchmarks measured in interleaved rounds.
+INTERLEAVED = frozenset({"b0", "b1", "b2", "b6"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Sizes:
     b4: MemorySizes = field(default_factory=MemorySizes)
     b5: AuditSizes = field(default_factory=AuditSizes)
     profile: ProfileSizes = field(default_factory=ProfileSizes)
+    rounds: RoundSizes = field(default_factory=RoundSizes)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -72,6 +81,16 @@ class Sizes:
             b4=MemorySizes(small=20, large=60, concurrency=4),
             b5=AuditSizes(records=200, rounds=1),
             profile=ProfileSizes(seconds=5.0),
+            rounds=RoundSizes(
+                rounds=2,
+                warmup_rounds=1,
+                b0_calls=200,
+                b1_runs=1,
+                b2_invocations=1,
+                b6_runs=1,
+                e2e_runs=3,
+                floor=FloorSizes(concurrent_seconds=1.0, stream_messages=100),
+            ),
         )
 
 
@@ -98,15 +117,17 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "langgraph": _version("langgraph"),
         "langgraph-checkpoint-sqlite": _version("langgraph-checkpoint-sqlite"),
         "cpus": os.cpu_count(),
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "loadavg": loadavg(),
         "quick": args.quick,
     }
 
 
 def _notes(figures: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
     notes = [
-        "Services run as separate processes (cuga.cli.up.Cluster) on free ports; run store"
-        " and audit on SQLite (WAL, synchronous=NORMAL); tracing SDK on, no exporter. The"
+        "Services run as separate processes (cuga.cli.up.Cluster) on free ports; every"
+        " store on SQLite (WAL) at the durability each program names (sqlite.synchronous:"
+        " NORMAL or FULL); tracing SDK on, no exporter, every span recorded unless the"
+        " program says 'spans sampled out' (OTEL_TRACES_SAMPLER=always_off). The"
         " services, B0's floor server and this client run on the same event loop"
         " (event_loop: auto, uvloop when installed) and with the same gRPC core settings"
         f" (GRPC_EXPERIMENTS={os.environ.get('GRPC_EXPERIMENTS', '')!r}; cuga.shared.grpc_env).",
@@ -118,14 +139,21 @@ def _notes(figures: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
             " credentials sent downstream). Coordinator refused an unknown token in this run: "
             f"{'yes' if b1['auth_enforced'] else 'no'}."
         )
-    b2 = figures.get("b2", {})
-    if "sqlite_synchronous" in b2:
+    rounds = figures.get("rounds", {})
+    if rounds:
         notes.append(
-            "B2 headline is SqliteSaver as shipped (WAL, synchronous="
-            f"{b2['sqlite_synchronous']}, i.e. FULL: fsync per checkpoint) with"
-            " durability='sync'; ours use WAL + synchronous=NORMAL (safe across a process"
-            " crash, not an OS crash). The like-for-like row is 'SqliteSaver on"
-            " WAL+synchronous=NORMAL'."
+            f"B0, B1, B2 and B6 ran in {rounds.get('rounds')} interleaved rounds (after"
+            f" {rounds.get('warmup_rounds')} thrown away), in the order"
+            f" {', '.join(rounds.get('order', []))} within each round; every ratio is the"
+            " median of the rounds' own ratios, [min-max] their spread. Load average"
+            f" {rounds.get('loadavg_start')} at the start of the rounds,"
+            f" {rounds.get('loadavg_end')} at their end."
+        )
+        notes.append(
+            "Equal durability: LangGraph's SqliteSaver as shipped runs WAL +"
+            " synchronous=FULL (fsync per commit, survives an OS crash), and is compared"
+            " with our stores at sqlite.synchronous=full; at NORMAL (survives a process"
+            " crash) both sides are set to NORMAL."
         )
     b4 = figures.get("b4", {})
     if b4 and b4.get("runs_large") != 10000:
@@ -145,13 +173,11 @@ async def _cluster_benchmarks(
     errors: list[str],
     profile_dir: Path | None,
 ) -> None:
-    if not ({"b1", "b3"} & only or profile_dir):
+    if not ("b3" in only or profile_dir):
         return
     with tempfile.TemporaryDirectory(prefix="cuga-bench-") as tmp:
         async with bench_cluster(Path(tmp) / "data") as cluster:
             steps: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = []
-            if "b1" in only:
-                steps.append(("b1", lambda: run_b1(cluster, sizes.b1)))
             if "b3" in only:
                 steps.append(("b3", lambda: run_b3(cluster, sizes.b3)))
             for name, step in steps:
@@ -187,18 +213,19 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.native:
         sizes = dataclasses.replace(sizes, profile=dataclasses.replace(sizes.profile, native=True))
     if args.b4_runs:
-        sizes = Sizes(
-            sizes.b0,
-            sizes.b1,
-            sizes.b2,
-            sizes.b3,
-            MemorySizes(
+        sizes = dataclasses.replace(
+            sizes,
+            b4=MemorySizes(
                 small=min(sizes.b4.small, args.b4_runs),
                 large=args.b4_runs,
                 concurrency=sizes.b4.concurrency,
             ),
-            sizes.b5,
-            sizes.profile,
+        )
+    if args.rounds:
+        if args.rounds < 5 and not args.quick:
+            raise SystemExit("--rounds: at least 5 rounds for figures to quote")
+        sizes = dataclasses.replace(
+            sizes, rounds=dataclasses.replace(sizes.rounds, rounds=args.rounds)
         )
     only = set(args.only.split(",")) if args.only else set(ALL)
     unknown = only - set(ALL)
@@ -208,10 +235,19 @@ async def main_async(args: argparse.Namespace) -> int:
     figures: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     t0 = time.perf_counter()
-    if "b0" in only:
-        await _timed("b0", lambda: run_b0(sizes.b0), figures, errors)
-    if "b2" in only:
-        await _timed("b2", lambda: asyncio.to_thread(run_b2, sizes.b2), figures, errors)
+    if INTERLEAVED & only:
+        print(
+            f"rounds: {', '.join(sorted(INTERLEAVED & only))} interleaved,"
+            f" {sizes.rounds.rounds} rounds ...",
+            flush=True,
+        )
+        t1 = time.perf_counter()
+        try:
+            figures.update(await run_rounds(sizes.rounds, only))
+            print(f"rounds: done in {time.perf_counter() - t1:.1f} s", flush=True)
+        except Exception:
+            errors.append(f"the rounds could not run: {traceback.format_exc(limit=3)}")
+            print(errors[-1], file=sys.stderr, flush=True)
     if "b5" in only:
         await _timed("b5", lambda: asyncio.to_thread(run_b5, sizes.b5), figures, errors)
     stem = time.strftime("bench-%Y%m%d-%H%M%S")
@@ -220,6 +256,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if "b4" in only:
         await _timed("b4", lambda: run_b4(sizes.b4), figures, errors)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
+    meta["loadavg at end"] = loadavg()
     results = build_results(meta, figures, _notes(figures, sizes) + errors)
     json_path, md_path = write_results(results, args.out, stem)
     print()
@@ -235,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument(
         "--b4-runs", type=int, default=0, help="B4's larger run count (default 10000)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help=f"interleaved rounds of B0/B1/B2/B6 (default {RoundSizes.rounds}, at least 5)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also sample the services with py-spy"

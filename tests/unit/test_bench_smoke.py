@@ -17,6 +17,7 @@ from bench.report import (
     step_traffic_floor_us,
     write_results,
 )
+from bench.rounds import RoundSizes, _Sample, _summarize
 from bench.run import Sizes
 from bench.stats import intervals, percentile, summarize_rounds
 
@@ -70,9 +71,9 @@ def test_ratios_and_targets() -> None:
         (ratio,) = [r for r in ratios if r.name.startswith(prefix)]
         return ratio
 
-    langgraph = find("B1 per step ÷ B2 LangGraph+SqliteSaver")
+    langgraph = find("B1 per step ÷ B2 LangGraph+SqliteSaver as shipped")
     assert langgraph.value == pytest.approx(0.875) and langgraph.met is True
-    assert find("B1 per step ÷ B2 SqliteSaver at our durability").met is None  # not measured
+    assert find("B1 per step ÷ B2 SqliteSaver at NORMAL").met is None  # not measured
     floor = find("B1 per step ÷ B0")
     assert floor.value == pytest.approx(1.4) and floor.met is True
     assert find("B3 errors").met is True
@@ -124,3 +125,55 @@ def test_quick_sizes_are_smaller_than_the_full_ones() -> None:
     quick, full = Sizes.quick(), Sizes()
     assert quick.b1.rounds < full.b1.rounds and quick.b4.large < full.b4.large
     assert full.b3.streams == 200 and full.b1.steps == 50 and full.b2.nodes == 50
+
+
+def _rounds_figures() -> dict[str, dict[str, Any]]:
+    """Three rounds of made-up samples (seconds): B1 twice B2 in round 1, thrice in 2..."""
+    us = 1e-6
+    samples = {
+        "b0": [_Sample([500 * us] * 4), _Sample([500 * us] * 4), _Sample([400 * us] * 4)],
+        "b1_normal": [
+            _Sample([1000 * us, 1000 * us, 1000 * us, 5000 * us]),
+            _Sample([1500 * us] * 4),
+            _Sample([1200 * us] * 4),
+        ],
+        "b2_normal": [_Sample([500 * us] * 4), _Sample([500 * us] * 4), _Sample([600 * us] * 4)],
+        "b6_normal": [_Sample([200 * us] * 4), _Sample([300 * us] * 4), _Sample([240 * us] * 4)],
+    }
+    b6 = {"normal": {"statements_per_step": 4.5, "statements_begin_per_step": 1.0}}
+    return _summarize({}, samples, b6, "1.00 1.00 1.00", "2.00 1.50 1.00", 12.0, RoundSizes(3))
+
+
+def test_rounds_take_the_median_of_each_rounds_ratios() -> None:
+    figures = _rounds_figures()
+    rounds = figures["rounds"]
+    b1 = rounds["programs"]["b1_normal"]
+    assert b1["mean_us"]["median"] == pytest.approx(1500.0)  # round means 2000, 1500, 1200
+    assert b1["mean_us"]["min"] == pytest.approx(1200.0)
+    assert b1["p50_us"]["median"] == pytest.approx(1200.0)  # round p50s 1000, 1500, 1200
+    ratios = {r["name"]: r for r in rounds["ratios"]}
+    b1_b2 = ratios["B1 ÷ LangGraph, both NORMAL"]
+    assert b1_b2["per_round_mean"] == pytest.approx([4.0, 3.0, 2.0])
+    assert b1_b2["mean"] == pytest.approx({"median": 3.0, "min": 2.0, "max": 4.0})
+    assert b1_b2["p50"]["median"] == pytest.approx(2.0)  # 2.0, 3.0, 2.0
+    assert ratios["B6 embedded ÷ LangGraph, both NORMAL"]["mean"]["median"] == pytest.approx(0.4)
+    assert "B1 ÷ LangGraph, both FULL" not in ratios  # FULL not measured here
+    assert figures["b1"]["step_mean_us"] == pytest.approx(1500.0)
+    assert figures["b0"]["unary_p50_us"] == pytest.approx(500.0)
+    assert b1["p99_over_p50"] == pytest.approx(b1["p99_us"] / 1200.0)
+
+
+def test_round_ratios_are_checked_against_their_targets_and_rendered() -> None:
+    figures = _rounds_figures()
+    ratios = {r.name.split(" (")[0]: r for r in compute_ratios(figures)}
+    assert ratios["B1 ÷ LangGraph, both NORMAL"].met is False  # 3.0 > 1.5
+    assert ratios["B6 embedded ÷ LangGraph, both NORMAL"].met is True  # 0.4 <= 0.5
+    assert ratios["B1 ÷ B0"].value == pytest.approx(3.0)  # 4.0, 3.0, 3.0
+    assert ratios["B1 p99 ÷ p50"].met is False  # the 5,000 µs outlier
+    assert "spread 2.00-4.00" in ratios["B1 ÷ LangGraph, both NORMAL"].detail
+    markdown = render_markdown(build_results({"started": "now"}, figures, []))
+    assert "load average 1.00 1.00 1.00 at the start, 2.00 1.50 1.00 at the end" in markdown
+    assert "| B1 ÷ LangGraph, both NORMAL | 3.00 [2.00-4.00] | 2.00 [2.00-3.00] | <= 1.5 |" in (
+        markdown
+    )
+    assert "| normal | 4.50 | 1.00 / 0.00 |" in markdown
