@@ -1,0 +1,71 @@
+"""The tool process pool at its edges (issue 24): a call it cannot send, a call after it
+closed, and processes started ahead of the first call. Real zygote, real tool processes
+(tests/support/process_tools.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from cuga.services.worker.processes import ToolProcessPool
+from cuga.services.worker.runners import ToolProcessUnavailable
+from cuga.shared.messages import value_to_python
+from cuga.tools import ToolContext
+from tests.support.process_tools import PROCESS_TOOLS
+
+QUICK = next(spec.handler for spec in PROCESS_TOOLS if spec.name == "quick")
+PRELOAD = ["tests.support.process_tools"]
+BOUND_S = 15.0
+
+
+async def test_an_input_that_cannot_be_sent_fails_the_call_and_frees_its_slot(
+    tmp_path: Path,
+) -> None:
+    pool = ToolProcessPool(1, preload=PRELOAD)
+    try:
+        slot = pool.acquire()
+        assert slot is not None
+        with pytest.raises(TypeError, match="pickle"):
+            await pool.run(
+                slot, QUICK, {"lock": threading.Lock()}, ToolContext(sandbox_dir=tmp_path)
+            )
+        assert pool.busy == 0 and pool.pids == []  # no process was started for it
+        assert pool.acquire() is not None  # the one slot is free again
+    finally:
+        await pool.close()
+
+
+async def test_a_call_after_close_is_refused_as_stopping(tmp_path: Path) -> None:
+    pool = ToolProcessPool(1, preload=PRELOAD)
+    slot = pool.acquire()
+    assert slot is not None
+    await pool.close()  # the worker stops while a call holds its slot, not yet sent
+    assert pool.acquire() is None  # a closed pool admits nothing new
+    with pytest.raises(ToolProcessUnavailable, match="the worker is stopping"):
+        await pool.run(slot, QUICK, {"n": 1}, ToolContext(sandbox_dir=tmp_path))
+    assert pool.busy == 0
+
+
+async def test_processes_started_ahead_serve_the_first_calls(tmp_path: Path) -> None:
+    pool = ToolProcessPool(2, preload=PRELOAD)
+    try:
+        async with asyncio.timeout(BOUND_S):
+            await pool.start(5)  # never more than the pool's size
+            started = pool.pids
+            assert len(started) == 3  # two tool processes and their zygote
+            slot = pool.acquire()
+            assert slot is not None
+            out = value_to_python(
+                await pool.run(slot, QUICK, {"n": 7}, ToolContext(sandbox_dir=tmp_path))
+            )
+        assert out["n"] == 7 and out["pid"] in started and out["pid"] != os.getpid()
+        assert pool.pids == started  # the call took one of them; none was added
+        await pool.start(2)  # already there: nothing more is started
+        assert pool.pids == started
+    finally:
+        await pool.close()
+    assert pool.pids == []
