@@ -47,9 +47,11 @@ async def test_a_reply_that_arrives_in_pieces_is_assembled(
     assert toolproc.HEADER.unpack(tool.recv(4))[0] == len(b"request")
     assert tool.recv(100) == b"request"
     whole = frame(b"V" + b"x" * 50)
-    for i in (0, 2, 6, 30):  # a partial header, then the header, then the body in two parts
-        tool.sendall(whole[i : {0: 2, 2: 6, 6: 30, 30: len(whole)}[i]])
-        await asyncio.sleep(0)
+    # as the loop would hand them over: part of the header, the rest of it, the body in
+    # two parts
+    for piece in (whole[:2], whole[2:6], whole[6:30], whole[30:]):
+        assert not reply.done()
+        channel.data_received(piece)
     async with asyncio.timeout(BOUND_S):
         assert await reply == b"V" + b"x" * 50
     assert channel.open

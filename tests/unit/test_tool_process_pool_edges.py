@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cuga.services.worker.processes import ToolProcessPool
-from cuga.services.worker.runners import ToolProcessUnavailable
+from cuga.services.worker.runners import (
+    ToolOutputTooLarge,
+    ToolProcessFailed,
+    ToolProcessUnavailable,
+)
+from cuga.services.worker.toolproc import HEADER
 from cuga.shared.messages import value_to_python
 from cuga.tools import ToolContext
 from tests.support.process_tools import PROCESS_TOOLS
@@ -69,3 +76,57 @@ async def test_processes_started_ahead_serve_the_first_calls(tmp_path: Path) -> 
     finally:
         await pool.close()
     assert pool.pids == []
+
+
+# -- a tool that breaks the protocol from inside its process ----------------------------------
+
+
+def _own_socket() -> int:
+    """The tool process's socket to the worker (the only socket it holds)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                return int(name)
+        except OSError:
+            continue
+    raise RuntimeError("no socket")
+
+
+def answers_garbage(inputs: dict[str, Any], ctx: ToolContext) -> None:
+    os.write(_own_socket(), HEADER.pack(1) + b"Q")  # an answer of no known kind
+    threading.Event().wait()  # and never returns: only a kill ends it
+
+
+def announces_gigabytes(inputs: dict[str, Any], ctx: ToolContext) -> None:
+    os.write(_own_socket(), HEADER.pack(2**31))
+    threading.Event().wait()
+
+
+@pytest.mark.parametrize(
+    ("handler", "error", "message"),
+    [
+        (answers_garbage, ToolProcessFailed, "a message of unknown kind b'Q'"),
+        (announces_gigabytes, ToolOutputTooLarge, "2147483647 bytes"),
+    ],
+)
+async def test_a_process_that_breaks_the_protocol_is_killed_and_replaced(
+    tmp_path: Path, handler: Any, error: type[Exception], message: str
+) -> None:
+    pool = ToolProcessPool(1, preload=PRELOAD)
+    try:
+        async with asyncio.timeout(BOUND_S):
+            slot = pool.acquire()
+            assert slot is not None
+            with pytest.raises(error, match=message):
+                await pool.run(slot, handler, {}, ToolContext(sandbox_dir=tmp_path))
+            broken = list(pool.pids)
+            # the process was retired (reaped) before the call failed: only the zygote
+            assert len(broken) == 1
+            slot = pool.acquire()
+            assert slot is not None  # its slot is free
+            out = value_to_python(
+                await pool.run(slot, QUICK, {"n": 1}, ToolContext(sandbox_dir=tmp_path))
+            )
+        assert out["n"] == 1 and out["pid"] not in broken
+    finally:
+        await pool.close()
