@@ -1,0 +1,193 @@
+"""The embedded engine's less travelled paths (issue 24): runs left behind by a stopped
+coordinator, requests for runs that do not exist, paging, and authorities replaced or
+failing under a run.
+
+The engine is the one ``create_coordinator`` builds, every authority's real domain code in
+this process, time a FakeClock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cuga.common.v1 import common_pb2 as S
+from cuga.coordinator.v1 import coordinator_pb2
+from cuga.orchestrator import CoordinatorAgent, create_coordinator
+from cuga.shared.clock import FakeClock
+from cuga.shared.config import Settings
+from cuga.shared.errors import CugaError, InvalidArgumentError, NotFoundError
+from cuga.shared.messages import to_struct
+from tests.support.servers import make_settings
+from tests.support.tools import ENTERED, GATES, TEST_TOOLS
+
+STAGE = S.LifecycleStage.Name
+
+
+def step(sid: str, tool: str, deps: tuple[str, ...] = (), **inputs: object) -> S.PlanStep:
+    return S.PlanStep(step_id=sid, tool=tool, depends_on=deps, input=to_struct(inputs))
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return make_settings(
+        tmp_path / "data",
+        env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+    )
+
+
+async def _agent(settings: Settings) -> CoordinatorAgent:
+    return await create_coordinator(
+        settings=settings, tools=TEST_TOOLS, planning_mode="explicit", clock=FakeClock()
+    )
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[CoordinatorAgent]:
+    agent = await _agent(_settings(tmp_path))
+    try:
+        yield agent
+    finally:
+        await agent.close()
+        # close() leaves the cancelled AuditForwarder._forward coroutine in a reference
+        # cycle; collected later, in the middle of pytest parsing a module, its finaliser
+        # trips CPython 3.11.7's "AST constructor recursion depth mismatch" SystemError.
+        gc.collect()
+
+
+async def _run(agent: CoordinatorAgent, steps: list[S.PlanStep]) -> list[S.OrchestrationEvent]:
+    return [e async for e in agent.orchestrate("test goal", plan=steps)]
+
+
+async def test_a_run_left_interrupted_is_cancelled_without_running_again(
+    agent: CoordinatorAgent,
+) -> None:
+    GATES["left"] = asyncio.Event()
+    ENTERED["left"] = asyncio.Event()
+    events: list[S.OrchestrationEvent] = []
+
+    async def follow() -> None:
+        with pytest.raises(CugaError):  # the run stops under its follower
+            async for e in agent.orchestrate("g", plan=[step("g", "gate", name="left")]):
+                events.append(e)
+
+    client = asyncio.create_task(follow())
+    await asyncio.wait_for(ENTERED["left"].wait(), 10)
+    # The run store refuses writes while the step runs: the run stops, left RUNNING, as
+    # a coordinator that died would leave it.
+    db = agent.store._db.conn  # type: ignore[attr-defined]
+    db.execute("PRAGMA query_only = 1")
+    GATES["left"].set()
+    await asyncio.wait_for(client, 10)
+    db.execute("PRAGMA query_only = 0")
+    run_id = events[0].run_id
+    assert await agent.recover() == [run_id]  # resume_interrupted is off: it waits
+    assert agent.get_run(run_id).state == coordinator_pb2.RUN_STATE_INTERRUPTED
+
+    run = await agent.cancel_run(run_id, "not worth resuming")
+    assert run.state == coordinator_pb2.RUN_STATE_CANCELLED
+    stored = [e async for e in agent.watch(run_id, 0)]
+    last = stored[-1]
+    assert STAGE(last.stage) == "LIFECYCLE_STAGE_CANCELLED"
+    assert "not worth resuming" in last.partial.error
+    assert not last.partial.recovery_plan  # a cancelled run is not resumed
+    assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+    with pytest.raises(CugaError) as refused:
+        [e async for e in agent.resume(run_id)]
+    assert refused.value.code.name == "FAILED_PRECONDITION"
+    # Cancelling again answers the run as it is.
+    again = await agent.cancel_run(run_id)
+    assert again.state == coordinator_pb2.RUN_STATE_CANCELLED
+
+
+async def test_requests_for_a_run_that_does_not_exist_are_not_found(
+    agent: CoordinatorAgent,
+) -> None:
+    with pytest.raises(NotFoundError, match="run nothing-here not found"):
+        await agent.cancel_run("nothing-here")
+    with pytest.raises(NotFoundError, match="run nothing-here not found"):
+        [e async for e in agent.watch("nothing-here", 0)]
+    with pytest.raises(NotFoundError):
+        agent.get_run("nothing-here")
+
+
+async def test_list_runs_pages_and_refuses_a_token_it_did_not_issue(
+    agent: CoordinatorAgent,
+) -> None:
+    ids = []
+    for i in range(3):
+        events = await _run(agent, [step("a", "count", name=f"n{i}")])
+        ids.append(events[0].run_id)
+    first = agent.list_runs(coordinator_pb2.ListRunsRequest(page_size=2))
+    assert len(first.runs) == 2 and first.next_page_token
+    rest = agent.list_runs(
+        coordinator_pb2.ListRunsRequest(page_size=2, page_token=first.next_page_token)
+    )
+    assert len(rest.runs) == 1 and not rest.next_page_token
+    assert sorted(r.run_id for r in [*first.runs, *rest.runs]) == sorted(ids)
+    for position in ("no-slash", "12/", "abc/run-1"):
+        forged = base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+        with pytest.raises(InvalidArgumentError) as info:
+            agent.list_runs(coordinator_pb2.ListRunsRequest(page_token=forged))
+        assert info.value.field == "page_token"
+        assert "is not a token this service issued" in info.value.message
+
+
+class _Counting:
+    """An authority wrapped by embedding code: counts the calls, forwards them."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("inner", "calls"):
+            raise AttributeError(name)
+        target = getattr(self.inner, name)
+        if not callable(target):
+            return target
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return target(*args, **kwargs)
+
+        return call
+
+
+async def test_replaced_authorities_are_the_ones_a_run_uses(agent: CoordinatorAgent) -> None:
+    routing, approval = _Counting(agent.routing), _Counting(agent.approval)
+    agent.routing = routing
+    agent.approval = approval
+    assert agent.routing is routing and agent.approval is approval
+    events = await _run(agent, [step("a", "count", name="replaced")])
+    assert STAGE(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+    assert "route_batch" in routing.calls
+    decision = await agent.make_routing_decision(
+        step("b", "echo", text="x"), S.ExecutionContext(user_id="u")
+    )
+    assert decision.step_id == "b" and decision.target.worker_id
+    assert routing.calls.count("route_batch") >= 2
+
+
+class _Broken:
+    """A routing authority with a bug: it raises what no authority is meant to raise."""
+
+    async def route_batch(self, *args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug in routing")
+
+
+async def test_a_bug_under_a_run_still_ends_it_with_a_terminal_event(
+    agent: CoordinatorAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent.routing = _Broken()
+    events = await _run(agent, [step("a", "count", name="bug")])
+    last = events[-1]
+    assert STAGE(last.stage) == "LIFECYCLE_STAGE_FAILED", [STAGE(e.stage) for e in events]
+    assert "KeyError" in last.partial.error
+    assert agent.get_run(last.run_id).state == coordinator_pb2.RUN_STATE_FAILED
+    assert "Traceback" in caplog.text or "KeyError" in caplog.text
