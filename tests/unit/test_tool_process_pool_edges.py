@@ -130,3 +130,24 @@ async def test_a_process_that_breaks_the_protocol_is_killed_and_replaced(
         assert out["n"] == 1 and out["pid"] not in broken
     finally:
         await pool.close()
+
+
+async def test_a_module_that_fails_to_preload_is_reported_and_its_tools_still_run(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    pool = ToolProcessPool(1, preload=[*PRELOAD, "tests.support.no_such_tools"])
+    try:
+        async with asyncio.timeout(BOUND_S):
+            slot = pool.acquire()
+            assert slot is not None
+            out = value_to_python(
+                await pool.run(slot, QUICK, {"n": 2}, ToolContext(sandbox_dir=tmp_path))
+            )
+    finally:
+        await pool.close()
+    assert out["n"] == 2
+    # the zygote says so on the worker's stderr, naming the module and the error
+    assert (
+        "cuga tool processes: cannot preload tests.support.no_such_tools: ModuleNotFoundError"
+        in capfd.readouterr().err
+    )
