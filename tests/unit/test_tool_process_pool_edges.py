@@ -82,11 +82,12 @@ async def test_processes_started_ahead_serve_the_first_calls(tmp_path: Path) -> 
 
 
 def _own_socket() -> int:
-    """The tool process's socket to the worker (the only socket it holds)."""
-    for name in os.listdir("/proc/self/fd"):
+    """The tool process's socket to the worker: the only socket it holds besides its
+    standard streams (which a CI runner may have made sockets)."""
+    for fd in sorted(int(name) for name in os.listdir("/proc/self/fd")):
         try:
-            if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
-                return int(name)
+            if fd > 2 and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return fd
         except OSError:
             continue
     raise RuntimeError("no socket")
