@@ -170,6 +170,15 @@ async def test_a_run_shows_one_line_per_event_and_exits_by_its_end(
     code, shown, _ = await _cuga(settings, capsys, "cancel", run_id)
     assert code == ExitCode.OK and shown.strip() == f"{run_id}: COMPLETED"
 
+    # A goal no installed tool fits: exit 4, and the hint says what to do.
+    code, _, said = await _cuga(settings, capsys, "run", "paint the fence green")
+    assert code == ExitCode.CALL_ERROR and "NO_MATCHING_TOOL" not in said.split("hint:")[-1]
+    assert "hint: no installed tool fits the goal: list them with `cuga tools`" in said
+    # A reviewer token the services do not know, given with --token: the hint says so.
+    code, _, said = await _cuga(settings, capsys, "approvals", "list", "--token", "bogus")
+    assert code == ExitCode.CALL_ERROR and "UNAUTHENTICATED" in said
+    assert "hint: the token given with --token is not known to the services" in said
+
     # A run that does not exist: exit 4 with the status.
     code, _, said = await _cuga(settings, capsys, "status", "no-such-run")
     assert code == ExitCode.CALL_ERROR and "NOT_FOUND" in said
