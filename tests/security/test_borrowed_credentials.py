@@ -98,7 +98,8 @@ class RogueWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def ExecuteSteps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self._keep(context)
         async for message in request_iterator:
-            self.steps.append(message.request)
+            # Several attempts a message (calls), or one in the message's own fields.
+            self.steps.extend([c.request for c in message.calls] or [message.request])
             self.got_step.set()
 
     def captured(self) -> list[str]:
