@@ -2,9 +2,9 @@
 
 The store's contract (idempotent inserts, compare-and-swap updates, the pending limit)
 runs on both dialects. Several managers over one PostgreSQL database stand in for approval
-replicas: their races are forced with threads (each manager on its own event loop and
-connection, released together by a barrier), and cross-replica waking goes through the
-real LISTEN/NOTIFY.
+replicas: each has its own store and connection pool, their calls race on one event loop
+(on PostgreSQL every query is awaited, so their statements interleave on the server), and
+cross-replica waking goes through the real LISTEN/NOTIFY.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,22 +63,26 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
     return str(request.getfixturevalue("postgres_dsn"))
 
 
+Stores = Callable[[], Awaitable[SqlApprovalStore]]
+
+
 @pytest.fixture
-def stores(location: Location) -> Iterator[Callable[[], SqlApprovalStore]]:
-    """Opens stores on one location (each its own connection); closes them afterwards."""
+async def stores(location: Location) -> AsyncIterator[Stores]:
+    """Opens stores on one location (each its own connections); closes them afterwards."""
     opened: list[SqlApprovalStore] = []
 
-    def open_store() -> SqlApprovalStore:
+    async def open_store() -> SqlApprovalStore:
         if isinstance(location, Path):
             store: SqlApprovalStore = SQLiteApprovalStore(location)
         else:
             store = PostgresApprovalStore(location)
+            await store.open()
         opened.append(store)
         return store
 
     yield open_store
     for store in opened:
-        store.close()
+        await store.aclose()
 
 
 def pending(
@@ -106,11 +109,11 @@ def no_check(new: approval_pb2.ApprovalRequest, existing: StoredRequest) -> None
 # ---------------------------------------------------------------------- the store
 
 
-def test_insert_is_idempotent_by_step_and_request_id(
-    stores: Callable[[], SqlApprovalStore],
+async def test_insert_is_idempotent_by_step_and_request_id(
+    stores: Stores,
 ) -> None:
-    a, b = stores(), stores()
-    assert a.insert(
+    a, b = await stores(), await stores()
+    assert await a.insert(
         [(pending("apr_1"), "u", "k1")], profile="default", max_pending=9, check=no_check
     ) == [None]
     seen: list[tuple[str, str]] = []
@@ -119,36 +122,36 @@ def test_insert_is_idempotent_by_step_and_request_id(
         seen.append((new.approval_id, existing.request.approval_id))
 
     # The same step again, from another connection: the stored request answers.
-    (again,) = b.insert(
+    (again,) = await b.insert(
         [(pending("apr_2"), "u", "")], profile="default", max_pending=9, check=record
     )
     assert again is not None and again.request.approval_id == "apr_1"
     # Another step under the same request id: the request id's owner answers.
-    (reused,) = b.insert(
+    (reused,) = await b.insert(
         [(pending("apr_3", "s2"), "u", "k1")], profile="default", max_pending=9, check=record
     )
     assert reused is not None and reused.request_id == "k1"
     assert seen == [("apr_2", "apr_1"), ("apr_3", "apr_1")]
-    assert b.get("apr_2") is None and b.get("apr_3") is None
+    assert await b.get("apr_2") is None and await b.get("apr_3") is None
 
     # A check that refuses undoes the whole batch.
     def refuse(new: approval_pb2.ApprovalRequest, existing: StoredRequest) -> None:
         raise AlreadyExistsError("step reused", reason="STEP_REUSED")
 
     with pytest.raises(AlreadyExistsError):
-        b.insert(
+        await b.insert(
             [(pending("apr_4", "s4"), "u", ""), (pending("apr_5", "s1"), "u", "")],
             profile="default",
             max_pending=9,
             check=refuse,
         )
-    assert a.get("apr_4") is None and a.count_all_pending() == 1
+    assert await a.get("apr_4") is None and await a.count_all_pending() == 1
 
 
-def test_update_is_a_compare_and_swap(stores: Callable[[], SqlApprovalStore]) -> None:
-    a, b = stores(), stores()
-    a.insert([(pending("apr_1"), "u", "")], profile="default", max_pending=9, check=no_check)
-    read_a, read_b = a.get("apr_1"), b.get("apr_1")
+async def test_update_is_a_compare_and_swap(stores: Stores) -> None:
+    a, b = await stores(), await stores()
+    await a.insert([(pending("apr_1"), "u", "")], profile="default", max_pending=9, check=no_check)
+    read_a, read_b = await a.get("apr_1"), await b.get("apr_1")
     assert read_a is not None and read_b is not None and read_a.version == read_b.version == 0
     approved = approval_pb2.ApprovalRequest()
     approved.CopyFrom(read_a.request)
@@ -158,38 +161,41 @@ def test_update_is_a_compare_and_swap(stores: Callable[[], SqlApprovalStore]) ->
     denied.CopyFrom(read_b.request)
     denied.status = S.APPROVAL_STATUS_DENIED
     denied.decisions.add(reviewer="rob", verdict=DENY, reason="no")
-    assert a.update(approved, version=0, decision_key=("d1", "rita"))
+    assert await a.update(approved, version=0, decision_key=("d1", "rita"))
     # B read the same version: its write loses and changes nothing.
-    assert not b.update(denied, version=0, decision_key=("d2", "rob"))
-    now = b.get("apr_1")
+    assert not await b.update(denied, version=0, decision_key=("d2", "rob"))
+    now = await b.get("apr_1")
     assert now is not None and now.version == 1 and now.request == approved
-    assert b.decision_key("d1", "rita") == "apr_1" and b.decision_key("d2", "rob") is None
-    assert b.count_all_pending() == 0 and b.due(1e12) == []
+    assert (
+        await b.decision_key("d1", "rita") == "apr_1" and await b.decision_key("d2", "rob") is None
+    )
+    assert await b.count_all_pending() == 0 and await b.due(1e12) == []
 
 
-def test_pending_limit_is_counted_with_the_insert(stores: Callable[[], SqlApprovalStore]) -> None:
-    a, b = stores(), stores()
-    a.insert(
+async def test_pending_limit_is_counted_with_the_insert(stores: Stores) -> None:
+    a, b = await stores(), await stores()
+    await a.insert(
         [(pending("apr_1"), "u", ""), (pending("apr_2", "s2"), "u", "")],
         profile="default",
         max_pending=2,
         check=no_check,
     )
     with pytest.raises(ResourceExhaustedError, match="has 2 pending approvals; the limit is 2"):
-        b.insert(
+        await b.insert(
             [(pending("apr_3", "s3"), "u", "")], profile="default", max_pending=2, check=no_check
         )
-    assert b.count_pending("default") == 2 and b.get("apr_3") is None
+    assert await b.count_pending("default") == 2 and await b.get("apr_3") is None
     # A repeat of a stored step stores nothing, so the limit does not refuse it.
-    (again,) = b.insert(
+    (again,) = await b.insert(
         [(pending("apr_9"), "u", "")], profile="default", max_pending=2, check=no_check
     )
     assert again is not None and again.request.approval_id == "apr_1"
 
 
-def test_open_approval_store_validates(tmp_path: Path) -> None:
+async def test_open_approval_store_validates(tmp_path: Path) -> None:
     store = open_approval_store("sqlite", data_dir=tmp_path)
-    store.close()
+    await store.open()
+    await store.aclose()
     assert (tmp_path / "approval.db").exists()
     with pytest.raises(ValueError, match="DSN"):
         open_approval_store("postgres", data_dir=tmp_path, dsn=" ")
@@ -197,7 +203,7 @@ def test_open_approval_store_validates(tmp_path: Path) -> None:
         open_approval_store("mysql", data_dir=tmp_path)
 
 
-def test_sqlite_file_from_before_versions_is_upgraded(tmp_path: Path) -> None:
+async def test_sqlite_file_from_before_versions_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "approval.db"
     conn = sqlite3.connect(path)
     conn.executescript(
@@ -213,13 +219,13 @@ def test_sqlite_file_from_before_versions_is_upgraded(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     store = SQLiteApprovalStore(path)
-    old = store.get("apr_old")
+    old = await store.get("apr_old")
     assert old is not None and old.version == 0 and old.request.status == PENDING
     approved = approval_pb2.ApprovalRequest()
     approved.CopyFrom(old.request)
     approved.status = S.APPROVAL_STATUS_APPROVED
-    assert store.update(approved, version=0)
-    store.close()
+    assert await store.update(approved, version=0)
+    store.close()  # the SQLite store also closes synchronously (the embedded engine)
 
 
 # ---------------------------------------------------------------------- managers on one store
@@ -230,10 +236,10 @@ def manager(store: SqlApprovalStore, clock: FakeClock, **kw: Any) -> ApprovalMan
 
 
 async def test_two_managers_share_requests_and_partial_approvals(
-    stores: Callable[[], SqlApprovalStore],
+    stores: Stores,
 ) -> None:
     clock = FakeClock()
-    a, b = manager(stores(), clock), manager(stores(), clock)
+    a, b = manager(await stores(), clock), manager(await stores(), clock)
     first = await a.request_approval(ask("v", "vault.open", request_id="k1"))
     assert first.required_approvals == 2
     # B answers the same request id / step with A's request.
@@ -259,101 +265,92 @@ async def test_two_managers_share_requests_and_partial_approvals(
 # ---------------------------------------------------------------------- replicas on PostgreSQL
 
 
-def race(*calls: Callable[[], Awaitable[T]]) -> list[T | CugaError]:
-    """Run each call on its own thread and event loop, released together by a barrier."""
-    barrier = threading.Barrier(len(calls))
-    results: list[T | CugaError] = [CugaError("not run")] * len(calls)
+async def race(*calls: Callable[[], Awaitable[T]]) -> list[T | CugaError]:
+    """Start the calls together; each one's result or refusal."""
 
-    def run(i: int, call: Callable[[], Awaitable[T]]) -> None:
-        async def go() -> T:
-            barrier.wait(timeout=10)
-            return await call()
-
+    async def run(call: Callable[[], Awaitable[T]]) -> T | CugaError:
         try:
-            results[i] = asyncio.run(go())
+            return await call()
         except CugaError as exc:
-            results[i] = exc
+            return exc
 
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    return results
+    return list(await asyncio.gather(*(run(c) for c in calls)))
 
 
 @pytest.fixture
-def pg_stores(postgres_dsn: str) -> Iterator[Callable[[], SqlApprovalStore]]:  # noqa: F811
+async def pg_stores(postgres_dsn: str) -> AsyncIterator[Stores]:  # noqa: F811
     opened: list[SqlApprovalStore] = []
 
-    def open_store() -> SqlApprovalStore:
-        opened.append(PostgresApprovalStore(postgres_dsn))
-        return opened[-1]
+    async def open_store() -> SqlApprovalStore:
+        store = PostgresApprovalStore(postgres_dsn)
+        await store.open()
+        opened.append(store)
+        return store
 
     yield open_store
     for store in opened:
-        store.close()
+        await store.aclose()
 
 
-def test_racing_replicas_store_one_request_per_step(
-    pg_stores: Callable[[], SqlApprovalStore],
+async def test_racing_replicas_store_one_request_per_step(
+    pg_stores: Stores,
 ) -> None:
     clock = FakeClock()
-    a, b = manager(pg_stores(), clock), manager(pg_stores(), clock)
+    a, b = manager(await pg_stores(), clock), manager(await pg_stores(), clock)
     for i in range(8):
-        results = race(
+        results = await race(
             lambda i=i: a.request_approval(ask(f"s{i}", request_id=f"k{i}")),  # type: ignore[misc]
             lambda i=i: b.request_approval(ask(f"s{i}", request_id=f"k{i}")),  # type: ignore[misc]
         )
         assert all(isinstance(r, approval_pb2.ApprovalRequest) for r in results), results
         ids = {r.approval_id for r in results if isinstance(r, approval_pb2.ApprovalRequest)}
         assert len(ids) == 1
-    assert len((asyncio.run(a.list_pending()))[0]) == 8
+    assert len((await a.list_pending())[0]) == 8
 
 
-def test_racing_decisions_are_decided_once(pg_stores: Callable[[], SqlApprovalStore]) -> None:
+async def test_racing_decisions_are_decided_once(pg_stores: Stores) -> None:
     clock = FakeClock()
-    a, b = manager(pg_stores(), clock), manager(pg_stores(), clock)
+    a, b = manager(await pg_stores(), clock), manager(await pg_stores(), clock)
     for i in range(6):
         # Two approvers of a 2-key request: neither approval is lost.
-        two = asyncio.run(a.request_approval(ask(f"v{i}", "vault.open")))
-        both = race(
+        two = await a.request_approval(ask(f"v{i}", "vault.open"))
+        both = await race(
             lambda aid=two.approval_id: a.submit_decision(aid, APPROVE, "ok", RITA),  # type: ignore[misc]
             lambda aid=two.approval_id: b.submit_decision(aid, APPROVE, "ok", ROB),  # type: ignore[misc]
         )
         assert all(isinstance(r, approval_pb2.ApprovalRequest) for r in both), both
-        final = asyncio.run(b.get_request(two.approval_id))
+        final = await b.get_request(two.approval_id)
         assert final.status == S.APPROVAL_STATUS_APPROVED
         assert sorted(d.reviewer for d in final.decisions) == ["rita", "rob"]
         # Approve on A against deny on B: one decides, the other is late.
-        one = asyncio.run(a.request_approval(ask(f"s{i}")))
-        results = race(
+        one = await a.request_approval(ask(f"s{i}"))
+        results = await race(
             lambda aid=one.approval_id: a.submit_decision(aid, APPROVE, "ok", RITA),  # type: ignore[misc]
             lambda aid=one.approval_id: b.submit_decision(aid, DENY, "no", ROB),  # type: ignore[misc]
         )
         won = [r for r in results if isinstance(r, approval_pb2.ApprovalRequest)]
         lost = [r for r in results if isinstance(r, FailedPreconditionError)]
         assert len(won) == 1 and len(lost) == 1, results
-        final = asyncio.run(a.get_request(one.approval_id))
+        final = await a.get_request(one.approval_id)
         assert final == won[0] and len(final.decisions) == 1
         assert lost[0].reason == f"ALREADY_{S.ApprovalStatus.Name(final.status)[16:]}"
 
 
-def test_racing_expiry_sweeps_expire_once(
-    pg_stores: Callable[[], SqlApprovalStore], caplog: pytest.LogCaptureFixture
+async def test_racing_expiry_sweeps_expire_once(
+    pg_stores: Stores, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = FakeClock()
-    a, b = manager(pg_stores(), clock), manager(pg_stores(), clock)
-    ids = [asyncio.run(a.request_approval(ask(f"s{i}"))).approval_id for i in range(10)]
+    a, b = manager(await pg_stores(), clock), manager(await pg_stores(), clock)
+    ids = [(await a.request_approval(ask(f"s{i}"))).approval_id for i in range(10)]
     clock.advance(120)  # the `sensitive` rule's timeout
     caplog.set_level(logging.INFO, logger="cuga.approval")
     # list_pending runs the expiry sweep first, on both replicas at once.
-    pages = race(lambda: a.list_pending(), lambda: b.list_pending())
+    pages = await race(lambda: a.list_pending(), lambda: b.list_pending())
     assert pages == [([], ""), ([], "")]
     expired = [r for r in caplog.records if r.getMessage().startswith("approval expired")]
     assert sorted(r.getMessage().split()[2] for r in expired) == sorted(ids)
     for approval_id in ids:
-        assert asyncio.run(b.get_request(approval_id)).status == S.APPROVAL_STATUS_EXPIRED
+        assert (await b.get_request(approval_id)).status == S.APPROVAL_STATUS_EXPIRED
 
 
 @asynccontextmanager
@@ -369,12 +366,12 @@ async def started(
 
 
 async def test_wait_on_b_is_woken_by_a_decision_on_a(
-    pg_stores: Callable[[], SqlApprovalStore],
+    pg_stores: Stores,
 ) -> None:
     clock = FakeClock()
-    a = manager(pg_stores(), clock)
+    a = manager(await pg_stores(), clock)
     # Re-checks far apart: only the notification can answer within the wait.
-    async with started(pg_stores(), clock, recheck_s=300) as b:
+    async with started(await pg_stores(), clock, recheck_s=300) as b:
         req = await a.request_approval(ask())
         waiter = asyncio.ensure_future(b.await_decision(req.approval_id))
         await asyncio.wait_for(b.until_waiting(1), 5)
@@ -383,10 +380,10 @@ async def test_wait_on_b_is_woken_by_a_decision_on_a(
         assert b.waiting == 0
 
 
-async def test_b_expires_a_request_made_on_a(pg_stores: Callable[[], SqlApprovalStore]) -> None:
+async def test_b_expires_a_request_made_on_a(pg_stores: Stores) -> None:
     clock = FakeClock()
-    a = manager(pg_stores(), clock)  # never started: as if it died after asking
-    async with started(pg_stores(), clock, recheck_s=300) as b:
+    a = manager(await pg_stores(), clock)  # never started: as if it died after asking
+    async with started(await pg_stores(), clock, recheck_s=300) as b:
         await b.request_approval(ask("s0"))  # 120 s: B's expiry task sleeps until then
         await asyncio.wait_for(clock.until_sleepers(1), 10)  # B's expiry task sleeps
         # Only A's notification can tell B's expiry task about this earlier one.
@@ -399,12 +396,12 @@ async def test_b_expires_a_request_made_on_a(pg_stores: Callable[[], SqlApproval
 
 
 async def test_a_lost_notification_only_delays(
-    pg_stores: Callable[[], SqlApprovalStore],
+    pg_stores: Stores,
     postgres_dsn: str,  # noqa: F811
 ) -> None:
     clock = FakeClock()
-    a = pg_stores()
-    async with started(pg_stores(), clock, recheck_s=0.1) as b:
+    a = await pg_stores()
+    async with started(await pg_stores(), clock, recheck_s=0.1) as b:
         req = await manager(a, clock).request_approval(ask())
         waiter = asyncio.ensure_future(b.await_decision(req.approval_id))
         await asyncio.wait_for(b.until_waiting(1), 5)
@@ -422,11 +419,11 @@ async def test_a_lost_notification_only_delays(
 
 
 async def test_waiters_recheck_after_the_listener_reconnects(
-    pg_stores: Callable[[], SqlApprovalStore],
+    pg_stores: Stores,
     postgres_dsn: str,  # noqa: F811
 ) -> None:
     clock = FakeClock()
-    async with started(pg_stores(), clock, recheck_s=300) as b:
+    async with started(await pg_stores(), clock, recheck_s=300) as b:
         req = await b.request_approval(ask())
         waiter = asyncio.ensure_future(b.await_decision(req.approval_id))
         await asyncio.wait_for(b.until_waiting(1), 5)

@@ -46,11 +46,12 @@ async def manager(
         store = SQLiteApprovalStore(tmp_path / "approval.db")
     else:
         store = PostgresApprovalStore(request.getfixturevalue("postgres_dsn"))
+        await store.open()
     m = ApprovalManager(store, parse_policy(POLICY), clock=clock)
     await m.start()
     yield m
     await m.close()
-    store.close()
+    await store.aclose()
 
 
 def withdraw(run_id: str = "r1") -> approval_pb2.WithdrawApprovalsRequest:

@@ -8,23 +8,37 @@ psycopg 3 connection, rewrites ``?`` to ``%s`` and returns rows that, like
 ``BYTEA``, ``rowid`` vs an identity column) and stay in each store, chosen by
 :attr:`Database.dialect`.
 
-Calls are synchronous: each is one short statement or transaction, and the stores are
-used inline on the event loop as the SQLite default always was. A PostgreSQL connection
-that broke (server restart, network) is re-opened before the next call.
+:class:`Database` calls are synchronous: each is one short statement or transaction, used
+inline on the event loop as the SQLite default always was. A synchronous PostgreSQL
+connection that broke (server restart, network) is re-opened before the next call.
+
+Services serving calls from PostgreSQL use :class:`AsyncDatabase` instead:
+:class:`PostgresPool` runs each statement on a connection of a bounded
+:class:`psycopg_pool.AsyncConnectionPool` (sized by a :class:`PoolConfig`, the
+``<service>.pool`` keys) and awaits the server's answer, so a slow query holds one
+connection and its own call, never the event loop. :class:`AsyncSQLiteDatabase` gives
+SQLite the same interface and stays synchronous underneath. State that lives in a
+database *session* (a session advisory lock) needs one connection for its whole life:
+:meth:`PostgresPool.session` keeps one for the length of a block.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from cuga.shared.config import ConfigError
+from cuga.shared.errors import ResourceExhaustedError, UnavailableError
 from cuga.shared.sqlite import Transaction
 
 log = logging.getLogger("cuga.sqldb")
@@ -216,6 +230,303 @@ class PostgresDatabase:
             self._conn.close()
 
 
+@dataclass(frozen=True)
+class PoolConfig:
+    """A service's PostgreSQL connection pool (its ``<service>.pool`` keys)."""
+
+    min_size: int = 1
+    """Connections opened at start and kept open, 0 to max_size."""
+    max_size: int = 10
+    """Most connections open at once, 1 to 100: the most queries of this process in
+    flight. A call needing one more waits for one to be given back (timeout_s)."""
+    timeout_s: float = 10.0
+    """How long a call waits for a free connection, seconds, > 0 and <= 300; then it
+    fails RESOURCE_EXHAUSTED (all max_size busy) or UNAVAILABLE (none can be opened)."""
+    connect_timeout_s: int = 10
+    """How long opening one connection may take, seconds, 1 to 300."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_size <= 100:
+            raise ConfigError("max_size", "must be 1 to 100")
+        if not 0 <= self.min_size <= self.max_size:
+            raise ConfigError("min_size", f"must be 0 to max_size ({self.max_size})")
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= 300):
+            raise ConfigError("timeout_s", "must be > 0 and <= 300 seconds")
+        if not 1 <= self.connect_timeout_s <= 300:
+            raise ConfigError("connect_timeout_s", "must be 1 to 300 seconds")
+
+
+class Rows:
+    """A statement's result, read in full: rows (by index or name) and the row count."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[Any]:
+        """All remaining rows."""
+        rest = self._rows[self._next :]
+        self._next = len(self._rows)
+        return rest
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class AsyncDatabase(Protocol):
+    """:class:`Database` for stores whose callers await it (``?`` placeholders)."""
+
+    @property
+    def dialect(self) -> Dialect:
+        """``sqlite`` or ``postgres``."""
+        ...
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run one statement (in the current transaction, if any); its rows, read."""
+        ...
+
+    async def executescript(self, script: str) -> None:
+        """Run several statements without parameters (schema creation)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncDatabase]:
+        """One transaction on one connection, committed on success, rolled back on error;
+        it yields the database to run the transaction's statements on."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection(s)."""
+        ...
+
+
+class AsyncSQLiteDatabase:
+    """:class:`AsyncDatabase` over a :class:`SQLiteDatabase`: the same synchronous calls
+    (each short, on a local file), behind ``await``."""
+
+    dialect: Dialect = "sqlite"
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self.sync = db
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self.sync.execute(sql, params)
+
+    async def executescript(self, script: str) -> None:
+        self.sync.executescript(script)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSQLiteDatabase]:
+        # Nothing inside suspends (every call above is synchronous), so no other
+        # coroutine runs while the transaction is open.
+        with self.sync.transaction():
+            yield self
+
+    async def close(self) -> None:
+        self.sync.close()
+
+
+async def _run(conn: psycopg.AsyncConnection[Any], sql: str, params: Sequence[Any]) -> Rows:
+    cur = await conn.execute(sql.replace("?", "%s"), tuple(params))
+    rows = await cur.fetchall() if cur.description is not None else []
+    return Rows(rows, cur.rowcount)
+
+
+class PostgresSession:
+    """:class:`AsyncDatabase` on one PostgreSQL connection (a transaction's, or one
+    held by :meth:`PostgresPool.session`)."""
+
+    dialect: Dialect = "postgres"
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return await _run(self.conn, sql, params)
+
+    async def executescript(self, script: str) -> None:
+        await self.conn.execute(script)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresSession]:
+        async with self.conn.transaction():
+            yield self
+
+    async def close(self) -> None:
+        """Nothing: the connection belongs to whoever lent it."""
+
+
+class PostgresPool:
+    """:class:`AsyncDatabase` over a bounded pool of asynchronous psycopg connections
+    (autocommit outside :meth:`transaction`).
+
+    Each :meth:`execute` borrows a connection for one statement, each :meth:`transaction`
+    for the transaction; at most ``config.max_size`` are open. A call finding none free
+    waits up to ``config.timeout_s``, then fails: RESOURCE_EXHAUSTED when all are busy,
+    UNAVAILABLE when the pool cannot open one. Call :meth:`open` before use.
+
+    Args:
+        dsn: a libpq connection string or URI.
+        config: sizes and timeouts.
+        service: names the ``<service>.pool`` keys in errors and the pool in logs.
+    """
+
+    dialect: Dialect = "postgres"
+
+    def __init__(self, dsn: str, config: PoolConfig | None = None, *, service: str) -> None:
+        self._dsn = dsn
+        self.config = config or PoolConfig()
+        self._service = service
+        self._callers = 0
+        self._callers_changed = asyncio.Event()
+        self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            dsn,
+            min_size=self.config.min_size,
+            max_size=self.config.max_size,
+            timeout=self.config.timeout_s,
+            open=False,
+            name=f"cuga-{service}",
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": self.config.connect_timeout_s,
+                "row_factory": _row_factory,
+            },
+        )
+
+    @property
+    def dsn(self) -> str:
+        """The connection string (for connections of its own, e.g. ``LISTEN``)."""
+        return self._dsn
+
+    async def open(self) -> None:
+        """Open the pool and check one connection.
+
+        Raises:
+            psycopg.OperationalError: the database cannot be reached.
+        """
+        await self._pool.open(wait=False)
+        try:
+            async with self._pool.connection(timeout=self.config.connect_timeout_s) as conn:
+                await conn.execute("SELECT 1")
+        except PoolTimeout as exc:
+            await self._pool.close()
+            raise psycopg.OperationalError(
+                f"cannot connect to PostgreSQL within {self.config.connect_timeout_s} s: {exc}"
+            ) from None
+
+    def stats(self) -> dict[str, int]:
+        """The pool's counters (``pool_size``, ``pool_available``, ``requests_waiting``,
+        ...; see psycopg_pool)."""
+        return self._pool.get_stats()
+
+    @property
+    def callers(self) -> int:
+        """Calls that hold a connection or wait for one now."""
+        return self._callers
+
+    async def until_callers(self, count: int) -> None:
+        """Return once at least ``count`` calls hold or wait for a connection (tests)."""
+        while self._callers < count:
+            self._callers_changed.clear()
+            await self._callers_changed.wait()
+
+    @asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        self._callers += 1
+        self._callers_changed.set()
+        try:
+            try:
+                conn = await self._pool.getconn()
+            except PoolTimeout:
+                raise self._refusal() from None
+            try:
+                yield conn
+            finally:
+                await self._pool.putconn(conn)
+        finally:
+            self._callers -= 1
+
+    def _refusal(self) -> Exception:
+        stats = self._pool.get_stats()
+        keys = f"{self._service}.pool.max_size {self.config.max_size}"
+        wait = f"{self._service}.pool.timeout_s {self.config.timeout_s:g}"
+        if stats.get("pool_size", 0) >= self.config.max_size:
+            return ResourceExhaustedError(
+                f"all {self.config.max_size} PostgreSQL connections of {self._service} stayed"
+                f" busy for {self.config.timeout_s:g} s ({keys}, {wait}); retry later",
+                reason="DATABASE_POOL_EXHAUSTED",
+                domain=f"cuga.{self._service}",
+            )
+        return UnavailableError(
+            f"{self._service} could not get a PostgreSQL connection within"
+            f" {self.config.timeout_s:g} s ({wait}): the database is unreachable or slow to"
+            " accept connections",
+            reason="DATABASE_UNAVAILABLE",
+            domain=f"cuga.{self._service}",
+        )
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        for attempt in (1, 2):
+            async with self._borrow() as conn:
+                try:
+                    return await _run(conn, sql, params)
+                except psycopg.OperationalError:
+                    # Outside a transaction the stores send only reads and idempotent
+                    # statements, so one that met a dead connection (the pool gives it
+                    # back broken and drops it) is sent once more on another.
+                    if attempt == 2 or not conn.broken:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def executescript(self, script: str) -> None:
+        async with self._borrow() as conn:
+            await conn.execute(script)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresSession]:
+        async with self._borrow() as conn, conn.transaction():
+            yield PostgresSession(conn)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[PostgresSession]:
+        """One connection held for the whole block, for state that lives in a session
+        (a session advisory lock). Session advisory locks left on it are released when it
+        is given back, so none outlives the block on a pooled connection."""
+        async with self._borrow() as conn:
+            try:
+                yield PostgresSession(conn)
+            finally:
+                if not conn.broken:
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def create_schema_async(
+    db: AsyncDatabase, sqlite_schema: str, postgres_schema: str, *, lock_key: int
+) -> None:
+    """:func:`create_schema` for an :class:`AsyncDatabase`: on a :class:`PostgresPool`
+    the script runs under the session advisory lock ``lock_key``, on one connection held
+    for the lock's life."""
+    if isinstance(db, PostgresPool):
+        async with db.session() as session:
+            await session.execute("SELECT pg_advisory_lock(?)", (lock_key,))
+            try:
+                await session.executescript(postgres_schema)
+            finally:
+                await session.execute("SELECT pg_advisory_unlock(?)", (lock_key,))
+        return
+    await db.executescript(sqlite_schema if db.dialect == "sqlite" else postgres_schema)
+
+
 def create_schema(db: Database, sqlite_schema: str, postgres_schema: str, *, lock_key: int) -> None:
     """Create a store's tables in the dialect of ``db``.
 
@@ -278,12 +589,19 @@ async def listen(
 
 __all__ = [
     "LISTEN_READY_S",
+    "AsyncDatabase",
+    "AsyncSQLiteDatabase",
     "Cursor",
     "Database",
     "Dialect",
+    "PoolConfig",
     "PostgresDatabase",
+    "PostgresPool",
+    "PostgresSession",
+    "Rows",
     "SQLiteDatabase",
     "as_database",
     "create_schema",
+    "create_schema_async",
     "listen",
 ]

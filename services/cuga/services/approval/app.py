@@ -42,7 +42,9 @@ async def build(
         data_dir=settings.common.data_dir,
         dsn=config.dsn,
         synchronous=settings.common.sqlite.synchronous,
+        pool=config.pool,
     )
+    await store.open()
     manager = ApprovalManager(
         store,
         policy,
@@ -70,7 +72,7 @@ async def build(
         await manager.start()
 
     async def stopped() -> None:
-        store.close()
+        await store.aclose()
 
     return ServiceDefinition(
         name="approval",

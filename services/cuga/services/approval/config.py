@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from cuga.shared.config import ConfigError
+from cuga.shared.sqldb import PoolConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class ApprovalConfig:
     ``postgres`` (by ``dsn``; required for several approval replicas)."""
     dsn: str = ""
     """PostgreSQL connection string (libpq DSN or URI). Required when store is postgres."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """With store postgres: the connection pool (``min_size``, ``max_size``,
+    ``timeout_s``, ``connect_timeout_s``); queries run on it without blocking the service."""
     recheck_s: float = 5.0
     """With store postgres: how often a waiting AwaitDecision re-reads its request and the
     expiry sweep runs even without a notification from another replica, seconds, 0.05 to

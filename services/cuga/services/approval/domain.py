@@ -124,7 +124,7 @@ class ApprovalManager:
         self._metrics = metrics or ApprovalMetrics()
         # Refreshed on the event loop after each change: the metric reader's thread must
         # not touch the SQLite connection.
-        self._pending = store.count_all_pending()
+        self._pending = 0  # read by start(), refreshed after each change
         self._waiters: dict[str, asyncio.Event] = {}
         # AwaitDecision calls per request: the last one leaving drops the request's event.
         self._waiter_counts: dict[str, int] = {}
@@ -132,10 +132,16 @@ class ApprovalManager:
         self._rearm = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
+        self._recount: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._closed = False
         self._waiting = 0
         self._waiting_changed = asyncio.Event()
+
+    @property
+    def store(self) -> SqlApprovalStore:
+        """The requests' storage."""
+        return self._store
 
     @property
     def pending(self) -> int:
@@ -163,6 +169,7 @@ class ApprovalManager:
     async def start(self) -> None:
         """Start the expiry task (expires what fell due while the service was down) and,
         on a shared store, listen for the other replicas' changes."""
+        self._pending = await self._store.count_all_pending()
         if self._store.shared and self._listener_task is None:
             self._listener_task = asyncio.create_task(
                 self._store.listen(self._on_change, self._on_listening), name="approval-listener"
@@ -182,7 +189,7 @@ class ApprovalManager:
         """Stop the background tasks and release every waiter (they return the request
         as is)."""
         self._closed = True
-        for task in (self._expiry_task, self._listener_task):
+        for task in (self._expiry_task, self._listener_task, self._recount):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -208,23 +215,33 @@ class ApprovalManager:
             self._rearm.set()
             return
         self._notify(payload)
-        self._pending = self._store.count_all_pending()
+        if self._recount is None or self._recount.done():
+            # The listener calls back synchronously: count on a task of its own.
+            self._recount = asyncio.create_task(self._count_pending(), name="approval-recount")
+
+    async def _count_pending(self) -> None:
+        try:
+            self._pending = await self._store.count_all_pending()
+        except Exception:  # a gauge; the next change or sweep counts again
+            log.exception("counting pending approvals failed")
 
     async def _expiry_loop(self) -> None:
         while True:
             self._rearm.clear()
             try:
-                self._expire_due()
-                earliest = self._store.earliest_expiry()
+                await self._expire_due()
+                earliest = await self._store.earliest_expiry()
             except Exception:  # a storage hiccup must not end expiry for good
                 log.exception("expiring approval requests failed")
                 await self._clock.sleep(1.0)
                 continue
+            if earliest is not None and earliest <= self._clock.now():
+                # Fell due while the sweep's queries were awaited (the clock moved on
+                # meanwhile): sweep again rather than sleep past it.
+                continue
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._rearm.wait())]
             if earliest is not None:
-                # Strictly in the future: everything due at `now` was expired above.
-                delay = earliest - self._clock.now()
-                waits.append(asyncio.ensure_future(self._clock.sleep(delay)))
+                waits.append(asyncio.ensure_future(self._sleep_until(earliest)))
             try:
                 # On a shared store, sweep every recheck_s anyway: another replica's
                 # request may expire first, and its notification may have been lost.
@@ -235,17 +252,24 @@ class ApprovalManager:
                 for waiter in waits:
                     waiter.cancel()
 
-    def _expire_due(self) -> None:
+    async def _sleep_until(self, when: float) -> None:
+        # The delay is taken when the task runs, not when it was made: the clock may have
+        # moved in between (a fake clock's sleep of 0 would wait for its next advance).
+        delay = when - self._clock.now()
+        if delay > 0:
+            await self._clock.sleep(delay)
+
+    async def _expire_due(self) -> None:
         now = self._clock.now()
-        for approval_id in self._store.due(now):
-            stored = self._store.get(approval_id)
+        for approval_id in await self._store.due(now):
+            stored = await self._store.get(approval_id)
             if stored is not None:
-                self._expire(stored)
+                await self._expire(stored)
         if self._store.shared:
             # Other replicas change the count too; keep the gauge near the truth.
-            self._pending = self._store.count_all_pending()
+            self._pending = await self._store.count_all_pending()
 
-    def _expire(self, stored: StoredRequest) -> StoredRequest:
+    async def _expire(self, stored: StoredRequest) -> StoredRequest:
         """Expire a PENDING request that fell due; exactly one writer (of all replicas)
         succeeds, the others get the stored state."""
         for _ in range(_MAX_ATTEMPTS):
@@ -256,9 +280,9 @@ class ApprovalManager:
             expired.CopyFrom(request)
             expired.status = EXPIRED
             expired.decided_at.CopyFrom(request.expires_at)
-            if self._store.update(expired, version=stored.version):
+            if await self._store.update(expired, version=stored.version):
                 self._metrics.expired.add(1)
-                self._pending = self._store.count_all_pending()
+                self._pending = await self._store.count_all_pending()
                 log.info(
                     "approval expired: %s (run %s step %s, rule %s)",
                     expired.approval_id,
@@ -268,7 +292,7 @@ class ApprovalManager:
                 )
                 self._notify(expired.approval_id)
                 return StoredRequest(expired, stored.user_id, stored.request_id, stored.version + 1)
-            current = self._store.get(request.approval_id)
+            current = await self._store.get(request.approval_id)
             if current is None:
                 return stored
             stored = current
@@ -282,14 +306,14 @@ class ApprovalManager:
         if event is not None:
             event.set()
 
-    def _load(self, approval_id: str) -> StoredRequest | None:
+    async def _load(self, approval_id: str) -> StoredRequest | None:
         """A stored request, expired first if its time has come (lazy expiry)."""
-        stored = self._store.get(approval_id)
+        stored = await self._store.get(approval_id)
         if stored is None:
             return None
         request = stored.request
         if request.status == PENDING and self._clock.now() >= seconds(request.expires_at):
-            return self._expire(stored)
+            return await self._expire(stored)
         return stored
 
     # ------------------------------------------------------------------ requests
@@ -321,11 +345,11 @@ class ApprovalManager:
         check_id("supersedes", request.supersedes, required=False)
         ctx = request.context
         if request.request_id:
-            existing = self._store.by_request_id(request.request_id)
+            existing = await self._store.by_request_id(request.request_id)
             if existing is not None:
                 _check_request_id(request.request_id, ctx.run_id, request.step.step_id, existing)
-                return self._reload(existing)
-        results = self._decide_steps(
+                return await self._reload(existing)
+        results = await self._decide_steps(
             ctx,
             [request.step],
             {request.step.tool} if request.sensitive else set(),
@@ -365,7 +389,7 @@ class ApprovalManager:
             if sid not in step_ids:
                 raise InvalidArgumentError(f"supersedes[{sid!r}]", "names no step of this request")
             check_id(f"supersedes[{sid!r}]", previous)
-        return self._decide_steps(
+        return await self._decide_steps(
             request.context,
             list(request.steps),
             set(request.sensitive_tools),
@@ -375,14 +399,14 @@ class ApprovalManager:
             dict(request.supersedes),
         )
 
-    def _check_supersedable(self, previous: str, run_id: str, step_id: str) -> None:
+    async def _check_supersedable(self, previous: str, run_id: str, step_id: str) -> None:
         """A fresh request may replace only a final, negative answer of the same step.
 
         Raises:
             InvalidArgumentError: ``previous`` is not a request of this run's step.
             FailedPreconditionError: it is still PENDING or was APPROVED.
         """
-        stored = self._load(previous)
+        stored = await self._load(previous)
         if stored is None or (stored.request.run_id, stored.request.step_id) != (
             run_id,
             step_id,
@@ -425,17 +449,17 @@ class ApprovalManager:
         check_id("run_id", request.run_id)
         check_length("reason", request.reason, MAX_REASON_CHARS)
         withdrawn: list[ApprovalRequest] = []
-        for stored in self._store.pending_of_run(request.run_id):
+        for stored in await self._store.pending_of_run(request.run_id):
             if viewer is not None and not viewer.may_access_profile(stored.request.profile):
                 continue
-            done = self._withdraw(stored, request.reason)
+            done = await self._withdraw(stored, request.reason)
             if done is not None:
                 withdrawn.append(done)
         if withdrawn:
-            self._pending = self._store.count_all_pending()
+            self._pending = await self._store.count_all_pending()
         return withdrawn
 
-    def _withdraw(self, stored: StoredRequest, reason: str) -> ApprovalRequest | None:
+    async def _withdraw(self, stored: StoredRequest, reason: str) -> ApprovalRequest | None:
         """Withdraw one request if still PENDING (compare-and-swap, as :meth:`_expire`)."""
         for _ in range(_MAX_ATTEMPTS):
             request = stored.request
@@ -446,7 +470,7 @@ class ApprovalManager:
             withdrawn.status = WITHDRAWN
             withdrawn.withdraw_reason = reason
             withdrawn.decided_at.CopyFrom(timestamp(self._clock.now()))
-            if self._store.update(withdrawn, version=stored.version):
+            if await self._store.update(withdrawn, version=stored.version):
                 self._metrics.decided.add(1, {OUTCOME: status_name(WITHDRAWN)})
                 log.info(
                     "approval withdrawn: %s (run %s step %s): %s",
@@ -457,7 +481,7 @@ class ApprovalManager:
                 )
                 self._notify(withdrawn.approval_id)
                 return withdrawn
-            current = self._store.get(request.approval_id)
+            current = await self._store.get(request.approval_id)
             if current is None:
                 return None
             stored = current
@@ -481,11 +505,11 @@ class ApprovalManager:
             max_depends_on=self._limits.max_steps,
         )
 
-    def _reload(self, stored: StoredRequest) -> ApprovalRequest:
-        current = self._load(stored.request.approval_id)
+    async def _reload(self, stored: StoredRequest) -> ApprovalRequest:
+        current = await self._load(stored.request.approval_id)
         return (current or stored).request
 
-    def _decide_steps(
+    async def _decide_steps(
         self,
         ctx: common_pb2.ExecutionContext,
         steps: Sequence[common_pb2.PlanStep],
@@ -509,13 +533,13 @@ class ApprovalManager:
         new: list[tuple[ApprovalRequest, str, str]] = []
         for step in steps:
             previous = supersedes.get(step.step_id, "")
-            existing = self._store.by_step(ctx.run_id, step.step_id, previous)
+            existing = await self._store.by_step(ctx.run_id, step.step_id, previous)
             if existing is not None:
                 _check_same_step(step.tool, existing)
-                results.append(self._reload(existing))
+                results.append(await self._reload(existing))
                 continue
             if previous:
-                self._check_supersedable(previous, ctx.run_id, step.step_id)
+                await self._check_supersedable(previous, ctx.run_id, step.step_id)
             decision = self._policy.decide(
                 tool=step.tool,
                 profile=profile,
@@ -561,7 +585,7 @@ class ApprovalManager:
                 else:
                     _check_request_id(request_id, new_request.run_id, new_request.step_id, existing)
 
-            outcome = self._store.insert(
+            outcome = await self._store.insert(
                 new, profile=profile, max_pending=self._max_pending, check=check
             )
             stored_first = {
@@ -571,7 +595,7 @@ class ApprovalManager:
             }
             if stored_first:
                 results = [
-                    self._reload(stored_first[r.approval_id])
+                    await self._reload(stored_first[r.approval_id])
                     if r.approval_id in stored_first
                     else r
                     for r in results
@@ -580,7 +604,7 @@ class ApprovalManager:
             if not created:
                 return results
             self._metrics.requested.add(len(created))
-            self._pending = self._store.count_all_pending()
+            self._pending = await self._store.count_all_pending()
             self._rearm.set()
             for req in created:
                 log.info(
@@ -607,37 +631,39 @@ class ApprovalManager:
             The request: decided, EXPIRED, or still PENDING when the timeout came first.
         """
         check_id("approval_id", approval_id)
-        stored = self._load(approval_id)
-        if stored is None:
-            raise NotFoundError(f"approval {approval_id!r} not found")
-        if stored.request.status != PENDING or self._closed:
-            return stored.request
-        if timeout is not None and timeout <= 0:
-            return stored.request
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        current = stored.request
-        self._waiting += 1
         self._waiter_counts[approval_id] = self._waiter_counts.get(approval_id, 0) + 1
-        self._waiting_changed.set()
+        blocked = False
         try:
+            # The event is registered before each read, not after it: a read is awaited
+            # (on PostgreSQL the loop serves other calls meanwhile), and a decision
+            # committed while it is in flight must still wake this waiter.
+            event = self._waiters.setdefault(approval_id, asyncio.Event())
+            stored = await self._load(approval_id)
+            if stored is None:
+                raise NotFoundError(f"approval {approval_id!r} not found")
+            current = stored.request
             while current.status == PENDING and not self._closed:
                 wait = None if deadline is None else deadline - loop.time()
                 if wait is not None and wait <= 0:
                     break
                 if self._recheck_s is not None:
                     wait = self._recheck_s if wait is None else min(wait, self._recheck_s)
-                # Registered right after the read with no await between: a decision
-                # committed after the read is notified after this point.
-                event = self._waiters.setdefault(approval_id, asyncio.Event())
+                if not blocked:
+                    blocked = True
+                    self._waiting += 1
+                    self._waiting_changed.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), wait)
-                reloaded = self._load(approval_id)
+                event = self._waiters.setdefault(approval_id, asyncio.Event())
+                reloaded = await self._load(approval_id)
                 if reloaded is None:
                     break
                 current = reloaded.request
         finally:
-            self._waiting -= 1
+            if blocked:
+                self._waiting -= 1
             left = self._waiter_counts[approval_id] - 1
             if left:
                 self._waiter_counts[approval_id] = left
@@ -696,7 +722,7 @@ class ApprovalManager:
                 f"{reviewer.name!r} holds no reviewer role", reason="NOT_A_REVIEWER"
             )
         for _ in range(_MAX_ATTEMPTS):
-            attempt = self._try_decide(approval_id, verdict, reason, reviewer, request_id)
+            attempt = await self._try_decide(approval_id, verdict, reason, reviewer, request_id)
             if attempt is None:
                 continue  # changed by another writer (another replica): decide again
             if isinstance(attempt, ApprovalRequest):
@@ -719,11 +745,11 @@ class ApprovalManager:
         )
         if updated.status != PENDING:
             self._metrics.decided.add(1, {OUTCOME: status_name(updated.status)})
-            self._pending = self._store.count_all_pending()
+            self._pending = await self._store.count_all_pending()
             self._notify(approval_id)
         return updated
 
-    def _try_decide(
+    async def _try_decide(
         self,
         approval_id: str,
         verdict: int,
@@ -739,17 +765,17 @@ class ApprovalManager:
             read (the caller tries again against the new state).
         """
         if request_id:
-            decided = self._store.decision_key(request_id, reviewer.name)
+            decided = await self._store.decision_key(request_id, reviewer.name)
             if decided is not None:
                 if decided != approval_id:
                     raise AlreadyExistsError(
                         f"request_id {request_id!r} was used for another approval",
                         reason="REQUEST_ID_REUSED",
                     )
-                repeat = self._load(approval_id)
+                repeat = await self._load(approval_id)
                 if repeat is not None:
                     return repeat.request
-        stored = self._load(approval_id)
+        stored = await self._load(approval_id)
         if stored is None:
             raise NotFoundError(f"approval {approval_id!r} not found")
         request = stored.request
@@ -793,7 +819,7 @@ class ApprovalManager:
         if updated.status != PENDING:
             updated.decided_at.CopyFrom(timestamp(now))
         key = (request_id, reviewer.name) if request_id else None
-        if self._store.update(updated, version=stored.version, decision_key=key):
+        if await self._store.update(updated, version=stored.version, decision_key=key):
             return updated, approvals
         return None
 
@@ -804,7 +830,7 @@ class ApprovalManager:
     ) -> ApprovalRequest:
         """One request; a viewer restricted to other profiles gets NOT_FOUND."""
         check_id("approval_id", approval_id)
-        stored = self._load(approval_id)
+        stored = await self._load(approval_id)
         if stored is None or (
             viewer is not None and not viewer.may_access_profile(stored.request.profile)
         ):
@@ -837,8 +863,8 @@ class ApprovalManager:
             profiles = (profile,) if profile else viewer.profiles
         elif profile:
             profiles = (profile,)
-        self._expire_due()
-        page = self._store.list_pending(profiles=profiles, after=after, limit=size + 1)
+        await self._expire_due()
+        page = await self._store.list_pending(profiles=profiles, after=after, limit=size + 1)
         token = ""
         if len(page) > size:
             page = page[:size]

@@ -6,12 +6,14 @@ write increments. Decisions live inside the message, so a request and its decisi
 together in one statement.
 
 One body of SQL (:class:`SqlApprovalStore`, written against
-:class:`~cuga.shared.sqldb.Database`) and two backends:
+:class:`~cuga.shared.sqldb.AsyncDatabase`) and two backends:
 
 * :class:`SQLiteApprovalStore` (also known by its historic name :data:`ApprovalStore`) —
   ``approval.db`` under the data directory: one process, the embedded default.
-* :class:`PostgresApprovalStore` — several approval replicas on one database. Nothing
-  relies on one process seeing every write:
+* :class:`PostgresApprovalStore` — several approval replicas on one database, over a
+  bounded pool of asynchronous connections (``approval.pool``): a slow query holds its
+  own call and one connection, never the service. Nothing relies on one process seeing
+  every write:
 
   - a new request is stored with ``INSERT ... ON CONFLICT DO NOTHING`` against the unique
     ``(run_id, step_id)`` and ``request_id`` keys, so two replicas asked the same thing
@@ -38,7 +40,16 @@ from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2
 from cuga.shared.errors import AbortedError, ResourceExhaustedError
 from cuga.shared.messages import seconds
-from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, create_schema, listen
+from cuga.shared.sqldb import (
+    AsyncDatabase,
+    AsyncSQLiteDatabase,
+    PoolConfig,
+    PostgresPool,
+    SQLiteDatabase,
+    create_schema,
+    create_schema_async,
+    listen,
+)
 from cuga.shared.sqlite import open_sqlite
 
 log = logging.getLogger("cuga.approval")
@@ -140,29 +151,34 @@ class StoredRequest:
 class SqlApprovalStore:
     """Approval requests in one database (SQLite or PostgreSQL; SQL written once).
 
-    The methods are synchronous: each is one short statement or transaction, run inline
-    on the service's event loop.
+    Each method is one short statement or transaction, awaited: on SQLite it runs inline
+    (synchronously), on PostgreSQL on a pooled connection while the event loop serves
+    other calls.
 
     Args:
-        db: the connection; the tables are created if missing.
+        db: the database; the tables are created by :meth:`open` (by the SQLite store's
+            constructor).
     """
 
     #: Whether other processes write the same tables (then waiters and the expiry task
     #: also re-check periodically, in case a notification was lost).
     shared = False
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: AsyncDatabase) -> None:
         self._db = db
-        create_schema(db, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
+
+    async def open(self) -> None:
+        """Create the tables if missing."""
+        await create_schema_async(self._db, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
 
     @property
     def dialect(self) -> str:
         """``sqlite`` or ``postgres``."""
         return self._db.dialect
 
-    def close(self) -> None:
-        """Close the database."""
-        self._db.close()
+    async def aclose(self) -> None:
+        """Close the database (the pool and its connections, on PostgreSQL)."""
+        await self._db.close()
 
     @staticmethod
     def _row(row: Any) -> StoredRequest | None:
@@ -175,39 +191,42 @@ class SqlApprovalStore:
             int(row["version"]),
         )
 
-    def _select_one(
-        self, db: Database, where: str, args: tuple[object, ...]
+    async def _select_one(
+        self, db: AsyncDatabase, where: str, args: tuple[object, ...]
     ) -> StoredRequest | None:
-        row = db.execute(
+        cur = await db.execute(
             "SELECT body, user_id, request_id, version FROM approvals WHERE " + where, args
-        ).fetchone()
-        return self._row(row)
+        )
+        return self._row(cur.fetchone())
 
-    def get(self, approval_id: str) -> StoredRequest | None:
+    async def get(self, approval_id: str) -> StoredRequest | None:
         """The request with ``approval_id``."""
-        return self._select_one(self._db, "approval_id = ?", (approval_id,))
+        return await self._select_one(self._db, "approval_id = ?", (approval_id,))
 
-    def by_step(self, run_id: str, step_id: str, supersedes: str = "") -> StoredRequest | None:
+    async def by_step(
+        self, run_id: str, step_id: str, supersedes: str = ""
+    ) -> StoredRequest | None:
         """The request of one step of one run: its first, or the one superseding the
         request ``supersedes``."""
-        return self._select_one(
+        return await self._select_one(
             self._db, "run_id = ? AND step_id = ?", (run_id, step_key(step_id, supersedes))
         )
 
-    def pending_of_run(self, run_id: str) -> list[StoredRequest]:
+    async def pending_of_run(self, run_id: str) -> list[StoredRequest]:
         """The PENDING requests of one run."""
-        rows = self._db.execute(
+        cur = await self._db.execute(
             "SELECT body, user_id, request_id, version FROM approvals"
             " WHERE run_id = ? AND status = ? ORDER BY created_at, approval_id",
             (run_id, PENDING),
-        ).fetchall()
+        )
+        rows = cur.fetchall()
         return [stored for stored in map(self._row, rows) if stored is not None]
 
-    def by_request_id(self, request_id: str) -> StoredRequest | None:
+    async def by_request_id(self, request_id: str) -> StoredRequest | None:
         """The request created by the RequestApproval call with ``request_id``."""
-        return self._select_one(self._db, "request_id = ?", (request_id,))
+        return await self._select_one(self._db, "request_id = ?", (request_id,))
 
-    def insert(
+    async def insert(
         self,
         items: list[NewRequest],
         *,
@@ -230,15 +249,15 @@ class SqlApprovalStore:
             AbortedError: a conflicting request vanished meanwhile (retry).
         """
         results: list[StoredRequest | None] = []
-        with self._db.transaction() as db:
+        async with self._db.transaction() as db:
             if db.dialect == "postgres":
                 # Replicas counting the same profile's pending requests take turns.
-                db.execute(
+                await db.execute(
                     "SELECT pg_advisory_xact_lock(?, hashtext(?))", (_PROFILE_LOCK_CLASS, profile)
                 )
             stored = 0
             for request, user_id, request_id in items:
-                cur = db.execute(
+                cur = await db.execute(
                     "INSERT INTO approvals (approval_id, request_id, run_id, step_id, profile,"
                     " user_id, status, created_at, expires_at, body, version)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING",
@@ -260,13 +279,13 @@ class SqlApprovalStore:
                     results.append(None)
                     continue
                 # In READ COMMITTED the conflicting row, committed, is visible now.
-                existing = self._select_one(
+                existing = await self._select_one(
                     db,
                     "run_id = ? AND step_id = ?",
                     (request.run_id, step_key(request.step_id, request.supersedes)),
                 )
                 if existing is None and request_id:
-                    existing = self._select_one(db, "request_id = ?", (request_id,))
+                    existing = await self._select_one(db, "request_id = ?", (request_id,))
                 if existing is None:
                     raise AbortedError(
                         f"approval of step {request.step_id!r} changed meanwhile; retry",
@@ -275,10 +294,11 @@ class SqlApprovalStore:
                 check(request, existing)
                 results.append(existing)
             if stored:
-                row = db.execute(
+                counted = await db.execute(
                     "SELECT COUNT(*) AS n FROM approvals WHERE status = ? AND profile = ?",
                     (PENDING, profile),
-                ).fetchone()
+                )
+                row = counted.fetchone()
                 total = int(row["n"])
                 if total > max_pending:
                     raise ResourceExhaustedError(
@@ -286,10 +306,10 @@ class SqlApprovalStore:
                         f" limit is {max_pending}",
                         reason="TOO_MANY_PENDING_APPROVALS",
                     )
-                self._notify(db, REQUESTED)
+                await self._notify(db, REQUESTED)
         return results
 
-    def update(
+    async def update(
         self,
         request: approval_pb2.ApprovalRequest,
         *,
@@ -305,8 +325,8 @@ class SqlApprovalStore:
             False when someone (another call, the expiry task, another replica) wrote the
             request since it was read at ``version``; nothing is written then.
         """
-        with self._db.transaction() as db:
-            cur = db.execute(
+        async with self._db.transaction() as db:
+            cur = await db.execute(
                 "UPDATE approvals SET status = ?, body = ?, version = version + 1"
                 " WHERE approval_id = ? AND version = ?",
                 (request.status, request.SerializeToString(), request.approval_id, version),
@@ -314,16 +334,16 @@ class SqlApprovalStore:
             if cur.rowcount != 1:
                 return False
             if decision_key is not None:
-                db.execute(
+                await db.execute(
                     "INSERT INTO decision_keys (request_id, reviewer, approval_id)"
                     " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                     (*decision_key, request.approval_id),
                 )
             if request.status != PENDING:
-                self._notify(db, request.approval_id)
+                await self._notify(db, request.approval_id)
         return True
 
-    def _notify(self, db: Database, payload: str) -> None:
+    async def _notify(self, db: AsyncDatabase, payload: str) -> None:
         """Tell the other replicas (none share a SQLite file)."""
 
     async def listen(
@@ -331,30 +351,31 @@ class SqlApprovalStore:
     ) -> None:
         """Deliver the other replicas' notifications until cancelled (none on SQLite)."""
 
-    def decision_key(self, request_id: str, reviewer: str) -> str | None:
+    async def decision_key(self, request_id: str, reviewer: str) -> str | None:
         """The approval a reviewer's SubmitDecision with ``request_id`` decided."""
-        row = self._db.execute(
+        cur = await self._db.execute(
             "SELECT approval_id FROM decision_keys WHERE request_id = ? AND reviewer = ?",
             (request_id, reviewer),
-        ).fetchone()
+        )
+        row = cur.fetchone()
         return None if row is None else str(row["approval_id"])
 
-    def count_all_pending(self) -> int:
+    async def count_all_pending(self) -> int:
         """PENDING requests of every profile (the pending gauge)."""
-        row = self._db.execute(
+        cur = await self._db.execute(
             "SELECT COUNT(*) AS n FROM approvals WHERE status = ?", (PENDING,)
-        ).fetchone()
-        return int(row["n"])
+        )
+        return int(cur.fetchone()["n"])
 
-    def count_pending(self, profile: str) -> int:
+    async def count_pending(self, profile: str) -> int:
         """PENDING requests of one profile."""
-        row = self._db.execute(
+        cur = await self._db.execute(
             "SELECT COUNT(*) AS n FROM approvals WHERE status = ? AND profile = ?",
             (PENDING, profile),
-        ).fetchone()
-        return int(row["n"])
+        )
+        return int(cur.fetchone()["n"])
 
-    def list_pending(
+    async def list_pending(
         self, *, profiles: tuple[str, ...] | None, after: tuple[float, str] | None, limit: int
     ) -> list[approval_pb2.ApprovalRequest]:
         """PENDING requests oldest first, after a position, optionally in some profiles."""
@@ -368,21 +389,20 @@ class SqlApprovalStore:
             args.extend(after)
         sql += " ORDER BY created_at, approval_id LIMIT ?"
         args.append(limit)
-        return [
-            approval_pb2.ApprovalRequest.FromString(bytes(row["body"]))
-            for row in self._db.execute(sql, args)
-        ]
+        cur = await self._db.execute(sql, args)
+        return [approval_pb2.ApprovalRequest.FromString(bytes(row["body"])) for row in cur]
 
-    def earliest_expiry(self) -> float | None:
+    async def earliest_expiry(self) -> float | None:
         """When the next PENDING request expires."""
-        row = self._db.execute(
+        cur = await self._db.execute(
             "SELECT MIN(expires_at) AS t FROM approvals WHERE status = ?", (PENDING,)
-        ).fetchone()
+        )
+        row = cur.fetchone()
         return None if row["t"] is None else float(row["t"])
 
-    def due(self, now: float) -> list[str]:
+    async def due(self, now: float) -> list[str]:
         """Ids of PENDING requests whose expiry time has come."""
-        rows = self._db.execute(
+        rows = await self._db.execute(
             "SELECT approval_id FROM approvals WHERE status = ? AND expires_at <= ?"
             " ORDER BY expires_at",
             (PENDING, now),
@@ -407,7 +427,16 @@ class SQLiteApprovalStore(SqlApprovalStore):
             columns = {r["name"] for r in conn.execute("PRAGMA table_info(approvals)")}
             if "version" not in columns:
                 conn.execute("ALTER TABLE approvals ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
-        super().__init__(SQLiteDatabase(conn))
+        self._sqlite = SQLiteDatabase(conn)
+        create_schema(self._sqlite, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
+        super().__init__(AsyncSQLiteDatabase(self._sqlite))
+
+    async def open(self) -> None:
+        """Nothing more to do: the constructor made the tables."""
+
+    def close(self) -> None:
+        """Close the file (also synchronously, as the embedded engine does)."""
+        self._sqlite.close()
 
 
 #: The historic name of the SQLite store.
@@ -417,22 +446,26 @@ ApprovalStore = SQLiteApprovalStore
 class PostgresApprovalStore(SqlApprovalStore):
     """The store of several approval replicas sharing one PostgreSQL database.
 
+    Call :meth:`open` (which raises ``psycopg.OperationalError`` when the database cannot
+    be reached) before use.
+
     Args:
         dsn: libpq connection string or URI.
-        connect_timeout_s: connection timeout, seconds.
-
-    Raises:
-        psycopg.OperationalError: the database cannot be reached.
+        pool: the connection pool's sizes and timeouts (``approval.pool``).
     """
 
     shared = True
 
-    def __init__(self, dsn: str, *, connect_timeout_s: int = 10) -> None:
-        self._pg = PostgresDatabase(dsn, connect_timeout_s=connect_timeout_s)
-        super().__init__(self._pg)
+    def __init__(self, dsn: str, *, pool: PoolConfig | None = None) -> None:
+        self.pool = PostgresPool(dsn, pool, service="approval")
+        super().__init__(self.pool)
 
-    def _notify(self, db: Database, payload: str) -> None:
-        db.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, payload))
+    async def open(self) -> None:
+        await self.pool.open()
+        await super().open()
+
+    async def _notify(self, db: AsyncDatabase, payload: str) -> None:
+        await db.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, payload))
 
     async def listen(
         self, on_change: Callable[[str], object], on_connected: Callable[[], object]
@@ -444,7 +477,7 @@ class PostgresApprovalStore(SqlApprovalStore):
         with each notification's payload.
         """
         await listen(
-            self._pg.dsn,
+            self.pool.dsn,
             CHANGES_CHANNEL,
             on_change,
             on_connected=on_connected,
@@ -453,10 +486,17 @@ class PostgresApprovalStore(SqlApprovalStore):
 
 
 def open_approval_store(
-    kind: str, *, data_dir: str | Path, dsn: str = "", synchronous: str = "normal"
+    kind: str,
+    *,
+    data_dir: str | Path,
+    dsn: str = "",
+    synchronous: str = "normal",
+    pool: PoolConfig | None = None,
 ) -> SqlApprovalStore:
-    """The configured store: ``sqlite`` (``<data_dir>/approval.db``, at the durability
-    ``synchronous`` names: ``sqlite.synchronous``) or ``postgres``.
+    """The configured store: ``sqlite`` (``<data_dir>/approval.db``, at the
+    durability ``synchronous`` names: ``sqlite.synchronous``) or ``postgres`` (by
+    ``dsn``, over a connection pool sized by ``pool``: ``approval.pool``). Await its
+    :meth:`~SqlApprovalStore.open` before use.
 
     Raises:
         ValueError: an unknown kind, or postgres without a DSN.
@@ -466,7 +506,7 @@ def open_approval_store(
     if kind == "postgres":
         if not dsn.strip():
             raise ValueError("approval store postgres needs a DSN (approval.dsn)")
-        return PostgresApprovalStore(dsn)
+        return PostgresApprovalStore(dsn, pool=pool)
     raise ValueError(f"approval store must be one of sqlite, postgres; got {kind!r}")
 
 

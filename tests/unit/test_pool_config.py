@@ -1,0 +1,41 @@
+"""The ``<service>.pool`` keys of a PostgreSQL connection pool: bounds refused naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from cuga.services.approval.config import ApprovalConfig
+from cuga.shared.config import ConfigError, load_settings
+from cuga.shared.sqldb import PoolConfig
+
+
+def approval(**pool: object) -> ApprovalConfig:
+    env = {f"CUGA_APPROVAL__POOL__{k.upper()}": str(v) for k, v in pool.items()}
+    return load_settings(env=env).section(ApprovalConfig, "approval")
+
+
+def test_defaults_and_overrides() -> None:
+    assert approval().pool == PoolConfig(min_size=1, max_size=10, timeout_s=10.0)
+    pool = approval(min_size=0, max_size=3, timeout_s=0.5, connect_timeout_s=2).pool
+    assert pool == PoolConfig(min_size=0, max_size=3, timeout_s=0.5, connect_timeout_s=2)
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "problem"),
+    [
+        ({"max_size": 0}, "approval.pool.max_size", "1 to 100"),
+        ({"max_size": 101}, "approval.pool.max_size", "1 to 100"),
+        ({"min_size": 4, "max_size": 3}, "approval.pool.min_size", "0 to max_size (3)"),
+        ({"min_size": -1}, "approval.pool.min_size", "0 to max_size"),
+        ({"timeout_s": 0}, "approval.pool.timeout_s", "> 0 and <= 300"),
+        ({"timeout_s": 301}, "approval.pool.timeout_s", "> 0 and <= 300"),
+        ({"connect_timeout_s": 0}, "approval.pool.connect_timeout_s", "1 to 300"),
+    ],
+)
+def test_bounds_are_refused_naming_the_key(
+    values: dict[str, object], key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        approval(**values)
+    assert refused.value.key == key
+    assert problem in refused.value.problem
