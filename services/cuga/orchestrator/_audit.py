@@ -5,9 +5,11 @@ run's critical path."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 
+from google.protobuf import json_format, struct_pb2
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.trace import NonRecordingSpan, SpanContext
@@ -23,6 +25,7 @@ from cuga.shared.clock import Clock
 from cuga.shared.errors import CugaError
 from cuga.shared.metrics import AuditMetrics
 from cuga.shared.telemetry import RUN_ID_BAGGAGE
+from cuga.shared.transparency import canonical_json
 from cuga.shared.validation import derived_id
 
 log = logging.getLogger("cuga.coordinator")
@@ -69,9 +72,11 @@ class PendingAudit:
     kind: str
     event: common_pb2.OrchestrationEvent
 
-    def record(self) -> audit_pb2.AuditRecord:
+    def record(self, max_payload_bytes: int | None = None) -> audit_pb2.AuditRecord:
         """The record; its id ``<run>/e<seq>`` (:func:`derived_id`) makes a resend
-        idempotent."""
+        idempotent. A payload over ``max_payload_bytes`` serialised (what the audit
+        service accepts: ``limits.max_input_bytes``) is digested (:func:`_digested`), so
+        the event still has its record."""
         event = self.event
         actor = "cuga-coordinator"
         if self.kind == "approval_decided" and event.approval.decided_by:
@@ -88,7 +93,22 @@ class PendingAudit:
             actor=actor,
         )
         event_payload(event, record.payload)
+        if max_payload_bytes is not None and record.payload.ByteSize() > max_payload_bytes:
+            _digested(record.payload)
         return record
+
+
+#: Payload fields an oversized payload keeps as they are.
+_KEPT = frozenset({"seq", "stage", "step_id"})
+
+
+def _digested(payload: struct_pb2.Struct) -> None:
+    """Keep ``seq``, ``stage`` and ``step_id``; every other field becomes
+    ``{"omitted_bytes": n, "sha256": h}`` of its RFC 8785 JSON (the event itself stays whole
+    in the run store, where the digest can be checked)."""
+    for name in [k for k in payload.fields if k not in _KEPT]:
+        text = canonical_json(json_format.MessageToDict(payload.fields[name])).encode("utf-8")
+        payload[name] = {"omitted_bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
 
 
 #: Status codes after which a batch is worth sending again unchanged.
@@ -269,7 +289,9 @@ class AuditForwarder:
             if kind is None:  # not audited by this build: nothing to send
                 groups.setdefault("", []).append((row_id, audit_pb2.AuditRecord()))
                 continue
-            record = PendingAudit(event.run_id, event.trace_id, profile, kind, event).record()
+            record = PendingAudit(event.run_id, event.trace_id, profile, kind, event).record(
+                self._options.limits.max_input_bytes
+            )
             groups.setdefault(event.trace_id, []).append((row_id, record))
         done: list[int] = []
         for trace_id, items in groups.items():
