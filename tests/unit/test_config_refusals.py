@@ -212,6 +212,17 @@ def test_a_file_that_is_not_yaml_is_refused_with_its_line_and_column(tmp_path: P
     # PyYAML's own text would name "<unicode string>", not the file
     assert f"not valid YAML: {path} line 3 column 1: " in info.value.problem
     assert "unicode string" not in str(info.value)
+    # an error with no context of its own, and one YAML reports with no line
+    path.write_text("a: b: c\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problem == (
+        f"not valid YAML: {path} line 1 column 5: mapping values are not allowed here"
+    )
+    path.write_text("host: x\x00\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problem.startswith(f"not valid YAML: {path}: unacceptable character")
 
 
 def test_a_file_must_hold_a_mapping_and_so_must_each_section(tmp_path: Path) -> None:
