@@ -137,6 +137,8 @@ def test_the_problem_nearest_the_root_wins_and_anyof_only_when_alone() -> None:
     [
         ({"type": "object", "properties": {"a": {"type": "strin"}}}, "properties.a.type: "),
         ({"$ref": "#/$defs/missing"}, "missing"),
+        # no $ref is fetched over the network
+        ({"$ref": "https://example.com/s.json"}, "Retrieval is disabled"),
         (
             {"type": "string", "pattern": "^(?=a)"},
             "(patterns are ECMA-262 regular expressions matched in linear time:",
