@@ -151,7 +151,7 @@ class InputSchema:
                 validate_formats=False,
                 offline=True,
             )
-        except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError) as exc:
+        except jsonschema_rs.ValidationError as exc:  # unresolvable $refs included
             raise jsonschema.SchemaError(_schema_problem(exc)) from None
 
     def is_valid(self, instance: Any) -> bool:
@@ -182,9 +182,7 @@ def _rank(problem: SchemaProblem) -> tuple[int, bool]:
     return -len(problem.path), problem.rule not in _WEAK
 
 
-def _schema_problem(exc: jsonschema_rs.ValidationError | jsonschema_rs.ReferencingError) -> str:
-    if isinstance(exc, jsonschema_rs.ReferencingError):
-        return exc.message
+def _schema_problem(exc: jsonschema_rs.ValidationError) -> str:
     where = json_path("", exc.instance_path)
     message = exc.message.split("\n", 1)[0]
     if isinstance(exc.kind, _KIND.Format) and exc.kind.format == "regex":
