@@ -22,7 +22,12 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import CoordinatorAgent, create_coordinator
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import Settings
-from cuga.shared.errors import CugaError, InvalidArgumentError, NotFoundError
+from cuga.shared.errors import (
+    CugaError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from cuga.shared.messages import to_struct
 from tests.support.servers import make_settings
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
@@ -146,7 +151,7 @@ class _Counting:
         self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("inner", "calls"):
+        if name.startswith("__") or name in ("inner", "calls", "told", "failed"):
             raise AttributeError(name)
         target = getattr(self.inner, name)
         if not callable(target):
@@ -191,3 +196,54 @@ async def test_a_bug_under_a_run_still_ends_it_with_a_terminal_event(
     assert "KeyError" in last.partial.error
     assert agent.get_run(last.run_id).state == coordinator_pb2.RUN_STATE_FAILED
     assert "Traceback" in caplog.text or "KeyError" in caplog.text
+
+
+class _Refusing:
+    """Routing that refuses every step for good (a policy no worker satisfies)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def route_batch(self, *args: Any, **kwargs: Any) -> Any:
+        raise FailedPreconditionError("no worker may run this step", reason="NO_WORKER")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+async def test_a_run_routing_refuses_before_any_step_fails_and_its_plan_ends_failed(
+    agent: CoordinatorAgent,
+) -> None:
+    agent.routing = _Refusing(agent.routing)
+    planning = _Transitions(agent.planning)
+    agent.planning = planning
+    events = await _run(agent, [step("a", "count", name="refused")])
+    last = events[-1]
+    assert STAGE(last.stage) == "LIFECYCLE_STAGE_FAILED", [STAGE(e.stage) for e in events]
+    assert "no worker may run this step" in last.partial.error
+    (failed,) = [e for e in events if STAGE(e.stage) == "LIFECYCLE_STAGE_EXECUTE"]
+    assert failed.step_id == "a" and failed.error.reason == "NO_WORKER"
+    assert not [e for e in events if STAGE(e.stage) == "LIFECYCLE_STAGE_ROUTE"]
+    # Nothing was routed: the plan went CREATED -> EXECUTING -> FAILED, never ROUTED.
+    await asyncio.wait_for(planning.failed.wait(), 10)  # told after the terminal event
+    assert planning.told == [S.PLAN_STATE_EXECUTING, S.PLAN_STATE_FAILED]
+    plan_id = next(e.plan.plan_id for e in events if e.HasField("plan"))
+    assert (await planning.get_plan(plan_id)).state == S.PLAN_STATE_FAILED
+
+
+class _Transitions(_Counting):
+    """Planning, recording the states the coordinator tells it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.told: list[int] = []
+        self.failed = asyncio.Event()
+
+    async def transition_plan(self, request: Any, **kwargs: Any) -> Any:
+        self.told.append(request.to_state)
+        answer = await self.inner.transition_plan(request, **kwargs)
+        if request.to_state == S.PLAN_STATE_FAILED:
+            self.failed.set()
+        return answer
