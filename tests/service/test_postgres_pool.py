@@ -1,4 +1,4 @@
-"""A PostgreSQL service keeps answering while the database is slow (issue 25).
+"""PostgreSQL services keep answering while the database is slow (issue 25).
 
 The approval service runs through the production bootstrap on PostgreSQL reached through
 :class:`~tests.support.pgproxy.HoldingProxy`, which holds what the service sends to the
@@ -9,6 +9,10 @@ database for as long as the test likes. While one call's query is held:
 * with the pool at its bound (``approval.pool.max_size``), one more call waits for a
   connection and gets it when one is given back, or fails RESOURCE_EXHAUSTED after
   ``approval.pool.timeout_s`` naming the key.
+
+The audit service (synchronous backends on worker threads, :mod:`cuga.services.audit.backend`)
+draws a connection per call from its pool too: while one connection's query is held,
+another call of the replica is answered on another connection.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cuga.approval.v1 import approval_pb2
+from cuga.audit.v1 import audit_pb2
+from cuga.client import AuditClient
+from cuga.services.audit.app import build as build_audit
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import Settings
 from cuga.shared.errors import ResourceExhaustedError, UnauthenticatedError
 from tests.service.test_approval_service import Harness, approval_settings, request, start
 from tests.support.pgproxy import HoldingProxy
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
+from tests.support.servers import as_identity, make_settings, running_service
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -78,8 +86,8 @@ def get(h: Harness, approval_id: str, who: str = "rita") -> asyncio.Future[Any]:
 def assert_still_held(proxy: HoldingProxy, what: str) -> None:
     assert not proxy.auto_released and proxy.holding, (
         f"{what} was answered only after the database traffic was let through"
-        f" ({MAX_HOLD_S:g} s hold ended by itself): the service's event loop was blocked"
-        " while a query waited for PostgreSQL"
+        f" ({MAX_HOLD_S:g} s hold ended by itself): it waited for the held query (the"
+        " service's event loop, or its one connection, was blocked meanwhile)"
     )
 
 
@@ -172,3 +180,36 @@ async def test_a_call_that_waits_longer_than_the_pool_timeout_is_refused(
             approval_pb2.GetRequestRequest(approval_id=req.approval_id), timeout=30
         )
         assert again.request == req
+
+
+async def test_audit_answers_on_another_connection_while_one_query_is_held(
+    proxy: HoldingProxy,
+    postgres_dsn: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env = {
+        "CUGA_AUDIT__BACKEND": "postgres",
+        "CUGA_AUDIT__DSN": proxy.dsn(postgres_dsn),
+        "CUGA_AUDIT__POOL__MAX_SIZE": "4",
+    }
+    async with running_service("audit", build_audit, make_settings(tmp_path, env)) as server:
+        client = AuditClient(server.address, metadata=as_identity("tester"))
+        try:
+            record = audit_pb2.AuditRecord(
+                record_id="r1", trace_id="c" * 32, run_id="run-1", kind="plan", actor="coordinator"
+            )
+            await client.record(audit_pb2.RecordRequest(record=record), timeout=30)
+            proxy.hold(connections=1)
+            held = asyncio.ensure_future(client.query(audit_pb2.QueryRequest(), timeout=60))
+            await proxy.until_held(1)
+            other = await client.query(audit_pb2.QueryRequest(), timeout=30)
+            assert [r.record_id for r in other.records] == ["tester/r1"]
+            assert_still_held(proxy, "a second query")
+            assert await health(server.address) == health_pb2.HealthCheckResponse.SERVING
+            assert not held.done()
+            proxy.release()
+            assert [r.record_id for r in (await asyncio.wait_for(held, 30)).records] == [
+                "tester/r1"
+            ]
+        finally:
+            await client.close()

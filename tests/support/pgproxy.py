@@ -4,7 +4,9 @@
 *held* (:meth:`HoldingProxy.hold`), what clients send is kept, not forwarded, until
 :meth:`HoldingProxy.release`: a query sent meanwhile waits for its answer as long as the
 test likes, as on a saturated or far-away database. Connections opened and idle before the
-hold are untouched; only bytes sent during it wait.
+hold are untouched; only bytes sent during it wait. ``hold(connections=n)`` holds only the
+first ``n`` connections that send during the hold and lets the others through (one slow
+query among several connections of a pool).
 
 It runs its own event loop on a thread of its own, so it keeps forwarding (and holding)
 whatever the test's event loop does, also when a blocking call stops that loop: a test
@@ -40,6 +42,8 @@ class HoldingProxy:
         self._held_chunks = 0  # chunks waiting behind the current hold
         self._auto_released = False
         self._gate: asyncio.Event | None = None  # set: traffic flows (proxy loop only)
+        self._limit: int | None = None  # connections a hold may take (None: all)
+        self._caught: set[int] = set()  # ids of the connections the current hold took
         self._timer: asyncio.TimerHandle | None = None
         self.port = 0
 
@@ -74,12 +78,15 @@ class HoldingProxy:
 
     # ------------------------------------------------------------------ holding
 
-    def hold(self) -> None:
-        """From now on, keep what clients send until :meth:`release`."""
+    def hold(self, connections: int | None = None) -> None:
+        """From now on, keep what clients send until :meth:`release`: on every
+        connection, or on the first ``connections`` that send."""
         with self._cond:
             self._held = True
             self._held_chunks = 0
             self._auto_released = False
+            self._limit = connections
+            self._caught = set()
         self._call(self._close_gate)
 
     def release(self) -> None:
@@ -173,13 +180,23 @@ class HoldingProxy:
         assert self._gate is not None
         self._gate.set()
 
+    def _catch(self, conn: int) -> bool:
+        """Whether the current hold keeps this connection's bytes (it may take it)."""
+        with self._cond:
+            if conn in self._caught:
+                return True
+            if self._limit is not None and len(self._caught) >= self._limit:
+                return False
+            self._caught.add(conn)
+            return True
+
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             server_r, server_w = await asyncio.open_connection(*self._target)
         except OSError:
             client_w.close()
             return
-        up = asyncio.ensure_future(self._pipe(client_r, server_w, held=True))
+        up = asyncio.ensure_future(self._pipe(client_r, server_w, held=True, conn=id(client_w)))
         down = asyncio.ensure_future(self._pipe(server_r, client_w, held=False))
         await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
         for task in (up, down):
@@ -188,11 +205,16 @@ class HoldingProxy:
             writer.close()
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, held: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        held: bool,
+        conn: int = 0,
     ) -> None:
         assert self._gate is not None
         while data := await reader.read(65536):
-            if held and not self._gate.is_set():
+            if held and not self._gate.is_set() and self._catch(conn):
                 with self._cond:
                     self._held_chunks += 1
                     self._cond.notify_all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cuga.services.approval.config import ApprovalConfig
+from cuga.services.audit.config import AuditConfig
 from cuga.shared.config import ConfigError, load_settings
 from cuga.shared.sqldb import PoolConfig
 
@@ -39,3 +40,12 @@ def test_bounds_are_refused_naming_the_key(
         approval(**values)
     assert refused.value.key == key
     assert problem in refused.value.problem
+
+
+def test_the_audit_service_has_the_same_keys() -> None:
+    env = {"CUGA_AUDIT__POOL__MAX_SIZE": "4", "CUGA_AUDIT__POOL__TIMEOUT_S": "2.5"}
+    pool = load_settings(env=env).section(AuditConfig, "audit").pool
+    assert (pool.max_size, pool.timeout_s) == (4, 2.5)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"CUGA_AUDIT__POOL__MAX_SIZE": "0"}).section(AuditConfig, "audit")
+    assert refused.value.key == "audit.pool.max_size"

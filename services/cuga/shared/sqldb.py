@@ -454,23 +454,7 @@ class PostgresPool:
             self._callers -= 1
 
     def _refusal(self) -> Exception:
-        stats = self._pool.get_stats()
-        keys = f"{self._service}.pool.max_size {self.config.max_size}"
-        wait = f"{self._service}.pool.timeout_s {self.config.timeout_s:g}"
-        if stats.get("pool_size", 0) >= self.config.max_size:
-            return ResourceExhaustedError(
-                f"all {self.config.max_size} PostgreSQL connections of {self._service} stayed"
-                f" busy for {self.config.timeout_s:g} s ({keys}, {wait}); retry later",
-                reason="DATABASE_POOL_EXHAUSTED",
-                domain=f"cuga.{self._service}",
-            )
-        return UnavailableError(
-            f"{self._service} could not get a PostgreSQL connection within"
-            f" {self.config.timeout_s:g} s ({wait}): the database is unreachable or slow to"
-            " accept connections",
-            reason="DATABASE_UNAVAILABLE",
-            domain=f"cuga.{self._service}",
-        )
+        return pool_refusal(self._service, self.config, self._pool.get_stats())
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         for attempt in (1, 2):
@@ -508,6 +492,27 @@ class PostgresPool:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+def pool_refusal(service: str, config: PoolConfig, stats: dict[str, int]) -> Exception:
+    """The error of a call that found no free connection in ``config.timeout_s``:
+    RESOURCE_EXHAUSTED when all ``config.max_size`` are open (and busy), else UNAVAILABLE
+    (the pool could not open one). The message names the ``<service>.pool`` keys."""
+    keys = f"{service}.pool.max_size {config.max_size}"
+    wait = f"{service}.pool.timeout_s {config.timeout_s:g}"
+    if stats.get("pool_size", 0) >= config.max_size:
+        return ResourceExhaustedError(
+            f"all {config.max_size} PostgreSQL connections of {service} stayed busy for"
+            f" {config.timeout_s:g} s ({keys}, {wait}); retry later",
+            reason="DATABASE_POOL_EXHAUSTED",
+            domain=f"cuga.{service}",
+        )
+    return UnavailableError(
+        f"{service} could not get a PostgreSQL connection within {config.timeout_s:g} s"
+        f" ({wait}): the database is unreachable or slow to accept connections",
+        reason="DATABASE_UNAVAILABLE",
+        domain=f"cuga.{service}",
+    )
 
 
 async def create_schema_async(
@@ -604,4 +609,5 @@ __all__ = [
     "create_schema",
     "create_schema_async",
     "listen",
+    "pool_refusal",
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from cuga.shared.config import ConfigError
+from cuga.shared.sqldb import PoolConfig
 
 Backend = Literal["sqlite", "jsonl", "postgres", "none"]
 FsyncPolicy = Literal["always", "batch", "never"]
@@ -22,6 +23,9 @@ class AuditConfig:
     ``none`` (records nothing)."""
     dsn: str = ""
     """PostgreSQL connection string (libpq DSN or URI). Required when backend is postgres."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """With backend postgres: the connection pool (``min_size``, ``max_size``,
+    ``timeout_s``, ``connect_timeout_s``); each call's transaction takes one connection."""
     jsonl_dir: Path | None = None
     """Directory of the JSON-lines files; default ``<data_dir>/audit``."""
     jsonl_rotate_bytes: int = 64 * 1024 * 1024

@@ -104,7 +104,7 @@ def open_backend(
     if config.backend == "postgres":
         from cuga.services.audit.postgres_backend import PostgresAuditTrail
 
-        return PostgresAuditTrail(config.dsn)
+        return PostgresAuditTrail(config.dsn, pool=config.pool)
     return NoOpAuditTrail()
 
 
