@@ -15,7 +15,7 @@ import pytest
 from cuga.client.remote import RemoteWorkerPool
 from cuga.common.v1 import common_pb2
 from cuga.shared.config import Settings
-from cuga.shared.errors import InvalidArgumentError
+from cuga.shared.errors import CancelledError, InvalidArgumentError
 from cuga.shared.messages import timestamp, value_to_python
 from cuga.worker.v1 import worker_pb2
 from tests.service.test_worker_service import Tools, _req, _settings, _worker
@@ -114,6 +114,24 @@ async def test_steps_ready_at_once_cross_the_stream_together(
         one = await pool.execute_step(target, _req("calculator", key="r/x", expression="2+2"))
         assert value_to_python(one.output)["result"] == 4
         assert log[2:] == [("calls", 1), ("answers", 1)]
+
+
+async def test_a_step_its_pool_closes_before_it_is_written_fails_closed_unsent(
+    settings: Settings, tools: GatedTools
+) -> None:
+    """Closing the pool gives up on a request still waiting for its message: it fails as
+    a closed stream (CANCELLED, STREAM_CLOSED, not retried on a new stream), never sent."""
+    async with _worker(_settings(settings), tools) as (_, server):
+        log: list[tuple[str, int]] = []
+        pool = RemoteWorkerPool(
+            lambda t: _CountingClient(t.address, log), grants=signer_of("coordinator")
+        )
+        target = common_pb2.WorkerTarget(worker_id="worker-1", address=server.address)
+        step = pool.execute_step(target, _req("calculator", key="c/1", expression="1+1"))
+        # The step is put first (its message not yet written), then the pool closes.
+        outcome, _ = await asyncio.gather(step, pool.close(), return_exceptions=True)
+        assert isinstance(outcome, CancelledError), repr(outcome)
+        assert outcome.reason == "STREAM_CLOSED" and log == []
 
 
 async def test_the_worker_answers_a_message_of_calls_by_call_id(

@@ -227,7 +227,13 @@ class _StepStream:
         self.pending[call_id] = future
         try:
             await self.writer.put(request)
-        except (CugaError, asyncio.InvalidStateError, WriterClosed) as exc:  # failed or closed
+        except WriterClosed:  # the pool closed the stream: as the reader says then
+            self.open = False
+            self.forget(call_id, future)
+            raise _Broken(
+                CancelledError("the step stream was closed", reason="STREAM_CLOSED")
+            ) from None
+        except (CugaError, asyncio.InvalidStateError) as exc:  # failed, or finished meanwhile
             self.open = False
             self.forget(call_id, future)
             if isinstance(exc, CugaError):
