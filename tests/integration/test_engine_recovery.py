@@ -27,8 +27,10 @@ from cuga.shared.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from cuga.shared.messages import to_struct
+from cuga.tools import ToolContext, ToolSpec
 from tests.support.servers import make_settings
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
 
@@ -247,3 +249,89 @@ class _Transitions(_Counting):
         if request.to_state == S.PLAN_STATE_FAILED:
             self.failed.set()
         return answer
+
+
+GATE_FAIL = "gate_fail"
+
+
+async def _gate_then_refuse(inputs: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+    ENTERED.setdefault(inputs["name"], asyncio.Event()).set()
+    await GATES.setdefault(inputs["name"], asyncio.Event()).wait()
+    raise PermissionError("the account is locked")
+
+
+FAILING_GATE = ToolSpec(
+    name=GATE_FAIL,
+    description="wait until the test opens the gate, then refuse",
+    parameters={
+        "type": "object",
+        "properties": {"name": {"type": "string"}},
+        "required": ["name"],
+    },
+    handler=_gate_then_refuse,
+    timeout=300.0,
+)
+
+
+class _Parked(dict):  # type: ignore[type-arg]
+    """A run's ``in_flight`` that sets ``event`` when a worker call is parked in it (the
+    cancel arrived with the step at its worker)."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__()
+        self._event = event
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        self._event.set()
+
+
+class _NoWithdraw(_Counting):
+    """Approval that cannot be reached to withdraw requests."""
+
+    async def withdraw_approvals(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnavailableError("approval is down")
+
+
+async def test_a_step_failing_while_its_run_is_cancelled_is_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        env={
+            "CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support, tests.integration]"
+        },
+    )
+    agent = await create_coordinator(
+        settings=settings,
+        tools=[*TEST_TOOLS, FAILING_GATE],
+        planning_mode="explicit",
+        clock=FakeClock(),
+    )
+    GATES["refuse"] = asyncio.Event()
+    ENTERED["refuse"] = asyncio.Event()
+    try:
+        agent.approval = _NoWithdraw(agent.approval)
+        stream = agent.orchestrate("g", plan=[step("g", GATE_FAIL, name="refuse")])
+        first = await anext(stream)
+        await asyncio.wait_for(ENTERED["refuse"].wait(), 10)
+        parked = asyncio.Event()
+        agent._live[first.run_id].in_flight = _Parked(parked)
+        cancelling = asyncio.ensure_future(agent.cancel_run(first.run_id, "stop"))
+        await asyncio.wait_for(parked.wait(), 10)
+        GATES["refuse"].set()  # the tool, already running at the worker, now refuses
+        run = await asyncio.wait_for(cancelling, 10)
+        rest = [e async for e in stream]
+    finally:
+        GATES["refuse"].set()
+        await agent.close()
+        gc.collect()
+    assert run.state == coordinator_pb2.RUN_STATE_CANCELLED
+    (answer,) = [e for e in rest if e.step_id == "g" and e.HasField("error")]
+    assert answer.error.failure_mode == S.FAILURE_MODE_POLICY
+    assert "the account is locked" in answer.error.message
+    last = rest[-1]
+    assert STAGE(last.stage) == "LIFECYCLE_STAGE_CANCELLED"
+    assert not last.partial.completed_steps and not last.partial.unfinished_steps
+    # Approval could not be reached to withdraw the run's requests: logged, not fatal.
+    assert "its pending approvals could not be withdrawn: approval is down" in caplog.text
