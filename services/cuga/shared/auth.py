@@ -202,7 +202,7 @@ class TlsConfig:
         from cuga.shared.config import ConfigError  # config imports this module
 
         if self.cert_file is not None and (self.key_file is None or self.ca_file is None):
-            raise ConfigError("tls", "cert_file needs key_file and ca_file")
+            raise ConfigError("cert_file", "needs key_file and ca_file")
         for cn in self.identities:
             _check_name(cn, f"identities.{cn[:40]}")
 
