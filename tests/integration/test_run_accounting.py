@@ -297,9 +297,9 @@ async def test_a_cancelled_run_skips_what_never_started_then_aggregates(
 # ------------------------------------------------------------- item 7: the plan's state
 
 
-def _history(cluster: Cluster, plan_id: str) -> list[tuple[str, str]]:
+async def _history(cluster: Cluster, plan_id: str) -> list[tuple[str, str]]:
     servicer = cluster.servers["planning"].definition.registrations[0][1]
-    rows = servicer._planner._store.history(plan_id)
+    rows = await servicer._planner._store.history(plan_id)
     return [(S.PlanState.Name(t.from_state)[11:], S.PlanState.Name(t.to_state)[11:]) for t in rows]
 
 
@@ -320,7 +320,7 @@ async def test_the_plan_is_routed_then_executed_and_completed_after_a_resume(
     events = await _orchestrate(cluster, request)
     assert STAGE(events[-1].stage) == "LIFECYCLE_STAGE_FAILED"
     run_id, plan_id = events[0].run_id, events[1].plan.plan_id
-    assert _history(cluster, plan_id) == [
+    assert await _history(cluster, plan_id) == [
         ("UNSPECIFIED", "CREATED"),
         ("CREATED", "ROUTED"),
         ("ROUTED", "EXECUTING"),
@@ -334,7 +334,10 @@ async def test_the_plan_is_routed_then_executed_and_completed_after_a_resume(
         ]
     await _settled(cluster, run_id)
     assert STAGE(resumed[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
-    assert _history(cluster, plan_id)[4:] == [("FAILED", "EXECUTING"), ("EXECUTING", "COMPLETED")]
+    assert (await _history(cluster, plan_id))[4:] == [
+        ("FAILED", "EXECUTING"),
+        ("EXECUTING", "COMPLETED"),
+    ]
     async with PlanningClient(
         cluster.address("planning"), metadata=as_identity("tester")
     ) as planning:

@@ -12,7 +12,8 @@ database for as long as the test likes. While one call's query is held:
 
 The audit service (synchronous backends on worker threads, :mod:`cuga.services.audit.backend`)
 draws a connection per call from its pool too: while one connection's query is held,
-another call of the replica is answered on another connection.
+another call of the replica is answered on another connection. Planning, on the same
+asynchronous pool as approval, answers health while a GetPlan's query is held.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cuga.approval.v1 import approval_pb2
 from cuga.audit.v1 import audit_pb2
-from cuga.client import AuditClient
+from cuga.client import AuditClient, PlanningClient
+from cuga.planning.v1 import planning_pb2
 from cuga.services.audit.app import build as build_audit
+from cuga.services.planning.app import build as build_planning
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import Settings
-from cuga.shared.errors import ResourceExhaustedError, UnauthenticatedError
+from cuga.shared.errors import NotFoundError, ResourceExhaustedError, UnauthenticatedError
 from tests.service.test_approval_service import Harness, approval_settings, request, start
 from tests.support.pgproxy import HoldingProxy
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
@@ -211,5 +214,29 @@ async def test_audit_answers_on_another_connection_while_one_query_is_held(
             assert [r.record_id for r in (await asyncio.wait_for(held, 30)).records] == [
                 "tester/r1"
             ]
+        finally:
+            await client.close()
+
+
+async def test_planning_answers_health_while_a_query_is_held(
+    proxy: HoldingProxy,
+    postgres_dsn: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env = {"CUGA_PLANNING__STORE": "postgres", "CUGA_PLANNING__DSN": proxy.dsn(postgres_dsn)}
+    async with running_service("planning", build_planning, make_settings(tmp_path, env)) as server:
+        client = PlanningClient(server.address, metadata=as_identity("coordinator"))
+        try:
+            proxy.hold()
+            held = asyncio.ensure_future(
+                client.get_plan(planning_pb2.GetPlanRequest(plan_id="p-1"), timeout=60)
+            )
+            await proxy.until_held(1)
+            assert await health(server.address) == health_pb2.HealthCheckResponse.SERVING
+            assert_still_held(proxy, "a health check")
+            assert not held.done()
+            proxy.release()
+            with pytest.raises(NotFoundError):
+                await asyncio.wait_for(held, 30)
         finally:
             await client.close()

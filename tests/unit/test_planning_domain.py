@@ -458,7 +458,7 @@ async def test_transitions_are_stamped_and_recorded(store_location: Location) ->
     )
     assert moved.updated_at.seconds == 1005
     assert moved.created_at.seconds == 1000
-    history = store.history(plan.plan_id)
+    history = await store.history(plan.plan_id)
     assert [(h.from_state, h.to_state, h.at) for h in history] == [
         (c.PLAN_STATE_UNSPECIFIED, c.PLAN_STATE_CREATED, 1000.0),
         (c.PLAN_STATE_CREATED, c.PLAN_STATE_ROUTED, 1005.0),
@@ -478,7 +478,7 @@ async def test_transition_is_idempotent_by_request_id(store_location: Location) 
     )
     again = await planner.transition_plan(req)
     assert again == first  # the answer of the first call, not an error
-    assert len(store.history(plan.plan_id)) == 3
+    assert len(await store.history(plan.plan_id)) == 3
     with pytest.raises(AlreadyExistsError):
         await planner.transition_plan(
             p.TransitionPlanRequest(
@@ -494,7 +494,7 @@ async def test_same_state_again_is_a_noop(store_location: Location) -> None:  # 
     await planner.transition_plan(req)
     again = await planner.transition_plan(req)
     assert again.state == c.PLAN_STATE_ROUTED
-    assert len(store.history(plan.plan_id)) == 2
+    assert len(await store.history(plan.plan_id)) == 2
 
 
 @pytest.mark.parametrize(
@@ -549,8 +549,8 @@ async def test_failed_create_stores_nothing(store_location: Location) -> None:  
     planner, store, _ = make_planner(store_location)
     with pytest.raises(InvalidArgumentError):
         await planner.create_plan(explicit(step("a", "nope"), request_id="r"))
-    assert store.lookup_request("create", "r") is None
-    assert store.connection.execute("SELECT COUNT(*) FROM plans").fetchone()[0] == 0
+    assert await store.lookup_request("create", "r") is None
+    assert (await store.connection.execute("SELECT COUNT(*) FROM plans")).fetchone()[0] == 0
 
 
 async def test_plans_and_memory_survive_restart(store_location: Location) -> None:  # noqa: F811
@@ -563,7 +563,7 @@ async def test_plans_and_memory_survive_restart(store_location: Location) -> Non
         )
     )
     await _complete(planner, plan, "run-tea")
-    store.close()
+    await store.aclose()
     planner2, _, memory2 = make_planner(store_location)
     loaded = await planner2.get_plan(plan.plan_id)
     assert loaded.state == c.PLAN_STATE_COMPLETED

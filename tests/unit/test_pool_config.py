@@ -6,6 +6,7 @@ import pytest
 
 from cuga.services.approval.config import ApprovalConfig
 from cuga.services.audit.config import AuditConfig
+from cuga.services.planning.config import PlanningConfig
 from cuga.shared.config import ConfigError, load_settings
 from cuga.shared.sqldb import PoolConfig
 
@@ -49,3 +50,15 @@ def test_the_audit_service_has_the_same_keys() -> None:
     with pytest.raises(ConfigError) as refused:
         load_settings(env={"CUGA_AUDIT__POOL__MAX_SIZE": "0"}).section(AuditConfig, "audit")
     assert refused.value.key == "audit.pool.max_size"
+
+
+def test_the_planning_service_has_the_same_keys() -> None:
+    pool = load_settings(env={"CUGA_PLANNING__POOL__MIN_SIZE": "0"}).section(
+        PlanningConfig, "planning"
+    )
+    assert pool.pool.min_size == 0
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"CUGA_PLANNING__POOL__TIMEOUT_S": "0"}).section(
+            PlanningConfig, "planning"
+        )
+    assert refused.value.key == "planning.pool.timeout_s"

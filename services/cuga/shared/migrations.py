@@ -27,12 +27,13 @@ an existing database changes nothing that is there.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cuga.shared.sqldb import Database
+from cuga.shared.sqldb import Database, PostgresDatabase
 
 log = logging.getLogger("cuga.migrations")
 
@@ -210,6 +211,26 @@ def migrate_all(db: Database, schemas: Sequence[Schema]) -> list[tuple[str, Migr
     return [(s.component, m) for s in schemas for m in s.migrate(db)]
 
 
+async def migrate_postgres(dsn: str, schemas: Sequence[Schema]) -> list[tuple[str, Migration]]:
+    """Migrate stores that serve from a connection pool, at start: on one synchronous
+    connection of their own, opened for the migrations and closed after them (it holds
+    each store's session advisory lock while that store migrates), on a worker thread so
+    the event loop keeps serving meanwhile.
+
+    Raises:
+        psycopg.OperationalError: the database cannot be reached.
+    """
+
+    def run() -> list[tuple[str, Migration]]:
+        db = PostgresDatabase(dsn)
+        try:
+            return migrate_all(db, schemas)
+        finally:
+            db.close()
+
+    return await asyncio.to_thread(run)
+
+
 __all__ = [
     "VERSION_TABLE",
     "Migration",
@@ -218,4 +239,5 @@ __all__ = [
     "Step",
     "column_exists",
     "migrate_all",
+    "migrate_postgres",
 ]

@@ -16,8 +16,9 @@ Services serving calls from PostgreSQL use :class:`AsyncDatabase` instead:
 :class:`PostgresPool` runs each statement on a connection of a bounded
 :class:`psycopg_pool.AsyncConnectionPool` (sized by a :class:`PoolConfig`, the
 ``<service>.pool`` keys) and awaits the server's answer, so a slow query holds one
-connection and its own call, never the event loop. :class:`AsyncSQLiteDatabase` gives
-SQLite the same interface and stays synchronous underneath. State that lives in a
+connection and its own call, never the event loop. :class:`InlineDatabase` gives SQLite
+(and any synchronous :class:`Database`) the same interface and stays synchronous
+underneath. State that lives in a
 database *session* (a session advisory lock) needs one connection for its whole life:
 :meth:`PostgresPool.session` keeps one for the length of a block.
 """
@@ -307,14 +308,17 @@ class AsyncDatabase(Protocol):
         ...
 
 
-class AsyncSQLiteDatabase:
-    """:class:`AsyncDatabase` over a :class:`SQLiteDatabase`: the same synchronous calls
-    (each short, on a local file), behind ``await``."""
+class InlineDatabase:
+    """:class:`AsyncDatabase` over a synchronous :class:`Database`: the same calls, inline,
+    behind ``await``. For SQLite (each call short, on a local file), and for the embedded
+    engine's synchronous PostgreSQL connection."""
 
-    dialect: Dialect = "sqlite"
-
-    def __init__(self, db: SQLiteDatabase) -> None:
+    def __init__(self, db: Database) -> None:
         self.sync = db
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.sync.dialect
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         return self.sync.execute(sql, params)
@@ -323,7 +327,7 @@ class AsyncSQLiteDatabase:
         self.sync.executescript(script)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSQLiteDatabase]:
+    async def transaction(self) -> AsyncIterator[InlineDatabase]:
         # Nothing inside suspends (every call above is synchronous), so no other
         # coroutine runs while the transaction is open.
         with self.sync.transaction():
@@ -595,10 +599,10 @@ async def listen(
 __all__ = [
     "LISTEN_READY_S",
     "AsyncDatabase",
-    "AsyncSQLiteDatabase",
     "Cursor",
     "Database",
     "Dialect",
+    "InlineDatabase",
     "PoolConfig",
     "PostgresDatabase",
     "PostgresPool",

@@ -42,7 +42,7 @@ from cuga.shared.errors import AbortedError, ResourceExhaustedError
 from cuga.shared.messages import seconds
 from cuga.shared.sqldb import (
     AsyncDatabase,
-    AsyncSQLiteDatabase,
+    InlineDatabase,
     PoolConfig,
     PostgresPool,
     SQLiteDatabase,
@@ -429,7 +429,7 @@ class SQLiteApprovalStore(SqlApprovalStore):
                 conn.execute("ALTER TABLE approvals ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
         self._sqlite = SQLiteDatabase(conn)
         create_schema(self._sqlite, _SQLITE_SCHEMA, _POSTGRES_SCHEMA, lock_key=_SCHEMA_LOCK)
-        super().__init__(AsyncSQLiteDatabase(self._sqlite))
+        super().__init__(InlineDatabase(self._sqlite))
 
     async def open(self) -> None:
         """Nothing more to do: the constructor made the tables."""

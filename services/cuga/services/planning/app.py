@@ -16,12 +16,13 @@ from cuga.services.planning.domain import Planner
 from cuga.services.planning.memory import HashingEmbedder, VectorMemory
 from cuga.services.planning.planners import load_planner
 from cuga.services.planning.servicer import PlanningServicer
-from cuga.services.planning.store import PlanStore, open_database
+from cuga.services.planning.store import PlanStore, open_database, open_pool
 from cuga.shared.bootstrap import ServiceDefinition
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import GRPC_SERVICE_NAMES, Settings
 from cuga.shared.errors import CugaError, UnavailableError
 from cuga.shared.signing import worker_audience
+from cuga.shared.sqldb import Database, PostgresPool
 from cuga.shared.telemetry import Telemetry
 from cuga.worker.v1 import worker_pb2
 
@@ -135,7 +136,13 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     config = settings.section(PlanningConfig, "planning")
     common = settings.common
     clock = SystemClock()
-    conn = open_database(config, common.data_dir, synchronous=common.sqlite.synchronous)
+    conn: Database | PostgresPool
+    if config.store == "postgres":
+        # The service's queries are awaited on a bounded pool (planning.pool).
+        conn = open_pool(config)
+        await conn.open()
+    else:
+        conn = open_database(config, common.data_dir, synchronous=common.sqlite.synchronous)
     store = PlanStore(conn)
     memory = VectorMemory(
         conn,
@@ -143,6 +150,8 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         max_records_per_profile=config.memory_max_records_per_profile,
         clock=clock,
     )
+    await store.open()
+    await memory.open()
     closers: list[Callable[[], Awaitable[None]]] = []
     catalog: ToolCatalog
     if config.static_tools_file:
@@ -191,14 +200,14 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
     )
 
     async def on_started(address: str) -> None:
-        pruned = store.prune_requests(clock.now() - config.request_retention_s)
+        pruned = await store.prune_requests(clock.now() - config.request_retention_s)
         if pruned:
             log.info("forgot %d request ids older than %gs", pruned, config.request_retention_s)
 
     async def on_stopped() -> None:
         for close in closers:
             await close()
-        store.close()
+        await store.aclose()
 
     return ServiceDefinition(
         name="planning",

@@ -9,6 +9,7 @@ from typing import Literal
 
 from cuga.services.planning.llm import LLMConfig
 from cuga.shared.config import ConfigError
+from cuga.shared.sqldb import PoolConfig
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PLANNER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -61,6 +62,9 @@ class PlanningConfig:
     process) or ``postgres`` (by ``dsn``; required for several planning replicas)."""
     dsn: str = ""
     """PostgreSQL connection string (libpq DSN or URI). Required when store is postgres."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """With store postgres: the connection pool (``min_size``, ``max_size``,
+    ``timeout_s``, ``connect_timeout_s``); queries run on it without blocking the service."""
 
     def __post_init__(self) -> None:
         if not _PLANNER_NAME.fullmatch(self.planner):

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from cuga.common.v1 import common_pb2
@@ -45,7 +45,7 @@ from cuga.shared.errors import (
     InvalidArgumentError,
 )
 from cuga.shared.messages import timestamp
-from cuga.shared.sqldb import Database
+from cuga.shared.sqldb import AsyncDatabase
 from cuga.shared.validation import (
     MAX_STEP_REASON_CHARS,
     check_budget,
@@ -180,7 +180,7 @@ class Planner:
         profile, mode, budget = self._check_create(request)
         fingerprint = self._create_fingerprint(request, profile)
         if request.request_id:
-            stored = self._store.lookup_request(CREATE, request.request_id)
+            stored = await self._store.lookup_request(CREATE, request.request_id)
             if stored is not None:
                 if stored.fingerprint != fingerprint:
                     raise AlreadyExistsError(
@@ -188,7 +188,7 @@ class Planner:
                         " create request",
                         reason="REQUEST_ID_REUSED",
                     )
-                return self._store.get(stored.plan_id)
+                return await self._store.get(stored.plan_id)
         tools = await self._tools(timeout)
         ask = _Ask(request, budget, timeout)
         if mode == S.PLANNING_MODE_EXPLICIT:
@@ -224,7 +224,7 @@ class Planner:
             planning_cost=draft.cost,
             planner_exchanges=draft.exchanges,
         )
-        stored_plan = self._store.insert(
+        stored_plan = await self._store.insert(
             plan, request_id=request.request_id, fingerprint=fingerprint
         )
         log.info(
@@ -414,7 +414,7 @@ class Planner:
         self, profile: str, goal: str, tools: Mapping[str, common_pb2.ToolSpec], ask: _Ask
     ) -> _Draft:
         notes: list[str] = []
-        hits = self._memory.search(
+        hits = await self._memory.asearch(
             profile,
             goal,
             limit=MEMORY_CANDIDATES,
@@ -463,7 +463,7 @@ class Planner:
             NotFoundError: no such plan.
         """
         check_id("plan_id", plan_id)
-        return self._store.get(plan_id)
+        return await self._store.get(plan_id)
 
     # ------------------------------------------------------------ TransitionPlan
 
@@ -509,12 +509,12 @@ class Planner:
             updated.updated_at.CopyFrom(timestamp(now))
             return updated
 
-        also: Callable[[Database, common_pb2.Plan], None] | None = None
+        also: Callable[[AsyncDatabase, common_pb2.Plan], Awaitable[None]] | None = None
         if target == S.PLAN_STATE_COMPLETED and request.run_id:
             run_id = request.run_id
 
-            def also(conn: Database, plan: common_pb2.Plan) -> None:
-                self._memory.add_in(
+            async def also(conn: AsyncDatabase, plan: common_pb2.Plan) -> None:
+                await self._memory.aadd_in(
                     conn,
                     plan.profile,
                     plan.goal,
@@ -529,7 +529,7 @@ class Planner:
         key = planning_pb2.TransitionPlanRequest()
         key.CopyFrom(request)
         key.request_id = ""
-        plan = self._store.transition(
+        plan = await self._store.transition(
             request.plan_id,
             decide,
             at=now,

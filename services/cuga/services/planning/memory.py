@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cuga.shared.clock import Clock, SystemClock
-from cuga.shared.migrations import Migration, Schema
-from cuga.shared.sqldb import Database, as_database
+from cuga.shared.migrations import Migration, Schema, migrate_postgres
+from cuga.shared.sqldb import AsyncDatabase, Database, PostgresPool, as_database
 
 DEFAULT_PROFILE = "default"
 
@@ -177,11 +177,16 @@ def _profile_key(profile: str) -> bytes:
 class VectorMemory:
     """Per-profile memory of texts with JSON payloads, searched by cosine similarity.
 
+    :meth:`add`, :meth:`search` and :meth:`count` are synchronous (SQLite: the embedded
+    engine and its public ``VectorMemory``); :meth:`asearch` and :meth:`aadd_in` are their
+    awaited forms, which the planning service uses, also on a PostgreSQL pool.
+
     Args:
         conn: a :class:`~cuga.shared.sqldb.Database` (SQLite or PostgreSQL) or an open
-            SQLite connection (see :func:`cuga.shared.sqlite.open_sqlite`); the table is
-            created if missing. The connection may be shared with other stores
-            so a write can join their transaction (:meth:`add_in`).
+            SQLite connection (see :func:`cuga.shared.sqlite.open_sqlite`), the table
+            created if missing; or a :class:`~cuga.shared.sqldb.PostgresPool` (migrated by
+            :meth:`open`; awaited methods only). The database may be shared with other
+            stores so a write can join their transaction (:meth:`add_in`).
         embedder: turns texts into vectors.
         max_records_per_profile: cap per profile; adding past it evicts the oldest.
         clock: timestamps records.
@@ -189,7 +194,7 @@ class VectorMemory:
 
     def __init__(
         self,
-        conn: Database | sqlite3.Connection,
+        conn: Database | sqlite3.Connection | PostgresPool,
         embedder: Embedder,
         *,
         max_records_per_profile: int = 5000,
@@ -197,12 +202,28 @@ class VectorMemory:
     ) -> None:
         if max_records_per_profile < 1:
             raise ValueError("max_records_per_profile must be >= 1")
-        self._conn = as_database(conn)
         self._embedder = embedder
         self._max = max_records_per_profile
         self._clock = clock or SystemClock()
-        self._order = _ORDER[self._conn.dialect]
-        MEMORY_SCHEMA.migrate(self._conn)
+        self._pool = conn if isinstance(conn, PostgresPool) else None
+        self._sync: Database | None = None
+        if isinstance(conn, PostgresPool):
+            self._order = _ORDER[conn.dialect]
+        else:
+            self._sync = as_database(conn)
+            self._order = _ORDER[self._sync.dialect]
+            MEMORY_SCHEMA.migrate(self._sync)
+
+    async def open(self) -> None:
+        """Apply the pending migrations of a pooled database; nothing otherwise."""
+        if self._pool is not None:
+            await migrate_postgres(self._pool.dsn, [MEMORY_SCHEMA])
+
+    @property
+    def _conn(self) -> Database:
+        if self._sync is None:
+            raise TypeError("this memory is on a connection pool: use asearch / aadd_in")
+        return self._sync
 
     @property
     def embedder(self) -> Embedder:
@@ -230,10 +251,38 @@ class VectorMemory:
         key: str | None = None,
     ) -> str:
         """Like :meth:`add`, inside a transaction the caller holds on ``conn``."""
+        record_id, insert, pkey = self._insert(profile, text, payload, key)
+        conn.execute(*insert)
+        boundary = conn.execute(*self._boundary(pkey)).fetchone()
+        if boundary is not None:
+            conn.execute(*self._evict(pkey, boundary))
+        return record_id
+
+    async def aadd_in(
+        self,
+        conn: AsyncDatabase,
+        profile: str,
+        text: str,
+        payload: Mapping[str, Any],
+        *,
+        key: str | None = None,
+    ) -> str:
+        """:meth:`add_in` on an awaited database (a transaction's, maybe a pool's)."""
+        record_id, insert, pkey = self._insert(profile, text, payload, key)
+        await conn.execute(*insert)
+        boundary = (await conn.execute(*self._boundary(pkey))).fetchone()
+        if boundary is not None:
+            await conn.execute(*self._evict(pkey, boundary))
+        return record_id
+
+    def _insert(
+        self, profile: str, text: str, payload: Mapping[str, Any], key: str | None
+    ) -> tuple[str, tuple[str, tuple[Any, ...]], bytes]:
+        """The record id, the upsert of the record and the profile's key."""
         vector = self._embedder.embed([text])[0].astype(np.float32)
         record_id = uuid.uuid4().hex
         pkey = _profile_key(profile)
-        conn.execute(
+        statement = (
             "INSERT INTO memory (record_id, profile, record_key, embedder, text, embedding,"
             " payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (profile, record_key) DO UPDATE SET record_id = excluded.record_id,"
@@ -251,22 +300,25 @@ class VectorMemory:
                 self._clock.now(),
             ),
         )
+        return record_id, statement, pkey
+
+    def _boundary(self, pkey: bytes) -> tuple[str, tuple[Any, ...]]:
         # Evict the oldest beyond the cap so a search never scans more than the cap: find
         # the newest record past the cap by walking the (profile, created_at) index, then
         # delete it and everything older. (A NOT IN over the newest `cap` ids sorted and
         # scanned the whole profile on every insert: ~19 ms per run at a full memory.)
-        boundary = conn.execute(
+        return (
             f"SELECT created_at, {self._order} FROM memory WHERE profile = ?"
             f" ORDER BY created_at DESC, {self._order} DESC LIMIT 1 OFFSET ?",
             (pkey, self._max),
-        ).fetchone()
-        if boundary is not None:
-            conn.execute(
-                "DELETE FROM memory WHERE profile = ? AND (created_at < ?"
-                f" OR (created_at = ? AND {self._order} <= ?))",
-                (pkey, boundary[0], boundary[0], boundary[1]),
-            )
-        return record_id
+        )
+
+    def _evict(self, pkey: bytes, boundary: Any) -> tuple[str, tuple[Any, ...]]:
+        return (
+            "DELETE FROM memory WHERE profile = ? AND (created_at < ?"
+            f" OR (created_at = ? AND {self._order} <= ?))",
+            (pkey, boundary[0], boundary[0], boundary[1]),
+        )
 
     def search(
         self, profile: str, text: str, *, limit: int = 5, min_score: float = -1.0
@@ -278,12 +330,34 @@ class VectorMemory:
         """
         if limit < 1:
             return []
-        rows = self._conn.execute(
+        rows = self._conn.execute(*self._candidates(profile)).fetchall()
+        return self._rank(rows, text, limit, min_score)
+
+    async def asearch(
+        self, profile: str, text: str, *, limit: int = 5, min_score: float = -1.0
+    ) -> list[MemoryHit]:
+        """:meth:`search`, awaited (on a pool, while the service serves other calls)."""
+        if limit < 1:
+            return []
+        db: AsyncDatabase | None = self._pool
+        if db is None:
+            rows = self._conn.execute(*self._candidates(profile)).fetchall()
+        else:
+            rows = (await db.execute(*self._candidates(profile))).fetchall()
+        return self._rank(rows, text, limit, min_score)
+
+    def _candidates(self, profile: str) -> tuple[str, tuple[Any, ...]]:
+        return (
             "SELECT record_id, record_key, text, embedding, payload, created_at FROM memory"
             f" WHERE profile = ? AND embedder = ? ORDER BY created_at DESC, {self._order} DESC"
             " LIMIT ?",
             (_profile_key(profile), self._embedder.name, self._max),
-        ).fetchall()
+        )
+
+    def _rank(
+        self, rows: Sequence[Any], text: str, limit: int, min_score: float
+    ) -> list[MemoryHit]:
+        """The best ``limit`` of ``rows`` (newest first) by similarity to ``text``."""
         if not rows:
             return []
         matrix = np.frombuffer(b"".join(r["embedding"] for r in rows), dtype=np.float32)

@@ -9,21 +9,32 @@ a failure leaves nothing half-written.
 
 With PostgreSQL several planning replicas share the tables: a transition locks its plan's
 row (``FOR UPDATE``) and a request id takes a transaction advisory lock, so two replicas
-answering the same plan or the same request id serialise instead of racing.
+answering the same plan or the same request id serialise instead of racing. The
+planning service reaches PostgreSQL through a bounded pool of asynchronous connections
+(``planning.pool``, :func:`open_pool`): every method is awaited, so a slow query holds
+its own call and one connection, never the service.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cuga.common.v1 import common_pb2
 from cuga.services.planning.config import PlanningConfig
 from cuga.shared.errors import AlreadyExistsError, NotFoundError
-from cuga.shared.migrations import Migration, Schema
-from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase, as_database
+from cuga.shared.migrations import Migration, Schema, migrate_postgres
+from cuga.shared.sqldb import (
+    AsyncDatabase,
+    Database,
+    InlineDatabase,
+    PostgresDatabase,
+    PostgresPool,
+    SQLiteDatabase,
+    as_database,
+)
 from cuga.shared.sqlite import open_sqlite
 
 _SQLITE_SCHEMA = """
@@ -134,42 +145,58 @@ class PlanStore:
     """Plans in one database: SQLite (``planning.db`` under the data directory) or
     PostgreSQL (``planning.dsn``, shared by replicas).
 
-    The connection may be shared with :class:`~.memory.VectorMemory` so that completing a
-    plan and remembering it commit together.
+    The database may be shared with :class:`~.memory.VectorMemory` so that completing a
+    plan and remembering it commit together. Every method is awaited; a synchronous
+    database (SQLite, or the embedded engine's PostgreSQL connection) runs inline.
 
     Args:
-        conn: a :class:`~cuga.shared.sqldb.Database`, or a raw SQLite connection.
+        conn: a :class:`~cuga.shared.sqldb.Database` or a raw SQLite connection (migrated
+            here), or a :class:`~cuga.shared.sqldb.PostgresPool` (migrated by :meth:`open`).
     """
 
-    def __init__(self, conn: Database | sqlite3.Connection) -> None:
-        self._conn = as_database(conn)
-        PLAN_STORE_SCHEMA.migrate(self._conn)
+    def __init__(self, conn: Database | sqlite3.Connection | PostgresPool) -> None:
+        self._pool = conn if isinstance(conn, PostgresPool) else None
+        if isinstance(conn, PostgresPool):
+            self._conn: AsyncDatabase = conn
+        else:
+            sync = as_database(conn)
+            PLAN_STORE_SCHEMA.migrate(sync)
+            self._conn = InlineDatabase(sync)
+
+    async def open(self) -> None:
+        """Apply the pending migrations of a pooled database (on a connection of their
+        own, under the schema's advisory lock); nothing for a synchronous one."""
+        if self._pool is not None:
+            await migrate_postgres(self._pool.dsn, [PLAN_STORE_SCHEMA])
 
     @property
-    def connection(self) -> Database:
-        """The connection (shared with stores that join its transactions)."""
+    def connection(self) -> AsyncDatabase:
+        """The database (shared with stores that join its transactions)."""
         return self._conn
 
-    def _serialise(self, conn: Database, kind: str, request_id: str) -> None:
+    async def _serialise(self, conn: AsyncDatabase, kind: str, request_id: str) -> None:
         """On PostgreSQL, hold a transaction lock on a request id (replicas may race)."""
         if conn.dialect == "postgres":
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{kind}/{request_id}",))
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(?))", (f"{kind}/{request_id}",)
+            )
 
-    def lookup_request(self, kind: str, request_id: str) -> StoredRequest | None:
+    async def lookup_request(self, kind: str, request_id: str) -> StoredRequest | None:
         """The stored outcome of a request id, if any."""
-        row = self._conn.execute(
+        cur = await self._conn.execute(
             "SELECT fingerprint, plan_id, response FROM requests WHERE kind = ? AND request_id = ?",
             (kind, request_id),
-        ).fetchone()
+        )
+        row = cur.fetchone()
         if row is None:
             return None
         return StoredRequest(
             row["fingerprint"], row["plan_id"], common_pb2.Plan.FromString(row["response"])
         )
 
-    def _claim_request(
+    async def _claim_request(
         self,
-        conn: Database,
+        conn: AsyncDatabase,
         kind: str,
         request_id: str,
         fingerprint: str,
@@ -177,10 +204,11 @@ class PlanStore:
         at: float,
     ) -> common_pb2.Plan | None:
         """Record a request id; if it is already there, its stored answer instead."""
-        row = conn.execute(
+        cur = await conn.execute(
             "SELECT fingerprint, response FROM requests WHERE kind = ? AND request_id = ?",
             (kind, request_id),
-        ).fetchone()
+        )
+        row = cur.fetchone()
         if row is not None:
             if row["fingerprint"] != fingerprint:
                 raise AlreadyExistsError(
@@ -188,14 +216,14 @@ class PlanStore:
                     reason="REQUEST_ID_REUSED",
                 )
             return common_pb2.Plan.FromString(row["response"])
-        conn.execute(
+        await conn.execute(
             "INSERT INTO requests (kind, request_id, fingerprint, plan_id, response, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (kind, request_id, fingerprint, plan.plan_id, plan.SerializeToString(), at),
         )
         return None
 
-    def insert(
+    async def insert(
         self, plan: common_pb2.Plan, *, request_id: str = "", fingerprint: str = ""
     ) -> common_pb2.Plan:
         """Store a new plan (state CREATED); with a request id seen before, the earlier plan.
@@ -203,13 +231,13 @@ class PlanStore:
         The creation is recorded as transition 0 (UNSPECIFIED -> CREATED).
         """
         at = plan.created_at.ToNanoseconds() / 1e9
-        with self._conn.transaction() as conn:
+        async with self._conn.transaction() as conn:
             if request_id:
-                self._serialise(conn, CREATE, request_id)
-                earlier = self._claim_request(conn, CREATE, request_id, fingerprint, plan, at)
+                await self._serialise(conn, CREATE, request_id)
+                earlier = await self._claim_request(conn, CREATE, request_id, fingerprint, plan, at)
                 if earlier is not None:
-                    return self.get(earlier.plan_id)
-            conn.execute(
+                    return await self._get(conn, earlier.plan_id)
+            await conn.execute(
                 "INSERT INTO plans (plan_id, profile, state, mode, created_at, updated_at, plan)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -222,29 +250,35 @@ class PlanStore:
                     plan.SerializeToString(),
                 ),
             )
-            conn.execute(
+            await conn.execute(
                 "INSERT INTO transitions (plan_id, seq, from_state, to_state, at, reason,"
                 " run_id, request_id) VALUES (?, 0, ?, ?, ?, 'created', '', ?)",
                 (plan.plan_id, common_pb2.PLAN_STATE_UNSPECIFIED, plan.state, at, request_id),
             )
         return plan
 
-    def get(self, plan_id: str, *, for_update: bool = False) -> common_pb2.Plan:
-        """A stored plan; ``for_update`` locks its row to the end of the transaction
-        (PostgreSQL; SQLite's write transaction already excludes other writers).
+    async def get(self, plan_id: str) -> common_pb2.Plan:
+        """A stored plan.
 
         Raises:
             NotFoundError: no plan has this id.
         """
-        lock = " FOR UPDATE" if for_update and self._conn.dialect == "postgres" else ""
-        row = self._conn.execute(
-            f"SELECT plan FROM plans WHERE plan_id = ?{lock}", (plan_id,)
-        ).fetchone()
+        return await self._get(self._conn, plan_id)
+
+    async def _get(
+        self, conn: AsyncDatabase, plan_id: str, *, for_update: bool = False
+    ) -> common_pb2.Plan:
+        """A plan read on ``conn`` (inside a transaction: on its connection);
+        ``for_update`` locks its row to the end of the transaction (PostgreSQL; SQLite's
+        write transaction already excludes other writers)."""
+        lock = " FOR UPDATE" if for_update and conn.dialect == "postgres" else ""
+        cur = await conn.execute(f"SELECT plan FROM plans WHERE plan_id = ?{lock}", (plan_id,))
+        row = cur.fetchone()
         if row is None:
             raise NotFoundError(f"plan {plan_id!r} does not exist", reason="PLAN_NOT_FOUND")
         return common_pb2.Plan.FromString(row["plan"])
 
-    def transition(
+    async def transition(
         self,
         plan_id: str,
         decide: Callable[[common_pb2.Plan], common_pb2.Plan | None],
@@ -254,7 +288,7 @@ class PlanStore:
         run_id: str = "",
         request_id: str = "",
         fingerprint: str = "",
-        also: Callable[[Database, common_pb2.Plan], None] | None = None,
+        also: Callable[[AsyncDatabase, common_pb2.Plan], Awaitable[None]] | None = None,
     ) -> common_pb2.Plan:
         """Change a plan's state in one transaction.
 
@@ -263,13 +297,14 @@ class PlanStore:
         write (e.g. remembering a completed plan). A request id seen before returns the
         plan as that request left it, without calling ``decide``.
         """
-        with self._conn.transaction() as conn:
+        async with self._conn.transaction() as conn:
             if request_id:
-                self._serialise(conn, TRANSITION, request_id)
-                row = conn.execute(
+                await self._serialise(conn, TRANSITION, request_id)
+                cur = await conn.execute(
                     "SELECT fingerprint, response FROM requests WHERE kind = ? AND request_id = ?",
                     (TRANSITION, request_id),
-                ).fetchone()
+                )
+                row = cur.fetchone()
                 if row is not None:
                     if row["fingerprint"] != fingerprint:
                         raise AlreadyExistsError(
@@ -278,19 +313,20 @@ class PlanStore:
                             reason="REQUEST_ID_REUSED",
                         )
                     return common_pb2.Plan.FromString(row["response"])
-            current = self.get(plan_id, for_update=True)
+            current = await self._get(conn, plan_id, for_update=True)
             updated = decide(current)
             result = current
             if updated is not None:
-                seq_row = conn.execute(
+                seq_cur = await conn.execute(
                     "SELECT COALESCE(MAX(seq), -1) + 1 FROM transitions WHERE plan_id = ?",
                     (plan_id,),
-                ).fetchone()
-                conn.execute(
+                )
+                seq_row = seq_cur.fetchone()
+                await conn.execute(
                     "UPDATE plans SET state = ?, updated_at = ?, plan = ? WHERE plan_id = ?",
                     (updated.state, at, updated.SerializeToString(), plan_id),
                 )
-                conn.execute(
+                await conn.execute(
                     "INSERT INTO transitions (plan_id, seq, from_state, to_state, at, reason,"
                     " run_id, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -305,30 +341,31 @@ class PlanStore:
                     ),
                 )
                 if also is not None:
-                    also(conn, updated)
+                    await also(conn, updated)
                 result = updated
             if request_id:
-                self._claim_request(conn, TRANSITION, request_id, fingerprint, result, at)
+                await self._claim_request(conn, TRANSITION, request_id, fingerprint, result, at)
             return result
 
-    def history(self, plan_id: str) -> list[Transition]:
+    async def history(self, plan_id: str) -> list[Transition]:
         """Every state change of a plan, oldest first (creation is seq 0)."""
-        rows = self._conn.execute(
+        cur = await self._conn.execute(
             "SELECT seq, from_state, to_state, at, reason, run_id, request_id FROM transitions"
             " WHERE plan_id = ? ORDER BY seq",
             (plan_id,),
-        ).fetchall()
+        )
+        rows = cur.fetchall()
         return [Transition(*tuple(r)) for r in rows]
 
-    def prune_requests(self, older_than: float) -> int:
+    async def prune_requests(self, older_than: float) -> int:
         """Forget request ids recorded before ``older_than`` (epoch seconds)."""
-        with self._conn.transaction() as conn:
-            cur = conn.execute("DELETE FROM requests WHERE at < ?", (older_than,))
+        async with self._conn.transaction() as conn:
+            cur = await conn.execute("DELETE FROM requests WHERE at < ?", (older_than,))
             return int(cur.rowcount)
 
-    def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()
+    async def aclose(self) -> None:
+        """Close the database (the pool and its connections, on PostgreSQL)."""
+        await self._conn.close()
 
 
 def open_database(
@@ -341,6 +378,12 @@ def open_database(
     return SQLiteDatabase(open_sqlite(Path(data_dir) / "planning.db", synchronous=synchronous))
 
 
+def open_pool(config: PlanningConfig) -> PostgresPool:
+    """The planning service's PostgreSQL pool (``planning.dsn``, ``planning.pool``); await
+    its ``open()`` before use."""
+    return PostgresPool(config.dsn, config.pool, service="planning")
+
+
 __all__ = [
     "CREATE",
     "PLAN_STORE_SCHEMA",
@@ -350,4 +393,5 @@ __all__ = [
     "StoredRequest",
     "Transition",
     "open_database",
+    "open_pool",
 ]
