@@ -94,3 +94,22 @@ async def test_deny_with_token_flag_and_errors(
     listed = await client.list_pending(approval_pb2.ListPendingRequest())
     assert list(listed.requests) == []
     await client.close()
+
+
+async def test_list_pages_and_quiet_prints_only_ids(
+    env: tuple[Harness, Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    h, settings = env
+    first = (await h["coord"].request_approval(ask("s1", request_id="q1"))).request
+    second = (await h["coord"].request_approval(ask("s2", request_id="q2"))).request
+    monkeypatch.setenv(approvals.TOKEN_ENV, "t-rita")
+    assert await run(settings, "list", "--limit", "1") == 0
+    shown = capsys.readouterr().out
+    assert first.approval_id in shown and second.approval_id not in shown
+    token = shown.rsplit("more: --page-token ", 1)[1].split()[0]
+    assert await run(settings, "list", "--quiet", "--page-token", token) == 0
+    assert capsys.readouterr().out.split() == [second.approval_id]
+    assert await run(settings, "list", "--quiet") == 0
+    assert capsys.readouterr().out.split() == [first.approval_id, second.approval_id]
