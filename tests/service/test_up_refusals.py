@@ -106,6 +106,22 @@ def test_serve_refuses_a_taken_port_naming_it(how: str, tmp_path: Path) -> None:
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_json_refuses_a_taken_port_as_a_json_line(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data", CUGA_AUTH__ENABLED="false")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _cuga(env, "serve", "approval", "--port", str(port), "--json")
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert json.loads(done.stderr.splitlines()[-1]) == {
+        "error": f"port {port} (approval) is already in use on 127.0.0.1",
+        "exit_code": 5,
+        "hint": "stop what holds it, or serve on another port (--port, or"
+        " CUGA_ADDRESSES__APPROVAL)",
+    }
+
+
 def test_a_cluster_whose_tokens_come_from_the_environment_has_none_to_give(
     tmp_path: Path,
 ) -> None:
