@@ -29,7 +29,7 @@ from cuga.shared.errors import (
     NotFoundError,
     UnavailableError,
 )
-from cuga.shared.messages import to_struct
+from cuga.shared.messages import timestamp, to_struct
 from cuga.tools import ToolContext, ToolSpec
 from tests.support.servers import make_settings
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
@@ -335,3 +335,100 @@ async def test_a_step_failing_while_its_run_is_cancelled_is_recorded(
     assert not last.partial.completed_steps and not last.partial.unfinished_steps
     # Approval could not be reached to withdraw the run's requests: logged, not fatal.
     assert "its pending approvals could not be withdrawn: approval is down" in caplog.text
+
+
+async def test_orchestrate_refuses_a_client_trace_id_and_a_past_deadline_naming_them(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(1_800_000_000.0)
+    agent = await create_coordinator(
+        settings=_settings(tmp_path), tools=TEST_TOOLS, planning_mode="explicit", clock=clock
+    )
+    try:
+        plan = [step("a", "count", name="never")]
+        for context, field, message in (
+            (S.ExecutionContext(trace_id="ab" * 16), "context.trace_id", "is assigned by"),
+            (
+                S.ExecutionContext(deadline=timestamp(clock.now() - 1)),
+                "context.deadline",
+                "is in the past",
+            ),
+        ):
+            with pytest.raises(InvalidArgumentError) as info:
+                await _run_with(agent, plan, context)
+            assert info.value.field == field and message in info.value.message
+        assert not agent.list_runs(coordinator_pb2.ListRunsRequest()).runs  # none started
+    finally:
+        await agent.close()
+        gc.collect()
+
+
+async def _run_with(
+    agent: CoordinatorAgent, steps: list[S.PlanStep], context: S.ExecutionContext
+) -> list[S.OrchestrationEvent]:
+    return [e async for e in agent.orchestrate("test goal", context, plan=steps)]
+
+
+async def test_resume_takes_a_new_strategy_and_retry_policy_and_reattaches_a_live_run(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    agent = await create_coordinator(
+        settings=_settings(tmp_path), tools=TEST_TOOLS, planning_mode="explicit", clock=clock
+    )
+    try:
+        with pytest.raises(NotFoundError, match="is not in this coordinator's run store"):
+            [e async for e in agent.resume("no-such-run")]
+        # Fails twice before it works: FAIL_FAST stops at the first failure.
+        plan = [step("f", "flaky", name="twice", fail_times=2, error="connection")]
+        first = await _run(agent, plan)
+        assert STAGE(first[-1].stage) == "LIFECYCLE_STAGE_FAILED"
+        resumed = []
+        async for e in agent.resume(
+            first[0].run_id,
+            error_strategy=S.ERROR_PROPAGATION_RETRY,
+            retry_policy=S.RetryPolicy(max_attempts=3),
+        ):
+            resumed.append(e)
+            if e.HasField("retry"):  # its backoff passes on the engine's clock
+                clock.advance(e.retry.delay.ToNanoseconds() / 1e9)
+        assert STAGE(resumed[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+        retries = [e.retry for e in resumed if e.HasField("retry")]
+        assert [(r.attempt, r.max_attempts) for r in retries] == [(1, 3)]
+
+        # Resuming a run still running here re-attaches to it: no second run.
+        GATES["again"] = asyncio.Event()
+        ENTERED["again"] = asyncio.Event()
+        stream = agent.orchestrate("g", plan=[step("g", "gate", name="again")])
+        run_id = (await anext(stream)).run_id
+        await asyncio.wait_for(ENTERED["again"].wait(), 10)
+        attached = agent.resume(run_id)
+        GATES["again"].set()
+        tail = [e async for e in attached]
+        assert STAGE(tail[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+        assert {e.run_id for e in tail} == {run_id}
+        assert [e async for e in stream][-1].seq == tail[-1].seq
+    finally:
+        await agent.close()
+        gc.collect()
+
+
+async def test_the_run_deadline_stops_a_step_still_at_its_worker(tmp_path: Path) -> None:
+    clock = FakeClock()
+    clock.auto_advance = True  # the deadline's wait on the engine's clock passes at once
+    agent = await create_coordinator(
+        settings=_settings(tmp_path), tools=TEST_TOOLS, planning_mode="explicit", clock=clock
+    )
+    GATES["deadline"] = asyncio.Event()  # never opened: only the deadline ends the step
+    try:
+        context = S.ExecutionContext(deadline=timestamp(clock.now() + 5))
+        events = await _run_with(agent, [step("g", "gate", name="deadline")], context)
+    finally:
+        GATES["deadline"].set()
+        await agent.close()
+        gc.collect()
+    last = events[-1]
+    assert STAGE(last.stage) == "LIFECYCLE_STAGE_FAILED"
+    assert last.partial.failure_mode == S.FAILURE_MODE_RESOURCE
+    assert "the run's deadline passed" in last.partial.error
+    assert not [e for e in events if e.HasField("step_result")]
