@@ -1,9 +1,15 @@
-"""The audit service's retention and an injected checkpoint signer, through the production
-bootstrap on 127.0.0.1:0 with a fake clock (issue 24)."""
+"""The audit service's background work through the production bootstrap on 127.0.0.1:0 with
+a fake clock (issue 24): retention, an injected checkpoint signer, and the checkpoint loop
+over a log rewritten under it."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from cuga.audit.v1 import audit_pb2
 from cuga.client import AuditClient
@@ -80,3 +86,38 @@ async def test_an_injected_signer_signs_the_checkpoints(tmp_path: Path) -> None:
     assert open_checkpoint(got.checkpoint.note, got.public_key).tree_size == 1
     # no key file was written: the key lives where the signer keeps it
     assert not (tmp_path / "data" / "audit-keys").exists()
+
+
+async def test_a_log_rewritten_under_the_service_is_never_checkpointed_and_serving_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path / "data", {"CUGA_AUDIT__CHECKPOINT_INTERVAL_S": "30"})
+    sink = tmp_path / "data" / "audit-checkpoints" / "checkpoints.jsonl"
+    async with running_service("audit", lambda s, t: build(s, t, clock=clock), settings) as server:
+        writer = AuditClient(server.address, metadata=as_identity("tester"))
+        auditor = AuditClient(server.address, metadata=as_identity("auditor"))
+        await writer.record_batch(
+            audit_pb2.RecordBatchRequest(records=[rec(f"i{i}", NEW, T0) for i in range(3)])
+        )
+        signed = await auditor.get_checkpoint(audit_pb2.GetCheckpointRequest())
+        assert signed.checkpoint.tree_size == 3
+        # someone with the database rewrites the first record's leaf, and the log grows
+        conn = sqlite3.connect(tmp_path / "data" / "audit.db")
+        with conn:
+            conn.execute(
+                "UPDATE audit_records SET hash = ? WHERE record_id = ?", ("0" * 64, "tester/i0")
+            )
+        conn.close()
+        await writer.record(audit_pb2.RecordRequest(record=rec("i3", NEW, T0)))
+        await clock.until_sleepers(1)
+        with caplog.at_level(logging.ERROR, logger="cuga.audit"):
+            clock.advance(30)
+            await clock.until_sleepers(1)  # the interval passed: no checkpoint, still looping
+        assert "ALARM: audit log inconsistent with its checkpoints" in caplog.text
+        sizes = [json.loads(line)["tree_size"] for line in sink.read_text().splitlines()]
+        assert sizes == [3]  # nothing signed over the rewritten log
+        page = await auditor.query(audit_pb2.QueryRequest(filter=audit_pb2.RecordFilter()))
+        assert len(page.records) == 4  # and the service still answers
+        await writer.close()
+        await auditor.close()
