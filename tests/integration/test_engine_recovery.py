@@ -19,7 +19,7 @@ import pytest
 
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
-from cuga.orchestrator import CoordinatorAgent, create_coordinator
+from cuga.orchestrator import CoordinatorAgent, EmbeddedWorker, create_coordinator
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import Settings
 from cuga.shared.errors import (
@@ -27,6 +27,7 @@ from cuga.shared.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     UnavailableError,
 )
 from cuga.shared.messages import timestamp, to_struct
@@ -153,7 +154,7 @@ class _Counting:
         self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("inner", "calls", "told", "failed"):
+        if name.startswith("__") or name in ("inner", "calls", "told", "failed", "error"):
             raise AttributeError(name)
         target = getattr(self.inner, name)
         if not callable(target):
@@ -432,3 +433,59 @@ async def test_the_run_deadline_stops_a_step_still_at_its_worker(tmp_path: Path)
     assert last.partial.failure_mode == S.FAILURE_MODE_RESOURCE
     assert "the run's deadline passed" in last.partial.error
     assert not [e for e in events if e.HasField("step_result")]
+
+
+class _Rerouting(_Counting):
+    """Routing whose answers to a reroute (a step to send elsewhere) the test chooses."""
+
+    def __init__(self, inner: Any, error: CugaError | None) -> None:
+        super().__init__(inner)
+        self.error = error
+
+    async def route_batch(self, request: Any, **kwargs: Any) -> Any:
+        if request.exclude_worker_ids and self.error is not None:
+            raise self.error
+        return await self.inner.route_batch(request, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [None, UnavailableError("routing is restarting"), PermissionDeniedError("not yours")],
+    ids=["rerouted", "routing-unavailable", "refused-for-good"],
+)
+async def test_a_step_whose_worker_failed_is_rerouted_or_retried_where_it_was(
+    refusal: CugaError | None, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    agent = await create_coordinator(
+        settings=_settings(tmp_path),
+        tools=TEST_TOOLS,
+        workers=[EmbeddedWorker("w-a", ["flaky"]), EmbeddedWorker("w-b", ["flaky"])],
+        planning_mode="explicit",
+        clock=clock,
+    )
+    agent.routing = _Rerouting(agent.routing, refusal)
+    events: list[S.OrchestrationEvent] = []
+    try:
+        plan = [step("f", "flaky", name="once", fail_times=1, error="connection")]
+        stream = agent.orchestrate("g", plan=plan, error_strategy=S.ERROR_PROPAGATION_RETRY)
+        async for e in stream:
+            events.append(e)
+            if e.HasField("retry"):
+                clock.advance(e.retry.delay.ToNanoseconds() / 1e9)
+    except CugaError:
+        pass
+    finally:
+        await agent.close()
+        gc.collect()
+    routed = [e.decision.target.worker_id for e in events if e.HasField("decision")]
+    end = STAGE(events[-1].stage)
+    if refusal is None:  # sent to the other worker at once (a SYSTEM failure)
+        assert end == "LIFECYCLE_STAGE_COMPLETE" and len(routed) == 2
+        assert routed[0] != routed[1]
+    elif isinstance(refusal, UnavailableError):  # routing unreachable: the same worker again
+        assert end == "LIFECYCLE_STAGE_COMPLETE" and len(routed) == 1
+        assert len([e for e in events if e.HasField("step_result")]) == 1
+    else:  # routing refuses for good: the run fails with its answer
+        assert end == "LIFECYCLE_STAGE_FAILED"
+        assert "not yours" in events[-1].partial.error
