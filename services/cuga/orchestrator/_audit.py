@@ -162,6 +162,7 @@ class AuditForwarder:
         self._cursor = 0
         self._rewind = False  # rows were adopted: read the outbox from its start again
         self._owed = 0  # records stored since the last read (wakes a full batch at once)
+        self._drain = False  # flush/start asked for everything now: no lingering
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
@@ -181,6 +182,7 @@ class AuditForwarder:
             log.warning("adopted %d audit record(s) owed by a stopped replica", adopted)
             self._rewind = True  # their ids may lie behind the cursor
         self._idle.clear()
+        self._drain = True
         self._ensure_task()
         self._wakeup.set()
         self._full.set()  # what is there was owed before this start: no linger
@@ -203,6 +205,7 @@ class AuditForwarder:
         if self._closed:
             return self._store.outbox_depth() == 0
         self._idle.clear()
+        self._drain = True
         self._ensure_task()
         self._wakeup.set()
         self._full.set()
@@ -234,6 +237,7 @@ class AuditForwarder:
 
     async def _forward(self) -> None:
         backoff = _INITIAL_BACKOFF_S
+        lingered = False
         while True:
             if self._rewind:
                 self._rewind, self._cursor = False, 0
@@ -242,12 +246,23 @@ class AuditForwarder:
                 self._owed = 0
                 self.depth = 0
                 self._idle.set()
+                self._drain = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 if not self._full.is_set():
                     await self._linger()
                 self._full.clear()
+                lingered = True
                 continue
+            if len(rows) < self._options.audit_batch and not lingered and not self._drain:
+                # Records stored while the last batch was being sent: they wait for a full
+                # batch or the linger time too. Shipped at once, a slow trail (an fsync per
+                # commit at sqlite.synchronous: full) would get a batch of about one step
+                # per send and never catch up.
+                await self._linger()
+                lingered = True
+                continue
+            lingered = False
             try:
                 shipped = await self._send(rows)
             except Exception as exc:  # delivery is retried, never raised
@@ -265,6 +280,8 @@ class AuditForwarder:
             self._store.outbox_shipped(shipped)
             self._cursor = rows[-1][0]
             self._owed = max(0, self._owed - len(rows))
+            if self._owed < self._options.audit_batch:
+                self._full.clear()  # set again by queue once a batch is owed
             self.depth = self._store.outbox_depth()
 
     async def _linger(self) -> None:
