@@ -26,6 +26,7 @@ from cuga.services.audit.app import build as build_audit
 from cuga.shared.clock import FakeClock
 from cuga.shared.messages import struct_to_dict, to_struct
 from cuga.shared.transparency import canonical_json
+from tests.support.ports import free_port
 from tests.support.servers import as_identity, as_service, make_settings, running_service
 from tests.support.tools import TEST_TOOLS
 
@@ -110,3 +111,46 @@ async def test_records_an_audit_service_refuses_for_good_are_the_only_ones_lost(
     assert len(events) == 6
     for kind in refused:
         assert f"({kind}) refused by the audit trail for good" in caplog.text
+
+
+async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_starts_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = as_service(make_settings(tmp_path / "data", env=ALLOW), "coordinator")
+    down = f"127.0.0.1:{free_port()}"
+    first = await create_coordinator(
+        settings=settings,
+        tools=TEST_TOOLS,
+        planning_mode="explicit",
+        addresses={"audit": down},
+        clock=FakeClock(),
+    )
+    try:
+        events = [e async for e in first.orchestrate("g", plan=[_echo("a", 10)])]
+        assert S.LifecycleStage.Name(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+        assert not await first.flush_audit(0.2)  # audit is down: the records stay owed
+    finally:
+        await first.close()
+    assert f"stopping with {len(events)} audit record(s) owed" in caplog.text
+
+    async with running_service("audit", build_audit, make_settings(tmp_path / "audit")) as audit:
+        second = await create_coordinator(
+            settings=settings,
+            tools=TEST_TOOLS,
+            planning_mode="explicit",
+            addresses={"audit": audit.address},
+            clock=FakeClock(),
+        )
+        try:
+            assert await second.flush_audit(10)
+        finally:
+            await second.close()
+        async with AuditClient(audit.address, metadata=as_identity("auditor")) as reader:
+            stored = await reader.query(
+                audit_pb2.QueryRequest(
+                    filter=audit_pb2.RecordFilter(run_id=events[0].run_id), page_size=100
+                )
+            )
+    assert sorted(r.record_id for r in stored.records) == sorted(
+        f"coordinator/{events[0].run_id}/e{e.seq}" for e in events
+    )
