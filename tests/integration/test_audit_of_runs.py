@@ -154,3 +154,34 @@ async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_start
     assert sorted(r.record_id for r in stored.records) == sorted(
         f"coordinator/{events[0].run_id}/e{e.seq}" for e in events
     )
+
+
+async def test_an_approval_that_expires_is_audited_as_expired(tmp_path: Path) -> None:
+    clock = FakeClock()
+    agent = await create_coordinator(
+        settings=make_settings(
+            tmp_path / "data", env={**ALLOW, "CUGA_APPROVAL__DEFAULT_TIMEOUT_S": "60"}
+        ),
+        tools=TEST_TOOLS,
+        planning_mode="explicit",
+        clock=clock,
+    )
+    transfer = {"from_account": "DE1234567", "to_account": "FR7654321", "amount": 2500}
+    pay = S.PlanStep(
+        step_id="pay", tool="transfer_funds", input=to_struct({**transfer, "currency": "EUR"})
+    )
+    events: list[S.OrchestrationEvent] = []
+    try:
+        async for e in agent.orchestrate("pay", S.ExecutionContext(user_id="bob"), plan=[pay]):
+            events.append(e)
+            if e.HasField("approval") and e.approval.status == S.APPROVAL_STATUS_PENDING:
+                clock.advance(61)  # nobody decides in time
+        assert await agent.flush_audit(10)
+        records, _ = await agent.audit.query(audit_pb2.RecordFilter(run_id=events[0].run_id))  # type: ignore[attr-defined]
+    finally:
+        await agent.close()
+    statuses = [e.approval.status for e in events if e.HasField("approval")]
+    assert statuses == [S.APPROVAL_STATUS_PENDING, S.APPROVAL_STATUS_EXPIRED]
+    assert S.LifecycleStage.Name(events[-1].stage) == "LIFECYCLE_STAGE_FAILED"
+    kinds = [r.kind for r in records]
+    assert kinds.count("approval_requested") == 1 and kinds.count("approval_expired") == 1
