@@ -154,7 +154,14 @@ class _Counting:
         self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("inner", "calls", "told", "failed", "error"):
+        if name.startswith("__") or name in (
+            "inner",
+            "calls",
+            "told",
+            "failed",
+            "error",
+            "completed",
+        ):
             raise AttributeError(name)
         target = getattr(self.inner, name)
         if not callable(target):
@@ -489,3 +496,31 @@ async def test_a_step_whose_worker_failed_is_rerouted_or_retried_where_it_was(
     else:  # routing refuses for good: the run fails with its answer
         assert end == "LIFECYCLE_STAGE_FAILED"
         assert "not yours" in events[-1].partial.error
+
+
+class _RefusingTransitions(_Counting):
+    """Planning that refuses every state transition the coordinator tells it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.completed = asyncio.Event()
+
+    async def transition_plan(self, request: Any, **kwargs: Any) -> Any:
+        if request.to_state == S.PLAN_STATE_COMPLETED:
+            self.completed.set()  # the refusal below is logged before anything else runs
+        raise FailedPreconditionError("the plan is frozen", reason="PLAN_FROZEN")
+
+
+async def test_a_plan_transition_planning_refuses_is_logged_and_the_run_completes(
+    agent: CoordinatorAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    planning = _RefusingTransitions(agent.planning)
+    agent.planning = planning
+    events = await _run(agent, [step("a", "count", name="frozen")])
+    assert STAGE(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+    assert agent.get_run(events[0].run_id).state == coordinator_pb2.RUN_STATE_COMPLETED
+    await asyncio.wait_for(planning.completed.wait(), 10)  # told after the terminal event
+    plan_id = next(e.plan.plan_id for e in events if e.HasField("plan"))
+    assert f"plan {plan_id}: transition to PLAN_STATE_COMPLETED refused: the plan is frozen" in (
+        caplog.text
+    )
