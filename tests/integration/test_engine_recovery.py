@@ -524,3 +524,16 @@ async def test_a_plan_transition_planning_refuses_is_logged_and_the_run_complete
     assert f"plan {plan_id}: transition to PLAN_STATE_COMPLETED refused: the plan is frozen" in (
         caplog.text
     )
+
+
+async def test_closing_twice_is_harmless(tmp_path: Path) -> None:
+    agent = await _agent(_settings(tmp_path))
+    events = await _run(agent, [step("a", "count", name="closed")])
+    await agent.close()
+    await agent.close()  # raised sqlite3.ProgrammingError: its run store was closed
+    reopened = await _agent(_settings(tmp_path))
+    try:
+        assert reopened.get_run(events[0].run_id).state == coordinator_pb2.RUN_STATE_COMPLETED
+    finally:
+        await reopened.close()
+        gc.collect()

@@ -548,7 +548,10 @@ class CoordinatorAgent:
     async def close(self) -> None:
         """Stop: live runs are left INTERRUPTED (resumable); owed audit records are shipped
         for at most ``options.audit_close_timeout_s``, the rest stay in the run store's
-        outbox for the next start (an audit outage never holds a stopping coordinator)."""
+        outbox for the next start (an audit outage never holds a stopping coordinator).
+        Closing again does nothing."""
+        if self._driver.closing:
+            return
         self._driver.closing = True
         for r in list(self._live.values()):
             if r.task is not None and not r.task.done():
