@@ -307,6 +307,14 @@ def step_traffic_floor_us(figures: Figures) -> float | None:
     return 4 * message
 
 
+#: Short names of the B1 programs in the report's prose.
+LABEL_SHORT = {
+    "b1_normal": "NORMAL, every span",
+    "b1_unsampled": "NORMAL, spans sampled out",
+    "b1_full": "FULL",
+}
+
+
 def _spread_text(spread: Mapping[str, float], fmt: str) -> str:
     return (
         f"{fmt.format(spread['median'])} [{fmt.format(spread['min'])}-{fmt.format(spread['max'])}]"
@@ -346,6 +354,15 @@ def _rounds_lines(rounds: Mapping[str, Any]) -> list[str]:
     b1 = rounds.get("programs", {}).get("b1_normal", {})
     if "p99_over_p50" in b1:
         lines += ["", f"B1 p99 ÷ p50: {b1['p99_over_p50']:.2f} (target ≤ 3)."]
+    b1_cpu = rounds.get("b1_cpu_us_per_step", {})
+    if b1_cpu:
+        lines += [
+            "",
+            "B1 CPU per step, all processes (µs, /proc; does not move with the load as"
+            " times do): "
+            + ", ".join(f"{LABEL_SHORT.get(k, k)} {v:,.0f}" for k, v in b1_cpu.items())
+            + ".",
+        ]
     b6 = rounds.get("b6", {})
     if b6:
         lines += [

@@ -176,7 +176,7 @@ async def run_rounds(sizes: RoundSizes, only: set[str]) -> dict[str, dict[str, A
     load_start = loadavg()
     started = time.perf_counter()
     samples: dict[str, list[_Sample]] = {p: [] for p in chosen}
-    b1_cpu = _Cpu()
+    b1_cpu = {name: _Cpu() for name in chosen if name.startswith("b1")}
     b6_counts: dict[str, dict[str, float]] = {}
     figures: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cuga-bench-rounds-") as tmp:
@@ -231,7 +231,7 @@ async def run_rounds(sizes: RoundSizes, only: set[str]) -> dict[str, dict[str, A
                     assert floor is not None
                     return lambda: sequential_calls(floor, sizes.b0_calls)
                 if name.startswith("b1"):
-                    cpu = b1_cpu if record and name == "b1_normal" else None
+                    cpu = b1_cpu[name] if record else None
                     return lambda: _b1_runs(clusters[name], sizes.b1_runs, sizes.steps, cpu)
                 if name.startswith("b2"):
                     graph = graphs[name[3:]]
@@ -266,7 +266,7 @@ async def run_rounds(sizes: RoundSizes, only: set[str]) -> dict[str, dict[str, A
                 figures["b1"] = {
                     "e2e_1step_p50_ms": percentile(e2e, 50) * 1e3,
                     "e2e_1step_p99_ms": percentile(e2e, 99) * 1e3,
-                    "cpu_us_per_step": b1_cpu.per_step_us(),
+                    "cpu_us_per_step": b1_cpu["b1_normal"].per_step_us(),
                     "auth_enforced": await auth_enforced(clusters["b1_normal"]),
                 }
             for level, stats in b6_stats.items():
@@ -280,9 +280,13 @@ async def run_rounds(sizes: RoundSizes, only: set[str]) -> dict[str, dict[str, A
                         for kind, n in sorted(by_kind[level].items())
                     },
                 }
-    return _summarize(
+    figures = _summarize(
         figures, samples, b6_counts, load_start, load_end, time.perf_counter() - started, sizes
     )
+    figures["rounds"]["b1_cpu_us_per_step"] = {
+        name: sum(cpu.per_step_us().values()) for name, cpu in b1_cpu.items() if cpu.steps
+    }
+    return figures
 
 
 def _summarize(
