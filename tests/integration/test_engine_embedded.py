@@ -458,9 +458,13 @@ async def test_the_agent_is_an_orchestrator_and_a_stopped_run_raises(tmp_path: P
     first = await anext(stream)
     try:
         await asyncio.wait_for(ENTERED["shut"].wait(), 10)
-        await agent.close()  # the run is left INTERRUPTED, to be resumed
+        closing = asyncio.ensure_future(agent.close())  # the run is left INTERRUPTED
         with pytest.raises(OrchestrationError) as stopped:
             [e async for e in stream]
+        # The worker waits for the tool it had started before it closes; opening the gate
+        # only now keeps that wait from lasting until the step's deadline (60 s).
+        GATES["shut"].set()
+        await asyncio.wait_for(closing, 30)
     finally:
         GATES["shut"].set()
     assert stopped.value.reason == "RUN_INTERRUPTED"
