@@ -102,14 +102,17 @@ async def test_list_pages_and_quiet_prints_only_ids(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     h, settings = env
-    first = (await h["coord"].request_approval(ask("s1", request_id="q1"))).request
-    second = (await h["coord"].request_approval(ask("s2", request_id="q2"))).request
+    ids = {
+        (await h["coord"].request_approval(ask(sid, request_id=f"q-{sid}"))).request.approval_id
+        for sid in ("s1", "s2")
+    }
     monkeypatch.setenv(approvals.TOKEN_ENV, "t-rita")
+    assert await run(settings, "list", "--quiet") == 0
+    listed = capsys.readouterr().out.split()
+    assert sorted(listed) == sorted(ids)  # only the ids, one a line
     assert await run(settings, "list", "--limit", "1") == 0
     shown = capsys.readouterr().out
-    assert first.approval_id in shown and second.approval_id not in shown
+    assert listed[0] in shown and listed[1] not in shown
     token = shown.rsplit("more: --page-token ", 1)[1].split()[0]
     assert await run(settings, "list", "--quiet", "--page-token", token) == 0
-    assert capsys.readouterr().out.split() == [second.approval_id]
-    assert await run(settings, "list", "--quiet") == 0
-    assert capsys.readouterr().out.split() == [first.approval_id, second.approval_id]
+    assert capsys.readouterr().out.split() == [listed[1]]
