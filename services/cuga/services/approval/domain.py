@@ -226,15 +226,21 @@ class ApprovalManager:
             log.exception("counting pending approvals failed")
 
     async def _expiry_loop(self) -> None:
-        while True:
+        # Ends on close() by cancellation, and also by `_closed`: a cancellation that
+        # arrives while a pooled connection is being handed over can be lost inside
+        # psycopg_pool's getconn (psycopg/psycopg#1345), and the loop would then wait on.
+        while not self._closed:
             self._rearm.clear()
             try:
                 await self._expire_due()
                 earliest = await self._store.earliest_expiry()
             except Exception:  # a storage hiccup must not end expiry for good
                 log.exception("expiring approval requests failed")
-                await self._clock.sleep(1.0)
+                if not self._closed:
+                    await self._clock.sleep(1.0)
                 continue
+            if self._closed:
+                return
             if earliest is not None and earliest <= self._clock.now():
                 # Fell due while the sweep's queries were awaited (the clock moved on
                 # meanwhile): sweep again rather than sleep past it.
