@@ -475,3 +475,55 @@ async def test_cuga_audit_refuses_a_checkpoint_file_it_cannot_use(
         assert f"--output: cannot write {nowhere}: No such file or directory" in (
             capsys.readouterr().err
         )
+
+
+async def test_cuga_audit_shows_the_services_verdicts_and_refusals(
+    log: Log, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "cp.jsonl"
+    assert await invoke(_cli(["checkpoint", "-o", str(saved)]), log.settings) == 0
+    capsys.readouterr()
+    # Checked here, from a saved checkpoint: the summary as JSON.
+    assert await invoke(_cli(["verify", "--since", str(saved), "--json"]), log.settings) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "ok": True,
+        "trace_id": "",
+        "from_size": 5,
+        "to_size": 5,
+        "records_checked": 5,
+        "pruned": 0,
+        "notes": [],
+    }
+    # Printed without saving: no file named.
+    assert await invoke(_cli(["checkpoint"]), log.settings) == 0
+    assert "saved to" not in capsys.readouterr().out
+    assert await invoke(_cli(["checkpoint", "--json"]), log.settings) == 0
+    assert json.loads(capsys.readouterr().out)["pinned_by"] == "first use"
+
+    # The service's own Verify of a trace, broken: exit 1, where and why.
+    def broken(resp: audit_pb2.VerifyResponse) -> Any:
+        return audit_pb2.VerifyResponse(
+            ok=False,
+            records_checked=1,
+            first_broken_index=2,
+            first_broken_record_id="coordinator/a1",
+            problem="the leaf does not match",
+        )
+
+    log.forger.edits["Verify"] = broken
+    assert await invoke(_cli(["verify", TRACE]), log.settings) == 1
+    assert (
+        "error: trace does not verify at position 2 (record coordinator/a1): the leaf does not"
+        " match" in capsys.readouterr().err
+    )
+    assert await invoke(_cli(["verify", TRACE, "--json"]), log.settings) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["ok"] is False and verdict["first_broken_index"] == "2"  # proto JSON uint64
+
+    # A failed call is not a finding: exit 4 with the status, as every command.
+    def crash(resp: Any) -> Any:
+        raise RuntimeError("the forger's own bug")
+
+    log.forger.edits["GetCheckpoint"] = crash
+    assert await invoke(_cli(["checkpoint"]), log.settings) == ExitCode.CALL_ERROR
+    assert "error: INTERNAL" in capsys.readouterr().err
