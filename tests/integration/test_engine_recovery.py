@@ -537,3 +537,23 @@ async def test_closing_twice_is_harmless(tmp_path: Path) -> None:
     finally:
         await reopened.close()
         gc.collect()
+
+
+class _NoApprovals(_Counting):
+    """Approval refusing the coordinator's requests for good."""
+
+    async def request_approval_batch(self, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionDeniedError("this coordinator may not ask for approvals")
+
+
+async def test_approval_refusing_the_runs_requests_fails_the_run_with_its_answer(
+    agent: CoordinatorAgent,
+) -> None:
+    agent.approval = _NoApprovals(agent.approval)
+    events = await _run(agent, [step("a", "count", name="asked")])
+    last = events[-1]
+    assert STAGE(last.stage) == "LIFECYCLE_STAGE_FAILED", [STAGE(e.stage) for e in events]
+    assert "this coordinator may not ask for approvals" in last.partial.error
+    assert last.partial.failure_mode == S.FAILURE_MODE_POLICY
+    assert not [e for e in events if e.HasField("step_result")]
+    assert agent.get_run(last.run_id).state == coordinator_pb2.RUN_STATE_FAILED
