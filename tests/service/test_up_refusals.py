@@ -132,3 +132,15 @@ def test_a_cluster_whose_tokens_come_from_the_environment_has_none_to_give(
     assert cluster.tokens is None and cluster.client_env() == {}
     with pytest.raises(KeyError, match="reviewer: tokens come from CUGA_AUTH__TOKENS_FILE"):
         cluster.metadata("reviewer")
+
+
+def test_serve_refuses_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = _env(blocker / "data", CUGA_AUTH__ENABLED="false")
+    env["CUGA_ADDRESSES__AUDIT"] = "127.0.0.1:0"
+    done = _cuga(env, "serve", "audit")
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [f"error: audit: [Errno 20] Not a directory: '{blocker / 'data'}'"]
+    assert "Traceback" not in done.stderr
