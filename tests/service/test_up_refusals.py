@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cuga.cli._output import ExitCode
-from cuga.cli.up import Cluster
+from cuga.cli.up import Cluster, wait_serving
 from cuga.shared.config import SERVICE_NAMES, load_settings
 from tests.support.ports import free_ports
 
@@ -144,3 +144,13 @@ def test_serve_refuses_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
     errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
     assert errors == [f"error: audit: [Errno 20] Not a directory: '{blocker / 'data'}'"]
     assert "Traceback" not in done.stderr
+
+
+async def test_a_port_held_by_something_that_is_not_a_grpc_service_is_not_serving() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # not HTTP/2: every connection is closed at once
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        assert await wait_serving(f"127.0.0.1:{port}", 1.0) is False
