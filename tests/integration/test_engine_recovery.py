@@ -32,7 +32,7 @@ from cuga.shared.errors import (
 )
 from cuga.shared.messages import timestamp, to_struct
 from cuga.tools import ToolContext, ToolSpec
-from tests.support.servers import make_settings
+from tests.support.servers import as_service, make_settings, running_cluster
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
 
 STAGE = S.LifecycleStage.Name
@@ -557,3 +557,47 @@ async def test_approval_refusing_the_runs_requests_fails_the_run_with_its_answer
     assert last.partial.failure_mode == S.FAILURE_MODE_POLICY
     assert not [e for e in events if e.HasField("step_result")]
     assert agent.get_run(last.run_id).state == coordinator_pb2.RUN_STATE_FAILED
+
+
+class _Completed(_Counting):
+    """Planning, with an event set once the coordinator told it a plan COMPLETED."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.completed = asyncio.Event()
+
+    async def transition_plan(self, request: Any, **kwargs: Any) -> Any:
+        answer = await self.inner.transition_plan(request, **kwargs)
+        if request.to_state == S.PLAN_STATE_COMPLETED:
+            self.completed.set()
+        return answer
+
+
+async def test_the_engine_over_remote_authorities_reads_back_its_plan_and_audit(
+    tmp_path: Path,
+) -> None:
+    async with running_cluster(make_settings(tmp_path / "cluster")) as cluster:
+        addresses = {
+            name: cluster.address(name) for name in ("planning", "routing", "approval", "audit")
+        }
+        addresses["worker"] = cluster.address("worker")
+        agent = await create_coordinator(
+            settings=as_service(make_settings(tmp_path / "engine"), "coordinator"),
+            planning_mode="explicit",
+            addresses=addresses,
+        )
+        try:
+            planning = _Completed(agent.planning)
+            agent.planning = planning
+            events = await _run(agent, [step("hi", "echo", text="hi")])
+            assert STAGE(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+            await asyncio.wait_for(planning.completed.wait(), 10)
+            plan_id = next(e.plan.plan_id for e in events if e.HasField("plan"))
+            plan = await planning.get_plan(plan_id)
+            assert plan.state == S.PLAN_STATE_COMPLETED and plan.steps[0].step_id == "hi"
+            # The remote trail stores each batch before answering: nothing is held back.
+            assert await agent.audit.flush(0)
+            assert await agent.flush_audit(10)
+        finally:
+            await agent.close()
+            gc.collect()
