@@ -105,12 +105,9 @@ def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser
     if not subs:
         yield parser
         return
-    seen: set[int] = set()
     for action in subs:
-        for child in action.choices.values():
-            if id(child) not in seen:  # aliases share a parser
-                seen.add(id(child))
-                yield from _leaves(child)
+        for child in action.choices.values():  # no command has aliases (they would repeat)
+            yield from _leaves(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (up, console, runs, catalog, approvals, audit, tokens, tls, db, completion):
         module.register(sub)
-    for leaf in _leaves(parser):
-        if leaf is parser:
-            continue
+    for leaf in _leaves(parser):  # the commands: ``parser`` itself has sub-commands
         _add_common(leaf, suppress=True)
         if "--json" not in leaf._option_string_actions:
             leaf.add_argument(
