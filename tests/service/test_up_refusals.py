@@ -154,3 +154,10 @@ async def test_a_port_held_by_something_that_is_not_a_grpc_service_is_not_servin
     port = server.sockets[0].getsockname()[1]
     async with server:
         assert await wait_serving(f"127.0.0.1:{port}", 1.0) is False
+
+
+def test_only_the_six_services_have_a_builder() -> None:
+    from cuga.cli.up import _builder
+
+    with pytest.raises(ValueError, match=r"unknown service 'shell' \(valid: coordinator, "):
+        _builder("shell")
