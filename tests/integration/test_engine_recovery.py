@@ -33,7 +33,7 @@ from cuga.shared.errors import (
 from cuga.shared.messages import timestamp, to_struct
 from cuga.tools import ToolContext, ToolSpec
 from tests.support.servers import as_service, make_settings, running_cluster
-from tests.support.tools import ENTERED, GATES, TEST_TOOLS
+from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 STAGE = S.LifecycleStage.Name
 
@@ -601,3 +601,38 @@ async def test_the_engine_over_remote_authorities_reads_back_its_plan_and_audit(
         finally:
             await agent.close()
             gc.collect()
+
+
+async def test_a_coordinator_stopped_while_its_store_refuses_writes_is_recovered(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(tmp_path)
+    first = await _agent(settings)
+    GATES["frozen-db"] = asyncio.Event()
+    ENTERED["frozen-db"] = asyncio.Event()
+    stream = first.orchestrate("g", plan=[step("g", "gate", name="frozen-db")])
+    run_id = (await anext(stream)).run_id
+    try:
+        await asyncio.wait_for(ENTERED["frozen-db"].wait(), 10)
+        # The disk is full as the coordinator stops: not even INTERRUPTED can be written.
+        first.store._db.conn.execute("PRAGMA query_only = 1")  # type: ignore[attr-defined]
+        closing = asyncio.ensure_future(first.close())
+        with pytest.raises(CugaError) as stopped:
+            [e async for e in stream]
+        assert stopped.value.reason == "RUN_INTERRUPTED"
+        GATES["frozen-db"].set()  # the worker finishes the tool it had started
+        await asyncio.wait_for(closing, 30)
+    finally:
+        GATES["frozen-db"].set()
+
+    second = await _agent(settings)  # finds the run still RUNNING: marks it INTERRUPTED
+    try:
+        assert second.get_run(run_id).state == coordinator_pb2.RUN_STATE_INTERRUPTED
+        resumed = [e async for e in second.resume(run_id)]
+    finally:
+        await second.close()
+        gc.collect()
+    assert STAGE(resumed[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
+    replayed = [e.step_result.replayed for e in resumed if e.HasField("step_result")]
+    assert replayed == [True]  # the worker's stored answer: the tool did not run again
+    assert count_of(tmp_path / "data" / "sandbox", "frozen-db") == 1
