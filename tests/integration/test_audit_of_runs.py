@@ -132,6 +132,7 @@ async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_start
     finally:
         await first.close()
     assert f"stopping with {len(events)} audit record(s) owed" in caplog.text
+    assert not await first.flush_audit()  # closed: says they are still owed (raised before)
 
     async with running_service("audit", build_audit, make_settings(tmp_path / "audit")) as audit:
         second = await create_coordinator(
@@ -145,6 +146,7 @@ async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_start
             assert await second.flush_audit(10)
         finally:
             await second.close()
+        assert await second.flush_audit()  # closed with nothing owed
         async with AuditClient(audit.address, metadata=as_identity("auditor")) as reader:
             stored = await reader.query(
                 audit_pb2.QueryRequest(

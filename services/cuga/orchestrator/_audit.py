@@ -202,8 +202,8 @@ class AuditForwarder:
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until the outbox of this replica is empty (every record stored by the
         trail); False when ``timeout`` passed first (the records stay owed)."""
-        if self._closed:
-            return self._store.outbox_depth() == 0
+        if self._closed:  # what stayed owed at close: the run store may be closed since
+            return self.depth == 0
         self._idle.clear()
         self._drain = True
         self._ensure_task()
@@ -223,6 +223,7 @@ class AuditForwarder:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.depth = self._store.outbox_depth()
         if not flushed:
             log.warning(
                 "stopping with %d audit record(s) owed: they stay in the run store's outbox"
