@@ -198,6 +198,13 @@ class FaultCluster:
         service = self.services[name]
         if not await wait_serving(service.address, timeout_s):
             raise RuntimeError(f"{name} did not become SERVING:\n{self.log_tail(name)}")
+        if service.proc is not None and service.proc.returncode is not None:
+            # SERVING came from another process on its port (a parallel test session on
+            # this machine took it while ours was down): say so instead of failing later.
+            raise RuntimeError(
+                f"{name} exited ({service.proc.returncode}) but {service.address} answers "
+                f"SERVING: another process holds its port\n{self.log_tail(name)}"
+            )
 
     async def kill(self, name: str) -> None:
         """SIGKILL ``name`` and reap it: no cleanup of any kind runs."""
