@@ -1,13 +1,15 @@
 """A throwaway PostgreSQL cluster for tests (see /work/shared/ENVIRONMENT.md).
 
 ``postgres_cluster`` (session scope) runs ``initdb`` and ``pg_ctl start`` in a temp dir on a
-free port; each xdist worker process gets its own cluster. ``postgres_dsn`` gives every
-test a fresh database. The server refuses to run as root, so as root the binaries run
-through ``runuser -u postgres`` with the directory owned by ``postgres``.
+free port, once per process: each xdist worker gets its own cluster, shared by every module.
+``postgres_dsn`` gives every test a fresh database. The server refuses to run as root, so
+as root the binaries run through ``runuser -u postgres`` with the directory owned by
+``postgres``.
 
-Import both fixtures into a test module (``from tests.support.postgres import
-postgres_cluster, postgres_dsn  # noqa: F401``). When ``initdb``/``pg_ctl`` are not on
-PATH the tests that use them are skipped with that reason; any other failure is an error.
+tests/conftest.py provides both to every test, and the ``storage`` parametrisation over
+SQLite and PostgreSQL (:class:`tests.support.servers.Storage`); modules that import them
+too share the same cluster. When ``initdb``/``pg_ctl`` are not on PATH the tests that use
+them are skipped with that reason; any other failure is an error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +55,9 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[PostgresCluster]:
-    """Start a cluster for the session (this worker); stop and delete it afterwards."""
-    missing = [b for b in ("initdb", "pg_ctl") if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"PostgreSQL binaries not on PATH: {', '.join(missing)}")
+@contextmanager
+def _running_cluster() -> Iterator[PostgresCluster]:
+    """Start a cluster in a temp dir; stop and delete it on exit."""
     root = Path(tempfile.mkdtemp(prefix="cuga-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
@@ -98,6 +98,49 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         if started:
             _run(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"])
         shutil.rmtree(root, ignore_errors=True)
+
+
+class _Shared:
+    """The process's one cluster, shared by every definition of the fixture.
+
+    Each module that imports ``postgres_cluster`` (and tests/conftest.py) is its own
+    fixture definition to pytest, so a plain session fixture started one cluster per
+    module; counting users keeps one per process (per xdist worker), stopped when the
+    last definition is torn down at the end of the session.
+    """
+
+    stack: ExitStack | None = None
+    cluster: PostgresCluster | None = None
+    users = 0
+
+    @classmethod
+    def acquire(cls) -> PostgresCluster:
+        if cls.cluster is None:
+            stack = ExitStack()
+            cls.cluster = stack.enter_context(_running_cluster())
+            cls.stack = stack
+        cls.users += 1
+        return cls.cluster
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0 and cls.stack is not None:
+            stack, cls.stack, cls.cluster = cls.stack, None, None
+            stack.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """The cluster of this session (this worker), stopped and deleted afterwards."""
+    missing = [b for b in ("initdb", "pg_ctl") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"PostgreSQL binaries not on PATH: {', '.join(missing)}")
+    cluster = _Shared.acquire()
+    try:
+        yield cluster
+    finally:
+        _Shared.release()
 
 
 @pytest.fixture
