@@ -11,13 +11,25 @@ from cuga.shared import grpc_env
 grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
 
 from cuga.shared.config import Settings  # noqa: E402
-from tests.support.servers import make_settings  # noqa: E402
+from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: E402, F401
+from tests.support.servers import Storage, make_settings  # noqa: E402
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Default settings with a private data directory."""
     return make_settings(tmp_path / "data")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage(request: pytest.FixtureRequest) -> Storage:
+    """The one parametrisation of the stores' backend: each test that takes it (directly or
+    through its cluster fixture) runs on SQLite and on PostgreSQL (a fresh database of the
+    session's cluster, dropped after; skipped, saying why, without the binaries).
+    ``make_settings(..., storage=storage)`` applies it."""
+    if request.param == "sqlite":
+        return Storage()
+    return Storage("postgres", request.getfixturevalue("postgres_dsn"))
 
 
 #: The roadmap's bars for the suite's kinds of test (docs/testing.md): shown after each run.

@@ -27,7 +27,13 @@ from cuga.shared.clock import FakeClock
 from cuga.shared.messages import struct_to_dict, to_struct
 from cuga.shared.transparency import canonical_json
 from tests.support.ports import free_port
-from tests.support.servers import as_identity, as_service, make_settings, running_service
+from tests.support.servers import (
+    Storage,
+    as_identity,
+    as_service,
+    make_settings,
+    running_service,
+)
 from tests.support.tools import TEST_TOOLS
 
 ALLOW = {"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"}
@@ -38,10 +44,11 @@ def _echo(sid: str, size: int) -> S.PlanStep:
 
 
 async def test_a_run_with_large_data_has_every_audit_record(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, storage: Storage
 ) -> None:
     agent = await create_coordinator(
-        settings=make_settings(tmp_path / "data", env=ALLOW),
+        settings=make_settings(tmp_path / "data", env=ALLOW, storage=storage),
+        audit_backend=storage.backend,
         tools=TEST_TOOLS,
         planning_mode="explicit",
         clock=FakeClock(),
@@ -78,15 +85,17 @@ async def test_a_run_with_large_data_has_every_audit_record(
 
 
 async def test_records_an_audit_service_refuses_for_good_are_the_only_ones_lost(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, storage: Storage
 ) -> None:
-    audit_settings = make_settings(tmp_path / "audit")
+    audit_settings = make_settings(tmp_path / "audit", storage=storage)
     small = dataclasses.replace(audit_settings.common.limits, max_input_bytes=3000)
     async with running_service(
         "audit", build_audit, audit_settings.with_overrides(limits=small)
     ) as audit:
         agent = await create_coordinator(
-            settings=as_service(make_settings(tmp_path / "data", env=ALLOW), "coordinator"),
+            settings=as_service(
+                make_settings(tmp_path / "data", env=ALLOW, storage=storage), "coordinator"
+            ),
             tools=TEST_TOOLS,
             planning_mode="explicit",
             addresses={"audit": audit.address},
@@ -114,9 +123,11 @@ async def test_records_an_audit_service_refuses_for_good_are_the_only_ones_lost(
 
 
 async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_starts_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, storage: Storage
 ) -> None:
-    settings = as_service(make_settings(tmp_path / "data", env=ALLOW), "coordinator")
+    settings = as_service(
+        make_settings(tmp_path / "data", env=ALLOW, storage=storage), "coordinator"
+    )
     down = f"127.0.0.1:{free_port()}"
     first = await create_coordinator(
         settings=settings,
@@ -134,7 +145,8 @@ async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_start
     assert f"stopping with {len(events)} audit record(s) owed" in caplog.text
     assert not await first.flush_audit()  # closed: says they are still owed (raised before)
 
-    async with running_service("audit", build_audit, make_settings(tmp_path / "audit")) as audit:
+    audit_settings = make_settings(tmp_path / "audit", storage=storage)
+    async with running_service("audit", build_audit, audit_settings) as audit:
         second = await create_coordinator(
             settings=settings,
             tools=TEST_TOOLS,
@@ -158,12 +170,17 @@ async def test_records_owed_when_the_coordinator_stops_are_shipped_when_it_start
     )
 
 
-async def test_an_approval_that_expires_is_audited_as_expired(tmp_path: Path) -> None:
+async def test_an_approval_that_expires_is_audited_as_expired(
+    tmp_path: Path, storage: Storage
+) -> None:
     clock = FakeClock()
     agent = await create_coordinator(
         settings=make_settings(
-            tmp_path / "data", env={**ALLOW, "CUGA_APPROVAL__DEFAULT_TIMEOUT_S": "60"}
+            tmp_path / "data",
+            env={**ALLOW, "CUGA_APPROVAL__DEFAULT_TIMEOUT_S": "60"},
+            storage=storage,
         ),
+        audit_backend=storage.backend,
         tools=TEST_TOOLS,
         planning_mode="explicit",
         clock=clock,

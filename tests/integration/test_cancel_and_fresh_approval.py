@@ -31,7 +31,14 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import CoordinatorAgent
 from cuga.services.worker.app import build_worker
 from cuga.shared.messages import struct_to_dict, to_struct
-from tests.support.servers import Cluster, as_identity, builders, make_settings, running_cluster
+from tests.support.servers import (
+    Cluster,
+    Storage,
+    as_identity,
+    builders,
+    make_settings,
+    running_cluster,
+)
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,11 +62,13 @@ def _agent(cluster: Cluster) -> CoordinatorAgent:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, storage: Storage) -> AsyncIterator[Cluster]:
     build = builders()
     build["worker"] = functools.partial(build_worker, tools=TEST_TOOLS)
     settings = make_settings(
-        tmp_path / "data", {"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"}
+        tmp_path / "data",
+        {"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+        storage=storage,
     )
     async with running_cluster(settings, build=build) as running:
         yield running

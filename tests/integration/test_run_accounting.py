@@ -24,7 +24,14 @@ from cuga.planning.v1 import planning_pb2
 from cuga.services.worker.app import build_worker
 from cuga.shared.clock import FakeClock
 from cuga.shared.messages import struct_to_dict, to_struct
-from tests.support.servers import Cluster, as_identity, builders, make_settings, running_cluster
+from tests.support.servers import (
+    Cluster,
+    Storage,
+    as_identity,
+    builders,
+    make_settings,
+    running_cluster,
+)
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 STAGE = S.LifecycleStage.Name
@@ -43,11 +50,12 @@ def _step(
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, storage: Storage) -> AsyncIterator[Cluster]:
     """Every service, the worker with the test tools (count, flaky, gate: cost 1 each)."""
     settings = make_settings(
         tmp_path / "data",
         env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+        storage=storage,
     )
     build = builders()
     build["worker"] = functools.partial(build_worker, tools=TEST_TOOLS)
@@ -344,7 +352,7 @@ async def test_the_plan_is_routed_then_executed_and_completed_after_a_resume(
         plan = (await planning.get_plan(planning_pb2.GetPlanRequest(plan_id=plan_id))).plan
     assert plan.state == S.PLAN_STATE_COMPLETED
     memory = cluster.servers["planning"].definition.registrations[0][1]._planner._memory
-    hits = memory.search("default", "succeed the second time", limit=1)
+    hits = await memory.asearch("default", "succeed the second time", limit=1)
     assert hits and hits[0].payload["run_id"] == run_id
 
 

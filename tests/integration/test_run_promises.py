@@ -15,7 +15,7 @@ from cuga.client import CoordinatorClient
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.messages import to_struct
-from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
+from tests.support.servers import Cluster, Storage, as_identity, make_settings, running_cluster
 
 STAGE = S.LifecycleStage.Name
 
@@ -34,9 +34,11 @@ async def _orchestrate(
 
 
 @pytest.fixture
-async def three_sleepers(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def three_sleepers(tmp_path: Path, storage: Storage) -> AsyncIterator[Cluster]:
     workers = [{"worker_id": f"w{i}", "tools": ["sleep", "echo"]} for i in range(3)]
-    async with running_cluster(make_settings(tmp_path / "data"), workers=workers) as cluster:
+    async with running_cluster(
+        make_settings(tmp_path / "data", storage=storage), workers=workers
+    ) as cluster:
         yield cluster
 
 

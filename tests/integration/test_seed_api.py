@@ -41,7 +41,13 @@ from cuga.shared.config import ConfigError
 from cuga.shared.errors import PermissionDeniedError
 from cuga.shared.messages import struct_to_dict, to_struct
 from tests.docs import runner
-from tests.support.servers import as_identity, as_service, make_settings, running_service
+from tests.support.servers import (
+    Storage,
+    as_identity,
+    as_service,
+    make_settings,
+    running_service,
+)
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS
 
 
@@ -237,7 +243,7 @@ async def _events(stream: AsyncIterator[S.OrchestrationEvent]) -> list[S.Orchest
     return [e async for e in stream]
 
 
-async def test_memory_recalls_stay_in_their_profile(tmp_path: Path) -> None:
+async def test_memory_recalls_stay_in_their_profile(tmp_path: Path, storage: Storage) -> None:
     asked: list[PlanningRequest] = []
 
     def planner(request: PlanningRequest) -> list[dict[str, object]]:
@@ -249,7 +255,7 @@ async def test_memory_recalls_stay_in_their_profile(tmp_path: Path) -> None:
         planner,
         memory=memory,
         planning_mode="memory_augmented",
-        settings=make_settings(tmp_path / "data"),
+        settings=make_settings(tmp_path / "data", storage=storage),
     )
 
     async def run(goal: str, profile: str) -> list[S.OrchestrationEvent]:
@@ -328,10 +334,13 @@ async def test_the_seeds_strings_for_budgets_and_strategies(tmp_path: Path) -> N
     assert (summary.completed_steps, summary.failed_steps, summary.partial_success) == (1, 1, True)
 
 
-async def test_resume_takes_the_seeds_retry_policy_and_strategy_strings(tmp_path: Path) -> None:
+async def test_resume_takes_the_seeds_retry_policy_and_strategy_strings(
+    tmp_path: Path, storage: Storage
+) -> None:
     settings = make_settings(
         tmp_path / "data",
         env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+        storage=storage,
     )
     agent = await create_coordinator(tools=TEST_TOOLS, planning_mode="explicit", settings=settings)
     # Fails its first four calls: one in the first run, then three retries on resume; the
@@ -440,13 +449,17 @@ async def test_audit_trail_answers_the_seeds_calls_embedded(tmp_path: Path) -> N
     assert {r.timestamp.seconds // 1_000_000 for r in mine} == {1800}
 
 
-async def test_audit_trail_answers_the_seeds_calls_against_the_service(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "audit")
+async def test_audit_trail_answers_the_seeds_calls_against_the_service(
+    tmp_path: Path, storage: Storage
+) -> None:
+    settings = make_settings(tmp_path / "audit", storage=storage)
     async with running_service("audit", build_audit, settings) as audit:
         agent = await create_coordinator(
             planning_mode="explicit",
             addresses={"audit": audit.address},
-            settings=as_service(make_settings(tmp_path / "embedded"), "coordinator"),
+            settings=as_service(
+                make_settings(tmp_path / "embedded", storage=storage), "coordinator"
+            ),
         )
         reader = AuditClient(audit.address, metadata=as_identity("auditor"))
         try:

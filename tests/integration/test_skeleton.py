@@ -14,14 +14,14 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import CoordinatorAgent
 from cuga.routing.v1 import routing_pb2
 from cuga.shared.messages import struct_to_dict, to_struct, value_to_python
-from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
+from tests.support.servers import Cluster, Storage, as_identity, make_settings, running_cluster
 
 S = common_pb2
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with running_cluster(make_settings(tmp_path / "data")) as c:
+async def cluster(tmp_path: Path, storage: Storage) -> AsyncIterator[Cluster]:
+    async with running_cluster(make_settings(tmp_path / "data", storage=storage)) as c:
         async with RoutingClient(c.address("routing"), metadata=as_identity("tester")) as routing:
             # The worker registers before it reports SERVING; make sure of it.
             workers = await routing.list_workers(routing_pb2.ListWorkersRequest())

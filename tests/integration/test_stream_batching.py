@@ -19,7 +19,7 @@ from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2 as C
 from cuga.coordinator.v1 import coordinator_pb2_grpc
 from cuga.shared.messages import to_struct
-from tests.support.servers import Cluster, as_identity, make_settings, running_cluster
+from tests.support.servers import Cluster, Storage, as_identity, make_settings, running_cluster
 
 TERMINAL = {S.LIFECYCLE_STAGE_COMPLETE, S.LIFECYCLE_STAGE_FAILED, S.LIFECYCLE_STAGE_CANCELLED}
 
@@ -36,8 +36,8 @@ def _fan_out(width: int) -> C.OrchestrateRequest:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with running_cluster(make_settings(tmp_path / "data")) as c:
+async def cluster(tmp_path: Path, storage: Storage) -> AsyncIterator[Cluster]:
+    async with running_cluster(make_settings(tmp_path / "data", storage=storage)) as c:
         yield c
 
 

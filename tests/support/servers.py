@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -174,11 +174,44 @@ def service_env(identity: str) -> dict[str, str]:
     }
 
 
-def make_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings:
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """Where the stores that can be shared live: the ``storage`` fixture's parameter.
+
+    ``sqlite``: every store in its file under the data directory (the defaults).
+    ``postgres``: the coordinator's run store, planning's plans and memory, approval's
+    requests and audit's records in one fresh database of the session's cluster
+    (``dsn``), as replicas share them in production.
+    """
+
+    backend: str = "sqlite"
+    dsn: str = ""
+
+    #: section -> the key that chooses its store (each section's ``dsn`` goes with it).
+    KEYS: ClassVar[dict[str, str]] = {
+        "coordinator": "run_store",
+        "planning": "store",
+        "approval": "store",
+        "audit": "backend",
+    }
+
+    def apply(self, settings: Settings) -> Settings:
+        """``settings`` with every store on this backend."""
+        if self.backend == "sqlite":
+            return settings
+        for section, key in self.KEYS.items():
+            settings = with_section(settings, section, **{key: self.backend, "dsn": self.dsn})
+        return settings
+
+
+def make_settings(
+    data_dir: Path, env: dict[str, str] | None = None, storage: Storage | None = None
+) -> Settings:
     """Defaults (plus ``env`` overrides) with data under ``data_dir``; no file, no $CUGA_*.
 
     Auth is on with the test identities (unless ``env`` turns it off); each service
-    started by :func:`running_service` sends the token of its own name.
+    started by :func:`running_service` sends the token of its own name. ``storage`` (the
+    ``storage`` fixture) puts the shareable stores on its backend.
     """
     settings = load_settings(env=env or {})
     auth = settings.common.auth
@@ -189,7 +222,8 @@ def make_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings
             signing_key=auth.signing_key,
             signing_key_file=auth.signing_key_file,
         )
-    return settings.with_overrides(data_dir=data_dir, grace_period_s=5.0, auth=auth)
+    settings = settings.with_overrides(data_dir=data_dir, grace_period_s=5.0, auth=auth)
+    return storage.apply(settings) if storage is not None else settings
 
 
 def as_service(settings: Settings, name: str, identity: str | None = None) -> Settings:
