@@ -376,13 +376,18 @@ class _Overcharging:
 
 
 @pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[CoordinatorAgent]:
+async def embedded(tmp_path: Path, storage: Storage) -> AsyncIterator[CoordinatorAgent]:
     settings = make_settings(
         tmp_path / "data",
         env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+        storage=storage,
     )
     agent = await create_coordinator(
-        settings=settings, tools=TEST_TOOLS, planning_mode="explicit", clock=FakeClock()
+        settings=settings,
+        audit_backend=storage.backend,
+        tools=TEST_TOOLS,
+        planning_mode="explicit",
+        clock=FakeClock(),
     )
     try:
         yield agent
