@@ -28,7 +28,7 @@ from cuga.shared.auth import Identity
 from cuga.shared.clock import FakeClock
 from cuga.shared.errors import CugaError, InvalidArgumentError
 from cuga.shared.messages import timestamp, to_struct, value_to_python
-from tests.support.servers import make_settings
+from tests.support.servers import Storage, make_settings
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 STAGE = S.LifecycleStage.Name
@@ -66,14 +66,17 @@ def step(sid: str, tool: str, deps: tuple[str, ...] = (), **inputs: object) -> S
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+async def env(tmp_path: Path, storage: Storage) -> AsyncIterator[Env]:
     data = tmp_path / "data"
     settings = make_settings(
-        data, env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"}
+        data,
+        env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+        storage=storage,
     )
     clock = FakeClock()
     agent = await create_coordinator(
         settings=settings,
+        audit_backend=storage.backend,
         tools=TEST_TOOLS,
         planning_mode="explicit",
         clock=clock,
@@ -246,6 +249,8 @@ async def test_resume_runs_only_what_is_left(env: Env) -> None:
         [e async for e in env.agent.resume(run_id)]
 
 
+# The run store's refusal is injected with SQLite's PRAGMA query_only: SQLite only.
+@pytest.mark.parametrize("storage", [Storage()], ids=["sqlite"])
 async def test_a_run_whose_events_cannot_be_stored_stops_and_resumes_running_nothing_twice(
     env: Env, tmp_path: Path
 ) -> None:

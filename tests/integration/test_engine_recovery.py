@@ -32,7 +32,7 @@ from cuga.shared.errors import (
 )
 from cuga.shared.messages import timestamp, to_struct
 from cuga.tools import ToolContext, ToolSpec
-from tests.support.servers import as_service, make_settings, running_cluster
+from tests.support.servers import Storage, as_service, make_settings, running_cluster
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 STAGE = S.LifecycleStage.Name
@@ -56,8 +56,15 @@ async def _agent(settings: Settings) -> CoordinatorAgent:
 
 
 @pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[CoordinatorAgent]:
-    agent = await _agent(_settings(tmp_path))
+async def agent(tmp_path: Path, storage: Storage) -> AsyncIterator[CoordinatorAgent]:
+    settings = storage.apply(_settings(tmp_path))
+    agent = await create_coordinator(
+        settings=settings,
+        audit_backend=storage.backend,
+        tools=TEST_TOOLS,
+        planning_mode="explicit",
+        clock=FakeClock(),
+    )
     try:
         yield agent
     finally:
@@ -72,6 +79,8 @@ async def _run(agent: CoordinatorAgent, steps: list[S.PlanStep]) -> list[S.Orche
     return [e async for e in agent.orchestrate("test goal", plan=steps)]
 
 
+# The run store's refusal is injected with SQLite's PRAGMA query_only: SQLite only.
+@pytest.mark.parametrize("storage", [Storage()], ids=["sqlite"])
 async def test_a_run_left_interrupted_is_cancelled_without_running_again(
     agent: CoordinatorAgent,
 ) -> None:
