@@ -20,7 +20,14 @@ from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import start_server
 from cuga.shared.messages import struct_to_dict, to_struct
 from cuga.shared.telemetry import setup_telemetry
-from tests.support.servers import Cluster, as_identity, make_settings, running_cluster, token_of
+from tests.support.servers import (
+    Cluster,
+    Storage,
+    as_identity,
+    make_settings,
+    running_cluster,
+    token_of,
+)
 
 WORKERS = (
     {"worker_id": "w-search", "tools": ["web_search", "echo"]},
@@ -56,8 +63,9 @@ async def _records(cluster: Cluster, trace_id: str) -> list[audit_pb2.AuditRecor
 
 
 @pytest.fixture
-async def three_workers(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with running_cluster(make_settings(tmp_path / "data"), workers=WORKERS) as cluster:
+async def three_workers(tmp_path: Path, storage: Storage) -> AsyncIterator[Cluster]:
+    settings = make_settings(tmp_path / "data", storage=storage)
+    async with running_cluster(settings, workers=WORKERS) as cluster:
         yield cluster
 
 
@@ -104,8 +112,8 @@ TRANSFER = {
 
 
 @pytest.fixture
-async def with_reviewer(tmp_path: Path) -> AsyncIterator[tuple[Cluster, str]]:
-    async with running_cluster(make_settings(tmp_path / "data")) as cluster:
+async def with_reviewer(tmp_path: Path, storage: Storage) -> AsyncIterator[tuple[Cluster, str]]:
+    async with running_cluster(make_settings(tmp_path / "data", storage=storage)) as cluster:
         yield cluster, token_of("reviewer")
 
 
@@ -149,8 +157,10 @@ async def test_run_pauses_for_a_reviewer(with_reviewer: tuple[Cluster, str], ver
         assert [s.step_id for s in partial.recovery_plan] == ["pay", "done"]
 
 
-async def test_audit_outage_during_a_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    async with running_cluster(make_settings(tmp_path / "data")) as cluster:
+async def test_audit_outage_during_a_run_loses_and_doubles_nothing(
+    tmp_path: Path, storage: Storage
+) -> None:
+    async with running_cluster(make_settings(tmp_path / "data", storage=storage)) as cluster:
         audit_server = cluster.servers["audit"]
         port = audit_server.port
         await audit_server.stop(grace=1.0)  # audit is down for the whole run

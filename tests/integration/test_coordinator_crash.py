@@ -26,6 +26,7 @@ from cuga.services.worker.app import build_worker
 from cuga.shared.config import Settings
 from cuga.shared.messages import to_struct
 from tests.support.servers import (
+    Storage,
     as_identity,
     builders,
     make_settings,
@@ -41,11 +42,12 @@ _DRAINS: set[asyncio.Future[bytes]] = set()  # readers of the children's logs
 
 
 @pytest.fixture
-async def authorities(tmp_path: Path) -> AsyncIterator[Settings]:
+async def authorities(tmp_path: Path, storage: Storage) -> AsyncIterator[Settings]:
     """Routing, audit, approval, a worker with the test tools, planning: in process."""
     settings = make_settings(
         tmp_path / "data",
         env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
+        storage=storage,
     )
     build = builders()
     build["worker"] = functools.partial(build_worker, tools=TEST_TOOLS)
@@ -57,9 +59,10 @@ async def authorities(tmp_path: Path) -> AsyncIterator[Settings]:
 
 
 async def _coordinator(
-    settings: Settings, data_dir: Path
+    settings: Settings, data_dir: Path, storage: Storage
 ) -> tuple[asyncio.subprocess.Process, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
+    env.update(storage.env())
     env["CUGA_DATA_DIR"] = str(data_dir)
     env["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
     env.update(service_env("coordinator"))  # signs its calls as the coordinator
@@ -93,7 +96,7 @@ def _step(sid: str, tool: str, deps: tuple[str, ...] = (), **inputs: object) -> 
 
 
 async def test_sigkill_mid_run_then_resume_runs_every_step_once(
-    authorities: Settings, tmp_path: Path
+    authorities: Settings, tmp_path: Path, storage: Storage
 ) -> None:
     sandbox = authorities.common.data_dir / "sandbox"
     coordinator_dir = tmp_path / "coordinator"
@@ -103,7 +106,7 @@ async def test_sigkill_mid_run_then_resume_runs_every_step_once(
         _step("b", "gate", ("a",), name="crash"),
         _step("c", "count", ("b",), name="c"),
     ]
-    proc, address = await _coordinator(authorities, coordinator_dir)
+    proc, address = await _coordinator(authorities, coordinator_dir, storage)
     client = CoordinatorClient(address, metadata=as_identity("client"))
     stream = client.orchestrate(coordinator_pb2.OrchestrateRequest(goal="crash me", steps=steps))
     first = (await anext(stream)).event
@@ -121,7 +124,7 @@ async def test_sigkill_mid_run_then_resume_runs_every_step_once(
     await client.close()
     GATES["crash"].set()  # the worker finishes b and stores its result under run/b
 
-    proc, address = await _coordinator(authorities, coordinator_dir)
+    proc, address = await _coordinator(authorities, coordinator_dir, storage)
     try:
         async with CoordinatorClient(address, metadata=as_identity("client")) as client:
             run = (await client.get_run(coordinator_pb2.GetRunRequest(run_id=first.run_id))).run

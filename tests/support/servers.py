@@ -203,6 +203,16 @@ class Storage:
             settings = with_section(settings, section, **{key: self.backend, "dsn": self.dsn})
         return settings
 
+    def env(self) -> dict[str, str]:
+        """The same as ``CUGA_*`` variables, for a service run as a process."""
+        if self.backend == "sqlite":
+            return {}
+        env: dict[str, str] = {}
+        for section, key in self.KEYS.items():
+            env[f"CUGA_{section.upper()}__{key.upper()}"] = self.backend
+            env[f"CUGA_{section.upper()}__DSN"] = self.dsn
+        return env
+
 
 def make_settings(
     data_dir: Path, env: dict[str, str] | None = None, storage: Storage | None = None
