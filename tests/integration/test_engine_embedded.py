@@ -110,7 +110,7 @@ async def test_dag_run_completes_in_order_with_gapless_seq(env: Env) -> None:
         assert stages(events, sid) == ["ROUTE", "EXECUTE"]
     result = next(e for e in events if e.step_id == "c" and e.HasField("step_result"))
     assert value_to_python(result.step_result.output)["text"] == "20+22"
-    run = env.agent.get_run(events[0].run_id)
+    run = await env.agent.get_run(events[0].run_id)
     assert run.completed_steps == 3 and run.state == 2  # RUN_STATE_COMPLETED
 
 
@@ -118,7 +118,7 @@ async def test_invalid_plan_is_refused_and_starts_nothing(env: Env) -> None:
     with pytest.raises(CugaError) as info:
         await env.run([step("a", "no_such_tool")])
     assert info.value.failure_mode is FailureMode.USER
-    assert not env.agent.list_runs(_list()).runs
+    assert not (await env.agent.list_runs(_list())).runs
 
 
 def _list():
@@ -273,15 +273,15 @@ async def test_a_run_whose_events_cannot_be_stored_stops_and_resumes_running_not
     await asyncio.wait_for(ENTERED["st"].wait(), 10)
     # The run store starts refusing writes (a read-only database) while g runs: g's
     # EXECUTE and c's ROUTE are written, together, only after c was sent to the worker.
-    db = env.agent.store._db.conn  # type: ignore[attr-defined]
+    db = env.agent.store._sqlite.conn  # type: ignore[attr-defined]
     db.execute("PRAGMA query_only = 1")
     GATES["st"].set()
     await asyncio.wait_for(client, 10)
     run_id = events[0].run_id
     assert stages(events)[-1] == "ROUTE" and events[-1].step_id == "g"  # nothing unstored
     db.execute("PRAGMA query_only = 0")
-    assert [e.seq for e in env.agent.store.events_after(run_id, 0)] == [e.seq for e in events]
-    assert env.agent.store.get_run(run_id).state == 1  # left RUNNING: its task stopped
+    assert [e.seq for e in await env.agent.store.events_after(run_id, 0)] == [e.seq for e in events]
+    assert (await env.agent.store.get_run(run_id)).state == 1  # left RUNNING: its task stopped
     assert await env.agent.recover() == [run_id]  # as a restarted coordinator finds it
     resumed = [e async for e in env.agent.resume(run_id)]
     assert stages(resumed)[-1] == "COMPLETE"

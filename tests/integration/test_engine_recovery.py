@@ -97,14 +97,14 @@ async def test_a_run_left_interrupted_is_cancelled_without_running_again(
     await asyncio.wait_for(ENTERED["left"].wait(), 10)
     # The run store refuses writes while the step runs: the run stops, left RUNNING, as
     # a coordinator that died would leave it.
-    db = agent.store._db.conn  # type: ignore[attr-defined]
+    db = agent.store._sqlite.conn  # type: ignore[attr-defined]
     db.execute("PRAGMA query_only = 1")
     GATES["left"].set()
     await asyncio.wait_for(client, 10)
     db.execute("PRAGMA query_only = 0")
     run_id = events[0].run_id
     assert await agent.recover() == [run_id]  # resume_interrupted is off: it waits
-    assert agent.get_run(run_id).state == coordinator_pb2.RUN_STATE_INTERRUPTED
+    assert (await agent.get_run(run_id)).state == coordinator_pb2.RUN_STATE_INTERRUPTED
 
     run = await agent.cancel_run(run_id, "not worth resuming")
     assert run.state == coordinator_pb2.RUN_STATE_CANCELLED
@@ -130,7 +130,7 @@ async def test_requests_for_a_run_that_does_not_exist_are_not_found(
     with pytest.raises(NotFoundError, match="run nothing-here not found"):
         [e async for e in agent.watch("nothing-here", 0)]
     with pytest.raises(NotFoundError):
-        agent.get_run("nothing-here")
+        await agent.get_run("nothing-here")
 
 
 async def test_list_runs_pages_and_refuses_a_token_it_did_not_issue(
@@ -140,9 +140,9 @@ async def test_list_runs_pages_and_refuses_a_token_it_did_not_issue(
     for i in range(3):
         events = await _run(agent, [step("a", "count", name=f"n{i}")])
         ids.append(events[0].run_id)
-    first = agent.list_runs(coordinator_pb2.ListRunsRequest(page_size=2))
+    first = await agent.list_runs(coordinator_pb2.ListRunsRequest(page_size=2))
     assert len(first.runs) == 2 and first.next_page_token
-    rest = agent.list_runs(
+    rest = await agent.list_runs(
         coordinator_pb2.ListRunsRequest(page_size=2, page_token=first.next_page_token)
     )
     assert len(rest.runs) == 1 and not rest.next_page_token
@@ -150,7 +150,7 @@ async def test_list_runs_pages_and_refuses_a_token_it_did_not_issue(
     for position in ("no-slash", "12/", "abc/run-1"):
         forged = base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
         with pytest.raises(InvalidArgumentError) as info:
-            agent.list_runs(coordinator_pb2.ListRunsRequest(page_token=forged))
+            await agent.list_runs(coordinator_pb2.ListRunsRequest(page_token=forged))
         assert info.value.field == "page_token"
         assert "is not a token this service issued" in info.value.message
 
@@ -213,7 +213,7 @@ async def test_a_bug_under_a_run_still_ends_it_with_a_terminal_event(
     last = events[-1]
     assert STAGE(last.stage) == "LIFECYCLE_STAGE_FAILED", [STAGE(e.stage) for e in events]
     assert "KeyError" in last.partial.error
-    assert agent.get_run(last.run_id).state == coordinator_pb2.RUN_STATE_FAILED
+    assert (await agent.get_run(last.run_id)).state == coordinator_pb2.RUN_STATE_FAILED
     assert "Traceback" in caplog.text or "KeyError" in caplog.text
 
 
@@ -374,7 +374,7 @@ async def test_orchestrate_refuses_a_client_trace_id_and_a_past_deadline_naming_
             with pytest.raises(InvalidArgumentError) as info:
                 await _run_with(agent, plan, context)
             assert info.value.field == field and message in info.value.message
-        assert not agent.list_runs(coordinator_pb2.ListRunsRequest()).runs  # none started
+        assert not (await agent.list_runs(coordinator_pb2.ListRunsRequest())).runs  # none started
     finally:
         await agent.close()
         gc.collect()
@@ -527,7 +527,7 @@ async def test_a_plan_transition_planning_refuses_is_logged_and_the_run_complete
     agent.planning = planning
     events = await _run(agent, [step("a", "count", name="frozen")])
     assert STAGE(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
-    assert agent.get_run(events[0].run_id).state == coordinator_pb2.RUN_STATE_COMPLETED
+    assert (await agent.get_run(events[0].run_id)).state == coordinator_pb2.RUN_STATE_COMPLETED
     await asyncio.wait_for(planning.completed.wait(), 10)  # told after the terminal event
     plan_id = next(e.plan.plan_id for e in events if e.HasField("plan"))
     assert f"plan {plan_id}: transition to PLAN_STATE_COMPLETED refused: the plan is frozen" in (
@@ -542,7 +542,9 @@ async def test_closing_twice_is_harmless(tmp_path: Path) -> None:
     await agent.close()  # raised sqlite3.ProgrammingError: its run store was closed
     reopened = await _agent(_settings(tmp_path))
     try:
-        assert reopened.get_run(events[0].run_id).state == coordinator_pb2.RUN_STATE_COMPLETED
+        assert (
+            await reopened.get_run(events[0].run_id)
+        ).state == coordinator_pb2.RUN_STATE_COMPLETED
     finally:
         await reopened.close()
         gc.collect()
@@ -565,7 +567,7 @@ async def test_approval_refusing_the_runs_requests_fails_the_run_with_its_answer
     assert "this coordinator may not ask for approvals" in last.partial.error
     assert last.partial.failure_mode == S.FAILURE_MODE_POLICY
     assert not [e for e in events if e.HasField("step_result")]
-    assert agent.get_run(last.run_id).state == coordinator_pb2.RUN_STATE_FAILED
+    assert (await agent.get_run(last.run_id)).state == coordinator_pb2.RUN_STATE_FAILED
 
 
 class _Completed(_Counting):
@@ -624,7 +626,7 @@ async def test_a_coordinator_stopped_while_its_store_refuses_writes_is_recovered
     try:
         await asyncio.wait_for(ENTERED["frozen-db"].wait(), 10)
         # The disk is full as the coordinator stops: not even INTERRUPTED can be written.
-        first.store._db.conn.execute("PRAGMA query_only = 1")  # type: ignore[attr-defined]
+        first.store._sqlite.conn.execute("PRAGMA query_only = 1")  # type: ignore[attr-defined]
         closing = asyncio.ensure_future(first.close())
         with pytest.raises(CugaError) as stopped:
             [e async for e in stream]
@@ -636,7 +638,7 @@ async def test_a_coordinator_stopped_while_its_store_refuses_writes_is_recovered
 
     second = await _agent(settings)  # finds the run still RUNNING: marks it INTERRUPTED
     try:
-        assert second.get_run(run_id).state == coordinator_pb2.RUN_STATE_INTERRUPTED
+        assert (await second.get_run(run_id)).state == coordinator_pb2.RUN_STATE_INTERRUPTED
         resumed = [e async for e in second.resume(run_id)]
     finally:
         await second.close()

@@ -66,10 +66,10 @@ async def _run(
             events = []
             async for e in agent.orchestrate("g", error_strategy=strategy, plan=steps):
                 # Durable before visible: an event reaches a client only once stored.
-                stored = agent.store.events_after(e.run_id, e.seq - 1)
+                stored = await agent.store.events_after(e.run_id, e.seq - 1)
                 assert stored and stored[0] == e, f"event {e.seq} published before stored"
                 events.append(e)
-            assert agent.store.events_after(events[0].run_id, 0) == events
+            assert await agent.store.events_after(events[0].run_id, 0) == events
             return events
         finally:
             await agent.close()

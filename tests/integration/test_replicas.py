@@ -276,6 +276,6 @@ async def test_embedded_coordinator_on_postgres(tmp_path: Path, postgres_dsn: st
             e async for e in agent.orchestrate("count once", plan=[_step("c", "count", name="c")])
         ]
         assert _stage(events[-1]) == "COMPLETE"
-        assert agent.store.events_after(events[0].run_id, 0) == events
+        assert await agent.store.events_after(events[0].run_id, 0) == events
     finally:
         await agent.close()

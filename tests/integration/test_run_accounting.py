@@ -432,4 +432,4 @@ async def test_a_resumed_run_goes_on_from_what_it_spent(embedded: CoordinatorAge
     resumed = [e async for e in embedded.resume(events[0].run_id)]
     assert STAGE(resumed[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
     assert (resumed[-1].summary.tool_calls, resumed[-1].summary.cost) == (3, 3)
-    assert embedded.get_run(events[0].run_id).tool_calls == 3
+    assert (await embedded.get_run(events[0].run_id)).tool_calls == 3

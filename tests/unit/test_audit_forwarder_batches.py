@@ -24,7 +24,7 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator._audit import AuditForwarder
 from cuga.orchestrator._options import EngineOptions
 from cuga.orchestrator._run import LiveRun
-from cuga.orchestrator._runstore import SQLiteRunStore
+from cuga.orchestrator._runstore import SQLiteRunStore, run_inline
 from cuga.services.audit.domain import AuditLog
 from cuga.services.audit.sqlite_backend import SQLiteAuditTrail
 from cuga.shared.clock import FakeClock
@@ -59,7 +59,7 @@ class Setup:
             self.clock,
         )
         run = coordinator_pb2.Run(run_id="r1", trace_id="a" * 32)
-        self.store.create_run(run, coordinator_pb2.OrchestrateRequest(goal="g"), "")
+        run_inline(self.store.create_run(run, coordinator_pb2.OrchestrateRequest(goal="g"), ""))
         self.run = LiveRun(
             run, coordinator_pb2.OrchestrateRequest(), common_pb2.Plan(), {}, INVALID_SPAN_CONTEXT
         )
@@ -78,7 +78,7 @@ class Setup:
                 timestamp=timestamp(self.clock.now()),
             )
             writes.append((self.run.run, event))
-        self.store.append_events(writes, writes)
+        run_inline(self.store.append_events(writes, writes))
         for _, event in writes:
             self.forwarder.queue(self.run, event)
 
@@ -100,12 +100,12 @@ async def _turns(n: int = 20) -> None:
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     s = Setup(tmp_path)
-    s.forwarder.start()
+    await s.forwarder.start()
     yield s
     s.audit.gate.set()
     await s.forwarder.close(1.0)
     s.audit.close()
-    s.store.close()
+    await s.store.close()
 
 
 async def test_records_stored_during_a_send_wait_for_a_full_batch(setup: Setup) -> None:
@@ -113,25 +113,25 @@ async def test_records_stored_during_a_send_wait_for_a_full_batch(setup: Setup) 
     await until(lambda: setup.audit.sizes == [4])
     setup.owe(1)  # stored while the trail holds the batch
     setup.audit.gate.set()
-    await until(lambda: setup.store.outbox_depth() == 1)  # the 4 are stored and gone
+    await until(lambda: run_inline(setup.store.outbox_depth()) == 1)  # the 4 are stored and gone
     await _turns()
     assert setup.audit.sizes == [4]  # the one waits for company (before: sent alone)
     setup.owe(3)
     await until(lambda: setup.audit.sizes == [4, 4])
-    await until(lambda: setup.store.outbox_depth() == 0)
+    await until(lambda: run_inline(setup.store.outbox_depth()) == 0)
     setup.owe(1)
     await _turns()
     assert setup.audit.sizes == [4, 4]
     setup.clock.advance(10.0)  # the linger time: what is owed goes, however few
     await until(lambda: setup.audit.sizes == [4, 4, 1])
-    await until(lambda: setup.store.outbox_depth() == 0)
+    await until(lambda: run_inline(setup.store.outbox_depth()) == 0)
 
 
 async def test_a_flush_ships_a_partial_batch_at_once(setup: Setup) -> None:
     setup.audit.gate.set()
     setup.owe(4)
-    await until(lambda: setup.store.outbox_depth() == 0)
+    await until(lambda: run_inline(setup.store.outbox_depth()) == 0)
     setup.owe(2)
     assert await setup.forwarder.flush(timeout=10.0)
     assert setup.audit.sizes == [4, 2]
-    assert setup.store.outbox_depth() == 0
+    assert await setup.store.outbox_depth() == 0

@@ -21,7 +21,7 @@ from cuga.coordinator.v1 import coordinator_pb2
 from cuga.orchestrator import _eventlog
 from cuga.orchestrator._eventlog import EventLog
 from cuga.orchestrator._run import LiveRun
-from cuga.orchestrator._runstore import EventWrite, SQLiteRunStore
+from cuga.orchestrator._runstore import EventWrite, SQLiteRunStore, run_inline
 from cuga.shared.clock import FakeClock
 
 ROUTE = common_pb2.LIFECYCLE_STAGE_ROUTE
@@ -47,10 +47,10 @@ class TimedStore(SQLiteRunStore):
         self.cost_s = 0.0
         self.commits: list[list[int]] = []
 
-    def append_events(
+    async def append_events(
         self, items: Sequence[EventWrite], audited: Sequence[EventWrite] = ()
     ) -> None:
-        super().append_events(items, audited)
+        await super().append_events(items, audited)
         self.commits.append([event.seq for _, event in items])
         self.timer.now += self.cost_s
 
@@ -62,14 +62,16 @@ class Setup:
         self.published: list[int] = []
         self.log = EventLog(self.store, FakeClock(), self._stored, timer=self.timer)
         run = coordinator_pb2.Run(run_id="r1", trace_id="0" * 32)
-        self.store.create_run(run, coordinator_pb2.OrchestrateRequest(goal="g"), "")
+        run_inline(self.store.create_run(run, coordinator_pb2.OrchestrateRequest(goal="g"), ""))
         self.run = LiveRun(
             run, coordinator_pb2.OrchestrateRequest(), common_pb2.Plan(), {}, INVALID_SPAN_CONTEXT
         )
 
     def _stored(self, r: LiveRun, event: common_pb2.OrchestrationEvent) -> None:
         # Published only once stored: the store has it when subscribers get it.
-        assert [e.seq for e in self.store.events_after(r.run_id, event.seq - 1)][:1] == [event.seq]
+        assert [e.seq for e in run_inline(self.store.events_after(r.run_id, event.seq - 1))][
+            :1
+        ] == [event.seq]
         self.published.append(event.seq)
 
     def step(self, i: int) -> None:
@@ -89,7 +91,7 @@ async def _turns(n: int = 3) -> None:
 def setup(tmp_path: Path) -> Iterator[Setup]:
     s = Setup(tmp_path)
     yield s
-    s.store.close()
+    run_inline(s.store.close())
 
 
 async def test_cheap_commits_write_each_step_at_the_next_turn(setup: Setup) -> None:

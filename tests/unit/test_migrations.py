@@ -116,26 +116,28 @@ def _write_old(db: Database, *, owner: bool) -> None:
         )
 
 
-def _assert_upgraded(store: SQLiteRunStore | PostgresRunStore, db: Database) -> None:
+async def _assert_upgraded(store: SQLiteRunStore | PostgresRunStore, db: Database) -> None:
     # The data of the previous schema, read by the new code.
     run, events = _old_run()
-    stored = store.get_run(RUN_ID)
+    stored = await store.get_run(RUN_ID)
     assert stored is not None and stored.goal == run.goal and stored.state == run.state
-    assert [e.stage for e in store.events_after(RUN_ID, 0)] == [e.stage for e in events]
-    assert store.trace_context(RUN_ID) == "ab:cd"
+    assert [e.stage for e in await store.events_after(RUN_ID, 0)] == [e.stage for e in events]
+    assert await store.trace_context(RUN_ID) == "ab:cd"
     status = RUN_STORE_SCHEMA.status(db)
     assert (status.current, status.latest, status.pending) == (3, 3, ())
     # What the new schema added works: a new run and its audited event, in the outbox.
     new = coordinator_pb2.Run(run_id="run-after", state=coordinator_pb2.RUN_STATE_RUNNING)
-    store.create_run(new, coordinator_pb2.OrchestrateRequest(goal="after"), "ef:01")
+    await store.create_run(new, coordinator_pb2.OrchestrateRequest(goal="after"), "ef:01")
     event = common_pb2.OrchestrationEvent(
         run_id="run-after", seq=1, stage=common_pb2.LIFECYCLE_STAGE_INITIALIZE
     )
-    store.append_events([(new, event)], audited=[(new, event)])
-    assert [(e.run_id, e.seq) for _, _, e in store.outbox(0, 10)] == [("run-after", 1)]
+    await store.append_events([(new, event)], audited=[(new, event)])
+    assert [(e.run_id, e.seq) for _, _, e in await store.outbox(0, 10)] == [("run-after", 1)]
 
 
-def test_a_sqlite_run_store_of_the_oldest_layout_is_migrated_with_its_data(tmp_path: Path) -> None:
+async def test_a_sqlite_run_store_of_the_oldest_layout_is_migrated_with_its_data(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "coordinator.db"
     conn = open_sqlite(path)
     conn.executescript(OLDEST_SQLITE)
@@ -143,30 +145,32 @@ def test_a_sqlite_run_store_of_the_oldest_layout_is_migrated_with_its_data(tmp_p
     conn.close()
     store = SQLiteRunStore(path)
     try:
-        _assert_upgraded(store, store._db)
-        assert store.get_run(RUN_ID) is not None
-        versions = store._db.execute(
+        await _assert_upgraded(store, store._sqlite)
+        assert await store.get_run(RUN_ID) is not None
+        versions = store._sqlite.execute(
             f"SELECT version, name FROM {VERSION_TABLE} ORDER BY version"
         ).fetchall()
         assert [tuple(v) for v in versions] == [
             (m.version, m.name) for m in RUN_STORE_SCHEMA.migrations
         ]
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_postgres_run_store_of_the_previous_release_is_migrated_with_its_data(
+async def test_a_postgres_run_store_of_the_previous_release_is_migrated_with_its_data(
     postgres_dsn: str,  # noqa: F811
 ) -> None:
     db = PostgresDatabase(postgres_dsn)
     db.executescript(PREVIOUS_POSTGRES)
     _write_old(db, owner=True)
     db.close()
-    store = PostgresRunStore(postgres_dsn, replica_id="after-upgrade")
+    store = await PostgresRunStore.connect(postgres_dsn, replica_id="after-upgrade")
+    check = PostgresDatabase(postgres_dsn)
     try:
-        _assert_upgraded(store, store._db)
+        await _assert_upgraded(store, check)
     finally:
-        store.close()
+        check.close()
+        await store.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -6,6 +6,7 @@ import pytest
 
 from cuga.services.approval.config import ApprovalConfig
 from cuga.services.audit.config import AuditConfig
+from cuga.services.coordinator.config import CoordinatorConfig
 from cuga.services.planning.config import PlanningConfig
 from cuga.shared.config import ConfigError, load_settings
 from cuga.shared.sqldb import PoolConfig
@@ -62,3 +63,15 @@ def test_the_planning_service_has_the_same_keys() -> None:
             PlanningConfig, "planning"
         )
     assert refused.value.key == "planning.pool.timeout_s"
+
+
+def test_the_coordinator_has_the_same_keys() -> None:
+    config = load_settings(env={"CUGA_COORDINATOR__POOL__MAX_SIZE": "3"}).section(
+        CoordinatorConfig, "coordinator"
+    )
+    assert config.pool.max_size == 3
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"CUGA_COORDINATOR__POOL__MIN_SIZE": "-1"}).section(
+            CoordinatorConfig, "coordinator"
+        )
+    assert refused.value.key == "coordinator.pool.min_size"

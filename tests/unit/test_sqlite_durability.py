@@ -4,6 +4,7 @@ and reaching the connection of every store (read back from the connection itself
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cuga.orchestrator._runstore import SQLiteRunStore, open_run_store
+from cuga.orchestrator._runstore import SQLiteRunStore, open_run_store, run_inline
 from cuga.services.approval.store import SQLiteApprovalStore, open_approval_store
 from cuga.services.audit.config import AuditConfig
 from cuga.services.audit.domain import open_backend
@@ -81,7 +82,9 @@ def _level(store: Any) -> int:
 
 STORES: dict[str, Callable[[Path, str], Any]] = {
     "run store": lambda d, s: SQLiteRunStore(d / "coordinator.db", synchronous=s),
-    "run store (opener)": lambda d, s: open_run_store("sqlite", data_dir=d, synchronous=s),
+    "run store (opener)": lambda d, s: run_inline(
+        open_run_store("sqlite", data_dir=d, synchronous=s)
+    ),
     "planning": lambda d, s: open_database(PlanningConfig(), d, synchronous=s),
     "approval": lambda d, s: SQLiteApprovalStore(d / "approval.db", synchronous=s),
     "approval (opener)": lambda d, s: open_approval_store("sqlite", data_dir=d, synchronous=s),
@@ -100,7 +103,9 @@ def test_every_store_runs_at_the_level_it_was_given(tmp_path: Path, store: str, 
         assert _level(opened) == LEVEL[level]
         assert _connection(opened).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
-        opened.close()
+        closed = opened.close()
+        if inspect.isawaitable(closed):  # the run store's close is awaited (inline: SQLite)
+            run_inline(closed)
 
 
 @pytest.mark.parametrize("store", sorted(STORES))

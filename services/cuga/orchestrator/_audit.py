@@ -173,11 +173,11 @@ class AuditForwarder:
         self.rejected = 0
         """Records the trail refused for good (logged as alarms)."""
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Adopt the rows of replicas that are gone and ship what the outbox holds (a
         restarted coordinator ships what its previous life left). Called at start and
         whenever the engine adopts stopped replicas' runs (``recover``)."""
-        adopted = self._store.adopt_outbox()
+        adopted = await self._store.adopt_outbox()
         if adopted:
             log.warning("adopted %d audit record(s) owed by a stopped replica", adopted)
             self._rewind = True  # their ids may lie behind the cursor
@@ -223,7 +223,7 @@ class AuditForwarder:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self.depth = self._store.outbox_depth()
+        self.depth = await self._store.outbox_depth()
         if not flushed:
             log.warning(
                 "stopping with %d audit record(s) owed: they stay in the run store's outbox"
@@ -242,7 +242,7 @@ class AuditForwarder:
         while True:
             if self._rewind:
                 self._rewind, self._cursor = False, 0
-            rows = self._store.outbox(self._cursor, self._options.audit_batch)
+            rows = await self._store.outbox(self._cursor, self._options.audit_batch)
             if not rows:
                 self._owed = 0
                 self.depth = 0
@@ -273,17 +273,17 @@ class AuditForwarder:
                     len(rows),
                     backoff,
                 )
-                self.depth = self._store.outbox_depth()
+                self.depth = await self._store.outbox_depth()
                 await self._clock.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             backoff = _INITIAL_BACKOFF_S
-            self._store.outbox_shipped(shipped)
+            await self._store.outbox_shipped(shipped)
             self._cursor = rows[-1][0]
             self._owed = max(0, self._owed - len(rows))
             if self._owed < self._options.audit_batch:
                 self._full.clear()  # set again by queue once a batch is owed
-            self.depth = self._store.outbox_depth()
+            self.depth = await self._store.outbox_depth()
 
     async def _linger(self) -> None:
         """Wait for a full batch or the linger time, whichever comes first."""

@@ -83,18 +83,22 @@ class RunDriver:
                 )
                 await self._drive_in_span(r, span)
         finally:
-            if r.store_failed is None and self._events.pending(r):
-                try:
-                    self._events.flush()
-                except Exception:  # the run stops either way
-                    log.exception("run %s: its last events could not be stored", r.run_id)
-            rt.metrics.runs_active.add(-1)
-            otel_context.detach(bag)
-            current_run_id.reset(token)
-            r.finished.set()
-            self._live.pop(r.run_id, None)
-            for queue in r.subscribers:
-                queue.put_nowait(None)
+            try:
+                if r.store_failed is None and self._events.pending(r):
+                    try:
+                        self._events.flush()
+                    except Exception:  # the run stops either way
+                        log.exception("run %s: its last events could not be stored", r.run_id)
+                # On a store that suspends, the run ends once its events are stored.
+                await self._events.written()
+            finally:
+                rt.metrics.runs_active.add(-1)
+                otel_context.detach(bag)
+                current_run_id.reset(token)
+                r.finished.set()
+                self._live.pop(r.run_id, None)
+                for queue in r.subscribers:
+                    queue.put_nowait(None)
 
     async def _drive_in_span(self, r: LiveRun, span: trace.Span) -> None:
         plan_id = r.plan.plan_id
@@ -148,8 +152,9 @@ class RunDriver:
                 return
             # The coordinator is stopping: leave the run resumable.
             self._events.flush()
+            await self._events.written()
             r.run.state = coordinator_pb2.RUN_STATE_INTERRUPTED
-            self._rt.store.update_run(r.run)
+            await self._rt.store.update_run(r.run)
             raise
         except CugaError as exc:
             self.finish_failed(r, exc, "")

@@ -360,7 +360,7 @@ class CoordinatorAgent:
         """
         check_id("run_id", run_id)
         store = self._rt.store
-        if store.get_run(run_id) is None:
+        if await store.get_run(run_id) is None:
             raise NotFoundError(f"run {run_id} not found")
         live = self._live.get(run_id)
         queue: asyncio.Queue[common_pb2.OrchestrationEvent | None] | None = None
@@ -370,7 +370,7 @@ class CoordinatorAgent:
         try:
             last = after_seq
             ended = False  # a terminal event was yielded
-            stored = store.events_after(run_id, after_seq)
+            stored = await store.events_after(run_id, after_seq)
             for batch in _batches(stored, max_events, max_bytes):
                 yield batch
                 last = batch[-1].seq
@@ -381,10 +381,10 @@ class CoordinatorAgent:
                 async for event in store.follow(run_id, last):
                     yield [event]
                     ended = ended or event.stage in TERMINAL
-                self._check_ended(run_id, ended)
+                await self._check_ended(run_id, ended)
                 return
             if ended or (live is not None and live.finished.is_set() and queue.empty()):
-                self._check_ended(run_id, ended)
+                await self._check_ended(run_id, ended)
                 return
             held: common_pb2.OrchestrationEvent | None = None  # past the last list's bounds
             while True:
@@ -396,7 +396,7 @@ class CoordinatorAgent:
                     if item is None:  # the run's task ended
                         if batch:
                             yield batch
-                        self._check_ended(run_id, ended)
+                        await self._check_ended(run_id, ended)
                         return
                     if item.seq > last:
                         if batch:
@@ -422,7 +422,7 @@ class CoordinatorAgent:
                 with contextlib.suppress(ValueError):
                     live.subscribers.remove(queue)
 
-    def _check_ended(self, run_id: str, ended: bool) -> None:
+    async def _check_ended(self, run_id: str, ended: bool) -> None:
         """Raise unless the run's log ends with its terminal event.
 
         ``ended`` says the stream yielded it; otherwise the store says whether the run
@@ -436,7 +436,7 @@ class CoordinatorAgent:
             return
         state = "INTERRUPTED"
         if not self._driver.closing:
-            run = self._rt.store.get_run(run_id)
+            run = await self._rt.store.get_run(run_id)
             if run is None or run.state in _ENDED:
                 return
             state = coordinator_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
@@ -447,18 +447,18 @@ class CoordinatorAgent:
             metadata={"run_id": run_id},
         )
 
-    def get_run(self, run_id: str) -> coordinator_pb2.Run:
+    async def get_run(self, run_id: str) -> coordinator_pb2.Run:
         """A run's current record."""
         check_id("run_id", run_id)
         live = self._live.get(run_id)
         if live is not None:
             return live.run
-        run = self._rt.store.get_run(run_id)
+        run = await self._rt.store.get_run(run_id)
         if run is None:
             raise NotFoundError(f"run {run_id} not found")
         return run
 
-    def list_runs(
+    async def list_runs(
         self, request: coordinator_pb2.ListRunsRequest
     ) -> coordinator_pb2.ListRunsResponse:
         """A page of runs, newest first."""
@@ -473,7 +473,7 @@ class CoordinatorAgent:
         if request.state not in coordinator_pb2.RunState.values():
             raise InvalidArgumentError("state", f"{request.state} is not a valid RunState")
         check_id("profile", request.profile, required=False)
-        rows = self._rt.store.list_runs(
+        rows = await self._rt.store.list_runs(
             after=after, limit=size + 1, state=request.state, profile=request.profile
         )
         runs = [self._live[r.run_id].run if r.run_id in self._live else r for _, r in rows[:size]]
@@ -494,26 +494,27 @@ class CoordinatorAgent:
             live.task.cancel()
             await asyncio.shield(live.finished.wait())
             return live.run
-        run = store.get_run(run_id)
+        run = await store.get_run(run_id)
         if run is None:
             raise NotFoundError(f"run {run_id} not found")
-        if store.request_cancel(run_id, reason or "cancelled by request"):
+        if await store.request_cancel(run_id, reason or "cancelled by request"):
             # Another replica drives it (shared store): it cancels; wait for the end.
             async for _ in store.follow(run_id, run.last_seq):
                 pass
         if run.state == coordinator_pb2.RUN_STATE_INTERRUPTED:
-            plan = store.get_plan(run_id) or common_pb2.Plan()
+            plan = await store.get_plan(run_id) or common_pb2.Plan()
             r = LiveRun(
                 run,
-                store.get_request(run_id),
+                await store.get_request(run_id),
                 plan,
-                store.completed_steps(run_id),
+                await store.completed_steps(run_id),
                 SpanContext(0, 0, False),
             )
             r.cancel_reason = reason or "cancelled by request"
             await withdraw_approvals(self._rt, r)
             self._driver.finish_cancelled(r)
-        return store.get_run(run_id) or run
+            await self._events.written()
+        return await store.get_run(run_id) or run
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -527,13 +528,13 @@ class CoordinatorAgent:
         resume them at once when ``options.resume_interrupted`` is set; start shipping
         the audit records the run store's outbox holds (a stopped coordinator's too)."""
         store = self._rt.store
-        self._audit.start()
+        await self._audit.start()
         ids = []
-        for run in store.running_runs():
+        for run in await store.running_runs():
             if run.run_id in self._live:
                 continue
             run.state = coordinator_pb2.RUN_STATE_INTERRUPTED
-            store.update_run(run)
+            await store.update_run(run)
             ids.append(run.run_id)
         if ids and self._rt.options.resume_interrupted:
             for run_id in ids:

@@ -18,18 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
 
 from cuga.common.v1 import common_pb2
 from cuga.orchestrator._audit import audit_kind
 from cuga.orchestrator._run import LiveRun
-from cuga.orchestrator._runstore import RunStore
+from cuga.orchestrator._runstore import RunStore, run_inline
 from cuga.shared.clock import Clock
 from cuga.shared.messages import timestamp
 
 log = logging.getLogger("cuga.coordinator")
 
+#: An event emitted, not yet stored, and its run.
+_Pending: TypeAlias = tuple[LiveRun, common_pb2.OrchestrationEvent]
 #: Called with each event once it is stored (in order).
 OnStored = Callable[[LiveRun, common_pb2.OrchestrationEvent], None]
 #: Longest a deferred event waits for others to share its commit, seconds.
@@ -70,7 +72,9 @@ class EventLog:
         self._clock = clock
         self._on_stored = on_stored
         # Events assigned a seq but not yet stored, in order (see emit).
-        self._outbox: list[tuple[LiveRun, common_pb2.OrchestrationEvent]] = []
+        self._outbox: list[_Pending] = []
+        # The last write started on a store that suspends (each awaits the one before).
+        self._writing: asyncio.Future[None] | None = None
         self._flush_scheduled: asyncio.Handle | None = None
         self._waiting = False  # the scheduled flush waits for others to join its commit
         self._commit_s = 0.0  # wall time of a commit, smoothed
@@ -151,8 +155,14 @@ class EventLog:
     def flush(self) -> None:
         """Store every pending event in one transaction, then publish them in order.
 
-        When the store refuses, the events are dropped unpublished and their runs stop
-        (left RUNNING in the store: a restart marks them INTERRUPTED, resumable).
+        On an :attr:`~cuga.orchestrator.RunStore.inline` store (SQLite) the write happens
+        here, synchronously; when the store refuses, the events are dropped unpublished,
+        their runs stop (left RUNNING in the store: a restart marks them INTERRUPTED,
+        resumable) and the error is raised. On a store that suspends (PostgreSQL) the
+        write is awaited by a task of its own, after the writes started before it (the
+        log's order), and the events are published once it is stored; a refused write
+        stops its runs the same way (their tasks are cancelled, ``store_failed`` set) and
+        drops their later pending writes. :meth:`written` waits for those writes.
         """
         if self._flush_scheduled is not None:
             self._flush_scheduled.cancel()  # this flush writes what it was for
@@ -160,22 +170,69 @@ class EventLog:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
+        if not self._store.inline:
+            previous = self._writing
+            self._writing = asyncio.ensure_future(self._write_after(previous, batch))
+            return
         try:
-            writes = [(r.run, event) for r, event in batch]
-            started = self._timer()
-            # The records these events owe the audit log go into its outbox in the same
-            # transaction (issue 22 item 8): no kill can lose one.
-            self._store.append_events(writes, [w for w in writes if audit_kind(w[1]) is not None])
-            self._committed_at = self._timer()
-            self._commit_s = (self._commit_s + self._committed_at - started) / 2
-            self.commits += 1
+            self._write(batch, run_inline)
         except BaseException as exc:
-            current = asyncio.current_task()
-            for r in dict.fromkeys(r for r, _ in batch):
-                r.store_failed = exc
-                if r.task is not None and r.task is not current and not r.task.done():
-                    r.task.cancel()
+            self._stop(batch, exc, asyncio.current_task())
             raise
+        self._publish(batch)
+
+    def _write(self, batch: list[_Pending], run: Callable[[Any], Any]) -> Any:
+        """The store's call writing ``batch`` (its result through ``run``), timed."""
+        writes = [(r.run, event) for r, event in batch]
+        # The records these events owe the audit log go into its outbox in the same
+        # transaction (issue 22 item 8): no kill can lose one.
+        return run(
+            self._timed(
+                self._store.append_events(
+                    writes, [w for w in writes if audit_kind(w[1]) is not None]
+                )
+            )
+        )
+
+    async def _timed(self, write: Awaitable[None]) -> None:
+        started = self._timer()
+        await write
+        self._committed_at = self._timer()
+        self._commit_s = (self._commit_s + self._committed_at - started) / 2
+        self.commits += 1
+
+    async def _write_after(
+        self, previous: asyncio.Future[None] | None, batch: list[_Pending]
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # its outcome is its own runs' business
+        # A run whose earlier write was refused has stopped: its later events are dropped
+        # (stored, they would leave a gap in its log).
+        batch = [(r, event) for r, event in batch if r.store_failed is None]
+        if not batch:
+            return
+        try:
+            await self._write(batch, lambda call: call)
+        except Exception as exc:
+            log.error("run store refused a write; the runs it held stop: %s", exc)
+            self._stop(batch, exc, None)
+            return
+        self._publish(batch)
+
+    async def written(self) -> None:
+        """Return once every write started so far (:meth:`flush`) is stored or refused; at
+        once on an inline store."""
+        while self._writing is not None and not self._writing.done():
+            await asyncio.wait([self._writing])
+
+    @staticmethod
+    def _stop(batch: list[_Pending], exc: BaseException, current: asyncio.Task[Any] | None) -> None:
+        for r in dict.fromkeys(r for r, _ in batch):
+            r.store_failed = exc
+            if r.task is not None and r.task is not current and not r.task.done():
+                r.task.cancel()
+
+    def _publish(self, batch: list[_Pending]) -> None:
         for r, event in batch:
             for queue in r.subscribers:
                 queue.put_nowait(event)

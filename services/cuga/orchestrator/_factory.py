@@ -420,16 +420,17 @@ async def create_coordinator(
     options = engine_options(coordinator_config, settings)
     if retry_policy is not None:
         options = dataclasses.replace(options, retry=retry_policy)
-    store = open_run_store(
+    store = await open_run_store(
         coordinator_config.run_store,
         data_dir=common.data_dir,
         dsn=coordinator_config.dsn,
         replica_id=coordinator_config.replica_id,
         synchronous=durability,
+        pool=coordinator_config.pool,
     )
 
     async def close_store() -> None:
-        store.close()
+        await store.close()
 
     closers.append(close_store)
     agent_ = EmbeddedCoordinator(

@@ -65,6 +65,8 @@ class Launcher:
         self._events = events
         self._driver = driver
         self._live = live
+        # Resumes in progress by run id: a lock and how many resumes use it.
+        self._resuming: dict[str, tuple[asyncio.Lock, int]] = {}
 
     # ------------------------------------------------------------------ new runs
 
@@ -111,12 +113,12 @@ class Launcher:
         if key is not None:
             # Per requester and profile: another caller's key, or another profile's, is
             # a key never seen (nothing leaks, nothing is shared).
-            existing = rt.store.run_for_request(key)
+            existing = await rt.store.run_for_request(key)
             if existing:
                 return existing
         await self._driver.admit()
         run_id = request.context.run_id or uuid.uuid4().hex
-        if rt.store.get_run(run_id) is not None:
+        if await rt.store.get_run(run_id) is not None:
             raise FailedPreconditionError(f"run {run_id} already exists; use Watch or Resume")
         ctx = common_pb2.ExecutionContext()
         ctx.CopyFrom(request.context)
@@ -186,7 +188,7 @@ class Launcher:
         stored_request.CopyFrom(request)
         stored_request.context.CopyFrom(ctx)
         trace_ctx = f"{ctx.trace_id}:{format(sc.span_id, '016x')}"
-        rt.store.create_run(run, stored_request, trace_ctx, plan)
+        await rt.store.create_run(run, stored_request, trace_ctx, plan)
         r = LiveRun(run, stored_request, plan, {}, sc)
         self._live[run_id] = r
         rt.metrics.runs_started.add(1)
@@ -235,15 +237,35 @@ class Launcher:
         retry_policy: common_pb2.RetryPolicy | None = None,
     ) -> tuple[str, int]:
         """Restart a FAILED or INTERRUPTED run; return (run id, seq to watch after)."""
-        rt = self._rt
         self.validate_resume(target, error_strategy=error_strategy, retry_policy=retry_policy)
         run_id = target.run_id if isinstance(target, common_pb2.PartialResult) else target
+        # One resume of a run at a time: its reads and its claim are awaited, and a second
+        # resume must find the first one's run live (and re-attach), not start it twice.
+        lock, users = self._resuming.get(run_id, (asyncio.Lock(), 0))
+        self._resuming[run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._resume(run_id, error_strategy, retry_policy)
+        finally:
+            lock, users = self._resuming[run_id]
+            if users == 1:
+                del self._resuming[run_id]
+            else:
+                self._resuming[run_id] = (lock, users - 1)
+
+    async def _resume(
+        self,
+        run_id: str,
+        error_strategy: Strategy,
+        retry_policy: common_pb2.RetryPolicy | None,
+    ) -> tuple[str, int]:
+        rt = self._rt
         live = self._live.get(run_id)
         if live is not None:
             if live.run.state == coordinator_pb2.RUN_STATE_RUNNING:
                 return run_id, live.seq  # still running here: re-attach
             await asyncio.shield(live.finished.wait())  # its last bookkeeping is finishing
-        run = rt.store.get_run(run_id)
+        run = await rt.store.get_run(run_id)
         if run is None:
             raise NotFoundError(f"run {run_id} is not in this coordinator's run store")
         if run.state not in (
@@ -254,10 +276,10 @@ class Launcher:
                 f"run {run_id} is {coordinator_pb2.RunState.Name(run.state)}; only FAILED or"
                 " INTERRUPTED runs can be resumed"
             )
-        plan = rt.store.get_plan(run_id)
+        plan = await rt.store.get_plan(run_id)
         if plan is None:
             raise FailedPreconditionError(f"run {run_id} has no stored plan")
-        request = rt.store.get_request(run_id)
+        request = await rt.store.get_request(run_id)
         if error_strategy:
             run.error_strategy = error_strategy
         if retry_policy is not None:
@@ -272,8 +294,8 @@ class Launcher:
         run.state = coordinator_pb2.RUN_STATE_RUNNING
         run.failure_mode = common_pb2.FAILURE_MODE_UNSPECIFIED
         run.error = ""
-        rt.store.update_run(run)
-        parent = span_context(rt.store.trace_context(run_id))
+        await rt.store.update_run(run)
+        parent = span_context(await rt.store.trace_context(run_id))
         ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
         caller = trace.get_current_span().get_span_context()
         span = rt.tracer.start_span(
@@ -283,14 +305,16 @@ class Launcher:
             links=[Link(caller)] if caller.is_valid else None,
         )
         rt.metrics.runs_started.add(1, {"cuga.resumed": True})
-        r = LiveRun(run, request, plan, rt.store.completed_steps(run_id), span.get_span_context())
+        completed = await rt.store.completed_steps(run_id)
+        stored = await rt.store.events_after(run_id, 0)
+        r = LiveRun(run, request, plan, completed, span.get_span_context())
         self._live[run_id] = r
         after = r.seq
         # (The audit records its earlier life owed are in the run store's outbox, written
         # with its events: the forwarder ships them, whatever killed that life.)
         # A step its earlier life saw denied (or expired) asks afresh, superseding that
         # request, instead of replaying the denial (issue 22 item 6).
-        for event in rt.store.events_after(run_id, 0):
+        for event in stored:
             if event.HasField("approval") and event.approval.status in _NEGATIVE:
                 r.supersede[event.step_id] = event.approval.approval_id
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_INITIALIZE, context=run.context)

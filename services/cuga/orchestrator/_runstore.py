@@ -17,10 +17,14 @@ Two backends behind one interface, :class:`RunStore`, and one body of SQL
   any replica follows a run driven by another without polling; ``CancelRun`` sent to a
   replica that does not drive the run is passed on with ``NOTIFY cuga_run_cancel``.
 
-The methods are synchronous: the engine calls them inline on the event loop, each is one
-short statement or transaction, and keeping them synchronous keeps the engine's
-"durable before visible" ordering a plain sequence of statements. Only ``follow`` (which
-waits for other replicas) is asynchronous.
+Every method is awaited. On PostgreSQL each statement or transaction runs on a
+connection of a bounded pool of asynchronous connections (``coordinator.pool``,
+:class:`~cuga.shared.sqldb.PostgresPool`), so a slow query holds its own call and one
+connection, never the coordinator's event loop; the replica lock lives on one dedicated
+connection held for the store's life, and an adoption's lock and transaction share one
+pooled connection for the adoption. On SQLite the same calls run inline underneath
+(:class:`~cuga.shared.sqldb.InlineDatabase`: nothing suspends, ``SqlRunStore.inline``),
+so the embedded engine's event log still writes its events synchronously.
 """
 
 from __future__ import annotations
@@ -30,20 +34,23 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import psycopg
 
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.shared.errors import FailedPreconditionError
-from cuga.shared.migrations import Migration, Schema, column_exists
+from cuga.shared.migrations import Migration, Schema, column_exists, migrate_postgres
 from cuga.shared.sqldb import (
     LISTEN_READY_S,
+    AsyncDatabase,
     Database,
-    PostgresDatabase,
+    InlineDatabase,
+    PoolConfig,
+    PostgresPool,
     SQLiteDatabase,
     listen,
 )
@@ -192,13 +199,17 @@ _REPLICA_LOCK_CLASS = 0x63756761
 
 
 class RunStore(Protocol):
-    """Where the coordinator keeps runs; every method but :meth:`follow` is synchronous."""
+    """Where the coordinator keeps runs; every method is awaited (:meth:`follow` iterated)."""
 
-    def close(self) -> None:
+    inline: bool
+    """Whether every call completes without suspending (SQLite underneath): the event log
+    then writes its events synchronously (``run_inline``)."""
+
+    async def close(self) -> None:
         """Close the store."""
         ...
 
-    def create_run(
+    async def create_run(
         self,
         run: coordinator_pb2.Run,
         request: coordinator_pb2.OrchestrateRequest,
@@ -208,36 +219,38 @@ class RunStore(Protocol):
         """Store a new run (driven by this coordinator), with its plan when it has one."""
         ...
 
-    def run_for_request(self, request_id: str) -> str | None:
+    async def run_for_request(self, request_id: str) -> str | None:
         """The run started by an idempotency key (``request_key``), if any."""
         ...
 
-    def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
+    async def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
         """A run, or None."""
         ...
 
-    def get_request(self, run_id: str) -> coordinator_pb2.OrchestrateRequest:
+    async def get_request(self, run_id: str) -> coordinator_pb2.OrchestrateRequest:
         """The request a run was started with."""
         ...
 
-    def trace_context(self, run_id: str) -> str:
+    async def trace_context(self, run_id: str) -> str:
         """``<trace_id>:<span_id>`` of the run's root span."""
         ...
 
-    def update_run(self, run: coordinator_pb2.Run) -> None:
+    async def update_run(self, run: coordinator_pb2.Run) -> None:
         """Replace a run's record (this coordinator now owns it)."""
         ...
 
-    def get_plan(self, run_id: str) -> common_pb2.Plan | None:
+    async def get_plan(self, run_id: str) -> common_pb2.Plan | None:
         """The run's plan, once planned."""
         ...
 
-    def append_event(self, run: coordinator_pb2.Run, event: common_pb2.OrchestrationEvent) -> None:
+    async def append_event(
+        self, run: coordinator_pb2.Run, event: common_pb2.OrchestrationEvent
+    ) -> None:
         """Write an event and the run's new state at once (a step's result is the
         ``step_result`` of its EXECUTE event)."""
         ...
 
-    def append_events(
+    async def append_events(
         self, items: Sequence[EventWrite], audited: Sequence[EventWrite] = ()
     ) -> None:
         """Write several events, of one run or several, in order and in one transaction:
@@ -245,37 +258,39 @@ class RunStore(Protocol):
         ``items``) also get their audit outbox row in that transaction."""
         ...
 
-    def outbox(self, after_id: int, limit: int) -> list[OutboxEntry]:
+    async def outbox(self, after_id: int, limit: int) -> list[OutboxEntry]:
         """Audit records this replica owes, oldest first, after outbox row ``after_id``."""
         ...
 
-    def outbox_shipped(self, ids: Sequence[int]) -> None:
+    async def outbox_shipped(self, ids: Sequence[int]) -> None:
         """Remove outbox rows whose records the audit log has stored."""
         ...
 
-    def outbox_depth(self) -> int:
+    async def outbox_depth(self) -> int:
         """Audit records this replica still owes."""
         ...
 
-    def adopt_outbox(self) -> int:
+    async def adopt_outbox(self) -> int:
         """Take over the outbox rows of replicas that are gone; how many were taken."""
         ...
 
-    def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
+    async def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
         """Stored step results by step id."""
         ...
 
-    def events_after(self, run_id: str, after_seq: int) -> list[common_pb2.OrchestrationEvent]:
+    async def events_after(
+        self, run_id: str, after_seq: int
+    ) -> list[common_pb2.OrchestrationEvent]:
         """Stored events with seq > after_seq, in order."""
         ...
 
-    def list_runs(
+    async def list_runs(
         self, *, after: tuple[int, str] | None, limit: int, state: int, profile: str
     ) -> list[tuple[int, coordinator_pb2.Run]]:
         """Runs newest first, with their sort key, after a (created_ns, run_id) position."""
         ...
 
-    def running_runs(self) -> Iterator[coordinator_pb2.Run]:
+    async def running_runs(self) -> list[coordinator_pb2.Run]:
         """Runs stored RUNNING whose coordinator is gone (this process's earlier life, or a
         replica that died); they become this coordinator's to mark INTERRUPTED or resume."""
         ...
@@ -286,7 +301,7 @@ class RunStore(Protocol):
         run is not running (the stored log is then all there is)."""
         ...
 
-    def request_cancel(self, run_id: str, reason: str) -> bool:
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
         """Ask the live replica that drives ``run_id`` to cancel it; False when no other
         live replica drives it (then there is nobody to ask)."""
         ...
@@ -298,29 +313,49 @@ class RunStore(Protocol):
         ...
 
 
+_T = TypeVar("_T")
+
+
+def run_inline(call: Coroutine[Any, Any, _T]) -> _T:
+    """The result of a call of an :attr:`~SqlRunStore.inline` store, run to its end here,
+    synchronously (the coroutine never suspends: SQLite underneath).
+
+    Raises:
+        RuntimeError: the call suspended (the store is not inline).
+    """
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    call.close()
+    raise RuntimeError("an inline run store call suspended")
+
+
 class SqlRunStore:
-    """The run store's SQL, on either dialect of :class:`~cuga.shared.sqldb.Database`.
+    """The run store's SQL, on either dialect of :class:`~cuga.shared.sqldb.AsyncDatabase`.
 
     Args:
-        db: the connection.
+        db: the database (a pool on PostgreSQL, a synchronous connection inline on SQLite).
         replica_id: who stamps the runs it creates or updates.
     """
 
     #: Whether event writes NOTIFY other replicas (they must then be transactions).
     _notifies = False
+    inline = True
+    """Every call completes without suspending (SQLite underneath, inline)."""
 
-    def __init__(self, db: Database, replica_id: str) -> None:
+    def __init__(self, db: AsyncDatabase, replica_id: str) -> None:
         self._db = db
         self.replica_id = replica_id
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Close the database."""
-        self._db.close()
+        await self._db.close()
 
-    def _notify(self, db: Database, run_id: str) -> None:
+    async def _notify(self, db: AsyncDatabase, run_id: str) -> None:
         """Tell other replicas that ``run_id`` changed (inside the writing transaction)."""
 
-    def create_run(
+    async def create_run(
         self,
         run: coordinator_pb2.Run,
         request: coordinator_pb2.OrchestrateRequest,
@@ -328,7 +363,7 @@ class SqlRunStore:
         plan: common_pb2.Plan | None = None,
     ) -> None:
         """Store a new run, with its plan when it has one (one statement)."""
-        self._db.execute(
+        await self._db.execute(
             "INSERT INTO runs (run_id, request_id, profile, state, created_ns, run, request,"
             " plan, trace_ctx, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -345,31 +380,33 @@ class SqlRunStore:
             ),
         )
 
-    def run_for_request(self, request_id: str) -> str | None:
+    async def run_for_request(self, request_id: str) -> str | None:
         """The run started by an idempotency key, if any."""
-        row = self._db.execute(
-            "SELECT run_id FROM runs WHERE request_id = ?", (request_id,)
-        ).fetchone()
+        cur = await self._db.execute("SELECT run_id FROM runs WHERE request_id = ?", (request_id,))
+        row = cur.fetchone()
         return str(row["run_id"]) if row else None
 
-    def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
+    async def get_run(self, run_id: str) -> coordinator_pb2.Run | None:
         """A run, or None."""
-        row = self._db.execute(
-            f"SELECT run, {_LAST_EVENT} FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
+        return await self._get_run(self._db, run_id)
+
+    async def _get_run(self, db: AsyncDatabase, run_id: str) -> coordinator_pb2.Run | None:
+        cur = await db.execute(f"SELECT run, {_LAST_EVENT} FROM runs WHERE run_id = ?", (run_id,))
+        row = cur.fetchone()
         return self._progressed(row["run"], row["last_event"]) if row else None
 
-    def get_request(self, run_id: str) -> coordinator_pb2.OrchestrateRequest:
+    async def get_request(self, run_id: str) -> coordinator_pb2.OrchestrateRequest:
         """The request a run was started with."""
-        row = self._db.execute("SELECT request FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return coordinator_pb2.OrchestrateRequest.FromString(row["request"])
+        cur = await self._db.execute("SELECT request FROM runs WHERE run_id = ?", (run_id,))
+        return coordinator_pb2.OrchestrateRequest.FromString(cur.fetchone()["request"])
 
-    def trace_context(self, run_id: str) -> str:
+    async def trace_context(self, run_id: str) -> str:
         """``<trace_id>:<span_id>`` of the run's root span."""
-        row = self._db.execute("SELECT trace_ctx FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        cur = await self._db.execute("SELECT trace_ctx FROM runs WHERE run_id = ?", (run_id,))
+        row = cur.fetchone()
         return str(row["trace_ctx"]) if row else ""
 
-    def update_run(self, run: coordinator_pb2.Run) -> None:
+    async def update_run(self, run: coordinator_pb2.Run) -> None:
         """Replace a run's record; the writer becomes its owner.
 
         Raises:
@@ -377,9 +414,9 @@ class SqlRunStore:
                 coordinator already runs it (two replicas resuming it at once).
         """
         running = coordinator_pb2.RUN_STATE_RUNNING
-        with self._db.transaction() as db:
+        async with self._db.transaction() as db:
             # Compare-and-set: taking a run to RUNNING succeeds for one coordinator only.
-            cur = db.execute(
+            cur = await db.execute(
                 "UPDATE runs SET state = ?, run = ?, owner = ? WHERE run_id = ?"
                 " AND (? <> ? OR state <> ? OR owner = ?)",
                 (
@@ -393,23 +430,26 @@ class SqlRunStore:
                     self.replica_id,
                 ),
             )
-            if cur.rowcount == 0 and self.get_run(run.run_id) is not None:
+            if cur.rowcount == 0 and await self._get_run(db, run.run_id) is not None:
                 raise FailedPreconditionError(
                     f"run {run.run_id} is already running on another coordinator replica"
                 )
-            self._notify(db, run.run_id)
+            await self._notify(db, run.run_id)
 
-    def get_plan(self, run_id: str) -> common_pb2.Plan | None:
+    async def get_plan(self, run_id: str) -> common_pb2.Plan | None:
         """The run's plan, once planned."""
-        row = self._db.execute("SELECT plan FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        cur = await self._db.execute("SELECT plan FROM runs WHERE run_id = ?", (run_id,))
+        row = cur.fetchone()
         return common_pb2.Plan.FromString(row["plan"]) if row and row["plan"] else None
 
-    def append_event(self, run: coordinator_pb2.Run, event: common_pb2.OrchestrationEvent) -> None:
+    async def append_event(
+        self, run: coordinator_pb2.Run, event: common_pb2.OrchestrationEvent
+    ) -> None:
         """Write an event and the run's new state at once (a step's result is the
         ``step_result`` of its EXECUTE event)."""
-        self.append_events(((run, event),))
+        await self.append_events(((run, event),))
 
-    def append_events(
+    async def append_events(
         self, items: Sequence[EventWrite], audited: Sequence[EventWrite] = ()
     ) -> None:
         """Write events in order, in one transaction (a group commit), with the audit
@@ -457,24 +497,24 @@ class SqlRunStore:
             )
         ]
         if len(inserts) == 1 and not changed and not self._notifies:
-            self._db.execute(*inserts[0])
+            await self._db.execute(*inserts[0])
             return
-        with self._db.transaction() as db:
+        async with self._db.transaction() as db:
             for sql, args in inserts:
-                db.execute(sql, args)
+                await db.execute(sql, args)
             for run in changed.values():
-                db.execute(
+                await db.execute(
                     "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
                     (run.state, run.SerializeToString(), run.run_id),
                 )
             for run_id in dict.fromkeys(event.run_id for _, event in items):
-                self._notify(db, run_id)
+                await self._notify(db, run_id)
 
     # ------------------------------------------------------------------ the audit outbox
 
-    def outbox(self, after_id: int, limit: int) -> list[OutboxEntry]:
+    async def outbox(self, after_id: int, limit: int) -> list[OutboxEntry]:
         """Audit records this replica owes, oldest first, after outbox row ``after_id``."""
-        rows = self._db.execute(
+        rows = await self._db.execute(
             "SELECT o.id, o.profile, e.event FROM audit_outbox o"
             " JOIN events e ON e.run_id = o.run_id AND e.seq = o.seq"
             " WHERE o.owner = ? AND o.id > ? ORDER BY o.id LIMIT ?",
@@ -485,23 +525,23 @@ class SqlRunStore:
             for r in rows
         ]
 
-    def outbox_shipped(self, ids: Sequence[int]) -> None:
+    async def outbox_shipped(self, ids: Sequence[int]) -> None:
         """Remove outbox rows whose records the audit log has stored."""
         for i in range(0, len(ids), _ROWS_PER_INSERT):
             chunk = ids[i : i + _ROWS_PER_INSERT]
-            self._db.execute(
+            await self._db.execute(
                 f"DELETE FROM audit_outbox WHERE id IN ({', '.join('?' * len(chunk))})",
                 list(chunk),
             )
 
-    def outbox_depth(self) -> int:
+    async def outbox_depth(self) -> int:
         """Audit records this replica still owes."""
-        row = self._db.execute(
+        cur = await self._db.execute(
             "SELECT COUNT(*) AS n FROM audit_outbox WHERE owner = ?", (self.replica_id,)
-        ).fetchone()
-        return int(row["n"])
+        )
+        return int(cur.fetchone()["n"])
 
-    def adopt_outbox(self) -> int:
+    async def adopt_outbox(self) -> int:
         """One process owns a SQLite store: its rows are all its own already."""
         return 0
 
@@ -516,27 +556,29 @@ class SqlRunStore:
                 run.updated_at.CopyFrom(event.timestamp)
         return run
 
-    def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
+    async def completed_steps(self, run_id: str) -> dict[str, common_pb2.StepResult]:
         """Stored step results by step id: each step's latest successful EXECUTE event.
 
         (Stores written before 2026-12 also kept them in a ``steps`` table, no longer read:
         their events carry the same results.)
         """
         results: dict[str, common_pb2.StepResult] = {}
-        for event in self.events_after(run_id, 0):
+        for event in await self.events_after(run_id, 0):
             if event.HasField("step_result"):
                 results[event.step_result.step_id] = event.step_result
         return results
 
-    def events_after(self, run_id: str, after_seq: int) -> list[common_pb2.OrchestrationEvent]:
+    async def events_after(
+        self, run_id: str, after_seq: int
+    ) -> list[common_pb2.OrchestrationEvent]:
         """Stored events with seq > after_seq, in order."""
-        rows = self._db.execute(
+        rows = await self._db.execute(
             "SELECT event FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
             (run_id, after_seq),
         )
         return [common_pb2.OrchestrationEvent.FromString(r["event"]) for r in rows]
 
-    def list_runs(
+    async def list_runs(
         self, *, after: tuple[int, str] | None, limit: int, state: int, profile: str
     ) -> list[tuple[int, coordinator_pb2.Run]]:
         """Runs newest first, with their sort key, after a (created_ns, run_id) position."""
@@ -555,26 +597,26 @@ class SqlRunStore:
         args.append(limit)
         return [
             (int(r["created_ns"]), self._progressed(r["run"], r["last_event"]))
-            for r in self._db.execute(sql, args)
+            for r in await self._db.execute(sql, args)
         ]
 
-    def running_runs(self) -> Iterator[coordinator_pb2.Run]:
+    async def running_runs(self) -> list[coordinator_pb2.Run]:
         """Runs stored as RUNNING (in flight when the coordinator stopped)."""
-        rows = self._db.execute(
+        cur = await self._db.execute(
             f"SELECT run, {_LAST_EVENT} FROM runs WHERE state = ?",
             (coordinator_pb2.RUN_STATE_RUNNING,),
-        ).fetchall()
-        return (self._progressed(r["run"], r["last_event"]) for r in rows)
+        )
+        return [self._progressed(r["run"], r["last_event"]) for r in cur.fetchall()]
 
     async def follow(
         self, run_id: str, after_seq: int
     ) -> AsyncIterator[common_pb2.OrchestrationEvent]:
         """The stored events after ``after_seq``: one process owns a SQLite store, so a
         run that is not live in it is not running anywhere."""
-        for event in self.events_after(run_id, after_seq):
+        for event in await self.events_after(run_id, after_seq):
             yield event
 
-    def request_cancel(self, run_id: str, reason: str) -> bool:
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
         """No other process shares a SQLite store: nobody else to ask."""
         return False
 
@@ -583,7 +625,8 @@ class SqlRunStore:
 
 
 class SQLiteRunStore(SqlRunStore):
-    """The embedded run store: one SQLite file, one coordinator process.
+    """The embedded run store: one SQLite file, one coordinator process. Its calls run
+    inline (nothing suspends).
 
     Args:
         path: the database file (``coordinator.db`` under the data directory).
@@ -593,11 +636,29 @@ class SQLiteRunStore(SqlRunStore):
     def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
         db = SQLiteDatabase(open_sqlite(path, synchronous=synchronous))
         RUN_STORE_SCHEMA.migrate(db)
-        super().__init__(db, "local")
+        super().__init__(InlineDatabase(db), "local")
+        self._sqlite = db
+
+
+#: The replica lock: held on this replica's lock connection when the (integer) result is 1.
+_TAKE_REPLICA_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+#: Whether a replica is alive (someone holds its lock), asked in one statement: a lock
+#: taken to ask is given back in the same statement, so none is left on a pooled
+#: connection.
+_OWNER_ALIVE = (
+    "SELECT CASE WHEN pg_try_advisory_lock(?, hashtext(?))"
+    " THEN NOT pg_advisory_unlock(?, hashtext(?)) ELSE TRUE END AS alive"
+)
 
 
 class PostgresRunStore(SqlRunStore):
     """The run store of several coordinator replicas sharing one PostgreSQL database.
+
+    Statements run on a bounded pool of asynchronous connections (``pool``, the
+    ``coordinator.pool`` keys). The replica lock ("this replica is alive") is held on one
+    connection of its own for the store's life; should that connection break, it is
+    re-opened and the lock taken again (backoff 0.5 s doubling to 30 s). Construct, then
+    ``await`` :meth:`open` (or use :meth:`connect`).
 
     Args:
         dsn: libpq connection string or URI.
@@ -606,12 +667,12 @@ class PostgresRunStore(SqlRunStore):
             own interrupted runs back at once; two live coordinators can never share one.
         liveness_check_s: how long a follower waits without news before it checks that
             the run's coordinator is still alive (a crashed one sends no more events).
-        connect_timeout_s: connection timeout.
-
-    Raises:
-        psycopg.OperationalError: the database cannot be reached.
-        RuntimeError: another live coordinator holds the same replica id.
+        pool: the connection pool's sizes and timeouts.
     """
+
+    _notifies = True
+    inline = False
+    """Calls suspend while PostgreSQL answers (they run on the pool)."""
 
     def __init__(
         self,
@@ -619,67 +680,155 @@ class PostgresRunStore(SqlRunStore):
         *,
         replica_id: str = "",
         liveness_check_s: float = 30.0,
-        connect_timeout_s: int = 10,
+        pool: PoolConfig | None = None,
     ) -> None:
-        db = PostgresDatabase(
-            dsn, connect_timeout_s=connect_timeout_s, on_reconnect=self._hold_replica_lock
-        )
-        super().__init__(db, replica_id or f"coordinator-{uuid.uuid4().hex[:12]}")
-        self._pg = db
+        self._pool = PostgresPool(dsn, pool, service="coordinator")
+        super().__init__(self._pool, replica_id or f"coordinator-{uuid.uuid4().hex[:12]}")
         self._liveness_check_s = liveness_check_s
         self._cancel_listener: asyncio.Task[None] | None = None
-        RUN_STORE_SCHEMA.migrate(db)  # under the schema's advisory lock
-        if not self._hold_replica_lock(db):
-            db.close()
-            raise RuntimeError(
-                f"coordinator replica id {self.replica_id!r} is held by another live coordinator"
-            )
+        self._lock_conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock_keeper: asyncio.Task[None] | None = None
+        self._closed = False
 
-    def _hold_replica_lock(self, db: Database) -> bool:
-        """Take the lock that says "this replica is alive", held for the session's life."""
-        held = bool(
-            db.execute(
-                "SELECT pg_try_advisory_lock(?, hashtext(?))",
-                (_REPLICA_LOCK_CLASS, self.replica_id),
-            ).fetchone()[0]
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        replica_id: str = "",
+        liveness_check_s: float = 30.0,
+        pool: PoolConfig | None = None,
+    ) -> PostgresRunStore:
+        """A store, opened (see :meth:`open`)."""
+        store = cls(dsn, replica_id=replica_id, liveness_check_s=liveness_check_s, pool=pool)
+        await store.open()
+        return store
+
+    @property
+    def pool(self) -> PostgresPool:
+        """The connection pool (its counters: tests, metrics)."""
+        return self._pool
+
+    @property
+    def holds_replica_lock(self) -> bool:
+        """Whether this replica's lock connection is open (and so holds its lock)."""
+        return self._lock_conn is not None and not self._lock_conn.closed
+
+    async def open(self) -> None:
+        """Open the pool, apply pending migrations (on a connection of their own, under the
+        schema's advisory lock) and take the replica lock on its own connection.
+
+        Raises:
+            psycopg.OperationalError: the database cannot be reached.
+            RuntimeError: another live coordinator holds the same replica id.
+        """
+        await self._pool.open()
+        try:
+            await migrate_postgres(self._pool.dsn, [RUN_STORE_SCHEMA])
+            if not await self._take_replica_lock():
+                raise RuntimeError(
+                    f"coordinator replica id {self.replica_id!r} is held by another live"
+                    " coordinator"
+                )
+        except BaseException:
+            await self._pool.close()
+            raise
+        self._lock_keeper = asyncio.create_task(
+            self._keep_replica_lock(), name=f"replica-lock-{self.replica_id}"
         )
-        if not held:
+
+    async def _take_replica_lock(self) -> bool:
+        """Open the lock connection and take the lock that says "this replica is alive",
+        held for the connection's life; False (connection closed) when another holds it."""
+        conn = await psycopg.AsyncConnection.connect(
+            self._pool.dsn,
+            autocommit=True,
+            connect_timeout=self._pool.config.connect_timeout_s,
+        )
+        try:
+            cur = await conn.execute(_TAKE_REPLICA_LOCK, (_REPLICA_LOCK_CLASS, self.replica_id))
+            row = await cur.fetchone()
+        except BaseException:
+            await conn.close()
+            raise
+        if not (row and row[0]):
+            await conn.close()
             log.error("replica id %s is held by another session", self.replica_id)
-        return held
+            return False
+        self._lock_conn = conn
+        return True
 
-    _notifies = True
+    async def _keep_replica_lock(self) -> None:
+        """Wait on the lock connection (no polling: an idle connection's socket tells when
+        the server ended the session) and re-open it, taking the lock again, when it broke."""
+        delay = 0.5
+        while not self._closed:
+            try:
+                conn = self._lock_conn
+                if conn is None or conn.closed:
+                    self._lock_conn = None
+                    if not await self._take_replica_lock():
+                        raise psycopg.OperationalError("replica lock held by another session")
+                    log.warning("replica %s holds its lock again", self.replica_id)
+                    conn = self._lock_conn
+                    assert conn is not None
+                delay = 0.5
+                async for _ in conn.notifies():
+                    pass  # nothing is LISTENed to: this returns only when the session ends
+            except psycopg.Error as exc:
+                if self._closed:
+                    return
+                log.warning(
+                    "replica %s lost its lock connection (%s); taking the lock again",
+                    self.replica_id,
+                    exc,
+                )
+                if self._lock_conn is not None:
+                    await self._lock_conn.close()
+                    self._lock_conn = None
+                await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
+                delay = min(delay * 2, 30.0)
 
-    def _notify(self, db: Database, run_id: str) -> None:
-        db.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, run_id))
+    async def _notify(self, db: AsyncDatabase, run_id: str) -> None:
+        await db.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, run_id))
 
-    def close(self) -> None:
-        """Stop listening for cancels, give up the replica lock, close the database.
+    async def close(self) -> None:
+        """Stop listening for cancels, give up the replica lock, close the pool.
+        Closing twice is harmless.
 
         The lock is released explicitly: a closed connection's server process exits (and
         drops its locks) a moment after the client has gone, and a successor started in
         that moment would take this replica's runs for a live one's and leave them.
         """
-        if self._cancel_listener is not None:
-            self._cancel_listener.cancel()
-        try:
-            self._db.execute(
-                "SELECT pg_advisory_unlock(?, hashtext(?))",
-                (_REPLICA_LOCK_CLASS, self.replica_id),
-            )
-        except psycopg.Error as exc:  # the connection is gone: so is the lock
-            log.info("replica lock of %s not released explicitly: %s", self.replica_id, exc)
-        super().close()
+        if self._closed:
+            return
+        self._closed = True
+        for task in (self._cancel_listener, self._lock_keeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            try:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(%s, hashtext(%s))",
+                    (_REPLICA_LOCK_CLASS, self.replica_id),
+                )
+            except psycopg.Error as exc:  # the connection is gone: so is the lock
+                log.info("replica lock of %s not released explicitly: %s", self.replica_id, exc)
+            await conn.close()
+        await super().close()
 
-    def request_cancel(self, run_id: str, reason: str) -> bool:
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
         """NOTIFY the replica driving ``run_id`` (if another, live one) to cancel it."""
-        status = self._owner_of(run_id)
+        status = await self._owner_of(run_id)
         if status is None or status[0] != coordinator_pb2.RUN_STATE_RUNNING:
             return False
         owner = status[1]
-        if owner == self.replica_id or not self._owner_alive(owner):
+        if owner == self.replica_id or not await self._owner_alive(owner):
             return False
         payload = json.dumps({"run_id": run_id, "owner": owner, "reason": reason})
-        self._db.execute("SELECT pg_notify(?, ?)", (CANCEL_CHANNEL, payload))
+        await self._db.execute("SELECT pg_notify(?, ?)", (CANCEL_CHANNEL, payload))
         return True
 
     async def listen_for_cancels(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
@@ -718,99 +867,91 @@ class PostgresRunStore(SqlRunStore):
             task.add_done_callback(cancels.discard)
 
         await listen(
-            self._pg.dsn,
+            self._pool.dsn,
             CANCEL_CHANNEL,
             on_note,
             on_connected=on_connected,
             what="cancel listener",
         )
 
-    def _owner_alive(self, owner: str) -> bool:
+    async def _owner_alive(self, owner: str) -> bool:
         if owner == self.replica_id:
             return True
-        got = self._db.execute(
-            "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
-        ).fetchone()[0]
-        if got:
-            self._db.execute(
-                "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
-            )
-        return not got
+        cur = await self._db.execute(
+            _OWNER_ALIVE, (_REPLICA_LOCK_CLASS, owner, _REPLICA_LOCK_CLASS, owner)
+        )
+        return bool(cur.fetchone()["alive"])
 
-    def running_runs(self) -> Iterator[coordinator_pb2.Run]:
+    async def running_runs(self) -> list[coordinator_pb2.Run]:
         """RUNNING runs whose coordinator is gone, claimed for this replica.
 
         A run's coordinator is gone when nobody holds its replica lock. The claim
-        (``owner`` := this replica) happens while holding the dead owner's lock, so two
-        replicas starting together never both claim the same run.
+        (``owner`` := this replica) is one transaction on the connection that holds the
+        dead owner's lock meanwhile, so two replicas adopting together never both claim
+        the same run.
         """
         running = coordinator_pb2.RUN_STATE_RUNNING
-        owners = [
-            str(r["owner"])
-            for r in self._db.execute(
-                "SELECT DISTINCT owner FROM runs WHERE state = ? AND owner <> ?",
-                (running, self.replica_id),
-            ).fetchall()
-        ]
+        cur = await self._db.execute(
+            "SELECT DISTINCT owner FROM runs WHERE state = ? AND owner <> ?",
+            (running, self.replica_id),
+        )
+        owners = [str(r["owner"]) for r in cur.fetchall()]
         # This replica's own id first (runs of this process, which the engine skips as
         # live, or of its earlier life under a stable id), then the dead replicas' runs.
-        rows = self._db.execute(
+        cur = await self._db.execute(
             f"SELECT run, {_LAST_EVENT} FROM runs WHERE state = ? AND owner = ?",
             (running, self.replica_id),
-        ).fetchall()
-        claimed = [self._progressed(r["run"], r["last_event"]) for r in rows]
+        )
+        claimed = [self._progressed(r["run"], r["last_event"]) for r in cur.fetchall()]
         for owner in owners:
-            got = self._db.execute(
-                "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
-            ).fetchone()[0]
-            if not got:
-                continue  # alive: its runs are its own
-            try:
-                with self._db.transaction() as db:  # not idempotent: never resent
-                    rows = db.execute(
-                        "UPDATE runs SET owner = ? WHERE state = ? AND owner = ?"
-                        f" RETURNING run, {_LAST_EVENT}",
-                        (self.replica_id, running, owner),
-                    ).fetchall()
-                claimed += [self._progressed(r["run"], r["last_event"]) for r in rows]
-            finally:
-                self._db.execute(
-                    "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
-                )
-        return iter(claimed)
+            rows = await self._adopt(
+                owner,
+                "UPDATE runs SET owner = ? WHERE state = ? AND owner = ?"
+                f" RETURNING run, {_LAST_EVENT}",
+                (self.replica_id, running, owner),
+            )
+            claimed += [self._progressed(r["run"], r["last_event"]) for r in rows or ()]
+        return claimed
 
-    def adopt_outbox(self) -> int:
-        """Take over the audit outbox rows of replicas that are gone (nobody holds their
-        lock), claimed while holding the dead owner's lock, as :meth:`running_runs` does
-        with runs: a record is shipped by one live replica (and were it shipped twice,
-        the audit log stores a record id once)."""
-        owners = [
-            str(r["owner"])
-            for r in self._db.execute(
-                "SELECT DISTINCT owner FROM audit_outbox WHERE owner <> ?", (self.replica_id,)
-            ).fetchall()
-        ]
-        adopted = 0
-        for owner in owners:
-            got = self._db.execute(
-                "SELECT pg_try_advisory_lock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
-            ).fetchone()[0]
-            if not got:
-                continue  # alive: it ships its own
+    async def _adopt(self, owner: str, sql: str, params: Sequence[object]) -> list[Any] | None:
+        """Run ``sql`` (a claim of ``owner``'s rows) in one transaction while holding
+        ``owner``'s replica lock, on one pooled connection held for both; None when
+        ``owner`` is alive (its lock is held). The claim is never resent."""
+        async with self._pool.session() as session:
+            cur = await session.execute(
+                "SELECT pg_try_advisory_lock(?, hashtext(?)) AS got", (_REPLICA_LOCK_CLASS, owner)
+            )
+            if not cur.fetchone()["got"]:
+                return None  # alive: its rows are its own
             try:
-                adopted += self._db.execute(
-                    "UPDATE audit_outbox SET owner = ? WHERE owner = ?", (self.replica_id, owner)
-                ).rowcount
+                async with session.transaction() as tx:
+                    return (await tx.execute(sql, params)).fetchall()
             finally:
-                self._db.execute(
+                await session.execute(
                     "SELECT pg_advisory_unlock(?, hashtext(?))", (_REPLICA_LOCK_CLASS, owner)
                 )
+
+    async def adopt_outbox(self) -> int:
+        """Take over the audit outbox rows of replicas that are gone (nobody holds their
+        lock), claimed in a transaction while holding the dead owner's lock, as
+        :meth:`running_runs` does with runs: a record is shipped by one live replica (and
+        were it shipped twice, the audit log stores a record id once)."""
+        cur = await self._db.execute(
+            "SELECT DISTINCT owner FROM audit_outbox WHERE owner <> ?", (self.replica_id,)
+        )
+        adopted = 0
+        for owner in [str(r["owner"]) for r in cur.fetchall()]:
+            rows = await self._adopt(
+                owner,
+                "UPDATE audit_outbox SET owner = ? WHERE owner = ? RETURNING id",
+                (self.replica_id, owner),
+            )
+            adopted += len(rows or ())
         return adopted
 
-    def _owner_of(self, run_id: str) -> tuple[int, str] | None:
-        row = self._db.execute(
-            "SELECT state, owner FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
+    async def _owner_of(self, run_id: str) -> tuple[int, str] | None:
+        cur = await self._db.execute("SELECT state, owner FROM runs WHERE run_id = ?", (run_id,))
+        row = cur.fetchone()
         return (int(row["state"]), str(row["owner"])) if row else None
 
     async def follow(
@@ -820,21 +961,23 @@ class PostgresRunStore(SqlRunStore):
 
         The follower LISTENs before it reads, so no write between the read and the wait
         is missed; a notification only says "look again", the events come from the
-        table. One connection per follower, for as long as it follows.
+        table. One connection per follower (outside the pool), for as long as it follows.
         """
         last = after_seq
-        async with await psycopg.AsyncConnection.connect(self._pg.dsn, autocommit=True) as listener:
+        async with await psycopg.AsyncConnection.connect(
+            self._pool.dsn, autocommit=True
+        ) as listener:
             await listener.execute(f"LISTEN {EVENTS_CHANNEL}")
             while True:
-                for event in self.events_after(run_id, last):
+                for event in await self.events_after(run_id, last):
                     yield event
                     last = event.seq
                     if event.stage in _TERMINAL_STAGES:
                         return
-                status = self._owner_of(run_id)
+                status = await self._owner_of(run_id)
                 if status is None or status[0] != coordinator_pb2.RUN_STATE_RUNNING:
                     # Stopped between our read and now: its last events are stored.
-                    for event in self.events_after(run_id, last):
+                    for event in await self.events_after(run_id, last):
                         yield event
                     return
                 woken = False
@@ -846,33 +989,36 @@ class PostgresRunStore(SqlRunStore):
                         if note.payload == run_id:
                             woken = True
                             break
-                if not woken and not self._owner_alive(status[1]):
+                if not woken and not await self._owner_alive(status[1]):
                     log.warning("run %s: its coordinator %s is gone", run_id, status[1])
-                    for event in self.events_after(run_id, last):
+                    for event in await self.events_after(run_id, last):
                         yield event
                     return
 
 
-def open_run_store(
+async def open_run_store(
     kind: str,
     *,
     data_dir: str | Path,
     dsn: str = "",
     replica_id: str = "",
     synchronous: str = "normal",
+    pool: PoolConfig | None = None,
 ) -> RunStore:
-    """The configured run store: ``sqlite`` (``<data_dir>/coordinator.db``, at the
-    durability ``synchronous`` names: ``sqlite.synchronous``) or ``postgres``.
+    """The configured run store, open: ``sqlite`` (``<data_dir>/coordinator.db``, at the
+    durability ``synchronous`` names: ``sqlite.synchronous``) or ``postgres`` (``dsn``,
+    on a connection pool sized by ``pool``: ``coordinator.pool``).
 
     Raises:
         ValueError: an unknown kind, or postgres without a DSN.
+        psycopg.OperationalError: the PostgreSQL database cannot be reached.
     """
     if kind == "sqlite":
         return SQLiteRunStore(Path(data_dir) / "coordinator.db", synchronous=synchronous)
     if kind == "postgres":
         if not dsn.strip():
             raise ValueError("run_store postgres needs a DSN (coordinator.dsn)")
-        return PostgresRunStore(dsn, replica_id=replica_id)
+        return await PostgresRunStore.connect(dsn, replica_id=replica_id, pool=pool)
     raise ValueError(f"run_store must be one of sqlite, postgres; got {kind!r}")
 
 
@@ -887,4 +1033,5 @@ __all__ = [
     "SqlRunStore",
     "open_run_store",
     "request_key",
+    "run_inline",
 ]

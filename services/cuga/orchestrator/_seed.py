@@ -629,7 +629,7 @@ class EmbeddedCoordinator(CoordinatorAgent):
         live = self._live.get(run_id)
         if live is not None:
             await asyncio.shield(live.finished.wait())
-        return self.get_run(run_id)
+        return await self.get_run(run_id)
 
     async def close(self) -> None:
         """Stop, first letting runs past their terminal event record their plan's final

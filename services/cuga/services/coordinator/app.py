@@ -75,12 +75,13 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         calls=telemetry.streamed_calls(EXECUTE_STEPS_METHOD, server=False),
         grants=security["signer"],
     )
-    store = open_run_store(
+    store = await open_run_store(
         config.run_store,
         data_dir=common.data_dir,
         dsn=config.dsn,
         replica_id=config.replica_id,
         synchronous=common.sqlite.synchronous,
+        pool=config.pool,
     )
     agent = CoordinatorAgent(
         planning=RemotePlanningAuthority(planning),
@@ -121,7 +122,7 @@ async def build(settings: Settings, telemetry: Telemetry) -> ServiceDefinition:
         for client in (planning, routing, approval):
             await client.close()
         await workers.close()
-        store.close()
+        await store.close()
 
     return ServiceDefinition(
         name="coordinator",

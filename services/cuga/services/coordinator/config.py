@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cuga.shared.config import ConfigError
+from cuga.shared.sqldb import PoolConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class CoordinatorConfig:
     dsn: str = ""
     """PostgreSQL connection string (libpq DSN or URI). Required when run_store is
     postgres."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """With ``run_store: postgres``: the bounded pool of asynchronous connections the run
+    store's queries are awaited on (``min_size``, ``max_size``, ``timeout_s``,
+    ``connect_timeout_s``; bounds and errors as ``approval.pool``)."""
     replica_id: str = ""
     """This coordinator's identity in a shared run store; empty: a fresh random id per
     process. Two live coordinators can never hold the same id."""

@@ -113,18 +113,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._agent = agent
         self.streams = StreamLimiter(max_streams_per_identity)
 
-    def _visible_run(self, run_id: str) -> coordinator_pb2.Run:
-        run = self._agent.get_run(run_id)
+    async def _visible_run(self, run_id: str) -> coordinator_pb2.Run:
+        run = await self._agent.get_run(run_id)
         if not is_visible(run.context.profile):
             # Same answer as for a run that does not exist: nothing leaks across profiles.
             raise NotFoundError(f"run {run_id} not found")
         return run
 
-    def _free_run_id(self, run_id: str) -> None:
+    async def _free_run_id(self, run_id: str) -> None:
         """A chosen run id held by a run the caller may not see is NOT_FOUND, as any other
         unknown run; one of the caller's own runs is the engine's FAILED_PRECONDITION."""
         try:
-            run = self._agent.get_run(run_id)
+            run = await self._agent.get_run(run_id)
         except NotFoundError:
             return
         if not is_visible(run.context.profile):
@@ -138,7 +138,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         check_profile_access(request.context.profile)
         set_requester(request.context)
         if request.context.run_id:
-            self._free_run_id(request.context.run_id)
+            await self._free_run_id(request.context.run_id)
         with self.streams.stream():
             run_id = await self._agent.start(request)
             async for batch in self._agent.watch_batches(run_id, 0):
@@ -156,7 +156,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._agent.validate_resume(
             target, error_strategy=request.error_strategy, retry_policy=retry
         )
-        self._visible_run(request.run_id if which == "run_id" else request.partial.run_id)
+        await self._visible_run(request.run_id if which == "run_id" else request.partial.run_id)
         with self.streams.stream():
             run_id, after = await self._agent.start_resume(
                 target, error_strategy=request.error_strategy, retry_policy=retry
@@ -167,7 +167,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def Watch(
         self, request: coordinator_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.WatchResponse]:
-        self._visible_run(request.run_id)
+        await self._visible_run(request.run_id)
         with self.streams.stream():
             async for batch in self._agent.watch_batches(request.run_id, request.after_seq):
                 yield coordinator_pb2.WatchResponse(events=batch)
@@ -175,7 +175,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def GetRun(
         self, request: coordinator_pb2.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.GetRunResponse:
-        return coordinator_pb2.GetRunResponse(run=self._visible_run(request.run_id))
+        return coordinator_pb2.GetRunResponse(run=await self._visible_run(request.run_id))
 
     async def ListRuns(
         self, request: coordinator_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
@@ -183,12 +183,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         scoped = coordinator_pb2.ListRunsRequest()
         scoped.CopyFrom(request)
         scoped.profile = profile_filter(request.profile)
-        return self._agent.list_runs(scoped)
+        return await self._agent.list_runs(scoped)
 
     async def CancelRun(
         self, request: coordinator_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.CancelRunResponse:
         check_request_id(request.request_id)
-        self._visible_run(request.run_id)
+        await self._visible_run(request.run_id)
         run = await self._agent.cancel_run(request.run_id, request.reason)
         return coordinator_pb2.CancelRunResponse(run=run)
