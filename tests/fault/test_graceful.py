@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -146,9 +147,10 @@ async def test_sigterm_one_of_two_workers_finishes_its_steps_and_the_runs_move_o
         holders = collections.Counter(w for log in logs for w in _workers_of([log], "s0"))
         victim_id, pinned = holders.most_common(1)[0]
         victim = "worker" if victim_id == "worker-1" else victim_id
+        routed_at = time.time()  # a heartbeat from before may still count the a0 steps
 
         async def all_in_flight() -> bool:
-            return await in_flight(cluster, victim_id) >= pinned
+            return await in_flight(cluster, victim_id, since=routed_at) >= pinned
 
         # Routed is not yet in flight: wait for the worker's own heartbeat to count them.
         await until(all_in_flight, timeout_s=SLEEP_S, what=f"the sleeps to reach {victim_id}")

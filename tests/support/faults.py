@@ -746,8 +746,17 @@ async def worker_status(cluster: FaultCluster, worker_id: str) -> routing_pb2.Wo
     return next((w for w in reply.workers if w.info.worker_id == worker_id), None)
 
 
-async def in_flight(cluster: FaultCluster, worker_id: str) -> int:
-    """Steps ``worker_id`` last reported executing (its heartbeat, as routing saw it)."""
+async def in_flight(cluster: FaultCluster, worker_id: str, *, since: float = 0.0) -> int:
+    """Steps ``worker_id`` last reported executing (its heartbeat, as routing saw it).
+
+    ``since`` (a wall-clock time): count only a heartbeat received after it, else 0. A
+    heartbeat sent before then may still count steps that have since ended (all the
+    runs' first steps, say) and so look like the steps routed later had arrived.
+    """
     async with cluster.client(RoutingClient, identity="coordinator") as routing:
         reply = await routing.list_workers(routing_pb2.ListWorkersRequest(page_size=1000))
-    return sum(w.in_flight for w in reply.workers if w.info.worker_id == worker_id)
+    return sum(
+        w.in_flight
+        for w in reply.workers
+        if w.info.worker_id == worker_id and w.last_seen.ToNanoseconds() / 1e9 > since
+    )
