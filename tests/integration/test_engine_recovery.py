@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ import pytest
 
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
-from cuga.orchestrator import CoordinatorAgent, EmbeddedWorker, create_coordinator
+from cuga.orchestrator import (
+    CoordinatorAgent,
+    EmbeddedWorker,
+    ExponentialBackoffPolicy,
+    create_coordinator,
+)
 from cuga.shared.clock import FakeClock
 from cuga.shared.config import Settings
 from cuga.shared.errors import (
@@ -505,6 +511,52 @@ async def test_a_step_whose_worker_failed_is_rerouted_or_retried_where_it_was(
     else:  # routing refuses for good: the run fails with its answer
         assert end == "LIFECYCLE_STAGE_FAILED"
         assert "not yours" in events[-1].partial.error
+
+
+class _AtTheCap(random.Random):
+    """Jitter that always draws the cap: the retry delay is the policy's ``max_delay``."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_a_retry_waited_out_by_its_announced_delay_goes_ahead(tmp_path: Path) -> None:
+    # 0.00921833564844046 s announced in whole nanoseconds (9,218,335 ns) is a hair short
+    # of the float: at the FakeClock's start, now + 0.009218335 < now + 0.00921833564844046.
+    # The engine slept the float, so a caller advancing by the announced delay left the
+    # run asleep for ever (about 1 retry in 600 with random jitter: a whole-suite hang).
+    delay = 0.00921833564844046
+    clock = FakeClock()
+    assert clock.now() + int(delay * 1e9) / 1e9 < clock.now() + delay
+    agent = await create_coordinator(
+        settings=_settings(tmp_path),
+        tools=TEST_TOOLS,
+        planning_mode="explicit",
+        clock=clock,
+        retry_policy=ExponentialBackoffPolicy(
+            base_delay=delay, multiplier=1, max_delay=delay, max_attempts=2
+        ),
+    )
+    agent._rt.rng = _AtTheCap()
+    events: list[S.OrchestrationEvent] = []
+
+    async def run() -> None:
+        plan = [step("f", "flaky", name="cap", fail_times=1, error="timeout")]
+        stream = agent.orchestrate("g", plan=plan, error_strategy=S.ERROR_PROPAGATION_RETRY)
+        async for e in stream:
+            events.append(e)
+            if e.HasField("retry"):
+                clock.advance(e.retry.delay.ToNanoseconds() / 1e9)
+
+    try:
+        await asyncio.wait_for(run(), 30)
+    finally:
+        await agent.close()
+        gc.collect()
+    retries = [e.retry for e in events if e.HasField("retry")]
+    assert [r.delay.ToNanoseconds() for r in retries] == [9_218_335]
+    assert 9_218_335 / 1e9 in clock.slept and delay not in clock.slept
+    assert STAGE(events[-1].stage) == "LIFECYCLE_STAGE_COMPLETE"
 
 
 class _RefusingTransitions(_Counting):

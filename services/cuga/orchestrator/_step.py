@@ -137,13 +137,15 @@ class StepRunner:
         """Count the retry, emit its RETRY event and wait out its backoff delay."""
         rt = self._rt
         rt.metrics.retries.add(1, rt.metrics.mode(error.failure_mode.name))
-        delay = policy.delay(attempt, rt.rng)
+        # Whole nanoseconds, slept as announced: a caller that waits out the event's delay
+        # (a test advancing its clock by it) is never a fraction of a nanosecond short.
+        delay_ns = int(policy.delay(attempt, rt.rng) * 1e9)
         retry = common_pb2.RetryInfo(
             attempt=attempt, max_attempts=policy.max_attempts, error=error_detail(error, sid)
         )
-        retry.delay.FromNanoseconds(int(delay * 1e9))
+        retry.delay.FromNanoseconds(delay_ns)
         self._events.emit(r, common_pb2.LIFECYCLE_STAGE_RETRY, step_id=sid, retry=retry)
-        await rt.clock.sleep(delay)
+        await rt.clock.sleep(delay_ns / 1e9)
 
     async def _price(
         self, r: LiveRun, step: common_pb2.PlanStep, target: common_pb2.WorkerTarget
