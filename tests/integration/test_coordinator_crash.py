@@ -8,13 +8,8 @@ the worker while the coordinator dies.
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -22,23 +17,16 @@ import pytest
 from cuga.client import CoordinatorClient, CugaError
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
-from cuga.services.worker.app import build_worker
 from cuga.shared.config import Settings
 from cuga.shared.messages import to_struct
 from tests.support.servers import (
     Storage,
     as_identity,
-    builders,
+    authorities_in_process,
+    coordinator_process,
     make_settings,
-    running_service,
-    service_env,
-    with_address,
-    write_tokens_file,
 )
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
-
-SERVING = re.compile(r"coordinator serving on (\S+)")
-_DRAINS: set[asyncio.Future[bytes]] = set()  # readers of the children's logs
 
 
 @pytest.fixture
@@ -49,46 +37,8 @@ async def authorities(tmp_path: Path, storage: Storage) -> AsyncIterator[Setting
         env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
         storage=storage,
     )
-    build = builders()
-    build["worker"] = functools.partial(build_worker, tools=TEST_TOOLS)
-    async with AsyncExitStack() as stack:
-        for name in ("routing", "audit", "approval", "worker", "planning"):
-            server = await stack.enter_async_context(running_service(name, build[name], settings))
-            settings = with_address(settings, name, server.address)
+    async with authorities_in_process(settings, TEST_TOOLS) as settings:
         yield settings
-
-
-async def _coordinator(
-    settings: Settings, data_dir: Path, storage: Storage
-) -> tuple[asyncio.subprocess.Process, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
-    env.update(storage.env())
-    env["CUGA_DATA_DIR"] = str(data_dir)
-    env["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
-    env.update(service_env("coordinator"))  # signs its calls as the coordinator
-    for name in ("planning", "routing", "audit", "approval", "worker"):
-        env[f"CUGA_ADDRESSES__{name.upper()}"] = settings.common.addresses.of(name)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cuga.cli.main",
-        "serve",
-        "coordinator",
-        "--port",
-        "0",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-        assert line, "the coordinator exited before serving"
-        if match := SERVING.search(line):
-            drain = asyncio.ensure_future(proc.stderr.read())  # keep draining its log
-            _DRAINS.add(drain)
-            drain.add_done_callback(_DRAINS.discard)
-            return proc, match.group(1)
 
 
 def _step(sid: str, tool: str, deps: tuple[str, ...] = (), **inputs: object) -> S.PlanStep:
@@ -106,7 +56,7 @@ async def test_sigkill_mid_run_then_resume_runs_every_step_once(
         _step("b", "gate", ("a",), name="crash"),
         _step("c", "count", ("b",), name="c"),
     ]
-    proc, address = await _coordinator(authorities, coordinator_dir, storage)
+    proc, address = await coordinator_process(authorities, coordinator_dir, storage.env())
     client = CoordinatorClient(address, metadata=as_identity("client"))
     stream = client.orchestrate(coordinator_pb2.OrchestrateRequest(goal="crash me", steps=steps))
     first = (await anext(stream)).event
@@ -124,7 +74,7 @@ async def test_sigkill_mid_run_then_resume_runs_every_step_once(
     await client.close()
     GATES["crash"].set()  # the worker finishes b and stores its result under run/b
 
-    proc, address = await _coordinator(authorities, coordinator_dir, storage)
+    proc, address = await coordinator_process(authorities, coordinator_dir, storage.env())
     try:
         async with CoordinatorClient(address, metadata=as_identity("client")) as client:
             run = (await client.get_run(coordinator_pb2.GetRunRequest(run_id=first.run_id))).run

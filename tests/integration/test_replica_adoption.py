@@ -12,13 +12,8 @@ event.
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -26,25 +21,19 @@ import pytest
 from cuga.client import CoordinatorClient, CugaError
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
-from cuga.services.worker.app import build_worker
 from cuga.shared.config import Settings
 from cuga.shared.messages import to_struct
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
 from tests.support.servers import (
     as_identity,
-    builders,
+    authorities_in_process,
+    coordinator_process,
     make_settings,
-    running_service,
-    service_env,
-    with_address,
-    write_tokens_file,
 )
 from tests.support.tools import ENTERED, GATES, TEST_TOOLS, count_of
 
 pytestmark = pytest.mark.timeout(180)
-SERVING = re.compile(r"coordinator serving on (\S+)")
 RUNS = ("one", "two")
-_DRAINS: set[asyncio.Future[bytes]] = set()
 
 
 @pytest.fixture
@@ -54,49 +43,18 @@ async def authorities(tmp_path: Path) -> AsyncIterator[Settings]:
         tmp_path / "data",
         env={"CUGA_WORKER__TOOL_ALLOWLIST": "[cuga_example_tools, tests.support]"},
     )
-    build = builders()
-    build["worker"] = functools.partial(build_worker, tools=TEST_TOOLS)
-    async with AsyncExitStack() as stack:
-        for name in ("routing", "audit", "approval", "worker", "planning"):
-            server = await stack.enter_async_context(running_service(name, build[name], settings))
-            settings = with_address(settings, name, server.address)
+    async with authorities_in_process(settings, TEST_TOOLS) as settings:
         yield settings
 
 
-async def _coordinator(
-    settings: Settings, data_dir: Path, dsn: str
-) -> tuple[asyncio.subprocess.Process, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
-    env["CUGA_DATA_DIR"] = str(data_dir)
-    env["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
-    env.update(service_env("coordinator"))
-    env["CUGA_COORDINATOR__RUN_STORE"] = "postgres"
-    env["CUGA_COORDINATOR__DSN"] = dsn
-    env["CUGA_COORDINATOR__RESUME_INTERRUPTED"] = "true"
-    env["CUGA_COORDINATOR__ADOPT_INTERVAL_S"] = "0.2"
-    for name in ("planning", "routing", "audit", "approval", "worker"):
-        env[f"CUGA_ADDRESSES__{name.upper()}"] = settings.common.addresses.of(name)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cuga.cli.main",
-        "serve",
-        "coordinator",
-        "--port",
-        "0",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-        assert line, "the coordinator exited before serving"
-        if match := SERVING.search(line):
-            drain = asyncio.ensure_future(proc.stderr.read())
-            _DRAINS.add(drain)
-            drain.add_done_callback(_DRAINS.discard)
-            return proc, match.group(1)
+def _replica_env(dsn: str) -> dict[str, str]:
+    """A replica on the shared PostgreSQL run store that adopts a dead sibling's runs."""
+    return {
+        "CUGA_COORDINATOR__RUN_STORE": "postgres",
+        "CUGA_COORDINATOR__DSN": dsn,
+        "CUGA_COORDINATOR__RESUME_INTERRUPTED": "true",
+        "CUGA_COORDINATOR__ADOPT_INTERVAL_S": "0.2",
+    }
 
 
 def _steps(run: str) -> list[S.PlanStep]:
@@ -119,8 +77,12 @@ async def test_a_live_replica_finishes_the_runs_of_a_killed_one_exactly_once(
     for run in RUNS:
         for name in (f"held-{run}", f"after-{run}"):
             GATES[name], ENTERED[name] = asyncio.Event(), asyncio.Event()
-    proc_a, address_a = await _coordinator(authorities, tmp_path / "a", postgres_dsn)
-    proc_b, address_b = await _coordinator(authorities, tmp_path / "b", postgres_dsn)
+    proc_a, address_a = await coordinator_process(
+        authorities, tmp_path / "a", _replica_env(postgres_dsn)
+    )
+    proc_b, address_b = await coordinator_process(
+        authorities, tmp_path / "b", _replica_env(postgres_dsn)
+    )
     try:
         client_a = CoordinatorClient(address_a, metadata=as_identity("client"))
         streams = {

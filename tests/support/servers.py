@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hashlib
+import os
+import re
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -312,6 +317,65 @@ def builders() -> dict[str, Builder]:
         "planning": planning,
         "coordinator": coordinator,
     }
+
+
+@asynccontextmanager
+async def authorities_in_process(
+    settings: Settings, tools: Sequence[Any]
+) -> AsyncIterator[Settings]:
+    """Routing, audit, approval, a worker with ``tools`` and planning in this process (a
+    coordinator runs as a process of its own: :func:`coordinator_process`); the settings
+    that point at them."""
+    from cuga.services.worker.app import build_worker
+
+    build = builders()
+    build["worker"] = functools.partial(build_worker, tools=tools)
+    async with AsyncExitStack() as stack:
+        for name in ("routing", "audit", "approval", "worker", "planning"):
+            server = await stack.enter_async_context(running_service(name, build[name], settings))
+            settings = with_address(settings, name, server.address)
+        yield settings
+
+
+_SERVING = re.compile(r"coordinator serving on (\S+)")
+_DRAINS: set[asyncio.Future[bytes]] = set()  # readers of the children's logs
+
+
+async def coordinator_process(
+    settings: Settings, data_dir: Path, env: Mapping[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``cuga serve coordinator`` as a child process on a free port, signing as the
+    coordinator, its data under ``data_dir``, calling the services ``settings`` point at;
+    ``env`` adds ``CUGA_*`` variables. Returns the process and its address once it serves
+    (its log is drained from then on, so it never blocks on a full pipe)."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("CUGA_", "OTEL_"))}
+    child["CUGA_DATA_DIR"] = str(data_dir)
+    child["CUGA_AUTH__TOKENS_FILE"] = str(write_tokens_file(data_dir / "tokens.yaml"))
+    child.update(service_env("coordinator"))
+    for name in ("planning", "routing", "audit", "approval", "worker"):
+        child[f"CUGA_ADDRESSES__{name.upper()}"] = settings.common.addresses.of(name)
+    child.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cuga.cli.main",
+        "serve",
+        "coordinator",
+        "--port",
+        "0",
+        env=child,
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        assert line, "the coordinator exited before serving"
+        if match := _SERVING.search(line):
+            drain = asyncio.ensure_future(proc.stderr.read())
+            _DRAINS.add(drain)
+            drain.add_done_callback(_DRAINS.discard)
+            return proc, match.group(1)
 
 
 @dataclasses.dataclass
