@@ -9,7 +9,6 @@ checkpoint's signature parsed and verified with ``cryptography`` directly.
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,55 +31,10 @@ from cuga.services.audit.merkle import (
 from cuga.shared.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from cuga.shared.messages import to_struct
 from tests.support.postgres import postgres_cluster, postgres_dsn  # noqa: F401
+from tests.support.rfc9162 import H, mth, path, proof
 from tests.support.servers import as_identity, make_settings, running_service, signed_as
 
-# -- the independent implementation (RFC 9162 2.1, written from the text) -----------------
-
-
-def H(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def split(n: int) -> int:
-    k = 1
-    while k * 2 < n:
-        k *= 2
-    return k
-
-
-def mth(leaves: list[bytes]) -> bytes:
-    """MTH over leaf hashes."""
-    n = len(leaves)
-    if n == 0:
-        return H(b"")
-    if n == 1:
-        return leaves[0]
-    k = split(n)
-    return H(b"\x01" + mth(leaves[:k]) + mth(leaves[k:]))
-
-
-def path(m: int, leaves: list[bytes]) -> list[bytes]:
-    n = len(leaves)
-    if n == 1:
-        return []
-    k = split(n)
-    if m < k:
-        return [*path(m, leaves[:k]), mth(leaves[k:])]
-    return [*path(m - k, leaves[k:]), mth(leaves[:k])]
-
-
-def subproof(m: int, leaves: list[bytes], b: bool) -> list[bytes]:
-    n = len(leaves)
-    if m == n:
-        return [] if b else [mth(leaves)]
-    k = split(n)
-    if m <= k:
-        return [*subproof(m, leaves[:k], b), mth(leaves[k:])]
-    return [*subproof(m - k, leaves[k:], False), mth(leaves[:k])]
-
-
-def proof(m: int, leaves: list[bytes]) -> list[bytes]:
-    return [] if m in (0, len(leaves)) else subproof(m, leaves, True)
+# -- the independent implementation: tests/support/rfc9162.py, and the leaf by its definition
 
 
 def leaf_of(record: audit_pb2.AuditRecord) -> bytes:

@@ -8,7 +8,6 @@ proof or a checkpoint can be wrong is then refused with its own message.
 from __future__ import annotations
 
 import base64
-import hashlib
 from typing import Any
 
 import pytest
@@ -30,47 +29,7 @@ from cuga.shared.transparency import (
     verify_consistency,
     verify_inclusion,
 )
-
-
-def H(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def split(n: int) -> int:
-    k = 1
-    while k * 2 < n:
-        k *= 2
-    return k
-
-
-def mth(leaves: list[bytes]) -> bytes:
-    if not leaves:
-        return H(b"")
-    if len(leaves) == 1:
-        return leaves[0]
-    k = split(len(leaves))
-    return H(b"\x01" + mth(leaves[:k]) + mth(leaves[k:]))
-
-
-def path(m: int, leaves: list[bytes]) -> list[bytes]:
-    n = len(leaves)
-    if n == 1:
-        return []
-    k = split(n)
-    if m < k:
-        return [*path(m, leaves[:k]), mth(leaves[k:])]
-    return [*path(m - k, leaves[k:]), mth(leaves[:k])]
-
-
-def subproof(m: int, leaves: list[bytes], b: bool) -> list[bytes]:
-    n = len(leaves)
-    if m == n:
-        return [] if b else [mth(leaves)]
-    k = split(n)
-    if m <= k:
-        return [*subproof(m, leaves[:k], b), mth(leaves[k:])]
-    return [*subproof(m - k, leaves[k:], False), mth(leaves[:k])]
-
+from tests.support.rfc9162 import H, mth, path, subproof
 
 LEAVES = [H(b"\x00" + bytes([i])) for i in range(9)]
 
