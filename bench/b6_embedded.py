@@ -49,20 +49,24 @@ class StatementCounter:
     def __init__(self, data_dir: Path) -> None:
         self.count = 0
         self.by_kind: dict[str, int] = {}
+        self._counting = True
         self.connections = _connections_under(data_dir)
         for conn in self.connections:
             conn.set_trace_callback(self._seen)
 
     def _seen(self, sql: str) -> None:
+        if not self._counting:
+            return
         self.count += 1
         kind = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else "?"
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
 
     def close(self) -> None:
-        """Stop counting."""
-        for conn in self.connections:
-            with contextlib.suppress(sqlite3.ProgrammingError):
-                conn.set_trace_callback(None)
+        """Stop counting. The hooks stay installed (they go with their connections):
+        removing one from this thread while a store's worker thread is inside a statement
+        on that connection deadlocks — that thread holds the connection's mutex and waits
+        for the GIL to call the hook, this one holds the GIL and waits for the mutex."""
+        self._counting = False
 
 
 def _connections_under(data_dir: Path) -> list[sqlite3.Connection]:

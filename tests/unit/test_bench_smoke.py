@@ -177,3 +177,39 @@ def test_round_ratios_are_checked_against_their_targets_and_rendered() -> None:
         markdown
     )
     assert "| normal | 4.50 | 1.00 / 0.00 |" in markdown
+
+
+def test_the_statement_counter_counts_and_stops_without_touching_a_busy_connection(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+    import threading
+
+    from bench.b6_embedded import StatementCounter
+
+    conn = sqlite3.connect(tmp_path / "store.db", check_same_thread=False, isolation_level=None)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    counter = StatementCounter(tmp_path)
+    assert counter.connections == [conn]
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.execute("SELECT * FROM t").fetchall()
+    assert counter.count == 2 and counter.by_kind == {"INSERT": 1, "SELECT": 1}
+    # A store's worker thread busy on the connection while counting stops: removing the
+    # hook from here deadlocked (that thread holds the connection's mutex and waits for the
+    # GIL to call the hook; this one held the GIL waiting for the mutex).
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            conn.execute("SELECT count(*) FROM t").fetchone()
+
+    worker = threading.Thread(target=busy, daemon=True)
+    worker.start()
+    counter.close()
+    stop.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    counted = counter.count
+    conn.execute("INSERT INTO t VALUES (2)")
+    assert counter.count == counted
+    conn.close()
