@@ -271,6 +271,7 @@ async def test_a_cancelled_run_skips_what_never_started_then_aggregates(
         ],
     )
     events: list[S.OrchestrationEvent] = []
+    started = asyncio.Event()
     async with CoordinatorClient(
         cluster.address("coordinator"), metadata=as_identity("client")
     ) as client:
@@ -278,10 +279,14 @@ async def test_a_cancelled_run_skips_what_never_started_then_aggregates(
         async def follow() -> None:
             async for response in client.orchestrate(request):
                 events.append(response.event)
+                started.set()
 
         stream = asyncio.create_task(follow())
         try:
             await asyncio.wait_for(ENTERED["cancel"].wait(), 30)  # held is in the worker
+            # and the client has the run's id: the worker can reach its gate before the
+            # first message of the stream has reached this client (IndexError, seen)
+            await asyncio.wait_for(started.wait(), 30)
             await client.cancel_run(
                 coordinator_pb2.CancelRunRequest(run_id=events[0].run_id, reason="enough")
             )

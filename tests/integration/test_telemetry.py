@@ -376,6 +376,7 @@ async def test_a_resumed_run_keeps_its_trace_after_a_coordinator_restart(tmp_pat
 
             first = await coordinator()
             events: list[S.OrchestrationEvent] = []
+            started = asyncio.Event()
 
             async def follow() -> None:
                 async with CoordinatorClient(
@@ -383,9 +384,11 @@ async def test_a_resumed_run_keeps_its_trace_after_a_coordinator_restart(tmp_pat
                 ) as client:
                     async for response in client.orchestrate(request):
                         events.append(response.event)
+                        started.set()
 
             follower = asyncio.create_task(follow())
             await asyncio.wait_for(entered.wait(), 20)
+            await asyncio.wait_for(started.wait(), 20)  # the run's id reached the client
             follower.cancel()  # the client goes away; the run goes on until the stop
             await asyncio.gather(follower, return_exceptions=True)
             await first.stop(grace=0.5)  # the run is left INTERRUPTED; spans exported
