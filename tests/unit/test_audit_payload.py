@@ -1,8 +1,9 @@
 """The coordinator's audit payloads: the direct Struct building of the per-step payloads
 means exactly what the generic conversion (``MessageToDict``, then a Struct) means: the
 same JSON, which is what the audit service reads, canonicalises and hashes. (Bytes may
-differ in one place: a ``Value`` with nothing set inside a step's output is copied as
-it is, where the generic way writes null; both read as null.)"""
+differ in one place: a ``Value`` with nothing set inside a step's output, a plan step's
+input or a summary's output is copied as it is, where the generic way writes null; both
+read as null.)"""
 
 from __future__ import annotations
 
@@ -83,3 +84,25 @@ def test_a_step_result_payload_is_the_generic_one(result: common_pb2.StepResult,
 def test_every_payload_kind_matches(payload: dict[str, Any]) -> None:
     event = _event(common_pb2.LIFECYCLE_STAGE_EXECUTE, 3, "s", **payload)
     assert struct_to_dict(event_payload(event)) == struct_to_dict(_generic(event))
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan=messages(common_pb2.Plan.DESCRIPTOR), seq=st.integers(1, 10**6))
+def test_a_plan_payload_is_the_generic_one(plan: common_pb2.Plan, seq: int) -> None:
+    event = _event(common_pb2.LIFECYCLE_STAGE_PLAN, seq, "", plan=plan)
+    try:
+        expected = struct_to_dict(_generic(event))
+    except (ValueError, json_format.SerializeToJsonError):
+        return  # an input or time JSON cannot carry: never planned
+    assert struct_to_dict(event_payload(event)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(summary=messages(common_pb2.RunSummary.DESCRIPTOR), seq=st.integers(1, 10**6))
+def test_a_run_summary_payload_is_the_generic_one(summary: common_pb2.RunSummary, seq: int) -> None:
+    event = _event(common_pb2.LIFECYCLE_STAGE_COMPLETE, seq, "", summary=summary)
+    try:
+        expected = struct_to_dict(_generic(event))
+    except (ValueError, json_format.SerializeToJsonError):
+        return  # an output or duration JSON cannot carry: never summed up
+    assert struct_to_dict(event_payload(event)) == expected

@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 import rfc8785
+from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cuga.shared import transparency
-from cuga.shared.transparency import canonical_json
+from cuga.shared.messages import struct_to_dict
+from cuga.shared.transparency import canonical_json, canonical_struct_json
 
 # Keys and strings across the planes: ASCII, Latin, U+E000-U+FFFF (sorted differently in
 # UTF-16 than by code point against supplementary characters), emoji, control characters.
@@ -85,3 +87,47 @@ def test_a_lone_surrogate_is_refused_as_the_package_refuses_it() -> None:
         _reference({"x": "\ud800"})
     with pytest.raises(type(expected.value)):
         canonical_json({"x": "\ud800"})
+
+
+# A Struct holds only doubles, strings, bools, nulls, lists and objects: the JSON values
+# an audit payload can be, NaN and the infinities included (which the text refuses).
+_STRUCT_NUMBERS = st.one_of(
+    _NUMBERS, st.sampled_from([float("nan"), float("inf"), -float("inf"), 2.0**60, -(2.0**53)])
+)
+_STRUCT_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), _STRUCT_NUMBERS, _TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_TEXT, inner, max_size=4)),
+    max_leaves=20,
+)
+
+
+def _long_way(payload: struct_pb2.Struct) -> str | type[Exception]:
+    try:
+        return canonical_json(struct_to_dict(payload))
+    except ValueError as exc:
+        return type(exc)
+
+
+def _one_walk(payload: struct_pb2.Struct) -> str | type[Exception]:
+    try:
+        return canonical_struct_json(payload)
+    except ValueError as exc:
+        return type(exc)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.dictionaries(_TEXT, _STRUCT_JSON, max_size=6))
+def test_a_structs_text_in_one_walk_is_the_long_ways(value: dict[str, Any]) -> None:
+    """canonical_struct_json (the audit leaf's payload) is canonical_json(struct_to_dict(s)):
+    the same text, or the same refusal."""
+    payload = struct_pb2.Struct()
+    payload.update(value)
+    assert _one_walk(payload) == _long_way(payload)
+
+
+def test_a_value_with_nothing_set_is_null_in_one_walk_too() -> None:
+    payload = struct_pb2.Struct()
+    payload.fields["unset"].SetInParent()  # a Value with no kind
+    payload.fields["list"].list_value.values.add()
+    assert canonical_struct_json(payload) == canonical_json(struct_to_dict(payload))
+    assert canonical_struct_json(payload) == '{"list":[null],"unset":null}'

@@ -6,9 +6,13 @@ writes it (default values left out, enums by name, well-known types in their JSO
 The two payloads every step has — the ROUTE event's ``RoutingDecision`` and the EXECUTE
 event's ``StepResult`` — are set into the Struct field by field (the step's output
 ``Value`` copied as it is), instead of being walked into Python objects and back: the
-generic converter was the coordinator's largest single cost per step after gRPC. The
-other payloads (a few per run) still go through ``MessageToDict``. A property test holds
-both ways to the same Struct.
+generic converter was the coordinator's largest single cost per step after gRPC. So are
+the two that grow with the run — the PLAN event's ``Plan`` (each step's ``input`` copied
+as it is) and the summary of the AGGREGATE and terminal events (each output copied as it
+is) — which cost about as much per run as 20 steps' payloads did through the generic
+converter. Their rare parts (a budget, planner exchanges, failures) and the other
+payloads still go through ``MessageToDict``. Property tests hold both ways to the same
+JSON.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import math
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 
 from cuga.common.v1 import common_pb2
 
 _POLICY_NAMES = {v.number: v.name for v in common_pb2.RoutingPolicy.DESCRIPTOR.values}
+_PLAN_STATE_NAMES = {v.number: v.name for v in common_pb2.PlanState.DESCRIPTOR.values}
+_PLANNING_MODE_NAMES = {v.number: v.name for v in common_pb2.PlanningMode.DESCRIPTOR.values}
 
 
 def _struct(value: struct_pb2.Value) -> Any:
@@ -99,6 +106,107 @@ def _step_result(out: Any, r: common_pb2.StepResult) -> None:
         _number(out["cost"], r.cost)
 
 
+def _enum(value: struct_pb2.Value, number: int, names: dict[int, str]) -> None:
+    name = names.get(number)
+    if name is None:  # a value this build does not know: its number, as MessageToDict
+        value.number_value = number
+    else:
+        value.string_value = name
+
+
+def _generic(value: struct_pb2.Value, message: Message) -> None:
+    """``value`` made what MessageToDict writes for ``message`` (the rarer parts)."""
+    _struct(value)
+    value.struct_value.update(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _strings(value: struct_pb2.Value, items: Any) -> None:
+    add = value.list_value.values.add
+    for item in items:
+        add().string_value = item
+
+
+def _plan_step(out: Any, step: common_pb2.PlanStep) -> None:
+    if step.step_id:
+        out["step_id"].string_value = step.step_id
+    if step.tool:
+        out["tool"].string_value = step.tool
+    if step.HasField("input"):  # copied as it is, like a step's output
+        out["input"].struct_value.CopyFrom(step.input)
+    if step.depends_on:
+        _strings(out["depends_on"], step.depends_on)
+    if step.capability:
+        out["capability"].string_value = step.capability
+    if _present(step.estimated_cost):
+        _number(out["estimated_cost"], step.estimated_cost)
+    if step.reason:
+        out["reason"].string_value = step.reason
+    if step.optional:
+        out["optional"].bool_value = True
+
+
+def _plan(out: Any, plan: common_pb2.Plan) -> None:
+    if plan.plan_id:
+        out["plan_id"].string_value = plan.plan_id
+    if plan.goal:
+        out["goal"].string_value = plan.goal
+    if plan.steps:
+        items = out["steps"].list_value
+        for step in plan.steps:
+            _plan_step(_struct(items.values.add()), step)
+    if plan.HasField("budget"):
+        _generic(out["budget"], plan.budget)
+    if plan.state:
+        _enum(out["state"], plan.state, _PLAN_STATE_NAMES)
+    if plan.mode:
+        _enum(out["mode"], plan.mode, _PLANNING_MODE_NAMES)
+    if plan.HasField("created_at"):
+        out["created_at"].string_value = plan.created_at.ToJsonString()
+    if plan.HasField("updated_at"):
+        out["updated_at"].string_value = plan.updated_at.ToJsonString()
+    if plan.profile:
+        out["profile"].string_value = plan.profile
+    if plan.source_run_id:
+        out["source_run_id"].string_value = plan.source_run_id
+    if plan.notes:
+        _strings(out["notes"], plan.notes)
+    if _present(plan.estimated_cost):
+        _number(out["estimated_cost"], plan.estimated_cost)
+    if plan.planner:
+        out["planner"].string_value = plan.planner
+    if _present(plan.planning_cost):
+        _number(out["planning_cost"], plan.planning_cost)
+    if plan.planner_exchanges:
+        items = out["planner_exchanges"].list_value
+        for exchange in plan.planner_exchanges:
+            _generic(items.values.add(), exchange)
+
+
+def _summary(out: Any, summary: common_pb2.RunSummary) -> None:
+    if summary.completed_steps:
+        out["completed_steps"].number_value = summary.completed_steps
+    if summary.failed_steps:
+        out["failed_steps"].number_value = summary.failed_steps
+    if summary.skipped_steps:
+        out["skipped_steps"].number_value = summary.skipped_steps
+    if summary.partial_success:
+        out["partial_success"].bool_value = True
+    if summary.outputs:  # each output copied as it is, like a step's output
+        outputs = _struct(out["outputs"])
+        for key, value in summary.outputs.items():
+            outputs[key].CopyFrom(value)
+    if summary.failures:
+        items = out["failures"].list_value
+        for failure in summary.failures:
+            _generic(items.values.add(), failure)
+    if _present(summary.cost):
+        _number(out["cost"], summary.cost)
+    if summary.HasField("duration"):
+        out["duration"].string_value = summary.duration.ToJsonString()
+    if summary.tool_calls:
+        out["tool_calls"].number_value = summary.tool_calls
+
+
 def event_payload(
     event: common_pb2.OrchestrationEvent, payload: struct_pb2.Struct | None = None
 ) -> struct_pb2.Struct:
@@ -115,11 +223,12 @@ def event_payload(
         _decision(_struct(fields["decision"]), event.decision)
     elif name == "step_result":
         _step_result(_struct(fields["step_result"]), event.step_result)
+    elif name == "summary":
+        _summary(_struct(fields["summary"]), event.summary)
+    elif name == "plan":
+        _plan(_struct(fields["plan"]), event.plan)
     elif name:
-        _struct(fields[name])
-        fields[name].struct_value.update(
-            json_format.MessageToDict(getattr(event, name), preserving_proto_field_name=True)
-        )
+        _generic(fields[name], getattr(event, name))
     return payload
 
 

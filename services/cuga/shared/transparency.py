@@ -34,12 +34,14 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from json import encoder as json_encoder
 from typing import Any
 
 import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf import struct_pb2
 
 from cuga.audit.v1 import audit_pb2
 from cuga.shared.messages import struct_to_dict
@@ -111,8 +113,26 @@ def canonical_json(value: Any) -> str:
     """
     plain = _plain_json(value)
     if plain is not _NOT_PLAIN:
-        return _PLAIN_ENCODER.encode(plain)
+        return _encode_plain(plain)
     return rfc8785.dumps(value).decode("utf-8")
+
+
+def canonical_struct_json(payload: struct_pb2.Struct) -> str:
+    """``canonical_json(struct_to_dict(payload))``, the same text, in one walk of the Struct.
+
+    Every audit record's payload is canonicalised (its leaf data); walking the Struct into
+    a dict and then that dict into its plain form was two Python passes over it. The walk
+    here reads each value once and makes the plain form (:func:`_plain_json`'s rules)
+    directly; a payload with anything off the fast path (or a number JSON cannot carry)
+    goes the long way, which decides the text or the error. A property test pins the two.
+
+    Raises:
+        ValueError: a number is NaN or Infinity (as :func:`struct_to_dict` raises).
+    """
+    plain = _plain_struct(payload)
+    if plain is _NOT_PLAIN:
+        return canonical_json(struct_to_dict(payload))
+    return _encode_plain(plain)
 
 
 #: Sorted keys, no whitespace, UTF-8 text as is, only quote, backslash and control
@@ -123,6 +143,29 @@ _PLAIN_ENCODER = json.JSONEncoder(
 )
 _NOT_PLAIN: Any = object()
 _MAX_SAFE_INT = 2**53 - 1
+
+
+def _no_default(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")  # never: plain values only
+
+
+# The C encoder _PLAIN_ENCODER.encode builds on every call, built once (its arguments are
+# JSONEncoder.iterencode's for _PLAIN_ENCODER; no cycle check: a plain value is a tree).
+_MAKE_C_ENCODER = getattr(json_encoder, "c_make_encoder", None)
+_C_ENCODER = (
+    None
+    if _MAKE_C_ENCODER is None
+    else _MAKE_C_ENCODER(
+        None, _no_default, json_encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+)
+
+
+def _encode_plain(plain: Any) -> str:
+    """``_PLAIN_ENCODER.encode(plain)`` for a value :func:`_plain_json` returned."""
+    if _C_ENCODER is None:
+        return _PLAIN_ENCODER.encode(plain)
+    return "".join(_C_ENCODER(plain, 0))
 
 
 def _plain_text(text: str) -> bool:
@@ -172,6 +215,46 @@ def _plain_json(value: Any) -> Any:
             items.append(plain)
         return items
     return _NOT_PLAIN
+
+
+def _plain_struct(struct: struct_pb2.Struct) -> Any:
+    """``_plain_json(struct_to_dict(struct))``, or ``_NOT_PLAIN`` (also for a number JSON
+    cannot carry, which the long way then refuses)."""
+    fields = struct.fields
+    out = {}
+    for key in fields:  # keys then lookups: the map's items() is a slow generator
+        if not (key.isascii() or max(key) < "\ud800"):
+            return _NOT_PLAIN
+        plain = _plain_value(fields[key])
+        if plain is _NOT_PLAIN:
+            return _NOT_PLAIN
+        out[key] = plain
+    return out
+
+
+def _plain_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        text = value.string_value
+        return text if text.isascii() or max(text) < "\ud800" else _NOT_PLAIN
+    if kind == "number_value":
+        number = value.number_value
+        if number.is_integer():
+            return int(number) if -_MAX_SAFE_INT <= number <= _MAX_SAFE_INT else _NOT_PLAIN
+        return number if math.isfinite(number) and abs(number) >= 1e-4 else _NOT_PLAIN
+    if kind == "struct_value":
+        return _plain_struct(value.struct_value)
+    if kind == "list_value":
+        items = []
+        for item in value.list_value.values:
+            plain = _plain_value(item)
+            if plain is _NOT_PLAIN:
+                return _NOT_PLAIN
+            items.append(plain)
+        return items
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or no kind set (struct_to_dict reads both as None)
 
 
 def leaf_content(record: audit_pb2.AuditRecord) -> dict[str, Any]:
@@ -427,6 +510,7 @@ __all__ = [
     "ProofError",
     "SignedCheckpoint",
     "canonical_json",
+    "canonical_struct_json",
     "checkpoint_body",
     "key_hash",
     "leaf_content",

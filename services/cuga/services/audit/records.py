@@ -27,7 +27,7 @@ from cuga.audit.v1 import audit_pb2
 from cuga.services.audit.merkle import Frontier
 from cuga.shared.errors import AlreadyExistsError
 from cuga.shared.messages import struct_to_dict
-from cuga.shared.transparency import canonical_json, leaf_content, leaf_data
+from cuga.shared.transparency import canonical_struct_json, leaf_content, leaf_data
 
 KNOWN_KINDS: tuple[str, ...] = (
     "plan",
@@ -101,15 +101,15 @@ def canonical_parts(record: audit_pb2.AuditRecord) -> tuple[bytes, bytes, str]:
     known: the leaf data is ``head + str(chain_index) + tail``.
 
     The same bytes as :func:`cuga.shared.transparency.leaf_data` (pinned by a property
-    test), with the payload made canonical once by the RFC 8785 package and the fixed
-    members spelled out in their canonical order: the JSON module's string escaping is
+    test), with the payload made canonical once, in one walk of its Struct
+    (:func:`~cuga.shared.transparency.canonical_struct_json`), and the fixed members spelled out in their canonical order: the JSON module's string escaping is
     RFC 8785's (quote, backslash and control characters only, ``\\u00xx`` in lowercase), and
     the payload text is what SQL backends store, so the append path never converts it again.
 
     Raises:
         ValueError: when the payload holds NaN or Infinity.
     """
-    payload = canonical_json(struct_to_dict(record.payload))
+    payload = canonical_struct_json(record.payload)
     enc = json_encoder.encode_basestring
     head = f'{{"actor":{enc(record.actor)},"chain_index":'
     tail = (
@@ -137,7 +137,7 @@ def to_json_line(record: audit_pb2.AuditRecord, payload_json: str | None = None)
     (an append), so it is not made again.
     """
     if payload_json is None:
-        payload_json = canonical_json(struct_to_dict(record.payload))
+        payload_json = canonical_struct_json(record.payload)
     enc = json_encoder.encode_basestring
     return (
         f'{{"actor":{enc(record.actor)},"chain_index":{int(record.chain_index)},'
