@@ -22,7 +22,7 @@ from cuga.orchestrator._run import LiveRun
 from cuga.orchestrator._runstore import OutboxEntry, RunStore
 from cuga.shared.authorities import AuditTrail
 from cuga.shared.clock import Clock
-from cuga.shared.errors import CugaError
+from cuga.shared.errors import RESEND_STATUS_NAMES, CugaError
 from cuga.shared.metrics import AuditMetrics
 from cuga.shared.telemetry import RUN_ID_BAGGAGE
 from cuga.shared.transparency import canonical_json
@@ -111,18 +111,6 @@ def _digested(payload: struct_pb2.Struct) -> None:
         payload[name] = {"omitted_bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
 
 
-#: Status codes after which a batch is worth sending again unchanged.
-_TRANSIENT = frozenset(
-    {
-        "UNAVAILABLE",
-        "DEADLINE_EXCEEDED",
-        "RESOURCE_EXHAUSTED",
-        "ABORTED",
-        "INTERNAL",
-        "UNKNOWN",
-        "CANCELLED",
-    }
-)
 #: First delay after a failed send, seconds; doubles up to _MAX_BACKOFF_S.
 _INITIAL_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 5.0
@@ -340,7 +328,7 @@ class AuditForwarder:
             await self.audit.record_batch(records, timeout=self._options.timeout("audit"))
             return
         except CugaError as exc:
-            if exc.code.name in _TRANSIENT:
+            if exc.code.name in RESEND_STATUS_NAMES:
                 raise
             permanent = exc
         if len(records) > 1:

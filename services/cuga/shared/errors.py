@@ -77,6 +77,20 @@ FAILURE_MODE_STATUS: Mapping[FailureMode, grpc.StatusCode] = {
     FailureMode.USER: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
+#: Status codes (by name) after which a batch of writes is worth sending again unchanged:
+#: the callee may not have seen it, or could not take it yet (the audit forwarder and the
+#: client's buffered audit trail resend on these; any other answer is final).
+RESEND_STATUS_NAMES: frozenset[str] = frozenset(
+    {
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "ABORTED",
+        "INTERNAL",
+        "UNKNOWN",
+        "CANCELLED",
+    }
+)
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -368,6 +382,7 @@ def from_exception(exc: BaseException, domain: str) -> CugaError:
 
 __all__ = [
     "FAILURE_MODE_STATUS",
+    "RESEND_STATUS_NAMES",
     "STATUS_FAILURE_MODES",
     "AbortedError",
     "AlreadyExistsError",

@@ -40,7 +40,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, Tracer
 from cuga.audit.v1 import audit_pb2
 from cuga.client._clients import AuditClient
 from cuga.shared.clock import Clock, SystemClock
-from cuga.shared.errors import CugaError
+from cuga.shared.errors import RESEND_STATUS_NAMES, CugaError
 from cuga.shared.files import open_private, private_dir, tighten
 from cuga.shared.metrics import AuditMetrics
 from cuga.shared.telemetry import RUN_ID_BAGGAGE
@@ -48,16 +48,6 @@ from cuga.shared.telemetry import RUN_ID_BAGGAGE
 log = logging.getLogger("cuga.client.audit")
 
 _SPILL = re.compile(r"^spill-(\d{12})\.jsonl$")
-#: Status codes after which a batch is worth sending again unchanged.
-_TRANSIENT = {
-    "UNAVAILABLE",
-    "DEADLINE_EXCEEDED",
-    "RESOURCE_EXHAUSTED",
-    "ABORTED",
-    "INTERNAL",
-    "UNKNOWN",
-    "CANCELLED",
-}
 
 
 class BufferedAuditTrail:
@@ -340,7 +330,7 @@ class BufferedAuditTrail:
                 )
             return
         except CugaError as exc:
-            if exc.code.name in _TRANSIENT:
+            if exc.code.name in RESEND_STATUS_NAMES:
                 raise
             permanent = exc
         if len(batch) == 1:
