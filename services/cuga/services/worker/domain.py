@@ -198,6 +198,9 @@ class WorkerAgent:
         self._threads = ToolThreads(max_threads, executor)
         self._processes = processes
         self._runners: dict[str, ToolRunner] = {}
+        # Whether a spec's handler is async, by tool name, with the spec it was read from:
+        # inspect's test is ~1 us, and it was asked on every step.
+        self._async_specs: dict[str, tuple[ToolSpec, bool]] = {}
         for spec in registry.specs():
             self._runner(spec)  # decided (and any fallback to threads logged) at start
         self._warming: asyncio.Future[None] | None = None
@@ -238,7 +241,10 @@ class WorkerAgent:
     def _runner(self, spec: ToolSpec) -> ToolRunner | None:
         """Where a tool's handler runs: ``None`` (on the loop, ``async``), a tool process
         (a plain function a process can import), else a thread."""
-        if spec.is_async:
+        known = self._async_specs.get(spec.name)
+        if known is None or known[0] is not spec:
+            known = self._async_specs[spec.name] = (spec, spec.is_async)
+        if known[1]:
             return None
         runner = self._runners.get(spec.name)
         if runner is None:
