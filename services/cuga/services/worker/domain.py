@@ -130,10 +130,15 @@ class _InFlight:
     joined: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+#: ``json.dumps(data, sort_keys=True, separators=(",", ":"))``'s encoder, made once:
+#: ``dumps`` builds a new one for every call with arguments (one per step here).
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def fingerprint(step: common_pb2.PlanStep, data: dict[str, Any]) -> str:
     """What makes two executions "the same step": tool, step id and canonical input
     (``data``: the step's input as :func:`struct_to_dict` gives it)."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    canonical = _CANONICAL_JSON.encode(data)
     return hashlib.sha256(f"{step.tool}\0{step.step_id}\0{canonical}".encode()).hexdigest()
 
 
