@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +12,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
+from cuga.orchestrator._policy import template_references
 from cuga.shared.messages import value_to_python
 
 TERMINAL = frozenset(
@@ -76,6 +78,8 @@ class LiveRun:
         self.deadline_passed = False
         # Set when a deferred write of this run's events failed: the run stops there.
         self.store_failed: BaseException | None = None
+        # The steps each step's input refers to, by step id (see references).
+        self._references: dict[str, frozenset[str]] = {}
 
     @property
     def run_id(self) -> str:
@@ -103,6 +107,15 @@ class LiveRun:
     def context(self) -> common_pb2.ExecutionContext:
         return self.run.context
 
+    def references(self, step: common_pb2.PlanStep) -> frozenset[str]:
+        """The step ids ``step``'s input refers to (``{{steps.<id>.output...}}``), a step of
+        this run's plan. Read once per step: the plan does not change during a run, and
+        the route window and the step itself both ask (walking the input each time)."""
+        found = self._references.get(step.step_id)
+        if found is None:
+            found = self._references[step.step_id] = frozenset(template_references(step))
+        return found
+
     def outputs(self, step_ids: Iterable[str]) -> dict[str, Any]:
         """The outputs of ``step_ids`` that have one, as Python values.
 
@@ -126,6 +139,7 @@ def span_context(trace_ctx: str) -> SpanContext | None:
     )
 
 
+@functools.cache  # a handful of values, asked on every step and attempt
 def policy_name(policy: int) -> str:
     """``round_robin`` for ROUTING_POLICY_ROUND_ROBIN (span and metric attribute)."""
     return common_pb2.RoutingPolicy.Name(policy)[len("ROUTING_POLICY_") :].lower()

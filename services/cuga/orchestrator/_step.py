@@ -18,7 +18,7 @@ from cuga.orchestrator._approvals import ApprovalGate
 from cuga.orchestrator._budget import Budget, tool_price
 from cuga.orchestrator._errors import ErrorAction, StepFailed, decide, error_detail
 from cuga.orchestrator._eventlog import EventLog
-from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input, template_references
+from cuga.orchestrator._policy import ExponentialBackoffPolicy, resolve_input
 from cuga.orchestrator._run import LiveRun, policy_name
 from cuga.orchestrator._runtime import Runtime
 from cuga.orchestrator._window import RouteWindow
@@ -118,11 +118,15 @@ class StepRunner:
             r, common_pb2.LIFECYCLE_STAGE_ROUTE, step_id=sid, decision=decision, defer=True
         )
         self._events.flush_soon()
-        resolved = common_pb2.PlanStep()
-        resolved.CopyFrom(step)
-        references = template_references(step)
+        references = r.references(step)
         if references:
+            resolved = common_pb2.PlanStep()
+            resolved.CopyFrom(step)
             resolved.input.CopyFrom(resolve_input(step, r.outputs(references)))
+        else:
+            # Nothing to fill in: the plan's step as it is (what follows reads it and copies
+            # it into the calls it makes; nothing writes to it).
+            resolved = step
         await self._gate.approve(r, resolved, decision.target)
         return decision, resolved
 

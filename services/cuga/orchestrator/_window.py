@@ -13,7 +13,6 @@ from collections.abc import Iterable
 
 from cuga.common.v1 import common_pb2
 from cuga.orchestrator._approvals import ApprovalGate
-from cuga.orchestrator._policy import template_references
 from cuga.orchestrator._run import LiveRun
 from cuga.orchestrator._runtime import Runtime
 from cuga.routing.v1 import routing_pb2
@@ -69,9 +68,7 @@ class RouteWindow:
         r.routed.set()  # the plan is ROUTED (the driver tells planning, off this path)
         # Approval needs resolved inputs: steps that refer to earlier outputs ask later.
         askable = [
-            steps[sid]
-            for sid in window
-            if sid not in r.approvals and not template_references(steps[sid])
+            steps[sid] for sid in window if sid not in r.approvals and not r.references(steps[sid])
         ]
         if askable:
             await self._gate.ask(r, askable, {d.step_id: d.target for d in decisions})

@@ -44,10 +44,71 @@ def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def to_value(data: Any) -> struct_pb2.Value:
-    """A Value from any JSON-like Python value."""
+    """A Value from any JSON-like Python value: what ``json_format.Parse(json.dumps(data))``
+    gives, and the same error when it refuses.
+
+    The common case (plain dicts with string keys, lists, tuples, strings, bools, None,
+    finite floats and integers within 2^53, a few levels deep) is written into the Value
+    directly: a tool's output is converted on every step, and the JSON round trip was
+    most of that (~10 us for an empty dict). Anything else — a subclass, a non-string
+    key, a non-finite or huge number, a string protobuf refuses, deep nesting — takes the
+    round trip, so its result or its error is the round trip's.
+    """
     v = struct_pb2.Value()
-    json_format.Parse(json.dumps(data), v)
+    try:
+        _fill_value(v, data, _FAST_VALUE_DEPTH)
+    except Exception:
+        v = struct_pb2.Value()
+        json_format.Parse(json.dumps(data), v)
     return v
+
+
+#: Nesting the direct conversion of :func:`to_value` handles (Parse counts each level
+#: against its own limit of 100; deeper values take the round trip and meet that limit).
+_FAST_VALUE_DEPTH = 24
+#: Integers a double holds exactly: the round trip gives these the same number.
+_EXACT_INT = 2**53
+
+
+class _NotPlain(Exception):
+    """A value :func:`to_value` leaves to the JSON round trip."""
+
+
+def _fill_value(v: struct_pb2.Value, data: Any, depth: int) -> None:
+    kind = type(data)
+    if kind is str:
+        v.string_value = data
+    elif kind is dict:
+        if not depth:
+            raise _NotPlain
+        struct = v.struct_value
+        struct.SetInParent()  # an empty dict is an empty Struct, not an unset Value
+        fields = struct.fields
+        for key, item in data.items():
+            if type(key) is not str:
+                raise _NotPlain  # json.dumps would turn it into a string
+            _fill_value(fields[key], item, depth - 1)
+    elif kind is float:
+        if not math.isfinite(data):
+            raise _NotPlain
+        v.number_value = data
+    elif kind is bool:
+        v.bool_value = data
+    elif kind is int:
+        if not -_EXACT_INT <= data <= _EXACT_INT:
+            raise _NotPlain
+        v.number_value = data
+    elif data is None:
+        v.null_value = struct_pb2.NULL_VALUE
+    elif kind is list or kind is tuple:
+        if not depth:
+            raise _NotPlain
+        values = v.list_value
+        values.SetInParent()
+        for item in data:
+            _fill_value(values.values.add(), item, depth - 1)
+    else:
+        raise _NotPlain
 
 
 def value_to_python(v: struct_pb2.Value) -> Any:

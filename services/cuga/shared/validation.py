@@ -177,6 +177,9 @@ def check_context(
     256 characters; ``delegate_id``: at most 128; ``metadata``: at most 64 entries, keys 1 to
     128 and values at most 1024 characters; ``deadline``: a valid timestamp when set.
     """
+    if _context_ok(ctx, run_id_required):
+        return
+    # Something is wrong: the checks one by one, in order, name the first problem.
     check_id(f"{field}.trace_id", ctx.trace_id, required=False, pattern=TRACE_ID_PATTERN)
     check_id(f"{field}.run_id", ctx.run_id, required=run_id_required)
     check_id(f"{field}.profile", ctx.profile, required=False)
@@ -208,6 +211,9 @@ def check_plan_step(
     ``max_depends_on`` step ids; ``capability``: empty or 1 to 128 of ``[A-Za-z0-9_.:-]``;
     ``estimated_cost``: a finite number >= 0; ``reason``: at most 1024 characters.
     """
+    if _plan_step_ok(step, max_input_bytes, max_depends_on):
+        return
+    # Something is wrong: the checks one by one, in order, name the first problem.
     check_id(f"{field}.step_id", step.step_id, pattern=STEP_ID_PATTERN)
     check_id(f"{field}.tool", step.tool, pattern=TOOL_NAME_PATTERN)
     check_size(f"{field}.input", step.input, max_input_bytes)
@@ -220,6 +226,67 @@ def check_plan_step(
             f"{field}.estimated_cost", f"must be a finite number >= 0, got {step.estimated_cost}"
         )
     check_length(f"{field}.reason", step.reason, MAX_STEP_REASON_CHARS)
+
+
+# Fast paths. A step and its context are checked on every hop of every step (the
+# coordinator, routing, approval and the worker each check them) and nearly always pass:
+# these say "passes" with the same tests and no field names built; anything they do not
+# pass goes through the checks one by one, which name the first problem. They must only
+# ever pass what those checks pass (tests/unit/test_validation_fast_path.py).
+
+
+def _context_ok(ctx: common_pb2.ExecutionContext, run_id_required: bool) -> bool:
+    trace_id, run_id, profile = ctx.trace_id, ctx.run_id, ctx.profile
+    if trace_id and not TRACE_ID_PATTERN.fullmatch(trace_id):
+        return False
+    if run_id:
+        if not ID_PATTERN.fullmatch(run_id):
+            return False
+    elif run_id_required:
+        return False
+    if profile and not ID_PATTERN.fullmatch(profile):
+        return False
+    if len(ctx.user_id) > MAX_USER_ID_CHARS or len(ctx.delegate_id) > MAX_DELEGATE_ID_CHARS:
+        return False
+    metadata = ctx.metadata
+    if metadata:
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            return False
+        for key in metadata:  # keys then lookups: the map's items() view is slow
+            if (
+                not key
+                or len(key) > MAX_METADATA_KEY_CHARS
+                or len(metadata[key]) > MAX_METADATA_VALUE_CHARS
+            ):
+                return False
+    if ctx.HasField("deadline"):
+        deadline = ctx.deadline
+        if (
+            not 0 <= deadline.seconds <= MAX_TIMESTAMP_SECONDS
+            or not 0 <= deadline.nanos <= 999_999_999
+        ):
+            return False
+    return True
+
+
+def _plan_step_ok(step: common_pb2.PlanStep, max_input_bytes: int, max_depends_on: int) -> bool:
+    if not STEP_ID_PATTERN.fullmatch(step.step_id) or not TOOL_NAME_PATTERN.fullmatch(step.tool):
+        return False
+    if step.input.ByteSize() > max_input_bytes:
+        return False
+    depends_on = step.depends_on
+    if len(depends_on) > max_depends_on:
+        return False
+    for dep in depends_on:
+        if not STEP_ID_PATTERN.fullmatch(dep):
+            return False
+    capability = step.capability
+    if capability and not CAPABILITY_PATTERN.fullmatch(capability):
+        return False
+    cost = step.estimated_cost
+    if not math.isfinite(cost) or cost < 0:
+        return False
+    return len(step.reason) <= MAX_STEP_REASON_CHARS
 
 
 def check_budget(field: str, budget: common_pb2.ToolBudget) -> None:

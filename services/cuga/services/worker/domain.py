@@ -130,10 +130,15 @@ class _InFlight:
     joined: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+#: ``json.dumps(data, sort_keys=True, separators=(",", ":"))``'s encoder, made once:
+#: ``dumps`` builds a new one for every call with arguments (one per step here).
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def fingerprint(step: common_pb2.PlanStep, data: dict[str, Any]) -> str:
     """What makes two executions "the same step": tool, step id and canonical input
     (``data``: the step's input as :func:`struct_to_dict` gives it)."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    canonical = _CANONICAL_JSON.encode(data)
     return hashlib.sha256(f"{step.tool}\0{step.step_id}\0{canonical}".encode()).hexdigest()
 
 
@@ -198,6 +203,9 @@ class WorkerAgent:
         self._threads = ToolThreads(max_threads, executor)
         self._processes = processes
         self._runners: dict[str, ToolRunner] = {}
+        # Whether a spec's handler is async, by tool name, with the spec it was read from:
+        # inspect's test is ~1 us, and it was asked on every step.
+        self._async_specs: dict[str, tuple[ToolSpec, bool]] = {}
         for spec in registry.specs():
             self._runner(spec)  # decided (and any fallback to threads logged) at start
         self._warming: asyncio.Future[None] | None = None
@@ -238,7 +246,10 @@ class WorkerAgent:
     def _runner(self, spec: ToolSpec) -> ToolRunner | None:
         """Where a tool's handler runs: ``None`` (on the loop, ``async``), a tool process
         (a plain function a process can import), else a thread."""
-        if spec.is_async:
+        known = self._async_specs.get(spec.name)
+        if known is None or known[0] is not spec:
+            known = self._async_specs[spec.name] = (spec, spec.is_async)
+        if known[1]:
             return None
         runner = self._runners.get(spec.name)
         if runner is None:
