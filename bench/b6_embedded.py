@@ -103,11 +103,29 @@ class EmbeddedEngine:
         return stamps
 
 
+def trace_like_a_service() -> None:
+    """Install the tracing SDK as this process's tracer provider (no exporter; the sampler
+    from ``OTEL_TRACES_SAMPLER``, by default every span recorded), as a service's bootstrap
+    does and an application that traces would: the embedded engine traces through the
+    global provider, which without this is OpenTelemetry's no-op one, and B6 recorded no
+    span at all. Once per process (the global provider cannot be replaced)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from cuga.shared.telemetry import setup_telemetry
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(setup_telemetry("cuga-bench-b6").tracer_provider)
+
+
 @asynccontextmanager
 async def embedded_engine(synchronous: str, steps: int = 50) -> AsyncIterator[EmbeddedEngine]:
-    """``create_coordinator`` on a temp data directory at durability ``synchronous``."""
+    """``create_coordinator`` on a temp data directory at durability ``synchronous``,
+    every span recorded (:func:`trace_like_a_service`)."""
     from cuga.orchestrator import create_coordinator
     from cuga.shared.config import load_settings
+
+    trace_like_a_service()
 
     with tempfile.TemporaryDirectory(prefix=f"cuga-bench-b6-{synchronous}-") as tmp:
         data = Path(tmp) / "data"
@@ -186,4 +204,5 @@ __all__ = [
     "embedded_engine",
     "measure",
     "run_b6",
+    "trace_like_a_service",
 ]

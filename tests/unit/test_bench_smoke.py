@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,21 @@ def test_the_statement_counter_counts_and_stops_without_touching_a_busy_connecti
     conn.execute("INSERT INTO t VALUES (2)")
     assert counter.count == counted
     conn.close()
+
+
+def test_b6_traces_through_the_sdk_like_a_service() -> None:
+    # The embedded engine traces through the global provider; B6 ran on OpenTelemetry's
+    # no-op one, so its figures recorded no span (a subprocess: the global provider is set
+    # once per process, and this one's belongs to the other tests).
+    import subprocess
+    import sys
+
+    code = (
+        "from bench.b6_embedded import trace_like_a_service\n"
+        "from opentelemetry import trace\n"
+        "assert not trace.get_tracer('cuga').start_span('before').is_recording()\n"
+        "trace_like_a_service(); trace_like_a_service()\n"
+        "assert trace.get_tracer('cuga').start_span('after').is_recording()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
