@@ -14,6 +14,7 @@ exactly once, a gap-free event log, every audit record delivered, ``Verify`` pas
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ from tests.support.faults import (
     fault_cluster,
     follow,
     orchestrate,
+    until,
     wait_runs,
+    worker_status,
 )
 
 pytestmark = pytest.mark.timeout(900 if SOAK else 120)
@@ -82,3 +85,51 @@ async def test_kill_9_mid_run_then_restart_loses_nothing_and_runs_nothing_twice(
             await cluster.restart(victim)
             await asyncio.gather(*tasks)
         await check_guarantees(cluster, logs)
+
+
+#: How long routing stays down in the reconnect test: long enough that gRPC's own backoff
+#: (1 s, x1.6, +-20 %, capped at 120 s) has grown well past the cap under test. Its
+#: attempts fall near 9.3, 15.8 and 26.3 s into the outage, so a routing back after 16 s
+#: is usually not tried again for seconds (measured without the cap: 1.0 s after a 6 s
+#: outage, 5.2 s after a 20 s one; with it: 0.1-0.2 s).
+OUTAGE_S = 16.0
+#: The reconnect cap the test sets (``calls.routing.reconnect_backoff_max_s``).
+RECONNECT_CAP_S = 0.2
+
+
+async def test_after_a_long_routing_outage_workers_reconnect_within_the_backoff_cap(
+    tmp_path: Path,
+) -> None:
+    # The soak found this: after routing had been down for a while, the workers' channels
+    # waited out gRPC's grown reconnect backoff (seconds) before their next heartbeat got
+    # through, routing counted them unavailable for longer than the runs' retry policy
+    # lasted, and the runs FAILED with "no eligible worker". The channels now cap the
+    # backoff (2 s by default), so a restarted routing hears from its workers within about
+    # the cap plus one heartbeat.
+    env = {"CUGA_CALLS__ROUTING__RECONNECT_BACKOFF_MAX_S": str(RECONNECT_CAP_S)}
+    async with fault_cluster(tmp_path, env) as cluster:
+        await cluster.kill("routing")
+        # The outage is the fault injected, not a wait for a condition: its length is
+        # what grows the worker's reconnect backoff.
+        await asyncio.sleep(OUTAGE_S)
+        await cluster.restart("routing")
+        restarted = time.time()
+
+        async def heard_from_worker() -> bool:
+            status = await worker_status(cluster, "worker-1")
+            return (
+                status is not None
+                and status.available
+                and status.last_seen.ToNanoseconds() / 1e9 > restarted
+            )
+
+        # Cap (+ 20 % jitter) + one heartbeat (0.25 s) + a re-registration (routing keeps
+        # its registry in memory), with room for a loaded machine.
+        await until(
+            heard_from_worker,
+            timeout_s=2.0,
+            what=f"a heartbeat within {RECONNECT_CAP_S} s of reconnect backoff",
+        )
+        log = RunLog("after-outage", chain("after-outage", sleep_s=0.0))
+        await orchestrate(cluster, log)
+        await check_guarantees(cluster, [log])

@@ -69,3 +69,21 @@ def test_service_config_json_has_retry_policy() -> None:
     policy = config["methodConfig"][0]["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert policy["maxAttempts"] >= 2
+
+
+def test_channels_cap_their_reconnect_backoff() -> None:
+    settings = load_settings(env={"CUGA_CALLS__ROUTING__RECONNECT_BACKOFF_MAX_S": "0.5"})
+    options = dict(settings.common.calls.routing.channel_options("cuga.routing.v1.RoutingService"))
+    # Below gRPC's 1 s first backoff, the first wait is the cap too.
+    assert options["grpc.max_reconnect_backoff_ms"] == 500
+    assert options["grpc.initial_reconnect_backoff_ms"] == 500
+    default = dict(settings.common.calls.worker.channel_options("cuga.worker.v1.WorkerService"))
+    assert default["grpc.max_reconnect_backoff_ms"] == 2000
+    assert default["grpc.initial_reconnect_backoff_ms"] == 1000
+    assert json.loads(default["grpc.service_config"])["loadBalancingConfig"]
+
+
+@pytest.mark.parametrize("value", ["0", "0.05", "301"])
+def test_a_reconnect_backoff_out_of_range_names_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match="reconnect_backoff_max_s"):
+        load_settings(env={"CUGA_CALLS__PLANNING__RECONNECT_BACKOFF_MAX_S": value})

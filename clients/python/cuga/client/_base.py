@@ -106,8 +106,7 @@ class BaseClient:
         self._signer = signer
         self.audience = audience or service_audience(self.SERVICE)
         options = [
-            ("grpc.service_config", self._call.service_config(GRPC_SERVICE_NAMES[self.SERVICE])),
-            ("grpc.enable_retries", 1),
+            *self._call.channel_options(GRPC_SERVICE_NAMES[self.SERVICE]),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             *channel_options,
