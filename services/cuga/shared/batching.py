@@ -11,10 +11,21 @@ and a lone step still goes out at once (it waits for no timer and no second item
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+async def in_turns(items: Iterable[T], per_turn: int) -> AsyncIterator[T]:
+    """``items``, yielding to the event loop after every ``per_turn`` of them: a long
+    stretch of Python work (a batch of audit records built or validated) then never holds
+    the loop for more than ``per_turn`` items, and other tasks (every run's next step) run
+    in between."""
+    for n, item in enumerate(items):
+        if n and not n % per_turn:
+            await asyncio.sleep(0)
+        yield item
 
 
 class WriterClosed(Exception):

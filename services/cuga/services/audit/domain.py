@@ -43,6 +43,7 @@ from cuga.services.audit.records import (
     to_json_line,
     ts_to_ns,
 )
+from cuga.shared.batching import in_turns
 from cuga.shared.clock import Clock, SystemClock
 from cuga.shared.config import Limits
 from cuga.shared.errors import (
@@ -79,6 +80,9 @@ _LAST_NS = MAX_TIMESTAMP_S * 1_000_000_000
 _MAX_CHAIN_INDEX = 2**63 - 1
 _CHAIN_INDEX = re.compile(r"[0-9]{1,19}")
 EXPORT_PAGE = 500
+#: Records of a batch validated per turn of the event loop: a batch of 64 prepared in one
+#: go held the loop for milliseconds (in an embedded engine, a stall of every run's step).
+PREPARED_PER_TURN = 8
 #: Tree sizes and leaf indices are stored int64.
 _MAX_SIZE = 2**63 - 1
 
@@ -240,7 +244,10 @@ class AuditLog:
         """Store records in order, atomically, as ``writer``; returns (stored records,
         duplicates)."""
         check_count("records", records, self._max_batch, minimum=1)
-        pending = [self.prepare(r, f"records[{i}]", writer) for i, r in enumerate(records)]
+        pending = [
+            self.prepare(r, f"records[{i}]", writer)
+            async for i, r in in_turns(enumerate(records), PREPARED_PER_TURN)
+        ]
         results = await self._store(pending, writer)
         return [r.record for r in results], sum(1 for r in results if r.duplicate)
 
