@@ -22,6 +22,7 @@ import pytest
 
 from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2 as S
+from cuga.services.approval import store as store_module
 from cuga.services.approval.domain import ApprovalManager
 from cuga.services.approval.policy import parse_policy
 from cuga.services.approval.store import (
@@ -30,6 +31,7 @@ from cuga.services.approval.store import (
     SQLiteApprovalStore,
     StoredRequest,
     open_approval_store,
+    step_key,
 )
 from cuga.shared.auth import Identity
 from cuga.shared.clock import FakeClock
@@ -146,6 +148,29 @@ async def test_insert_is_idempotent_by_step_and_request_id(
             check=refuse,
         )
     assert await a.get("apr_4") is None and await a.count_all_pending() == 1
+
+
+async def test_by_steps_finds_the_requests_of_a_batch_by_step_key(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await stores()
+    superseding = pending("apr_4")
+    superseding.supersedes = "apr_1"
+    rows = [pending("apr_1"), pending("apr_2", "s2"), pending("apr_3", run_id="r2"), superseding]
+    await store.insert(
+        [(r, "u", "") for r in rows], profile="default", max_pending=9, check=no_check
+    )
+    # Two keys per query: six keys (one repeated, two with nothing stored) take three.
+    monkeypatch.setattr(store_module, "KEYS_PER_QUERY", 2)
+    found = await store.by_steps("r1", ["s1", "s3", step_key("s1", "apr_1"), "s1", "s9", "s2"])
+    assert {key: stored.request.approval_id for key, stored in found.items()} == {
+        "s1": "apr_1",
+        "s1#apr_1": "apr_4",
+        "s2": "apr_2",
+    }
+    assert found["s1#apr_1"].request == superseding and found["s1"].user_id == "u"
+    assert await store.by_steps("r2", ["s1"]) == {"s1": await store.get("apr_3")}
+    assert await store.by_steps("r3", ["s1"]) == {}
 
 
 async def test_update_is_a_compare_and_swap(stores: Stores) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 from cuga.approval.v1 import approval_pb2
 from cuga.common.v1 import common_pb2
 from cuga.services.approval.policy import ApprovalPolicy
-from cuga.services.approval.store import REQUESTED, SqlApprovalStore, StoredRequest
+from cuga.services.approval.store import REQUESTED, SqlApprovalStore, StoredRequest, step_key
 from cuga.shared.auth import Identity
 from cuga.shared.clock import Clock
 from cuga.shared.config import Limits
@@ -537,9 +537,11 @@ class ApprovalManager:
         now = self._clock.now()
         results: list[ApprovalRequest] = []
         new: list[tuple[ApprovalRequest, str, str]] = []
-        for step in steps:
+        keys = [step_key(step.step_id, supersedes.get(step.step_id, "")) for step in steps]
+        stored_before = await self._store.by_steps(ctx.run_id, keys)
+        for step, key in zip(steps, keys, strict=True):
             previous = supersedes.get(step.step_id, "")
-            existing = await self._store.by_step(ctx.run_id, step.step_id, previous)
+            existing = stored_before.get(key)
             if existing is not None:
                 _check_same_step(step.tool, existing)
                 results.append(await self._reload(existing))

@@ -31,7 +31,7 @@ One body of SQL (:class:`SqlApprovalStore`, written against
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,11 @@ from cuga.shared.sqlite import open_sqlite
 log = logging.getLogger("cuga.approval")
 
 PENDING = common_pb2.APPROVAL_STATUS_PENDING
+
+
+#: Step keys one :meth:`SqlApprovalStore.by_steps` query names (well under SQLite's and
+#: PostgreSQL's limits on bound parameters).
+KEYS_PER_QUERY = 500
 
 
 def step_key(step_id: str, supersedes: str = "") -> str:
@@ -203,14 +208,24 @@ class SqlApprovalStore:
         """The request with ``approval_id``."""
         return await self._select_one(self._db, "approval_id = ?", (approval_id,))
 
-    async def by_step(
-        self, run_id: str, step_id: str, supersedes: str = ""
-    ) -> StoredRequest | None:
-        """The request of one step of one run: its first, or the one superseding the
-        request ``supersedes``."""
-        return await self._select_one(
-            self._db, "run_id = ? AND step_id = ?", (run_id, step_key(step_id, supersedes))
-        )
+    async def by_steps(self, run_id: str, keys: Sequence[str]) -> dict[str, StoredRequest]:
+        """The stored requests of several steps of one run, by :func:`step_key` (a step's
+        first request, or the one superseding an earlier): one query per
+        :data:`KEYS_PER_QUERY` keys, not one per step (on PostgreSQL a round trip each)."""
+        found: dict[str, StoredRequest] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), KEYS_PER_QUERY):
+            chunk = unique[start : start + KEYS_PER_QUERY]
+            cur = await self._db.execute(
+                "SELECT step_id, body, user_id, request_id, version FROM approvals"
+                f" WHERE run_id = ? AND step_id IN ({', '.join('?' * len(chunk))})",
+                (run_id, *chunk),
+            )
+            for row in cur.fetchall():
+                stored = self._row(row)
+                if stored is not None:
+                    found[str(row["step_id"])] = stored
+        return found
 
     async def pending_of_run(self, run_id: str) -> list[StoredRequest]:
         """The PENDING requests of one run."""
