@@ -11,6 +11,9 @@ from cuga.shared.config import GRPC_SERVICE_NAMES, CallConfig
 from cuga.shared.errors import from_rpc_error
 from cuga.shared.signing import ServiceSigner, service_audience
 
+#: The reason of a write's INTERNAL error when the stream's real status is unknown.
+STATUS_LOST = "STREAM_STATUS_LOST"
+
 #: gRPC call metadata: ``(key, value)`` pairs sent with a call (a person's
 #: ``authorization: Bearer <token>``).
 Metadata = Sequence[tuple[str, str]]
@@ -31,13 +34,20 @@ class BidiStream:
         """Send one message.
 
         Raises:
-            CugaError: the stream has failed (its status, typed).
+            CugaError: the stream has failed (its status, typed). INTERNAL with reason
+                ``STREAM_STATUS_LOST`` when gRPC hid the status: grpc.aio reports a write
+                that fails because the RPC has just ended as INTERNAL "Internal error from
+                Core", over the status the server sent (grpc/grpc#36066), e.g. a server
+                without the method answering UNIMPLEMENTED.
             asyncio.InvalidStateError: the stream is finished or half-closed.
         """
         try:
             await self._call.write(request)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata()) from None
+            error = from_rpc_error(exc.code(), exc.details(), exc.trailing_metadata())
+            if error.code is grpc.StatusCode.INTERNAL:
+                error.reason = STATUS_LOST
+            raise error from None
 
     async def read(self) -> Any | None:
         """The next message, or None once the server has ended the stream with OK.

@@ -18,7 +18,7 @@ from google.rpc.error_details_pb2 import ErrorInfo
 
 from cuga.approval.v1 import approval_pb2
 from cuga.audit.v1 import audit_pb2
-from cuga.client._base import BidiStream
+from cuga.client._base import STATUS_LOST, BidiStream
 from cuga.client._clients import (
     ApprovalClient,
     AuditClient,
@@ -469,6 +469,12 @@ class RemoteWorkerPool:
                 error = broken.error
                 if error.code is grpc.StatusCode.UNIMPLEMENTED:
                     worker.unary_until = self._clock.monotonic() + self._unary_fallback
+                    return await self._unary(worker, message.request, deadline)
+                if error.reason == STATUS_LOST:
+                    # The request was not delivered and the stream's status is unknown (a
+                    # worker without ExecuteSteps answers UNIMPLEMENTED, yet about half the
+                    # writes say so): a unary call's status is reliable (an older worker
+                    # runs it; a refusal comes back typed). Same key: nothing runs twice.
                     return await self._unary(worker, message.request, deadline)
                 if error.code.name not in self._retryable or error.reason == "STREAM_CLOSED":
                     raise error from None
