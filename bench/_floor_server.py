@@ -58,6 +58,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    from cuga.shared.bootstrap import run
+    from cuga.shared.loop import run
 
     run(main())  # on the services' loop, as B0's client

@@ -192,7 +192,7 @@ async def _main() -> None:  # pragma: no cover - manual use
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cuga.shared.bootstrap import run
+    from cuga.shared.loop import run
 
     run(_main())
 

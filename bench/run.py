@@ -43,7 +43,7 @@ from bench.cluster import bench_cluster  # noqa: E402
 from bench.profile import ProfileSizes, render_profile, run_profile  # noqa: E402
 from bench.report import build_results, render_markdown, write_results  # noqa: E402
 from bench.rounds import RoundSizes, loadavg, run_rounds  # noqa: E402
-from cuga.shared.bootstrap import run  # noqa: E402
+from cuga.shared.loop import run  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALL = ("b0", "b1", "b2", "b3", "b4", "b5", "b6")

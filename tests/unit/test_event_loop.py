@@ -1,4 +1,4 @@
-"""``cuga.shared.bootstrap.run``: the event loop service processes, the CLI and the
+"""``cuga.shared.loop.run``: the event loop service processes, the CLI and the
 benchmarks run on (``common.event_loop``)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 import pytest
 import uvloop
 
-from cuga.shared.bootstrap import run
 from cuga.shared.config import ConfigError, load_settings
+from cuga.shared.loop import run
 
 
 async def _loop_module() -> str:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from cuga.common.v1 import common_pb2 as c
-from cuga.services.planning.config import PlanningConfig
-from cuga.services.planning.llm import LLMConfig, LLMPlanner
+from cuga.services.planning.config import LLMConfig, PlanningConfig
+from cuga.services.planning.llm import LLMPlanner
 from cuga.services.planning.planners import (
     KeywordPlanner,
     PlanningRequest,

@@ -14,9 +14,9 @@ import pytest
 from cuga.common.v1 import common_pb2 as c
 from cuga.planning.v1 import planning_pb2 as p
 from cuga.services.planning.catalog import StaticToolCatalog
-from cuga.services.planning.config import PlanningConfig
+from cuga.services.planning.config import LLMConfig, PlanningConfig
 from cuga.services.planning.domain import Planner as PlanningAuthority
-from cuga.services.planning.llm import LLMConfig, LLMPlanner, redact
+from cuga.services.planning.llm import LLMPlanner, redact
 from cuga.services.planning.memory import HashingEmbedder, VectorMemory
 from cuga.services.planning.store import PlanStore
 from cuga.shared.clock import FakeClock

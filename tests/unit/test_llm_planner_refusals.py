@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cuga.common.v1 import common_pb2 as c
-from cuga.services.planning.llm import LLMConfig, LLMPlanner, redact
+from cuga.services.planning.config import LLMConfig
+from cuga.services.planning.llm import LLMPlanner, redact
 from cuga.services.planning.planners import PlanningRequest, Recall, ToolInfo
 from cuga.shared.config import ConfigError
 from cuga.shared.errors import DeadlineExceededError, FailedPreconditionError

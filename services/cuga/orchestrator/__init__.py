@@ -16,7 +16,7 @@ memory, ...)``, ``ToolBudget(ceiling=100, policy="warn")``, ``ApprovalPolicy(cal
 docs/migrating-from-cuga.md maps each name and says what differs.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cuga.common.v1.common_pb2 import (
     ExecutionContext,
@@ -50,7 +50,6 @@ from cuga.orchestrator._seed import (
     budget_policy,
     error_strategy,
 )
-from cuga.services.planning.memory import Embedder, HashingEmbedder, MemoryHit
 from cuga.services.planning.planners import (
     KeywordPlanner,
     Planner,
@@ -70,14 +69,30 @@ from cuga.shared.authorities import (
 from cuga.shared.errors import CugaError, FailureMode, ToolExecutionError, classify_failure
 from cuga.tools import ToolRegistry, ToolSpec
 
+if TYPE_CHECKING:
+    from cuga.services.planning.config import LLMConfig
+    from cuga.services.planning.llm import LLMPlanner
+    from cuga.services.planning.memory import Embedder, HashingEmbedder, MemoryHit
+
+#: Imported when first asked for: the memory's embedder brings numpy (~60 ms), which a
+#: coordinator service (its planning is remote) never uses; the LLM planner the openai
+#: client.
+_LAZY = {
+    "Embedder": "cuga.services.planning.memory",
+    "HashingEmbedder": "cuga.services.planning.memory",
+    "MemoryHit": "cuga.services.planning.memory",
+    "LLMConfig": "cuga.services.planning.config",
+    "LLMPlanner": "cuga.services.planning.llm",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # The LLM planner imports the openai client: only when it is asked for.
-    if name in ("LLMPlanner", "LLMConfig"):
-        from cuga.services.planning import llm
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cuga.orchestrator' has no attribute {name!r}")
+    import importlib
 
-        return getattr(llm, name)
-    raise AttributeError(f"module 'cuga.orchestrator' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

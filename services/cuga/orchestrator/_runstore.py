@@ -36,9 +36,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias, TypeVar
-
-import psycopg
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from cuga.common.v1 import common_pb2
 from cuga.coordinator.v1 import coordinator_pb2
@@ -55,6 +53,9 @@ from cuga.shared.sqldb import (
     listen,
 )
 from cuga.shared.sqlite import open_sqlite
+
+if TYPE_CHECKING:  # psycopg is imported where PostgreSQL is used (cuga.shared.sqldb)
+    import psycopg
 
 
 def request_key(request: coordinator_pb2.OrchestrateRequest) -> str | None:
@@ -740,6 +741,8 @@ class PostgresRunStore(SqlRunStore):
     async def _take_replica_lock(self) -> bool:
         """Open the lock connection and take the lock that says "this replica is alive",
         held for the connection's life; False (connection closed) when another holds it."""
+        import psycopg
+
         conn = await psycopg.AsyncConnection.connect(
             self._pool.dsn,
             autocommit=True,
@@ -761,6 +764,8 @@ class PostgresRunStore(SqlRunStore):
     async def _keep_replica_lock(self) -> None:
         """Wait on the lock connection (no polling: an idle connection's socket tells when
         the server ended the session) and re-open it, taking the lock again, when it broke."""
+        import psycopg
+
         delay = 0.5
         while not self._closed:
             try:
@@ -800,6 +805,8 @@ class PostgresRunStore(SqlRunStore):
         drops its locks) a moment after the client has gone, and a successor started in
         that moment would take this replica's runs for a live one's and leave them.
         """
+        import psycopg
+
         if self._closed:
             return
         self._closed = True
@@ -963,6 +970,8 @@ class PostgresRunStore(SqlRunStore):
         is missed; a notification only says "look again", the events come from the
         table. One connection per follower (outside the pool), for as long as it follows.
         """
+        import psycopg
+
         last = after_seq
         async with await psycopg.AsyncConnection.connect(
             self._pool.dsn, autocommit=True

@@ -23,9 +23,9 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,13 +33,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cuga.shared.auth import SERVICE_ROLES, AuthInterceptor, DenialReporter
-from cuga.shared.config import CommonConfig, ConfigError, Settings
+from cuga.shared.config import CommonConfig, Settings
 from cuga.shared.denials import DenialCounter, RecordWriter, RemoteDenials
 from cuga.shared.errors import CugaError, InvalidArgumentError, from_exception, to_status
 from cuga.shared.handlers import rewrap
 from cuga.shared.telemetry import Telemetry, configure_logging, setup_telemetry
 
-T = TypeVar("T")
 log = logging.getLogger("cuga.bootstrap")
 
 Hook = Callable[[], Awaitable[None]]
@@ -434,25 +433,6 @@ def _warn_replayable(service: str, common: CommonConfig) -> None:
         )
 
 
-def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
-    """Run ``main`` to completion on a new event loop, as ``asyncio.run`` does.
-
-    ``event_loop`` is ``common.event_loop``: ``uvloop`` (an error when it is not
-    installed), ``asyncio``, or ``auto`` (uvloop when installed). Every service process,
-    the CLI and the benchmarks start through here, so they run on the same loop.
-    """
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                main.close()
-                raise ConfigError("event_loop", "is uvloop, which is not installed") from None
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
-
-
 async def serve(
     name: str,
     builder: Builder,
@@ -491,7 +471,6 @@ __all__ = [
     "ErrorMappingInterceptor",
     "RunningServer",
     "ServiceDefinition",
-    "run",
     "serve",
     "start_server",
 ]

@@ -33,14 +33,19 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
-
-import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cuga.shared.config import ConfigError
 from cuga.shared.errors import ResourceExhaustedError, UnavailableError
 from cuga.shared.sqlite import Transaction
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
+
+# psycopg and psycopg_pool are imported where PostgreSQL is used, not with this module:
+# every store imports it, and a process on SQLite (the default, and every command of the
+# CLI) would pay ~80 ms at each start for a driver it never loads a connection of.
 
 log = logging.getLogger("cuga.sqldb")
 
@@ -180,6 +185,8 @@ class PostgresDatabase:
         return self._dsn
 
     def _connect(self) -> psycopg.Connection[Any]:
+        import psycopg
+
         return psycopg.connect(
             self._dsn,
             autocommit=True,
@@ -196,6 +203,8 @@ class PostgresDatabase:
         return self._conn
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        import psycopg
+
         query = sql.replace("?", "%s")
         with self._lock:
             cur = self._live().cursor()
@@ -385,6 +394,8 @@ class PostgresPool:
     dialect: Dialect = "postgres"
 
     def __init__(self, dsn: str, config: PoolConfig | None = None, *, service: str) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
         self._dsn = dsn
         self.config = config or PoolConfig()
         self._service = service
@@ -415,6 +426,9 @@ class PostgresPool:
         Raises:
             psycopg.OperationalError: the database cannot be reached.
         """
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
         await self._pool.open(wait=False)
         try:
             async with self._pool.connection(timeout=self.config.connect_timeout_s) as conn:
@@ -443,6 +457,8 @@ class PostgresPool:
 
     @asynccontextmanager
     async def _borrow(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        from psycopg_pool import PoolTimeout
+
         self._callers += 1
         self._callers_changed.set()
         try:
@@ -461,6 +477,8 @@ class PostgresPool:
         return pool_refusal(self._service, self.config, self._pool.get_stats())
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        import psycopg
+
         for attempt in (1, 2):
             async with self._borrow() as conn:
                 try:
@@ -580,6 +598,8 @@ async def listen(
         on_connected: called after each (re)connection.
         what: names the listener in the log line of a lost connection.
     """
+    import psycopg
+
     delay = 0.5
     while True:
         try:

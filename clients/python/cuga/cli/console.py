@@ -16,12 +16,17 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-
-import uvicorn
+from typing import TYPE_CHECKING, Any
 
 from cuga.cli._output import ConfigProblem, json_line, out
-from cuga.console import Backend, ConsoleConfig, build_app
 from cuga.shared.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from cuga.console import ConsoleConfig
+
+# The console's web stack (Starlette, uvicorn, Jinja) is imported by the command that runs
+# it: every process imports this module with the CLI (each service does), and would pay
+# ~0.1 s for a server it never starts.
 
 #: Where the console listens unless told otherwise (beside the services' 50051-50056).
 DEFAULT_PORT = 8080
@@ -38,6 +43,8 @@ def console_url(config: ConsoleConfig, port: int | None = None) -> str:
 
 
 def config_of(args: argparse.Namespace) -> ConsoleConfig:
+    from cuga.console import ConsoleConfig
+
     try:
         return ConsoleConfig(
             host=args.host,
@@ -51,28 +58,36 @@ def config_of(args: argparse.Namespace) -> ConsoleConfig:
         raise ConfigProblem(str(exc)) from None
 
 
-class _Server(uvicorn.Server):
+def _server(config: Any) -> Any:
     """uvicorn's server, ending like the services: SIGTERM or Ctrl-C drains it and the
     command exits 0 (uvicorn re-raises the signal after draining by default)."""
+    import uvicorn
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
 
 
 async def serve(config: ConsoleConfig, settings: Settings, sock: socket.socket) -> None:
     """Serve the console on a bound socket until the server is told to exit."""
+    import uvicorn
+
+    from cuga.console import Backend, build_app
+
     backend = Backend(settings, config.audit_public_key)
     app = build_app(config, backend)
-    server = _Server(
+    server = _server(
         uvicorn.Config(
             app,
             log_level="warning",

@@ -16,14 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
-
 from cuga.cli._output import ConfigProblem, json_line, out
-from cuga.orchestrator._runstore import RUN_STORE_SCHEMA
-from cuga.services.coordinator.config import CoordinatorConfig
-from cuga.services.planning.config import PlanningConfig
-from cuga.services.planning.memory import MEMORY_SCHEMA
-from cuga.services.planning.store import PLAN_STORE_SCHEMA
 from cuga.shared.config import Settings
 from cuga.shared.migrations import Schema, SchemaStatus
 from cuga.shared.sqldb import Database, PostgresDatabase, SQLiteDatabase
@@ -44,6 +37,8 @@ class Store:
 
 
 def _redacted(dsn: str) -> str:
+    import psycopg.conninfo  # here, not at the top: the CLI's other commands never need it
+
     try:
         parts = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
@@ -64,6 +59,14 @@ def _located(
 def stores(settings: Settings) -> list[Store]:
     """The stores with migrations that this configuration uses: the coordinator's run
     store, planning's plans and plan memory."""
+    # Imported here: the run store's module brings the whole engine (~0.3 s), which every
+    # process would pay on import of the CLI (each service runs through it).
+    from cuga.orchestrator._runstore import RUN_STORE_SCHEMA
+    from cuga.services.coordinator.config import CoordinatorConfig
+    from cuga.services.planning.config import PlanningConfig
+    from cuga.services.planning.memory import MEMORY_SCHEMA
+    from cuga.services.planning.store import PLAN_STORE_SCHEMA
+
     data_dir = Path(settings.common.data_dir)
     coordinator = settings.section(CoordinatorConfig, "coordinator")
     planning = settings.section(PlanningConfig, "planning")
@@ -100,6 +103,8 @@ def _open(store: Store, *, create: bool) -> Iterator[Database | None]:
             return
         db: Database = SQLiteDatabase(open_sqlite(store.sqlite_path))
     else:
+        import psycopg
+
         try:
             db = PostgresDatabase(store.dsn)
         except psycopg.OperationalError as exc:

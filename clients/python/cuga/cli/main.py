@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
+import importlib
 import json
 import os
 import sys
@@ -25,30 +25,44 @@ from cuga.shared import grpc_env
 
 grpc_env.apply()  # before anything loads gRPC, which reads its core settings only then
 
-from cuga.cli import (  # noqa: E402
-    approvals,
-    audit,
-    catalog,
-    completion,
-    console,
-    db,
-    runs,
-    tls,
-    tokens,
-    up,
-)
 from cuga.cli._output import (  # noqa: E402
     UNWRAPPED_WIDTH,
     CommandError,
     ExitCode,
     err,
 )
-from cuga.shared.bootstrap import run  # noqa: E402
 from cuga.shared.config import ConfigError, Settings, load_settings  # noqa: E402
 from cuga.shared.errors import CugaError  # noqa: E402
-from cuga.tools import ToolDefinitionError  # noqa: E402
+from cuga.shared.loop import run  # noqa: E402
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+#: The module under ``cuga.cli`` of each command: a command loads its own module (and
+#: what that imports) and no other's, ~0.3 s less for ``cuga runs`` than loading every
+#: one. Help, completion and anything :func:`modules_for` cannot tell for sure build
+#: every command.
+MODULE_OF: Mapping[str, str] = {
+    "serve": "up",
+    "up": "up",
+    "demo": "up",
+    "console": "console",
+    "run": "runs",
+    "watch": "runs",
+    "resume": "runs",
+    "runs": "runs",
+    "status": "runs",
+    "cancel": "runs",
+    "tools": "catalog",
+    "workers": "catalog",
+    "approvals": "approvals",
+    "audit": "audit",
+    "tokens": "tokens",
+    "tls": "tls",
+    "db": "db",
+}
+#: Every command module, in the order help lists the commands; ``completion`` (which
+#: needs the whole parser) last.
+COMMAND_MODULES = (*dict.fromkeys(MODULE_OF.values()), "completion")
 
 #: Which local person each command group calls as (for "where the token came from").
 IDENTITY_OF: Mapping[str, str] = {
@@ -72,10 +86,24 @@ EXIT_CODES_HELP = """exit codes:
 
 
 def _version() -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("cuga-orchestrator")
     except importlib.metadata.PackageNotFoundError:  # a source tree without metadata
         return "unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for (reading the
+    package metadata is ~40 ms every other command has no use for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        sys.stdout.write(f"cuga {_version()}\n")  # where argparse's own action prints it
+        parser.exit()
 
 
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -110,19 +138,53 @@ def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser
             yield from _leaves(child)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every sub-command."""
+def modules_for(
+    argv: Sequence[str], parser: argparse.ArgumentParser | None = None
+) -> Sequence[str]:
+    """The command modules the parse of ``argv`` needs: the module of its command, when
+    that is plainly one of :data:`MODULE_OF` (its first word after the leading options
+    of ``parser``, default :func:`_base_parser`'s, spelled out in full); none for
+    ``--version`` among those options (argparse prints it and exits as it meets it);
+    every one for help, an abbreviated or unknown option, an unknown command, no
+    command."""
+    options = (parser or _base_parser())._option_string_actions
+    words = iter(argv)
+    for word in words:
+        name, eq, _ = word.partition("=")
+        action = options.get(name)
+        if action is None:
+            if word.startswith("-"):
+                return COMMAND_MODULES
+            return (MODULE_OF[word],) if word in MODULE_OF else COMMAND_MODULES
+        if isinstance(action, _Version) and not eq:
+            return ()
+        if action.nargs == 0:
+            if eq or isinstance(action, argparse._HelpAction):
+                return COMMAND_MODULES  # help, or argparse's error, with every command
+        elif not eq:
+            next(words, None)  # its value
+    return COMMAND_MODULES
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    """The parser of ``cuga`` before any command: its name, help and leading options."""
     parser = argparse.ArgumentParser(
         prog="cuga",
         description="Orchestrate tool-using agents over gRPC services.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"cuga {_version()}")
+    parser.add_argument("--version", action=_Version, help="show program's version number and exit")
     _add_common(parser, suppress=False)
+    return parser
+
+
+def _add_commands(
+    parser: argparse.ArgumentParser, modules: Sequence[str]
+) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (up, console, runs, catalog, approvals, audit, tokens, tls, db, completion):
-        module.register(sub)
+    for name in modules:
+        importlib.import_module(f"cuga.cli.{name}").register(sub)
     for leaf in _leaves(parser):  # the commands: ``parser`` itself has sub-commands
         _add_common(leaf, suppress=True)
         if "--json" not in leaf._option_string_actions:
@@ -135,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The argument parser with the commands of ``modules`` (default: every command);
+    :func:`modules_for` says which a command line needs to parse as with every one."""
+    return _add_commands(_base_parser(), modules)
+
+
 def _hint(exc: CugaError, args: argparse.Namespace, settings: Settings | None) -> str:
     """What to do about a failed call, where the CLI can tell."""
     code = exc.code.name
@@ -142,6 +210,8 @@ def _hint(exc: CugaError, args: argparse.Namespace, settings: Settings | None) -
         identity = IDENTITY_OF.get(args.command, "client")
         if args.command == "approvals" and getattr(args, "token", ""):
             return "the token given with --token is not known to the services"
+        from cuga.cli import tokens
+
         _, source = tokens.find_token(settings.common.data_dir, identity)
         if source.startswith("no token"):
             return (
@@ -205,7 +275,15 @@ async def invoke(args: argparse.Namespace, settings: Settings) -> int:
             hint=_hint(exc, args, settings),
             status=exc.code.name,
         )
-    except (ConfigError, ToolDefinitionError) as exc:
+    except ConfigError as exc:
+        return _report(str(exc), ExitCode.CONFIG, as_json=as_json)
+    except ValueError as exc:
+        # A tool's definition (the worker's tools, `cuga tools`): cuga.tools, which brings
+        # jsonschema, is imported by the commands that load tools, not by every command.
+        from cuga.tools import ToolDefinitionError
+
+        if not isinstance(exc, ToolDefinitionError):
+            raise
         return _report(str(exc), ExitCode.CONFIG, as_json=as_json)
 
 
@@ -266,7 +344,10 @@ def _stdout_closed() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cuga`` script."""
-    args = build_parser().parse_args(argv)  # exits 2 on a usage error (argparse)
+    argv = sys.argv[1:] if argv is None else argv
+    # exits 2 on a usage error (argparse)
+    parser = _base_parser()
+    args = _add_commands(parser, modules_for(argv, parser)).parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     if args.data_dir:
         # Here and for every process a command starts (`cuga up`'s services, the demo's

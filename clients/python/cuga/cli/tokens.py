@@ -23,7 +23,6 @@ from pathlib import Path
 import yaml
 
 from cuga.cli._output import ConfigProblem, json_line, out
-from cuga.services.audit.checkpoints import load_key_signer
 from cuga.shared.auth import (
     ROLE_AUDITOR,
     ROLE_CLIENT,
@@ -190,6 +189,10 @@ def cli_token(data_dir: Path, identity: str, env: Mapping[str, str] | None = Non
 
 async def _init(args: argparse.Namespace, settings: Settings) -> int:
     """``cuga tokens init DIR``: credentials for a deployment, kept out of the repository."""
+    # Imported here: the audit service's checkpoint module brings its storage with it
+    # (~0.1 s), which every process importing the CLI would pay.
+    from cuga.services.audit.checkpoints import load_key_signer
+
     try:
         made = ensure_local_tokens(Path(args.directory))
         # The audit checkpoint key: apart from the service keys (auditors pin it for years).

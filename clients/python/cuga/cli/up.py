@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,12 +22,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from cuga.cli._output import ConfigProblem, ExitCode, err, json_line, out
-from cuga.cli.tls import CLIENT, LocalTls, ensure_local_tls, shell_exports
 from cuga.cli.tokens import LocalTokens, ensure_local_tokens
 from cuga.shared.auth import bearer_metadata
 from cuga.shared.bootstrap import Builder, serve
 from cuga.shared.config import SERVICE_NAMES, Settings
 from cuga.shared.files import private_dir
+
+if TYPE_CHECKING:
+    from cuga.cli.tls import LocalTls
 
 #: Start order: the registry first, so workers can register as soon as they are up.
 START_ORDER = ("routing", "audit", "approval", "worker", "planning", "coordinator")
@@ -190,6 +193,9 @@ class Cluster:
             self.env["CUGA_AUTH__TOKENS_FILE"] = str(self.tokens.file)
         self.tls: LocalTls | None = None
         if tls:
+            # The local CA's module (x509, ~30 ms) only when asked for: not in `serve`.
+            from cuga.cli.tls import CLIENT, ensure_local_tls
+
             self.tls = ensure_local_tls(self.data_dir / "tls")
             settings = settings.with_overrides(tls=self.tls.config(CLIENT))
         self.settings = settings
@@ -197,7 +203,11 @@ class Cluster:
     def client_env(self) -> dict[str, str]:
         """``CUGA_TLS__*`` variables that make a CLI process present the local ``client``
         certificate (empty without local TLS)."""
-        return self.tls.env(CLIENT) if self.tls is not None else {}
+        if self.tls is None:
+            return {}
+        from cuga.cli.tls import CLIENT
+
+        return self.tls.env(CLIENT)
 
     def token(self, identity: str) -> str:
         """The local bearer token of a person: ``client`` (CoordinatorService),
@@ -392,6 +402,8 @@ def _print_started(c: Cluster, as_json: bool) -> None:
         highlight=False,
     )
     if c.tls is not None:
+        from cuga.cli.tls import shell_exports
+
         console.print(
             f"mutual TLS: CA and certificates in {c.tls.folder}/; for the CLI in another "
             f"shell:\n  {shell_exports(c.client_env())}",

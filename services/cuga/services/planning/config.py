@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cuga.services.planning.llm import LLMConfig
 from cuga.shared.config import ConfigError
 from cuga.shared.sqldb import PoolConfig
 
@@ -16,6 +15,53 @@ _PLANNER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 PlanningModeName = Literal["explicit", "default", "budget_aware", "memory_augmented"]
 BudgetPolicyName = Literal["warn", "block"]
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The ``planning.llm`` section: which endpoint and model the ``llm`` planner asks."""
+
+    base_url: str = "https://api.openai.com/v1"
+    """Base URL of the OpenAI-compatible API (vLLM: ``http://host:8000/v1``, Ollama:
+    ``http://localhost:11434/v1``)."""
+    model: str = ""
+    """Model name the endpoint knows (``gpt-4o-mini``, ``Qwen/Qwen2.5-7B-Instruct``,
+    ``llama3.1``). Required when ``planning.planner`` is ``llm``."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key; empty or unset with no file: no key is
+    sent (local servers such as Ollama or vLLM need none)."""
+    api_key_file: str = ""
+    """File holding the API key (a mounted secret); wins over ``api_key_env``. Read for
+    each plan, so a rotated key is picked up; never logged."""
+    timeout_s: float = 30.0
+    """Most seconds one planning call may take, repair round included, 0.05 to 600 (never
+    more than the caller's deadline)."""
+    max_tokens: int = 2048
+    """Most tokens of one answer, 16 to 65536."""
+    temperature: float = 0.0
+    """Sampling temperature, 0 to 2 (0: the most repeatable plans)."""
+    prompt_token_price: float = 0.0
+    """Budget units charged per 1000 prompt tokens (>= 0)."""
+    completion_token_price: float = 0.0
+    """Budget units charged per 1000 completion tokens (>= 0)."""
+    repair_rounds: int = 1
+    """Repair requests after an invalid answer, 0 or 1."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"https?://[^\s]+", self.base_url):
+            raise ConfigError("base_url", f"{self.base_url!r} is not an http(s) URL")
+        if not 0.05 <= self.timeout_s <= 600:
+            raise ConfigError("timeout_s", "must be between 0.05 and 600")
+        if not 16 <= self.max_tokens <= 65536:
+            raise ConfigError("max_tokens", "must be between 16 and 65536")
+        if not 0 <= self.temperature <= 2:
+            raise ConfigError("temperature", "must be between 0 and 2")
+        for name in ("prompt_token_price", "completion_token_price"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(name, "must be a finite number >= 0")
+        if self.repair_rounds not in (0, 1):
+            raise ConfigError("repair_rounds", "must be 0 or 1")
 
 
 @dataclass(frozen=True)

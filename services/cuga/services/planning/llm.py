@@ -19,15 +19,14 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 from google.protobuf import duration_pb2
 from jsonschema import Draft202012Validator
 
 from cuga.common.v1 import common_pb2
+from cuga.services.planning.config import LLMConfig
 from cuga.services.planning.dag import SchemaValidators, validate_steps
 from cuga.services.planning.planners import PlanningRequest, Proposal, to_step
 from cuga.shared.config import ConfigError, Limits
@@ -85,53 +84,6 @@ _SECRET_PATTERNS = (
     ),
 )
 REDACTED = "[REDACTED]"
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """The ``planning.llm`` section: which endpoint and model the ``llm`` planner asks."""
-
-    base_url: str = "https://api.openai.com/v1"
-    """Base URL of the OpenAI-compatible API (vLLM: ``http://host:8000/v1``, Ollama:
-    ``http://localhost:11434/v1``)."""
-    model: str = ""
-    """Model name the endpoint knows (``gpt-4o-mini``, ``Qwen/Qwen2.5-7B-Instruct``,
-    ``llama3.1``). Required when ``planning.planner`` is ``llm``."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the API key; empty or unset with no file: no key is
-    sent (local servers such as Ollama or vLLM need none)."""
-    api_key_file: str = ""
-    """File holding the API key (a mounted secret); wins over ``api_key_env``. Read for
-    each plan, so a rotated key is picked up; never logged."""
-    timeout_s: float = 30.0
-    """Most seconds one planning call may take, repair round included, 0.05 to 600 (never
-    more than the caller's deadline)."""
-    max_tokens: int = 2048
-    """Most tokens of one answer, 16 to 65536."""
-    temperature: float = 0.0
-    """Sampling temperature, 0 to 2 (0: the most repeatable plans)."""
-    prompt_token_price: float = 0.0
-    """Budget units charged per 1000 prompt tokens (>= 0)."""
-    completion_token_price: float = 0.0
-    """Budget units charged per 1000 completion tokens (>= 0)."""
-    repair_rounds: int = 1
-    """Repair requests after an invalid answer, 0 or 1."""
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"https?://[^\s]+", self.base_url):
-            raise ConfigError("base_url", f"{self.base_url!r} is not an http(s) URL")
-        if not 0.05 <= self.timeout_s <= 600:
-            raise ConfigError("timeout_s", "must be between 0.05 and 600")
-        if not 16 <= self.max_tokens <= 65536:
-            raise ConfigError("max_tokens", "must be between 16 and 65536")
-        if not 0 <= self.temperature <= 2:
-            raise ConfigError("temperature", "must be between 0 and 2")
-        for name in ("prompt_token_price", "completion_token_price"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(name, "must be a finite number >= 0")
-        if self.repair_rounds not in (0, 1):
-            raise ConfigError("repair_rounds", "must be 0 or 1")
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
@@ -276,6 +228,11 @@ class LLMPlanner:
             DeadlineExceededError: no answer within ``timeout_s`` or the caller's deadline.
             UnavailableError: the endpoint could not be reached or answered an error.
         """
+        # Imported here, not at the top: the package takes ~0.5 s to import, and every
+        # process that reads the planning settings (each service, each CLI command)
+        # would pay it whether or not it plans with a model.
+        import openai
+
         config = self._config
         key = self._api_key()
         secrets = [key] if key else []
@@ -414,4 +371,4 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return out
 
 
-__all__ = ["PLAN_SCHEMA", "SYSTEM_PROMPT", "LLMConfig", "LLMPlanner", "redact"]
+__all__ = ["PLAN_SCHEMA", "SYSTEM_PROMPT", "LLMPlanner", "redact"]
