@@ -100,12 +100,18 @@ if SOAK:  # the matrix: `make soak` only (see above)
             if victim == "worker":
                 # Some sleeps must be running on the worker when it is told to stop, or
                 # the drain is not tested; its last heartbeat is a lower bound of them.
+                # Only a heartbeat received after the sleeps were routed: one from before
+                # may still count a0 steps and pass with no sleep sent yet.
+                await wait_runs(
+                    logs, lambda log: bool(_workers_of([log], "s0")), timeout_s=30, what="s0 routed"
+                )
+                routed_at = time.time()
                 await until(
-                    lambda: _positive(in_flight(cluster, "worker-1")),
+                    lambda: _positive(in_flight(cluster, "worker-1", since=routed_at)),
                     timeout_s=SLEEP_S,
                     what="a sleep to reach the worker",
                 )
-                running_at_sigterm = await in_flight(cluster, "worker-1")
+                running_at_sigterm = await in_flight(cluster, "worker-1", since=routed_at)
             proc = cluster.terminate(victim)
             exit_code = await asyncio.wait_for(proc.wait(), GRACE_S + 10)
             await watcher

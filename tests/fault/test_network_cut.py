@@ -25,6 +25,7 @@ hang, nothing reset). Then:
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -95,10 +96,16 @@ async def _cut_mid_step(cluster: FaultCluster, ns: NetNamespace, tag: str) -> No
     log = RunLog(tag, chain(tag, sleep_s=SLEEP_S))
     run = asyncio.create_task(orchestrate(cluster, log))
     try:
-        await wait_runs([log], lambda lg: lg.done("a0"), timeout_s=30, what="a0")
+        await wait_runs(
+            [log], lambda lg: bool(_routed_to(lg, "s0")), timeout_s=30, what="s0 routed"
+        )
+        # Only a heartbeat received after s0 was routed: the last one before may have left
+        # worker-1 while a0 ran there, and pass this check before s0 is sent; the cut could
+        # then drop s0 on its way (it arrives past its attempt deadline and is not run).
+        routed_at = time.time()
 
         async def sleeping() -> bool:
-            return await in_flight(cluster, "worker-1") > 0
+            return await in_flight(cluster, "worker-1", since=routed_at) > 0
 
         # worker-1 is the only worker so far: s0 is sent to it. Its heartbeat says when
         # the sleep is running there (and not only routed).

@@ -190,7 +190,9 @@ async def test_a_cancelled_run_exits_3_and_says_what_was_left_running(
     cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = cluster.settings
-    slow = _plan(tmp_path, "slow.yaml", "- {id: nap, tool: sleep, input: {seconds: 20}}\n")
+    # Long enough to be running still when the cancel lands (a second or two in), short
+    # because the worker's stop at teardown waits for a started tool to end.
+    slow = _plan(tmp_path, "slow.yaml", "- {id: nap, tool: sleep, input: {seconds: 8}}\n")
     code, shown, _ = await _cuga(settings, capsys, "run", "nap", "--plan", slow, "--detach")
     run_id = shown.strip()
     # Wait for the step to be at the worker (its ROUTE event), then cancel.

@@ -165,6 +165,30 @@ def _req(tool: str, key: str, **inputs: Any) -> worker_pb2.ExecuteStepRequest:
     )
 
 
+async def _idle_processes(w: Attacked, count: int, name: str) -> None:
+    """Leave ``count`` tool processes started and idle before a test's hanging calls.
+
+    The hanging tool's 1 s timeout counts from the call, so a call that has to start its
+    process on a loaded machine (make test's) can be killed before it reaches its gate,
+    and then proves nothing. Here ``count`` calls wait at gate ``name`` together — each
+    in a process of its own — until all have reached it, then pass.
+    """
+    with Gate(w.sandbox, name) as gate:
+        calls = [
+            asyncio.create_task(
+                w.client.execute_step(_req("wait_at_gate", f"{name}/{i}", gate=name), timeout=60)
+            )
+            for i in range(count)
+        ]
+
+        async def all_there() -> bool:
+            return gate.calls() >= count
+
+        await until(all_there, timeout_s=ANSWER_BOUND_S, what=f"{count} processes at {name}")
+    for result in await asyncio.gather(*calls):
+        assert value_to_python(result.result.output)["released"] is True
+
+
 async def _refused_as_saturated(w: Attacked, key: str) -> ResourceExhaustedError:
     with pytest.raises(ResourceExhaustedError) as info:
         await w.client.execute_step(_req("quick", key), timeout=30)
@@ -179,6 +203,7 @@ async def test_hanging_sync_calls_hold_no_capacity_past_their_timeout_and_grace(
     settings: Settings,
 ) -> None:
     async with _attacked_worker(settings) as w, asyncio.timeout(90):
+        await _idle_processes(w, SLOTS, "warm")
         with Gate(w.sandbox, "stuck") as gate:  # never opened while the calls run
             seen = len(w.routing.heartbeats)
             sent = time.monotonic()
@@ -239,7 +264,8 @@ async def test_a_retry_of_a_killed_call_runs_the_tool_again(settings: Settings) 
     # A killed overrun is RESOURCE, retryable, and not stored: the same key runs again.
     async with _attacked_worker(settings) as w, asyncio.timeout(60):
         with Gate(w.sandbox, "retry") as gate:
-            for _ in range(2):
+            for attempt in range(2):
+                await _idle_processes(w, 1, f"warm{attempt}")
                 with pytest.raises(DeadlineExceededError) as info:
                     await w.client.execute_step(_req("hang", "run-1/s1", gate="retry"))
                 assert info.value.failure_mode is FailureMode.RESOURCE

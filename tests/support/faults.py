@@ -34,7 +34,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cuga.audit.v1 import audit_pb2
 from cuga.cli.tokens import ensure_local_tokens
 from cuga.cli.up import wait_serving
-from cuga.client import AuditClient, BaseClient, CoordinatorClient, CugaError, RoutingClient
+from cuga.client import (
+    ApprovalClient,
+    AuditClient,
+    BaseClient,
+    CoordinatorClient,
+    CugaError,
+    PlanningClient,
+    RoutingClient,
+    WorkerClient,
+)
 from cuga.common.v1 import common_pb2 as S
 from cuga.coordinator.v1 import coordinator_pb2
 from cuga.routing.v1 import routing_pb2
@@ -226,6 +235,17 @@ class FaultCluster:
         self.services[name].restarts += 1
         await self.spawn(name)
         await self.wait_serving(name, timeout_s)
+        await self._clients_reconnected(name, timeout_s)
+
+    async def _clients_reconnected(self, name: str, timeout_s: float) -> None:
+        """Until a client of ``name`` from this process connects. gRPC shares a subchannel
+        between channels with equal options: one a client still open at the kill left in
+        its reconnect backoff (refused while the process was down) would fail the next
+        client's first call fast with UNAVAILABLE, before the transport retries' tenths of
+        a second are up. A fresh process (the CLI) has no such channel to share."""
+        client_class = _CLIENT_OF[self.services[name].kind]
+        async with client_class(self.services[name].address) as client:
+            await asyncio.wait_for(client.channel.channel_ready(), timeout_s)
 
     async def stop(self) -> None:
         """SIGTERM every live process, callers first; SIGKILL what outlives the grace."""
@@ -312,14 +332,16 @@ class FaultCluster:
         return int(reply.status)
 
 
-_SERVICE_OF = {
-    "CoordinatorClient": "coordinator",
-    "PlanningClient": "planning",
-    "RoutingClient": "routing",
-    "AuditClient": "audit",
-    "ApprovalClient": "approval",
-    "WorkerClient": "worker",
+#: The typed client of each kind of service.
+_CLIENT_OF: dict[str, type[BaseClient]] = {
+    "coordinator": CoordinatorClient,
+    "planning": PlanningClient,
+    "routing": RoutingClient,
+    "audit": AuditClient,
+    "approval": ApprovalClient,
+    "worker": WorkerClient,
 }
+_SERVICE_OF = {cls.__name__: kind for kind, cls in _CLIENT_OF.items()}
 
 
 @asynccontextmanager
@@ -463,8 +485,8 @@ async def follow(
                     ),
                     timeout=timeout_s,
                 )
-                async for reply in stream:
-                    log.add(reply.event)
+                async for resumed in stream:
+                    log.add(resumed.event)
                 return
         after = log.events[-1].seq if log.events else 0
         async for reply in client.watch(
