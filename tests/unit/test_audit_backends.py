@@ -412,6 +412,29 @@ async def test_reopened_backend_keeps_chain_and_idempotency(store: Store) -> Non
     second.close()
 
 
+async def test_every_field_of_an_appended_record_reads_back_from_storage(
+    store: Store, clock: FakeClock
+) -> None:
+    # The append path writes each row from what prepare read (not the message again):
+    # every column must still land where a read finds it, as the record it answered with.
+    first = AuditLog(store.open(), clock=clock)
+    batch = [
+        rec("r1", at=T0 + 1.5, profile="team-a", kind="plan", run="run-9"),
+        rec("r2", T2, payload={"nested": {"x": [1, "two", None]}}),  # stamped by the service
+        rec("r3", at=T0 + 3, kind="step_result"),
+    ]
+    stored, _ = await first.append(batch, writer="cuga-coordinator")
+    stored += (await first.append([rec("r4", at=T0 + 4, profile="team-b")]))[0]
+    first.close()
+    second = AuditLog(store.open())
+    read, _ = await second.query(audit_pb2.RecordFilter(), 100)
+    second.close()
+    assert sorted(read, key=lambda r: r.leaf_index) == stored
+    assert [r.record_id for r in stored[:3]] == [f"cuga-coordinator/r{i}" for i in (1, 2, 3)]
+    assert stored[1].timestamp.ToNanoseconds() == int(T0 * 1e9)
+    assert [r.profile for r in stored] == ["team-a", "default", "default", "team-b"]
+
+
 async def test_two_replicas_writing_one_trace_keep_the_chain(store: Store) -> None:
     # For SQLite and JSONL this is one instance used from many threads; for PostgreSQL two
     # instances (two connections = two replicas) race on the same trace.

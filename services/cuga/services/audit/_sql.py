@@ -314,10 +314,27 @@ class SqlAuditBackend(AuditBackend):
                 pending, stored.get, lambda trace: heads.get(trace, Head()), frontier
             )
             if batch.new:
-                cur.executemany(
-                    self._insert_sql,
-                    [record_row(r, payload_json) for r, payload_json in batch.new],
-                )
+                rows = []
+                for item, index, leaf_index, leaf_hash in batch.new:
+                    # record_row's values, from what prepare read (no getter called again)
+                    rid, trace, run, profile, kind, ts_ns, actor = item.columns
+                    rows.append(
+                        (
+                            rid,
+                            trace,
+                            index,
+                            run,
+                            profile,
+                            kind,
+                            ts_ns,
+                            actor,
+                            item.payload_json,
+                            "",  # prev_hash: deprecated, empty for new records
+                            leaf_hash,
+                            leaf_index,
+                        )
+                    )
+                cur.executemany(self._insert_sql, rows)
                 cur.executemany(
                     self._upsert_head_sql,
                     [(trace, h.index, h.hash) for trace, h in batch.heads.items()],

@@ -184,26 +184,36 @@ class AuditLog:
         given = record.HasField("timestamp")
         if given and not 0 < record.timestamp.seconds < MAX_TIMESTAMP_S:
             raise InvalidArgumentError(f"{field}.timestamp", "must be after 1970 and before 2200")
+        columns = (
+            f"{writer}/{record.record_id}" if writer else record.record_id,
+            record.trace_id,
+            record.run_id,
+            record.profile or DEFAULT_PROFILE,
+            record.kind,
+            ts_to_ns(record.timestamp) if given else int(self._clock.now() * 1e9),
+            record.actor,
+        )
+        record_id, trace_id, run_id, profile, kind, timestamp_ns, actor = columns
         clean = audit_pb2.AuditRecord(
-            record_id=f"{writer}/{record.record_id}" if writer else record.record_id,
-            trace_id=record.trace_id,
-            run_id=record.run_id,
-            profile=record.profile or DEFAULT_PROFILE,
-            kind=record.kind,
-            actor=record.actor,
+            record_id=record_id,
+            trace_id=trace_id,
+            run_id=run_id,
+            profile=profile,
+            kind=kind,
+            actor=actor,
         )
         clean.payload.CopyFrom(record.payload)
         if given:
             clean.timestamp.CopyFrom(record.timestamp)
         else:
-            clean.timestamp.FromNanoseconds(int(self._clock.now() * 1e9))
+            clean.timestamp.FromNanoseconds(timestamp_ns)
         try:
             head, tail, payload_json = canonical_parts(clean)
         except ValueError:
             raise InvalidArgumentError(
                 f"{field}.payload", "holds NaN or Infinity, which JSON cannot carry"
             ) from None
-        return PendingRecord(clean, head, tail, payload_json, given)
+        return PendingRecord(clean, head, tail, payload_json, columns, given)
 
     def _filter(self, flt: audit_pb2.RecordFilter, field: str = "filter") -> RecordFilter:
         check_id(f"{field}.trace_id", flt.trace_id, required=False, pattern=TRACE_ID_PATTERN)

@@ -301,10 +301,13 @@ class JSONAuditTrail(AuditBackend):
                 self._frontier,
             )
             results = batch.results
-            new = [record for record, _ in batch.new]
+            new = [item.record for item, *_ in batch.new]
             if not new:
                 return results
-            lines = [(to_json_line(r, pj) + "\n").encode("utf-8") for r, pj in batch.new]
+            lines = [
+                (to_json_line(item.record, item.payload_json) + "\n").encode("utf-8")
+                for item, *_ in batch.new
+            ]
             path = self._target(sum(len(b) for b in lines))
             offsets: list[int] = []
             with open_private(path, "ab") as f:

@@ -227,6 +227,11 @@ class PendingRecord:
     """Its leaf data after the chain_index value."""
     payload_json: str
     """The canonical JSON of its payload (the SQL backends' ``payload`` column)."""
+    columns: tuple[str, str, str, str, str, int, str]
+    """Its values known before it is sequenced, as :meth:`AuditLog.prepare` read them:
+    ``(record_id, trace_id, run_id, profile, kind, timestamp_ns, actor)``. The append
+    path reads these instead of the message's fields (each a protobuf getter, a batch of
+    50 spent ~80 µs reading them again)."""
     timestamp_given: bool = True
     """False when the service stamped the record because the caller left timestamp unset."""
 
@@ -256,8 +261,9 @@ class SequencedBatch:
 
     results: list[AppendResult]
     """One per pending record, in request order."""
-    new: list[tuple[audit_pb2.AuditRecord, str]]
-    """Records to write, in leaf order, each with the canonical JSON of its payload."""
+    new: list[tuple[PendingRecord, int, int, str]]
+    """Records to write, in leaf order, each as ``(pending, chain_index, leaf_index,
+    hash)``: its stored record is ``pending.record``, completed with those three."""
     heads: dict[str, Head]
     """The new head of every trace that grows."""
     nodes: list[tuple[int, int, bytes]]
@@ -289,7 +295,7 @@ def sequence_records(
         AlreadyExistsError: a record id is stored (or repeated in the batch) with another body.
     """
     results: list[AppendResult] = []
-    new: list[tuple[audit_pb2.AuditRecord, str]] = []
+    new: list[tuple[PendingRecord, int, int, str]] = []
     in_batch: dict[str, audit_pb2.AuditRecord] = {}
     ends: dict[str, Head] = {}
     tree = frontier.copy()
@@ -297,7 +303,7 @@ def sequence_records(
     sha256 = hashlib.sha256
     for item in pending:
         record = item.record
-        rid = record.record_id
+        rid, trace = item.columns[0], item.columns[1]
         existing = in_batch.get(rid) or lookup(rid)
         if existing is not None:
             if not same_body(existing, item):
@@ -308,20 +314,20 @@ def sequence_records(
                 )
             results.append(AppendResult(existing, True))
             continue
-        trace = record.trace_id
         end = ends.get(trace)
         if end is None:
             current = head(trace)
             end = ends[trace] = Head(current.index, current.hash)
         index = end.index + 1
         leaf = sha256(b"\x00" + item.head + str(index).encode() + item.tail).digest()
+        leaf_index = tree.size
         record.chain_index = index
-        record.leaf_index = tree.size
-        record.hash = end.hash = leaf.hex()
+        record.leaf_index = leaf_index
+        record.hash = end.hash = leaf_hex = leaf.hex()
         end.index = index
         tree.append(leaf, nodes)
         in_batch[rid] = record
-        new.append((record, item.payload_json))
+        new.append((item, index, leaf_index, leaf_hex))
         results.append(AppendResult(record, False))
     return SequencedBatch(results, new, ends, nodes, tree)
 
