@@ -339,6 +339,10 @@ async def test_the_plan_is_routed_then_executed_and_completed_after_a_resume(
         ("ROUTED", "EXECUTING"),
         ("EXECUTING", "FAILED"),
     ]
+    servicer = cluster.servers["planning"].definition.registrations[0][1]
+    rows = await servicer._planner._store.history(plan_id)
+    # ROUTED and EXECUTING in one TransitionPlan call (via): one request id for both.
+    assert rows[1].request_id and rows[1].request_id == rows[2].request_id
     async with CoordinatorClient(
         cluster.address("coordinator"), metadata=as_identity("client")
     ) as client:

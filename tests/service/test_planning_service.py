@@ -82,6 +82,95 @@ async def test_create_get_transition_round_trip(client: PlanningClient) -> None:
         )
 
 
+async def test_a_transition_moves_through_its_via_states_in_one_call(
+    static_settings: Settings,
+) -> None:
+    """``via`` (issue 27): each state passed through is a move of its own, checked and
+    recorded, in one transaction; repeating the call changes nothing, a state the plan is
+    in already is passed over, and a move refused part way writes none of the moves."""
+    async with (
+        running_service("planning", build, static_settings) as server,
+        PlanningClient(server.address, metadata=as_identity("coordinator")) as planning,
+    ):
+        store = server.definition.registrations[0][1]._planner._store
+
+        async def history(plan_id: str) -> list[tuple[str, str, str]]:
+            return [
+                (
+                    c.PlanState.Name(t.from_state)[11:],
+                    c.PlanState.Name(t.to_state)[11:],
+                    t.request_id,
+                )
+                for t in await store.history(plan_id)
+            ]
+
+        def start(
+            plan_id: str, request_id: str, *via: int, to: int = c.PLAN_STATE_EXECUTING
+        ) -> p.TransitionPlanRequest:
+            return p.TransitionPlanRequest(
+                request_id=request_id, plan_id=plan_id, to_state=to, via=via, reason="started"
+            )
+
+        plan = (await planning.create_plan(_explicit())).plan
+        moved = (
+            await planning.transition_plan(start(plan.plan_id, "s1", c.PLAN_STATE_ROUTED))
+        ).plan
+        assert moved.state == c.PLAN_STATE_EXECUTING
+        expected = [
+            ("UNSPECIFIED", "CREATED", ""),
+            ("CREATED", "ROUTED", "s1"),
+            ("ROUTED", "EXECUTING", "s1"),
+        ]
+        assert await history(plan.plan_id) == expected
+        again = (
+            await planning.transition_plan(start(plan.plan_id, "s1", c.PLAN_STATE_ROUTED))
+        ).plan
+        assert again == moved
+        assert await history(plan.plan_id) == expected
+        # Already EXECUTING: a new request is a no-op, as moving to the current state is.
+        await planning.transition_plan(start(plan.plan_id, "s2", c.PLAN_STATE_ROUTED))
+        assert await history(plan.plan_id) == expected
+
+        routed = (await planning.create_plan(_explicit())).plan
+        await planning.transition_plan(start(routed.plan_id, "r1", to=c.PLAN_STATE_ROUTED))
+        await planning.transition_plan(start(routed.plan_id, "r2", c.PLAN_STATE_ROUTED))
+        assert (await history(routed.plan_id))[1:] == [
+            ("CREATED", "ROUTED", "r1"),
+            ("ROUTED", "EXECUTING", "r2"),
+        ]
+
+        refused = (await planning.create_plan(_explicit())).plan
+        with pytest.raises(FailedPreconditionError, match="from ROUTED to COMPLETED") as info:
+            await planning.transition_plan(
+                start(refused.plan_id, "x1", c.PLAN_STATE_ROUTED, to=c.PLAN_STATE_COMPLETED)
+            )
+        assert info.value.reason == "INVALID_TRANSITION"
+        with pytest.raises(FailedPreconditionError, match="from CREATED to COMPLETED"):
+            await planning.transition_plan(start(refused.plan_id, "x2", c.PLAN_STATE_COMPLETED))
+        kept = (await planning.get_plan(p.GetPlanRequest(plan_id=refused.plan_id))).plan
+        assert kept.state == c.PLAN_STATE_CREATED
+        assert await history(refused.plan_id) == [("UNSPECIFIED", "CREATED", "")]
+
+
+async def test_bad_via_states_are_refused_naming_the_field(client: PlanningClient) -> None:
+    plan = (await client.create_plan(_explicit())).plan
+    cases = {
+        "via[1]": [c.PLAN_STATE_ROUTED, c.PLAN_STATE_UNSPECIFIED],
+        "via[0]": [99],
+        "via": [c.PLAN_STATE_ROUTED] * 5,
+    }
+    for field, via in cases.items():
+        with pytest.raises(InvalidArgumentError) as info:
+            await client.transition_plan(
+                p.TransitionPlanRequest(
+                    plan_id=plan.plan_id, to_state=c.PLAN_STATE_EXECUTING, via=via
+                )
+            )
+        assert info.value.field == field, info.value.message
+    got = (await client.get_plan(p.GetPlanRequest(plan_id=plan.plan_id))).plan
+    assert got.state == c.PLAN_STATE_CREATED
+
+
 async def test_default_and_memory_modes_over_the_wire(client: PlanningClient) -> None:
     plan = (await client.create_plan(p.CreatePlanRequest(goal="weather forecast for Bergen"))).plan
     assert plan.mode == c.PLANNING_MODE_DEFAULT

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
@@ -195,14 +196,17 @@ class RunDriver:
 
     # ------------------------------------------------------------------ the plan's state
 
-    async def transition(self, plan_id: str, state: int, r: LiveRun, reason: str) -> None:
-        """Tell planning the plan's state; a refusal is logged, never fails the run.
+    async def transition(
+        self, plan_id: str, state: int, r: LiveRun, reason: str, via: Sequence[int] = ()
+    ) -> None:
+        """Tell planning the plan's state (through the ``via`` states first, in the same
+        call); a refusal is logged, never fails the run.
 
         Every state but EXECUTING is a run's last word, sent after its terminal event: it
         counts as finishing (see :meth:`admit`) until planning has answered.
         """
         if state == common_pb2.PLAN_STATE_EXECUTING:
-            await self._tell_planning(plan_id, state, r, reason)
+            await self._tell_planning(plan_id, state, r, reason, via)
             return
         self._finishing += 1
         try:
@@ -214,14 +218,19 @@ class RunDriver:
 
     async def _plan_started(self, r: LiveRun, plan_id: str) -> None:
         """Tell planning the plan started: ROUTED once routing answered for its first
-        steps, then EXECUTING; a resumed run's plan (FAILED, or left EXECUTING) goes to
-        EXECUTING again."""
+        steps, then EXECUTING, in one call (``via``: two moves, two records); a resumed
+        run's plan (FAILED, or left EXECUTING) goes to EXECUTING again."""
         if r.resumed:
             await self.transition(plan_id, common_pb2.PLAN_STATE_EXECUTING, r, "run resumed")
             return
         await r.routed.wait()
-        await self.transition(plan_id, common_pb2.PLAN_STATE_ROUTED, r, "first steps routed")
-        await self.transition(plan_id, common_pb2.PLAN_STATE_EXECUTING, r, "run started")
+        await self.transition(
+            plan_id,
+            common_pb2.PLAN_STATE_EXECUTING,
+            r,
+            "first steps routed, run started",
+            via=(common_pb2.PLAN_STATE_ROUTED,),
+        )
 
     async def _started_told(self, r: LiveRun, plan_id: str) -> None:
         """Before the plan's final state: wait until its start was told. A run that ends
@@ -236,7 +245,9 @@ class RunDriver:
             return
         await asyncio.gather(r.executing, return_exceptions=True)  # keep the order
 
-    async def _tell_planning(self, plan_id: str, state: int, r: LiveRun, reason: str) -> None:
+    async def _tell_planning(
+        self, plan_id: str, state: int, r: LiveRun, reason: str, via: Sequence[int] = ()
+    ) -> None:
         if self.closing:
             return
         if state not in (common_pb2.PLAN_STATE_EXECUTING, common_pb2.PLAN_STATE_ROUTED):
@@ -247,6 +258,7 @@ class RunDriver:
                     request_id=derived_id(r.run_id, common_pb2.PlanState.Name(state), str(r.seq)),
                     plan_id=plan_id,
                     to_state=state,  # type: ignore[arg-type]
+                    via=via,  # type: ignore[arg-type]
                     reason=reason[:1024],
                     run_id=r.run_id if state == common_pb2.PLAN_STATE_COMPLETED else "",
                 ),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cuga.common.v1 import common_pb2 as cuga_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63uga/planning/v1/planning.proto\x12\x10\x63uga.planning.v1\x1a\x1b\x63uga/common/v1/common.proto\"\xe9\x01\n\x11\x43reatePlanRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12*\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x1a.cuga.common.v1.ToolBudget\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.cuga.common.v1.PlanningMode\x12\'\n\x05steps\x18\x06 \x03(\x0b\x32\x18.cuga.common.v1.PlanStep\"8\n\x12\x43reatePlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.cuga.common.v1.Plan\"!\n\x0eGetPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"5\n\x0fGetPlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.cuga.common.v1.Plan\"\x89\x01\n\x15TransitionPlanRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12+\n\x08to_state\x18\x03 \x01(\x0e\x32\x19.cuga.common.v1.PlanState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\"<\n\x16TransitionPlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.cuga.common.v1.Plan2\x9f\x02\n\x0fPlanningService\x12W\n\nCreatePlan\x12#.cuga.planning.v1.CreatePlanRequest\x1a$.cuga.planning.v1.CreatePlanResponse\x12N\n\x07GetPlan\x12 .cuga.planning.v1.GetPlanRequest\x1a!.cuga.planning.v1.GetPlanResponse\x12\x63\n\x0eTransitionPlan\x12\'.cuga.planning.v1.TransitionPlanRequest\x1a(.cuga.planning.v1.TransitionPlanResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63uga/planning/v1/planning.proto\x12\x10\x63uga.planning.v1\x1a\x1b\x63uga/common/v1/common.proto\"\xe9\x01\n\x11\x43reatePlanRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x31\n\x07\x63ontext\x18\x03 \x01(\x0b\x32 .cuga.common.v1.ExecutionContext\x12*\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x1a.cuga.common.v1.ToolBudget\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.cuga.common.v1.PlanningMode\x12\'\n\x05steps\x18\x06 \x03(\x0b\x32\x18.cuga.common.v1.PlanStep\"8\n\x12\x43reatePlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.cuga.common.v1.Plan\"!\n\x0eGetPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"5\n\x0fGetPlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.cuga.common.v1.Plan\"\xb1\x01\n\x15TransitionPlanRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12+\n\x08to_state\x18\x03 \x01(\x0e\x32\x19.cuga.common.v1.PlanState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12&\n\x03via\x18\x06 \x03(\x0e\x32\x19.cuga.common.v1.PlanState\"<\n\x16TransitionPlanResponse\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x14.cuga.common.v1.Plan2\x9f\x02\n\x0fPlanningService\x12W\n\nCreatePlan\x12#.cuga.planning.v1.CreatePlanRequest\x1a$.cuga.planning.v1.CreatePlanResponse\x12N\n\x07GetPlan\x12 .cuga.planning.v1.GetPlanRequest\x1a!.cuga.planning.v1.GetPlanResponse\x12\x63\n\x0eTransitionPlan\x12\'.cuga.planning.v1.TransitionPlanRequest\x1a(.cuga.planning.v1.TransitionPlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,9 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPLANRESPONSE']._serialized_start=411
   _globals['_GETPLANRESPONSE']._serialized_end=464
   _globals['_TRANSITIONPLANREQUEST']._serialized_start=467
-  _globals['_TRANSITIONPLANREQUEST']._serialized_end=604
-  _globals['_TRANSITIONPLANRESPONSE']._serialized_start=606
-  _globals['_TRANSITIONPLANRESPONSE']._serialized_end=666
-  _globals['_PLANNINGSERVICE']._serialized_start=669
-  _globals['_PLANNINGSERVICE']._serialized_end=956
+  _globals['_TRANSITIONPLANREQUEST']._serialized_end=644
+  _globals['_TRANSITIONPLANRESPONSE']._serialized_start=646
+  _globals['_TRANSITIONPLANRESPONSE']._serialized_end=706
+  _globals['_PLANNINGSERVICE']._serialized_start=709
+  _globals['_PLANNINGSERVICE']._serialized_end=996
 # @@protoc_insertion_point(module_scope)

@@ -42,18 +42,20 @@ class GetPlanResponse(_message.Message):
     def __init__(self, plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class TransitionPlanRequest(_message.Message):
-    __slots__ = ("request_id", "plan_id", "to_state", "reason", "run_id")
+    __slots__ = ("request_id", "plan_id", "to_state", "reason", "run_id", "via")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     TO_STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plan_id: str
     to_state: _common_pb2.PlanState
     reason: str
     run_id: str
-    def __init__(self, request_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., to_state: _Optional[_Union[_common_pb2.PlanState, str]] = ..., reason: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+    via: _containers.RepeatedScalarFieldContainer[_common_pb2.PlanState]
+    def __init__(self, request_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., to_state: _Optional[_Union[_common_pb2.PlanState, str]] = ..., reason: _Optional[str] = ..., run_id: _Optional[str] = ..., via: _Optional[_Iterable[_Union[_common_pb2.PlanState, str]]] = ...) -> None: ...
 
 class TransitionPlanResponse(_message.Message):
     __slots__ = ("plan",)

@@ -50,6 +50,7 @@ from cuga.shared.validation import (
     MAX_STEP_REASON_CHARS,
     check_budget,
     check_context,
+    check_count,
     check_id,
     check_length,
     check_request_id,
@@ -77,6 +78,20 @@ TRANSITIONS: Mapping[int, frozenset[int]] = {
     S.PLAN_STATE_CANCELLED: frozenset(),
 }
 TERMINAL = frozenset({S.PLAN_STATE_COMPLETED, S.PLAN_STATE_FAILED, S.PLAN_STATE_CANCELLED})
+#: Most states a TransitionPlan request may move through before its target (``via``).
+MAX_VIA_STATES = 4
+_STATES = frozenset(common_pb2.PlanState.values())
+
+
+def _check_state(field: str, state: int) -> None:
+    """``state`` is a PlanState this build knows, not UNSPECIFIED."""
+    if state == S.PLAN_STATE_UNSPECIFIED:
+        raise InvalidArgumentError(
+            field, "is required" if field == "to_state" else "must not be UNSPECIFIED"
+        )
+    if state not in _STATES:
+        raise InvalidArgumentError(field, f"{state} is not a PlanState")
+
 
 _MODE_NAMES: Mapping[str, int] = {
     "explicit": S.PLANNING_MODE_EXPLICIT,
@@ -470,11 +485,12 @@ class Planner:
     async def transition_plan(
         self, request: planning_pb2.TransitionPlanRequest, *, timeout: float | None = None
     ) -> common_pb2.Plan:
-        """Move a plan to another state.
+        """Move a plan to another state, through the ``via`` states first.
 
-        Moving to the state it is already in is a no-op. With ``to_state`` COMPLETED and a
-        ``run_id``, the goal and plan are remembered (same transaction) for
-        memory-augmented planning.
+        Moving to the state it is already in is a no-op. Each ``via`` state is a move of its
+        own, checked and recorded as one, in the same transaction; one the plan is in
+        already is passed over. With ``to_state`` COMPLETED and a ``run_id``, the goal and
+        plan are remembered (same transaction) for memory-augmented planning.
 
         Raises:
             InvalidArgumentError: malformed request.
@@ -485,29 +501,36 @@ class Planner:
         check_request_id(request.request_id)
         check_id("plan_id", request.plan_id)
         target = request.to_state
-        if target == S.PLAN_STATE_UNSPECIFIED:
-            raise InvalidArgumentError("to_state", "is required")
-        if target not in common_pb2.PlanState.values():
-            raise InvalidArgumentError("to_state", f"{target} is not a PlanState")
+        _check_state("to_state", target)
+        check_count("via", request.via, MAX_VIA_STATES)
+        for i, state in enumerate(request.via):
+            _check_state(f"via[{i}]", state)
+        path = [*request.via, target]
         check_length("reason", request.reason, 1024)
         check_id("run_id", request.run_id, required=False)
         now = self._clock.now()
 
-        def decide(plan: common_pb2.Plan) -> common_pb2.Plan | None:
+        def decide(plan: common_pb2.Plan) -> list[common_pb2.Plan]:
             if plan.state == target:
-                return None
-            if target not in TRANSITIONS.get(plan.state, frozenset()):
-                raise FailedPreconditionError(
-                    f"plan {plan.plan_id} cannot move from {state_name(plan.state)} to"
-                    f" {state_name(target)}",
-                    reason="INVALID_TRANSITION",
-                    metadata={"from": state_name(plan.state), "to": state_name(target)},
-                )
-            updated = common_pb2.Plan()
-            updated.CopyFrom(plan)
-            updated.state = target
-            updated.updated_at.CopyFrom(timestamp(now))
-            return updated
+                return []
+            moves: list[common_pb2.Plan] = []
+            for state in path:
+                if state == plan.state:
+                    continue
+                if state not in TRANSITIONS.get(plan.state, frozenset()):
+                    raise FailedPreconditionError(
+                        f"plan {plan.plan_id} cannot move from {state_name(plan.state)} to"
+                        f" {state_name(state)}",
+                        reason="INVALID_TRANSITION",
+                        metadata={"from": state_name(plan.state), "to": state_name(state)},
+                    )
+                moved = common_pb2.Plan()
+                moved.CopyFrom(plan)
+                moved.state = state
+                moved.updated_at.CopyFrom(timestamp(now))
+                moves.append(moved)
+                plan = moved
+            return moves
 
         also: Callable[[AsyncDatabase, common_pb2.Plan], Awaitable[None]] | None = None
         if target == S.PLAN_STATE_COMPLETED and request.run_id:

@@ -18,7 +18,7 @@ its own call and one connection, never the service.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,7 +281,7 @@ class PlanStore:
     async def transition(
         self,
         plan_id: str,
-        decide: Callable[[common_pb2.Plan], common_pb2.Plan | None],
+        decide: Callable[[common_pb2.Plan], Sequence[common_pb2.Plan]],
         *,
         at: float,
         reason: str = "",
@@ -292,10 +292,12 @@ class PlanStore:
     ) -> common_pb2.Plan:
         """Change a plan's state in one transaction.
 
-        ``decide`` gets the stored plan and returns the updated plan to write, or None for
-        a no-op (it raises to refuse). ``also`` runs inside the same transaction after the
-        write (e.g. remembering a completed plan). A request id seen before returns the
-        plan as that request left it, without calling ``decide``.
+        ``decide`` gets the stored plan and returns the plan as each move leaves it, in
+        order (one per state it moves through; none for a no-op; it raises to refuse):
+        each move is recorded as a transition of its own, and the last is written.
+        ``also`` runs inside the same transaction after the write (e.g. remembering a
+        completed plan). A request id seen before returns the plan as that request left
+        it, without calling ``decide``.
         """
         async with self._conn.transaction() as conn:
             if request_id:
@@ -314,32 +316,27 @@ class PlanStore:
                         )
                     return common_pb2.Plan.FromString(row["response"])
             current = await self._get(conn, plan_id, for_update=True)
-            updated = decide(current)
+            moves = decide(current)
             result = current
-            if updated is not None:
+            if moves:
                 seq_cur = await conn.execute(
                     "SELECT COALESCE(MAX(seq), -1) + 1 FROM transitions WHERE plan_id = ?",
                     (plan_id,),
                 )
-                seq_row = seq_cur.fetchone()
+                seq = int(seq_cur.fetchone()[0])
+                updated = moves[-1]
                 await conn.execute(
                     "UPDATE plans SET state = ?, updated_at = ?, plan = ? WHERE plan_id = ?",
                     (updated.state, at, updated.SerializeToString(), plan_id),
                 )
-                await conn.execute(
-                    "INSERT INTO transitions (plan_id, seq, from_state, to_state, at, reason,"
-                    " run_id, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        plan_id,
-                        int(seq_row[0]),
-                        current.state,
-                        updated.state,
-                        at,
-                        reason,
-                        run_id,
-                        request_id,
-                    ),
-                )
+                before = current.state
+                for i, moved in enumerate(moves):
+                    await conn.execute(
+                        "INSERT INTO transitions (plan_id, seq, from_state, to_state, at,"
+                        " reason, run_id, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (plan_id, seq + i, before, moved.state, at, reason, run_id, request_id),
+                    )
+                    before = moved.state
                 if also is not None:
                     await also(conn, updated)
                 result = updated
