@@ -83,12 +83,10 @@ MAX_VIA_STATES = 4
 _STATES = frozenset(common_pb2.PlanState.values())
 
 
-def _check_state(field: str, state: int) -> None:
-    """``state`` is a PlanState this build knows, not UNSPECIFIED."""
+def _check_state(field: str, state: int, unset: str = "must not be UNSPECIFIED") -> None:
+    """``state`` is a PlanState this build knows, not UNSPECIFIED (``unset`` says why)."""
     if state == S.PLAN_STATE_UNSPECIFIED:
-        raise InvalidArgumentError(
-            field, "is required" if field == "to_state" else "must not be UNSPECIFIED"
-        )
+        raise InvalidArgumentError(field, unset)
     if state not in _STATES:
         raise InvalidArgumentError(field, f"{state} is not a PlanState")
 
@@ -501,7 +499,7 @@ class Planner:
         check_request_id(request.request_id)
         check_id("plan_id", request.plan_id)
         target = request.to_state
-        _check_state("to_state", target)
+        _check_state("to_state", target, "is required")
         check_count("via", request.via, MAX_VIA_STATES)
         for i, state in enumerate(request.via):
             _check_state(f"via[{i}]", state)
@@ -510,27 +508,28 @@ class Planner:
         check_id("run_id", request.run_id, required=False)
         now = self._clock.now()
 
-        def decide(plan: common_pb2.Plan) -> list[common_pb2.Plan]:
+        def decide(plan: common_pb2.Plan) -> tuple[list[int], common_pb2.Plan] | None:
             if plan.state == target:
-                return []
-            moves: list[common_pb2.Plan] = []
+                return None
+            states: list[int] = []
+            at = plan.state
             for state in path:
-                if state == plan.state:
+                if state == at:
                     continue
-                if state not in TRANSITIONS.get(plan.state, frozenset()):
+                if state not in TRANSITIONS.get(at, frozenset()):
                     raise FailedPreconditionError(
-                        f"plan {plan.plan_id} cannot move from {state_name(plan.state)} to"
+                        f"plan {plan.plan_id} cannot move from {state_name(at)} to"
                         f" {state_name(state)}",
                         reason="INVALID_TRANSITION",
-                        metadata={"from": state_name(plan.state), "to": state_name(state)},
+                        metadata={"from": state_name(at), "to": state_name(state)},
                     )
-                moved = common_pb2.Plan()
-                moved.CopyFrom(plan)
-                moved.state = state
-                moved.updated_at.CopyFrom(timestamp(now))
-                moves.append(moved)
-                plan = moved
-            return moves
+                states.append(state)
+                at = state
+            updated = common_pb2.Plan()
+            updated.CopyFrom(plan)
+            updated.state = target
+            updated.updated_at.CopyFrom(timestamp(now))
+            return states, updated
 
         also: Callable[[AsyncDatabase, common_pb2.Plan], Awaitable[None]] | None = None
         if target == S.PLAN_STATE_COMPLETED and request.run_id:

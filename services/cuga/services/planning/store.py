@@ -281,7 +281,7 @@ class PlanStore:
     async def transition(
         self,
         plan_id: str,
-        decide: Callable[[common_pb2.Plan], Sequence[common_pb2.Plan]],
+        decide: Callable[[common_pb2.Plan], tuple[Sequence[int], common_pb2.Plan] | None],
         *,
         at: float,
         reason: str = "",
@@ -292,9 +292,9 @@ class PlanStore:
     ) -> common_pb2.Plan:
         """Change a plan's state in one transaction.
 
-        ``decide`` gets the stored plan and returns the plan as each move leaves it, in
-        order (one per state it moves through; none for a no-op; it raises to refuse):
-        each move is recorded as a transition of its own, and the last is written.
+        ``decide`` gets the stored plan and returns the states it moves through, in order,
+        and the updated plan to write, or None for a no-op (it raises to refuse): each move
+        is recorded as a transition of its own.
         ``also`` runs inside the same transaction after the write (e.g. remembering a
         completed plan). A request id seen before returns the plan as that request left
         it, without calling ``decide``.
@@ -316,27 +316,27 @@ class PlanStore:
                         )
                     return common_pb2.Plan.FromString(row["response"])
             current = await self._get(conn, plan_id, for_update=True)
-            moves = decide(current)
+            decided = decide(current)
             result = current
-            if moves:
+            if decided is not None:
+                states, updated = decided
                 seq_cur = await conn.execute(
                     "SELECT COALESCE(MAX(seq), -1) + 1 FROM transitions WHERE plan_id = ?",
                     (plan_id,),
                 )
                 seq = int(seq_cur.fetchone()[0])
-                updated = moves[-1]
                 await conn.execute(
                     "UPDATE plans SET state = ?, updated_at = ?, plan = ? WHERE plan_id = ?",
                     (updated.state, at, updated.SerializeToString(), plan_id),
                 )
-                before = current.state
-                for i, moved in enumerate(moves):
+                before: int = current.state
+                for i, state in enumerate(states):
                     await conn.execute(
                         "INSERT INTO transitions (plan_id, seq, from_state, to_state, at,"
                         " reason, run_id, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (plan_id, seq + i, before, moved.state, at, reason, run_id, request_id),
+                        (plan_id, seq + i, before, state, at, reason, run_id, request_id),
                     )
-                    before = moved.state
+                    before = state
                 if also is not None:
                     await also(conn, updated)
                 result = updated
