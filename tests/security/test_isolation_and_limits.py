@@ -23,6 +23,7 @@ from cuga.planning.v1 import planning_pb2
 from cuga.services.worker.app import build_worker
 from cuga.shared.config import Settings
 from cuga.shared.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -137,6 +138,31 @@ async def test_plans_are_isolated_by_profile(cluster: Settings) -> None:
             await b.transition_plan(
                 planning_pb2.TransitionPlanRequest(
                     plan_id=plan.plan_id, to_state=S.PLAN_STATE_CANCELLED
+                )
+            )
+        with pytest.raises(NotFoundError):  # nor through intermediate states (via)
+            await b.transition_plan(
+                planning_pb2.TransitionPlanRequest(
+                    plan_id=plan.plan_id,
+                    to_state=S.PLAN_STATE_EXECUTING,
+                    via=[S.PLAN_STATE_ROUTED],
+                )
+            )
+        assert (
+            await a.get_plan(planning_pb2.GetPlanRequest(plan_id=plan.plan_id))
+        ).plan.state == S.PLAN_STATE_CREATED
+        # Its own caller cannot use via to revive a final plan: each move is checked.
+        await a.transition_plan(
+            planning_pb2.TransitionPlanRequest(
+                plan_id=plan.plan_id, to_state=S.PLAN_STATE_CANCELLED
+            )
+        )
+        with pytest.raises(FailedPreconditionError, match="from CANCELLED to EXECUTING"):
+            await a.transition_plan(
+                planning_pb2.TransitionPlanRequest(
+                    plan_id=plan.plan_id,
+                    to_state=S.PLAN_STATE_COMPLETED,
+                    via=[S.PLAN_STATE_EXECUTING],
                 )
             )
         with pytest.raises(PermissionDeniedError):
