@@ -206,7 +206,10 @@ class FaultCluster:
         """Wait until ``name`` reports SERVING; fail with its log when it does not."""
         service = self.services[name]
         if not await wait_serving(service.address, timeout_s):
-            raise RuntimeError(f"{name} did not become SERVING:\n{self.log_tail(name)}")
+            raise RuntimeError(
+                f"{name} did not become SERVING in {timeout_s:g}s ({await self._diagnosis(name)}):"
+                f"\n{self.log_tail(name)}"
+            )
         if service.proc is not None and service.proc.returncode is not None:
             # SERVING came from another process on its port (a parallel test session on
             # this machine took it while ours was down): say so instead of failing later.
@@ -260,6 +263,27 @@ class FaultCluster:
             except TimeoutError:
                 service.proc.kill()
                 await service.proc.wait()
+
+    async def _diagnosis(self, name: str) -> str:
+        """For a failure message: whether the process lives, and what one Health.Check on a
+        channel with a subchannel of its own answers (a process that serves while the
+        watch never saw it points at the waiting channel, not at the service)."""
+        proc = self.services[name].proc
+        state = "no process" if proc is None else f"pid {proc.pid}, exit code {proc.returncode}"
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        try:
+            async with grpc.aio.insecure_channel(
+                self.services[name].address, options=options
+            ) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=2.0,
+                    metadata=self.metadata(),
+                )
+            check = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as exc:
+            check = f"{exc.code().name}: {exc.details()}"
+        return f"{state}; a fresh Health.Check: {check}"
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         """The end of a service's log (for failure messages)."""
